@@ -1,0 +1,219 @@
+//! Opens fluxo's database, PostgreSQL or SQLite, with settings that keep
+//! committed money durable, and hides the one behavioural difference between
+//! them that the services must respect: SQLite admits one writer at a time.
+
+use std::{path::Path, sync::Arc, time::Duration};
+
+use sea_orm::{ConnectOptions, DatabaseConnection, DbBackend, DbErr};
+use secrecy::{ExposeSecret, SecretString};
+use tokio::sync::{Mutex, MutexGuard};
+
+/// How to reach the database.
+#[derive(Debug, Clone)]
+pub struct DbConfig {
+    /// `postgres://…` or `sqlite://path`; may carry a password, so it stays secret.
+    pub url: SecretString,
+    /// Largest number of pooled connections.
+    pub max_connections: u32,
+    /// How long to wait for a free pooled connection before failing the call.
+    pub acquire_timeout: Duration,
+}
+
+/// Why the database could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    /// The URL names no supported database.
+    #[error("database.url must start with postgres://, postgresql:// or sqlite:// (got a URL starting with {scheme:?})")]
+    UnsupportedScheme {
+        /// What the URL started with (never the rest: it may hold a password).
+        scheme: String,
+    },
+    /// The directory for the SQLite file could not be created.
+    #[error("cannot create the directory {dir} for the SQLite database: {source}")]
+    CreateDir {
+        /// The directory.
+        dir: String,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The server or file refused the connection.
+    #[error("cannot connect to the {backend} database: {reason}")]
+    Connect {
+        /// `PostgreSQL` or `SQLite`.
+        backend: &'static str,
+        /// The driver's reason, with any URL credentials removed.
+        reason: String,
+    },
+}
+
+/// An open database: a connection pool plus, for SQLite, the process-wide
+/// writer lock. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Db {
+    conn: DatabaseConnection,
+    // SQLite has one writer; a transaction that reads and then writes can fail
+    // with SQLITE_BUSY instead of waiting when another writer got there first.
+    // Queueing writers here makes them wait in order instead.
+    writer: Option<Arc<Mutex<()>>>,
+}
+
+/// Held while writing; a no-op on PostgreSQL, which locks rows itself.
+#[derive(Debug)]
+pub struct WriteGuard<'a>(#[allow(dead_code)] Option<MutexGuard<'a, ()>>);
+
+impl Db {
+    /// Opens the database named by `config.url`.
+    pub async fn connect(config: &DbConfig) -> Result<Self, DbError> {
+        let url = config.url.expose_secret();
+        let backend = if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            DbBackend::Postgres
+        } else if url.starts_with("sqlite:") {
+            DbBackend::Sqlite
+        } else {
+            let scheme = url.split(':').next().unwrap_or_default().chars().take(16).collect();
+            return Err(DbError::UnsupportedScheme { scheme });
+        };
+        let mut options = ConnectOptions::new(url.to_owned());
+        options
+            .max_connections(config.max_connections)
+            .min_connections(1)
+            .acquire_timeout(config.acquire_timeout)
+            .connect_timeout(Duration::from_secs(5))
+            // Statement logging would print every query with its bound values.
+            .sqlx_logging(false);
+        if backend == DbBackend::Sqlite {
+            if let Some(dir) = sqlite_file(url).and_then(Path::parent) {
+                if !dir.as_os_str().is_empty() {
+                    std::fs::create_dir_all(dir).map_err(|source| DbError::CreateDir {
+                        dir: dir.display().to_string(),
+                        source,
+                    })?;
+                }
+            }
+            options.map_sqlx_sqlite_opts(|o| {
+                o.create_if_missing(true)
+                    // WAL lets readers proceed while one writer commits; FULL
+                    // syncs each commit so an acknowledged entry survives power loss.
+                    .journal_mode(sea_orm::sqlx::sqlite::SqliteJournalMode::Wal)
+                    .synchronous(sea_orm::sqlx::sqlite::SqliteSynchronous::Full)
+                    .busy_timeout(Duration::from_secs(10))
+                    .foreign_keys(true)
+            });
+        }
+        let conn = sea_orm::Database::connect(options)
+            .await
+            .map_err(|e| DbError::Connect {
+                backend: backend_name(backend),
+                reason: redact(&e.to_string(), url),
+            })?;
+        let writer = (backend == DbBackend::Sqlite).then(|| Arc::new(Mutex::new(())));
+        Ok(Self { conn, writer })
+    }
+
+    /// The connection pool.
+    pub fn conn(&self) -> &DatabaseConnection {
+        &self.conn
+    }
+
+    /// Which database this is.
+    pub fn backend(&self) -> DbBackend {
+        self.conn.get_database_backend()
+    }
+
+    /// Waits for the right to write (SQLite) or returns at once (PostgreSQL).
+    pub async fn write_guard(&self) -> WriteGuard<'_> {
+        match &self.writer {
+            Some(lock) => WriteGuard(Some(lock.lock().await)),
+            None => WriteGuard(None),
+        }
+    }
+
+    /// Answers whether the database takes a query right now.
+    pub async fn ping(&self) -> Result<(), DbErr> {
+        self.conn.ping().await
+    }
+
+    /// Closes the pool, waiting for connections in use to come back.
+    pub async fn close(self) -> Result<(), DbErr> {
+        self.conn.close().await
+    }
+}
+
+/// `PostgreSQL` or `SQLite`, for messages.
+pub fn backend_name(backend: DbBackend) -> &'static str {
+    match backend {
+        DbBackend::Postgres => "PostgreSQL",
+        DbBackend::Sqlite => "SQLite",
+        _ => "unsupported",
+    }
+}
+
+/// A database URL safe to print: the password, if any, replaced by `***`.
+pub fn redacted_url(url: &SecretString) -> String {
+    let url = url.expose_secret();
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    // Credentials sit before the last '@' of the authority.
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    match rest[..authority_end].rfind('@') {
+        Some(at) => {
+            let user = rest[..at].split(':').next().unwrap_or_default();
+            format!("{scheme}://{user}:***@{}", &rest[at + 1..])
+        }
+        None => url.to_owned(),
+    }
+}
+
+/// Driver errors may quote the URL; never let its password through.
+fn redact(message: &str, url: &str) -> String {
+    let secret = SecretString::from(url.to_owned());
+    message.replace(url, &redacted_url(&secret))
+}
+
+fn sqlite_file(url: &str) -> Option<&Path> {
+    let path = url.strip_prefix("sqlite://").or_else(|| url.strip_prefix("sqlite:"))?;
+    let path = path.split('?').next()?;
+    (path != ":memory:" && !path.is_empty()).then(|| Path::new(path))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_never_survive_redaction() {
+        let url = SecretString::from("postgres://fluxo:s3cr%40t@db.internal:5432/fluxo".to_owned());
+        let shown = redacted_url(&url);
+        assert_eq!(shown, "postgres://fluxo:***@db.internal:5432/fluxo");
+        assert!(!shown.contains("s3cr"));
+        let plain = SecretString::from("sqlite://data/fluxo.db".to_owned());
+        assert_eq!(redacted_url(&plain), "sqlite://data/fluxo.db");
+    }
+
+    #[tokio::test]
+    async fn an_unknown_scheme_is_refused_without_echoing_the_url() {
+        let config = DbConfig {
+            url: SecretString::from("mysql://root:hunter2@localhost/x".to_owned()),
+            max_connections: 1,
+            acquire_timeout: Duration::from_secs(1),
+        };
+        let error = Db::connect(&config).await.unwrap_err().to_string();
+        assert!(error.contains("mysql"), "{error}");
+        assert!(!error.contains("hunter2"), "{error}");
+    }
+
+    #[tokio::test]
+    async fn a_sqlite_file_and_its_directory_are_created() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("nested/fluxo.sqlite");
+        let config = DbConfig {
+            url: SecretString::from(format!("sqlite://{}", file.display())),
+            max_connections: 2,
+            acquire_timeout: Duration::from_secs(1),
+        };
+        let db = Db::connect(&config).await.unwrap();
+        db.ping().await.unwrap();
+        assert!(file.exists());
+    }
+}

@@ -1,0 +1,255 @@
+#!/usr/bin/env bash
+# The test command of the project: ./scripts/test.sh [extra cargo test args]
+#
+# Starts a throwaway PostgreSQL and Redis (unless FLUXO_TEST_POSTGRES_URL /
+# FLUXO_TEST_REDIS_URL point at existing servers), runs
+# `cargo test --workspace --locked "$@"` against them, and always tears the
+# servers down again, keeping the exit code of the tests.
+#
+# Environment:
+#   FLUXO_TEST_POSTGRES_URL      use this PostgreSQL instead of starting one
+#   FLUXO_TEST_REDIS_URL         use this Redis instead of starting one
+#   FLUXO_TEST_PG_BINDIR         PostgreSQL bin dir (found automatically if unset)
+#   FLUXO_TEST_REDIS_SERVER_BIN  redis-server binary (found automatically if unset)
+#   FLUXO_TEST_CMD               run this shell command instead of `cargo test ...`
+#                                (extra args are appended). Handy to get a shell
+#                                with the servers running:
+#                                  FLUXO_TEST_CMD=bash ./scripts/test.sh
+# The URLs and binary paths are exported so tests can use them (some tests
+# start and stop their own instances from the bin dirs).
+set -euo pipefail
+
+# Run from the repository root, whatever the caller's cwd.
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+log() { echo "test.sh: $*" >&2; }
+die() { log "error: $*"; exit 1; }
+
+is_root() { [ "$(id -u)" -eq 0 ]; }
+
+# --- cleanup -----------------------------------------------------------------
+# Everything we start is recorded here so the trap can stop it, also when the
+# tests fail or the script is interrupted.
+tmp_dir=""
+pg_data=""
+redis_pid=""
+
+cleanup() {
+    local rc=$?
+    trap - EXIT INT TERM
+    set +e
+    if [ -n "$pg_data" ] && [ -f "$pg_data/postmaster.pid" ]; then
+        local pg_pid
+        pg_pid=$(head -n 1 "$pg_data/postmaster.pid" 2>/dev/null)
+        # No checkpoint needed, the data is thrown away anyway.
+        as_pg_user "$FLUXO_TEST_PG_BINDIR/pg_ctl" -D "$pg_data" -m immediate -s stop >/dev/null 2>&1
+        # Belt and braces: never leave an orphaned postmaster behind.
+        if [ -n "$pg_pid" ] && kill -0 "$pg_pid" 2>/dev/null; then
+            kill -KILL "$pg_pid" 2>/dev/null
+        fi
+    fi
+    if [ -n "$redis_pid" ] && kill -0 "$redis_pid" 2>/dev/null; then
+        kill "$redis_pid" 2>/dev/null
+        wait "$redis_pid" 2>/dev/null
+    fi
+    if [ -n "$tmp_dir" ]; then
+        rm -rf "$tmp_dir"
+    fi
+    exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+# --- helpers -----------------------------------------------------------------
+apt_updated=""
+# Install Debian packages, but only when we can (root + apt-get): CI machines
+# may come with nothing but the toolchains.
+apt_install() {
+    is_root && command -v apt-get >/dev/null 2>&1 || return 1
+    if [ -z "$apt_updated" ]; then
+        log "running apt-get update"
+        DEBIAN_FRONTEND=noninteractive apt-get update -q >&2 || return 1
+        apt_updated=1
+    fi
+    log "installing $*"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "$@" >&2
+}
+
+# PostgreSQL refuses to run as root, so as root we run the server tools as
+# the `postgres` system user.
+as_pg_user() {
+    if is_root; then
+        runuser -u postgres -- "$@"
+    else
+        "$@"
+    fi
+}
+
+# A free TCP port on 127.0.0.1 (the OS picks it; tiny race until we bind it).
+free_port() {
+    if command -v python3 >/dev/null 2>&1; then
+        python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+        return
+    fi
+    local port
+    for _ in $(seq 100); do
+        port=$((20000 + RANDOM % 40000))
+        if [ -z "$(ss -Htln "sport = :$port")" ]; then
+            echo "$port"
+            return
+        fi
+    done
+    die "could not find a free TCP port"
+}
+
+# Prints the PostgreSQL bin dir (one that has the server tools), if any.
+find_pg_bindir() {
+    local dir candidates=()
+    [ -n "${FLUXO_TEST_PG_BINDIR:-}" ] && candidates+=("$FLUXO_TEST_PG_BINDIR")
+    if command -v pg_config >/dev/null 2>&1; then
+        candidates+=("$(pg_config --bindir 2>/dev/null || true)")
+    fi
+    # Debian layout; newest version first.
+    for dir in $(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -rV); do
+        candidates+=("$dir")
+    done
+    if command -v initdb >/dev/null 2>&1; then
+        candidates+=("$(dirname "$(readlink -f "$(command -v initdb)")")")
+    fi
+    # pg_config may belong to a client-only install, so check for the server.
+    for dir in "${candidates[@]}"; do
+        if [ -n "$dir" ] && [ -x "$dir/initdb" ] && [ -x "$dir/pg_ctl" ] &&
+            [ -x "$dir/postgres" ] && [ -x "$dir/pg_isready" ]; then
+            echo "$dir"
+            return 0
+        fi
+    done
+    return 1
+}
+
+find_redis_server() {
+    if [ -n "${FLUXO_TEST_REDIS_SERVER_BIN:-}" ] && [ -x "$FLUXO_TEST_REDIS_SERVER_BIN" ]; then
+        echo "$FLUXO_TEST_REDIS_SERVER_BIN"
+    else
+        local bin
+        bin=$(command -v redis-server) && [ -x "$bin" ] && echo "$bin"
+    fi
+}
+
+redis_ping() { # port
+    if command -v redis-cli >/dev/null 2>&1; then
+        [ "$(redis-cli -h 127.0.0.1 -p "$1" ping 2>/dev/null)" = "PONG" ]
+    else
+        # No redis-cli (and nothing to install it with): speak RESP directly.
+        local reply
+        exec 3<>"/dev/tcp/127.0.0.1/$1" 2>/dev/null || return 1
+        printf 'PING\r\n' >&3
+        read -r -t 2 reply <&3 || true
+        exec 3<&- 3>&-
+        [ "${reply%$'\r'}" = "+PONG" ]
+    fi
+}
+
+make_tmp_dir() {
+    [ -n "$tmp_dir" ] && return
+    # Under /tmp so that the postgres user can reach it when we are root.
+    tmp_dir=$(mktemp -d /tmp/fluxo-test.XXXXXX)
+}
+
+# --- PostgreSQL --------------------------------------------------------------
+if [ -z "${FLUXO_TEST_POSTGRES_URL:-}" ]; then
+    if ! pg_bindir=$(find_pg_bindir); then
+        apt_install postgresql || true
+        pg_bindir=$(find_pg_bindir) ||
+            die "PostgreSQL server binaries (initdb, pg_ctl, postgres) not found; install PostgreSQL or set FLUXO_TEST_POSTGRES_URL"
+    fi
+    export FLUXO_TEST_PG_BINDIR="$pg_bindir"
+
+    if is_root; then
+        id postgres >/dev/null 2>&1 || useradd --system --user-group --no-create-home postgres
+    fi
+    make_tmp_dir
+    pg_data="$tmp_dir/pg"
+    pg_port=$(free_port)
+    mkdir "$pg_data"
+    is_root && chown -R postgres: "$tmp_dir"
+
+    # Trust auth and no durability: a throwaway server for tests that create
+    # and drop many short-lived databases.
+    (cd "$tmp_dir" && as_pg_user "$pg_bindir/initdb" -D "$pg_data" -U postgres \
+        --auth=trust -E UTF8 --locale=C >"$tmp_dir/initdb.log" 2>&1) ||
+        { cat "$tmp_dir/initdb.log" >&2; die "initdb failed"; }
+    cat >>"$pg_data/postgresql.conf" <<EOF
+listen_addresses = '127.0.0.1'
+port = $pg_port
+unix_socket_directories = '$tmp_dir'
+max_connections = 300
+fsync = off
+full_page_writes = off
+EOF
+    # pg_ctl -w notices a server that dies on startup; pg_isready below
+    # confirms it really answers on TCP.
+    (cd "$tmp_dir" && as_pg_user "$pg_bindir/pg_ctl" -D "$pg_data" -l "$tmp_dir/postgres.log" \
+        -w -t 30 -s start) ||
+        { tail -n 30 "$tmp_dir/postgres.log" >&2 || true; die "pg_ctl start failed"; }
+
+    for i in $(seq 300); do
+        "$pg_bindir/pg_isready" -q -h 127.0.0.1 -p "$pg_port" -U postgres && break
+        if [ "$i" -eq 300 ]; then
+            tail -n 30 "$tmp_dir/postgres.log" >&2 || true
+            die "PostgreSQL did not become ready on port $pg_port within 30 s"
+        fi
+        sleep 0.1
+    done
+    export FLUXO_TEST_POSTGRES_URL="postgres://postgres@127.0.0.1:$pg_port/postgres"
+elif [ -z "${FLUXO_TEST_PG_BINDIR:-}" ] && pg_bindir=$(find_pg_bindir); then
+    # External server given; still tell tests where local binaries are.
+    export FLUXO_TEST_PG_BINDIR="$pg_bindir"
+fi
+
+# --- Redis -------------------------------------------------------------------
+if [ -z "${FLUXO_TEST_REDIS_URL:-}" ]; then
+    if ! redis_bin=$(find_redis_server); then
+        apt_install redis-server redis-tools || true
+        redis_bin=$(find_redis_server) ||
+            die "redis-server not found; install Redis or set FLUXO_TEST_REDIS_URL"
+    fi
+    if ! command -v redis-cli >/dev/null 2>&1; then
+        apt_install redis-tools || true
+    fi
+    export FLUXO_TEST_REDIS_SERVER_BIN="$redis_bin"
+
+    make_tmp_dir
+    redis_port=$(free_port)
+    # Not daemonized, so we know its pid; no persistence, nothing to keep.
+    "$redis_bin" --bind 127.0.0.1 --port "$redis_port" --save '' --appendonly no \
+        --dir "$tmp_dir" >"$tmp_dir/redis.log" 2>&1 </dev/null &
+    redis_pid=$!
+
+    for i in $(seq 300); do
+        redis_ping "$redis_port" && break
+        if ! kill -0 "$redis_pid" 2>/dev/null; then
+            tail -n 30 "$tmp_dir/redis.log" >&2 || true
+            die "redis-server exited during startup (port $redis_port)"
+        fi
+        if [ "$i" -eq 300 ]; then
+            tail -n 30 "$tmp_dir/redis.log" >&2 || true
+            die "Redis did not answer PING on port $redis_port within 30 s"
+        fi
+        sleep 0.1
+    done
+    export FLUXO_TEST_REDIS_URL="redis://127.0.0.1:$redis_port"
+elif [ -z "${FLUXO_TEST_REDIS_SERVER_BIN:-}" ] && redis_bin=$(command -v redis-server); then
+    export FLUXO_TEST_REDIS_SERVER_BIN="$redis_bin"
+fi
+
+# --- tests -------------------------------------------------------------------
+echo "==> tests with PostgreSQL $FLUXO_TEST_POSTGRES_URL and Redis $FLUXO_TEST_REDIS_URL"
+status=0
+if [ -n "${FLUXO_TEST_CMD:-}" ]; then
+    bash -c "$FLUXO_TEST_CMD"' "$@"' fluxo-test "$@" || status=$?
+else
+    cargo test --workspace --locked "$@" || status=$?
+fi
+exit "$status"

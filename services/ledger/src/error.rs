@@ -1,0 +1,38 @@
+use crate::{
+    domain::{EntryId, RequestId, ReversalRefused, Violations},
+    store::StoreError,
+};
+
+/// Everything a ledger operation can answer besides success.
+#[derive(Debug, thiserror::Error)]
+pub enum LedgerError {
+    /// One or more request fields are invalid; each is named.
+    #[error("invalid request: {0}")]
+    Invalid(Violations),
+    /// The merchant has no entry with that id.
+    #[error("entry {entry_id} not found")]
+    NotFound {
+        /// The id asked for.
+        entry_id: EntryId,
+    },
+    /// The ledger's rules refuse the reversal.
+    #[error(transparent)]
+    Refused(#[from] ReversalRefused),
+    /// The idempotency key booked a different request before.
+    #[error("request_id {} was already used for a different request (entry {entry_id})", request_id.as_str())]
+    KeyReused {
+        /// The key.
+        request_id: RequestId,
+        /// The entry the key booked.
+        entry_id: String,
+    },
+    /// A concurrent transaction got in the way; retrying is safe.
+    #[error("{0}")]
+    Contention(String),
+    /// The database failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A broken invariant: a bug, never the caller's fault.
+    #[error("internal error: {0}")]
+    Internal(String),
+}

@@ -1,0 +1,428 @@
+//! The ledger's SQL: entries, idempotency keys and the outbox, on PostgreSQL or
+//! SQLite through sea-orm. Every write is one transaction that either books the
+//! entry, claims its key and queues its event together, or does nothing.
+
+mod migrations;
+mod schema;
+
+use chrono::{DateTime, SubsecRound, Utc};
+use fluxo_db::Db;
+use prost::Message;
+use sea_orm::{
+    ActiveValue::{NotSet, Set},
+    ColumnTrait, Condition, ConnectionTrait, DatabaseTransaction, DbErr, EntityTrait,
+    QueryFilter, QueryOrder, QuerySelect, SqlErr, TransactionTrait,
+    sea_query::OnConflict,
+};
+use sea_orm_migration::MigratorTrait;
+
+pub use migrations::Migrator;
+use schema::{entry, idempotency_key, outbox};
+
+use crate::{
+    domain::{
+        BookingDate, Currency, DateRange, Description, Entry, EntryId, EntryKind, Fingerprint,
+        MerchantId, Money, NewEntry, PageCursor, PageRequest, RequestId,
+    },
+    error::LedgerError,
+    wire,
+};
+
+/// Why the store failed, in terms a caller can act on.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database cannot be reached right now; the call may be retried.
+    #[error("database unavailable: {0}")]
+    Unavailable(DbErr),
+    /// Anything else the database refused.
+    #[error("database error: {0}")]
+    Failed(DbErr),
+    /// A stored row that no longer parses: a bug or a hand edit, never caller input.
+    #[error("stored entry {id} is unreadable: {reason}")]
+    Corrupt {
+        /// The entry id.
+        id: String,
+        /// What did not parse.
+        reason: String,
+    },
+}
+
+impl From<DbErr> for StoreError {
+    fn from(error: DbErr) -> Self {
+        match error {
+            DbErr::ConnectionAcquire(_) | DbErr::Conn(_) => Self::Unavailable(error),
+            other => Self::Failed(other),
+        }
+    }
+}
+
+/// What booking a request did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Booked {
+    /// A new entry was committed.
+    New(Entry),
+    /// The key had booked this entry already, for the same request.
+    Replayed(Entry),
+}
+
+impl Booked {
+    /// The entry, new or original.
+    pub fn entry(&self) -> &Entry {
+        match self {
+            Self::New(e) | Self::Replayed(e) => e,
+        }
+    }
+}
+
+/// The ledger's tables.
+#[derive(Debug, Clone)]
+pub struct LedgerStore {
+    db: Db,
+}
+
+impl LedgerStore {
+    /// Wraps an open database; the schema must be current (see [`Migrator`]).
+    pub fn new(db: Db) -> Self {
+        Self { db }
+    }
+
+    /// Creates or upgrades the ledger's tables.
+    pub async fn migrate(db: &Db) -> Result<(), DbErr> {
+        Migrator::up(db.conn(), None).await
+    }
+
+    /// True when every migration this build knows has been applied.
+    pub async fn schema_is_current(db: &Db) -> Result<bool, DbErr> {
+        Ok(Migrator::get_pending_migrations(db.conn()).await?.is_empty())
+    }
+
+    /// Books `new` under its idempotency key: the entry, the key and the outbox
+    /// event commit together. A key already used returns the original entry
+    /// when `fingerprint` matches, and [`LedgerError::KeyReused`] otherwise.
+    pub async fn record(&self, new: NewEntry, fingerprint: &Fingerprint) -> Result<Booked, LedgerError> {
+        let Some(key) = new.request_id.clone() else {
+            return Err(LedgerError::Internal("record without an idempotency key".into()));
+        };
+        {
+            let _writer = self.db.write_guard().await;
+            let txn = self.db.conn().begin().await.map_err(StoreError::from)?;
+            if claim_key(&txn, &new.merchant_id, &key, fingerprint, new.id).await? {
+                let entry = insert_entry(&txn, new).await?;
+                txn.commit().await.map_err(StoreError::from)?;
+                return Ok(Booked::New(entry));
+            }
+            txn.rollback().await.map_err(StoreError::from)?;
+        }
+        self.replay(&new.merchant_id, &key, fingerprint).await
+    }
+
+    /// Books the reversal of `entry_id` as `decide` rules it, atomically with
+    /// its key (when given) and its outbox event.
+    pub async fn reverse(
+        &self,
+        merchant: &MerchantId,
+        entry_id: EntryId,
+        idempotency: Option<(&RequestId, &Fingerprint)>,
+        decide: impl FnOnce(&Entry) -> Result<NewEntry, LedgerError>,
+    ) -> Result<Booked, LedgerError> {
+        if let Some((key, fingerprint)) = idempotency {
+            // A repeated reversal with its key replays, before the rules
+            // (which would now say "already reversed") are consulted.
+            if self.find_key(merchant, key).await?.is_some() {
+                return self.replay(merchant, key, fingerprint).await;
+            }
+        }
+        let outcome = {
+            let _writer = self.db.write_guard().await;
+            let txn = self.db.conn().begin().await.map_err(StoreError::from)?;
+            let original = load_entry(&txn, merchant, entry_id)
+                .await?
+                .ok_or(LedgerError::NotFound { entry_id })?;
+            let reversal = decide(&original)?;
+            if let Some((key, fingerprint)) = idempotency {
+                if !claim_key(&txn, merchant, key, fingerprint, reversal.id).await? {
+                    txn.rollback().await.map_err(StoreError::from)?;
+                    None
+                } else {
+                    Some(self.insert_reversal(txn, reversal, entry_id).await)
+                }
+            } else {
+                Some(self.insert_reversal(txn, reversal, entry_id).await)
+            }
+        };
+        match (outcome, idempotency) {
+            (Some(result), _) => result,
+            // Lost a race for the key to an identical or different request.
+            (None, Some((key, fingerprint))) => self.replay(merchant, key, fingerprint).await,
+            (None, None) => Err(LedgerError::Internal("reversal neither booked nor replayed".into())),
+        }
+    }
+
+    async fn insert_reversal(
+        &self,
+        txn: DatabaseTransaction,
+        reversal: NewEntry,
+        original: EntryId,
+    ) -> Result<Booked, LedgerError> {
+        match insert_entry(&txn, reversal).await {
+            Ok(entry) => {
+                txn.commit().await.map_err(StoreError::from)?;
+                Ok(Booked::New(entry))
+            }
+            Err(LedgerError::Store(StoreError::Failed(error)))
+                if matches!(error.sql_err(), Some(SqlErr::UniqueConstraintViolation(_))) =>
+            {
+                // A concurrent reversal of the same entry committed first.
+                txn.rollback().await.map_err(StoreError::from)?;
+                let by = self
+                    .reversal_of(original)
+                    .await?
+                    .ok_or_else(|| LedgerError::Internal("reversal conflict without a reversal".into()))?;
+                Err(LedgerError::Refused(crate::domain::ReversalRefused::AlreadyReversed {
+                    entry: original,
+                    by,
+                }))
+            }
+            Err(other) => Err(other),
+        }
+    }
+
+    /// One entry of a merchant, with the reversal that cancels it, if any.
+    pub async fn get(&self, merchant: &MerchantId, id: EntryId) -> Result<Option<Entry>, LedgerError> {
+        load_entry(self.db.conn(), merchant, id).await
+    }
+
+    /// One page of a merchant's entries in (booking date, id) order, and the
+    /// cursor of the next page when there is one.
+    pub async fn list(
+        &self,
+        merchant: &MerchantId,
+        range: &DateRange,
+        page: &PageRequest,
+    ) -> Result<(Vec<Entry>, Option<PageCursor>), LedgerError> {
+        let mut query = entry::Entity::find().filter(entry::Column::MerchantId.eq(merchant.as_str()));
+        if let Some(start) = range.start {
+            query = query.filter(entry::Column::BookingDate.gte(start));
+        }
+        if let Some(end) = range.end {
+            query = query.filter(entry::Column::BookingDate.lte(end));
+        }
+        if let Some(after) = page.after {
+            query = query.filter(
+                Condition::any()
+                    .add(entry::Column::BookingDate.gt(after.booking_date))
+                    .add(
+                        Condition::all()
+                            .add(entry::Column::BookingDate.eq(after.booking_date))
+                            .add(entry::Column::Id.gt(after.id.to_string())),
+                    ),
+            );
+        }
+        // One row beyond the page tells whether another page follows.
+        let mut rows = query
+            .order_by_asc(entry::Column::BookingDate)
+            .order_by_asc(entry::Column::Id)
+            .limit(page.size + 1)
+            .all(self.db.conn())
+            .await
+            .map_err(StoreError::from)?;
+        let more = rows.len() as u64 > page.size;
+        rows.truncate(usize::try_from(page.size).unwrap_or(usize::MAX));
+        let ids: Vec<String> = rows.iter().map(|r| r.id.clone()).collect();
+        let reversals: Vec<(String, Option<String>)> = entry::Entity::find()
+            .select_only()
+            .column(entry::Column::Id)
+            .column(entry::Column::ReversesEntryId)
+            .filter(entry::Column::ReversesEntryId.is_in(ids))
+            .into_tuple()
+            .all(self.db.conn())
+            .await
+            .map_err(StoreError::from)?;
+        let entries = rows
+            .into_iter()
+            .map(|row| {
+                let by = reversals
+                    .iter()
+                    .find(|(_, of)| of.as_deref() == Some(row.id.as_str()))
+                    .map(|(id, _)| id.clone());
+                to_domain(row, by)
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let next = more
+            .then(|| entries.last())
+            .flatten()
+            .map(|last| PageCursor { booking_date: last.booked.booking_date.date(), id: last.booked.id });
+        Ok((entries, next))
+    }
+
+    async fn find_key(
+        &self,
+        merchant: &MerchantId,
+        key: &RequestId,
+    ) -> Result<Option<idempotency_key::Model>, StoreError> {
+        Ok(idempotency_key::Entity::find_by_id((merchant.as_str().to_owned(), key.as_str().to_owned()))
+            .one(self.db.conn())
+            .await?)
+    }
+
+    async fn replay(
+        &self,
+        merchant: &MerchantId,
+        key: &RequestId,
+        fingerprint: &Fingerprint,
+    ) -> Result<Booked, LedgerError> {
+        let claimed = self.find_key(merchant, key).await?.ok_or_else(|| {
+            // The key's transaction rolled back between our conflict and this read.
+            LedgerError::Contention("the idempotency key was released concurrently; retry".into())
+        })?;
+        if claimed.fingerprint != fingerprint.to_hex() {
+            return Err(LedgerError::KeyReused {
+                request_id: key.clone(),
+                entry_id: claimed.entry_id,
+            });
+        }
+        let id = EntryId::parse(&claimed.entry_id).map_err(|e| StoreError::Corrupt {
+            id: claimed.entry_id.clone(),
+            reason: e.to_string(),
+        })?;
+        let entry = self
+            .get(merchant, id)
+            .await?
+            .ok_or_else(|| LedgerError::Internal(format!("idempotency key points at missing entry {id}")))?;
+        Ok(Booked::Replayed(entry))
+    }
+
+    async fn reversal_of(&self, id: EntryId) -> Result<Option<EntryId>, StoreError> {
+        reversal_of(self.db.conn(), id).await
+    }
+}
+
+/// Claims (merchant, key) for `entry_id`; false when some request holds it already.
+async fn claim_key(
+    txn: &DatabaseTransaction,
+    merchant: &MerchantId,
+    key: &RequestId,
+    fingerprint: &Fingerprint,
+    entry_id: EntryId,
+) -> Result<bool, StoreError> {
+    let row = idempotency_key::ActiveModel {
+        merchant_id: Set(merchant.as_str().to_owned()),
+        request_id: Set(key.as_str().to_owned()),
+        fingerprint: Set(fingerprint.to_hex()),
+        entry_id: Set(entry_id.to_string()),
+        created_at: Set(now()),
+    };
+    // On PostgreSQL a concurrent claim of the same key waits here until the
+    // other transaction ends, then does nothing if it committed.
+    let inserted = idempotency_key::Entity::insert(row)
+        .on_conflict(
+            OnConflict::columns([idempotency_key::Column::MerchantId, idempotency_key::Column::RequestId])
+                .do_nothing()
+                .to_owned(),
+        )
+        .exec_without_returning(txn)
+        .await?;
+    Ok(inserted == 1)
+}
+
+/// Inserts the entry and its `EntryRecorded` event.
+async fn insert_entry(txn: &DatabaseTransaction, new: NewEntry) -> Result<Entry, LedgerError> {
+    let created_at = now();
+    let row = entry::ActiveModel {
+        id: Set(new.id.to_string()),
+        merchant_id: Set(new.merchant_id.as_str().to_owned()),
+        kind: Set(new.kind.as_str().to_owned()),
+        currency_code: Set(new.amount.currency().code().to_owned()),
+        amount_minor: Set(new.amount.minor_units()),
+        booking_date: Set(new.booking_date.date()),
+        description: Set(new.description.as_str().to_owned()),
+        request_id: Set(new.request_id.as_ref().map(|k| k.as_str().to_owned())),
+        reverses_entry_id: Set(new.reverses.map(|id| id.to_string())),
+        created_at: Set(created_at),
+    };
+    entry::Entity::insert(row)
+        .exec_without_returning(txn)
+        .await
+        .map_err(StoreError::Failed)?;
+    let entry = Entry { booked: new, created_at, reversed_by: None };
+    let event_id = ulid::Ulid::new().to_string();
+    let (traceparent, tracestate) = fluxo_telemetry::current_trace_context();
+    let event = outbox::ActiveModel {
+        position: NotSet,
+        event_id: Set(event_id.clone()),
+        entry_id: Set(entry.booked.id.to_string()),
+        merchant_id: Set(entry.booked.merchant_id.as_str().to_owned()),
+        payload: Set(wire::entry_recorded(&entry, event_id, created_at).encode_to_vec()),
+        traceparent: Set(traceparent),
+        tracestate: Set(tracestate),
+        created_at: Set(created_at),
+        published_at: Set(None),
+    };
+    outbox::Entity::insert(event)
+        .exec_without_returning(txn)
+        .await
+        .map_err(StoreError::from)?;
+    Ok(entry)
+}
+
+async fn load_entry(
+    conn: &impl ConnectionTrait,
+    merchant: &MerchantId,
+    id: EntryId,
+) -> Result<Option<Entry>, LedgerError> {
+    let Some(row) = entry::Entity::find_by_id(id.to_string())
+        .filter(entry::Column::MerchantId.eq(merchant.as_str()))
+        .one(conn)
+        .await
+        .map_err(StoreError::from)?
+    else {
+        return Ok(None);
+    };
+    let by = reversal_of(conn, id).await?.map(|id| id.to_string());
+    Ok(Some(to_domain(row, by)?))
+}
+
+async fn reversal_of(conn: &impl ConnectionTrait, id: EntryId) -> Result<Option<EntryId>, StoreError> {
+    let found: Option<String> = entry::Entity::find()
+        .select_only()
+        .column(entry::Column::Id)
+        .filter(entry::Column::ReversesEntryId.eq(id.to_string()))
+        .into_tuple()
+        .one(conn)
+        .await?;
+    found
+        .map(|s| EntryId::parse(&s).map_err(|e| StoreError::Corrupt { id: s.clone(), reason: e.to_string() }))
+        .transpose()
+}
+
+/// Commit timestamps at the precision both databases store (microseconds), so a
+/// replayed entry reads back exactly as the original answer said.
+fn now() -> DateTime<Utc> {
+    Utc::now().trunc_subsecs(6)
+}
+
+fn to_domain(row: entry::Model, reversed_by: Option<String>) -> Result<Entry, StoreError> {
+    let corrupt = |reason: String| StoreError::Corrupt { id: row.id.clone(), reason };
+    let parse_id = |s: &str| EntryId::parse(s).map_err(|e| corrupt(e.to_string()));
+    let currency = Currency::parse(&row.currency_code).map_err(|e| corrupt(e.to_string()))?;
+    let booked = NewEntry {
+        id: parse_id(&row.id)?,
+        merchant_id: MerchantId::parse(&row.merchant_id).map_err(|e| corrupt(e.to_string()))?,
+        kind: EntryKind::from_stored(&row.kind).ok_or_else(|| corrupt(format!("kind {}", row.kind)))?,
+        amount: Money::positive(currency, row.amount_minor).map_err(|e| corrupt(e.to_string()))?,
+        booking_date: BookingDate::from_stored(row.booking_date),
+        description: Description::parse(&row.description).map_err(|e| corrupt(e.to_string()))?,
+        request_id: row
+            .request_id
+            .as_deref()
+            .map(RequestId::parse)
+            .transpose()
+            .map_err(|e| corrupt(e.to_string()))?,
+        reverses: row.reverses_entry_id.as_deref().map(parse_id).transpose()?,
+    };
+    Ok(Entry {
+        booked,
+        created_at: row.created_at,
+        reversed_by: reversed_by.as_deref().map(parse_id).transpose()?,
+    })
+}

@@ -1,0 +1,48 @@
+//! Domain entries as `fluxo.ledger.v1` messages, shared by the gRPC handlers
+//! and the outbox so that an event carries exactly what the API answers.
+
+use chrono::{DateTime, Utc};
+use fluxo_proto::ledger_v1 as pb;
+
+use crate::domain::{Entry, EntryKind};
+
+/// A UTC instant as a protobuf timestamp.
+pub(crate) fn timestamp(at: DateTime<Utc>) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: at.timestamp(),
+        nanos: i32::try_from(at.timestamp_subsec_nanos()).unwrap_or(0),
+    }
+}
+
+/// The API view of an entry.
+pub(crate) fn entry(entry: &Entry) -> pb::Entry {
+    let booked = &entry.booked;
+    pb::Entry {
+        id: booked.id.to_string(),
+        merchant_id: booked.merchant_id.as_str().to_owned(),
+        r#type: match booked.kind {
+            EntryKind::Credit => pb::EntryType::Credit,
+            EntryKind::Debit => pb::EntryType::Debit,
+        }
+        .into(),
+        amount: Some(pb::Money {
+            currency_code: booked.amount.currency().code().to_owned(),
+            minor_units: booked.amount.minor_units(),
+        }),
+        booking_date: booked.booking_date.to_string(),
+        description: booked.description.as_str().to_owned(),
+        request_id: booked.request_id.as_ref().map(|k| k.as_str().to_owned()).unwrap_or_default(),
+        created_at: Some(timestamp(entry.created_at)),
+        reverses_entry_id: booked.reverses.map(|id| id.to_string()).unwrap_or_default(),
+        reversed_by_entry_id: entry.reversed_by.map(|id| id.to_string()).unwrap_or_default(),
+    }
+}
+
+/// The outbox event for a newly committed entry.
+pub(crate) fn entry_recorded(committed: &Entry, event_id: String, at: DateTime<Utc>) -> pb::EntryRecorded {
+    pb::EntryRecorded {
+        event_id,
+        entry: Some(entry(committed)),
+        occurred_at: Some(timestamp(at)),
+    }
+}

@@ -1,0 +1,244 @@
+//! Configuration: code defaults, then an optional TOML file, then `FLUXO_*`
+//! environment variables (nested keys joined by `__`, e.g.
+//! `FLUXO_DATABASE__URL`). The environment wins, so Helm `env:` entries
+//! override a mounted file. Everything is validated before anything starts.
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use anyhow::bail;
+use figment::{
+    Figment,
+    providers::{Env, Format, Serialized, Toml},
+};
+use secrecy::SecretString;
+use serde::{Deserialize, Serialize};
+
+/// The whole configuration of a fluxo process.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(crate) struct Config {
+    /// Where the embedded SQLite database lives when `database.url` is unset.
+    pub data_dir: PathBuf,
+    pub database: DatabaseConfig,
+    pub grpc: GrpcConfig,
+    pub ledger: LedgerConfig,
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(crate) struct DatabaseConfig {
+    /// `postgres://user:password@host/db` or `sqlite://path`. Unset: SQLite in `data_dir`.
+    #[serde(serialize_with = "skip_secret")]
+    pub url: Option<SecretString>,
+    pub max_connections: u32,
+    pub acquire_timeout_ms: u64,
+    /// Apply pending migrations when `serve` starts. Unset: yes for SQLite,
+    /// no for PostgreSQL, where `fluxo migrate` runs once per release (a Helm hook).
+    pub migrate_on_start: Option<bool>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(crate) struct GrpcConfig {
+    pub listen: SocketAddr,
+    pub max_message_bytes: usize,
+    pub max_concurrent_requests: usize,
+    pub request_timeout_ms: u64,
+    pub shutdown_delay_ms: u64,
+    pub shutdown_timeout_ms: u64,
+    pub readiness_interval_ms: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(crate) struct LedgerConfig {
+    /// IANA time zone that decides "today" for entries booked without a date.
+    pub time_zone: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(crate) struct LogConfig {
+    /// `auto` (text on a terminal, JSON otherwise), `json` or `pretty`.
+    pub format: String,
+    /// A tracing filter such as `info` or `fluxo_ledger=debug,info`.
+    pub level: String,
+}
+
+fn skip_secret<S: serde::Serializer>(url: &Option<SecretString>, s: S) -> Result<S::Ok, S::Error> {
+    // Defaults are serialized to seed figment; a secret has no default to write.
+    match url {
+        Some(_) => s.serialize_some("<redacted>"),
+        None => s.serialize_none(),
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            data_dir: PathBuf::from("fluxo-data"),
+            database: DatabaseConfig::default(),
+            grpc: GrpcConfig::default(),
+            ledger: LedgerConfig::default(),
+            log: LogConfig::default(),
+        }
+    }
+}
+
+impl Default for DatabaseConfig {
+    fn default() -> Self {
+        Self { url: None, max_connections: 16, acquire_timeout_ms: 5_000, migrate_on_start: None }
+    }
+}
+
+impl Default for GrpcConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
+            max_message_bytes: 1024 * 1024,
+            max_concurrent_requests: 1024,
+            request_timeout_ms: 30_000,
+            shutdown_delay_ms: 0,
+            shutdown_timeout_ms: 20_000,
+            readiness_interval_ms: 5_000,
+        }
+    }
+}
+
+impl Default for LedgerConfig {
+    fn default() -> Self {
+        Self { time_zone: "UTC".into() }
+    }
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self { format: "auto".into(), level: "info,opentelemetry=warn,opentelemetry_sdk=warn".into() }
+    }
+}
+
+impl Config {
+    /// Loads defaults, then `file` if given, then the environment, and validates.
+    pub(crate) fn load(file: Option<&PathBuf>) -> anyhow::Result<Self> {
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(file) = file {
+            if !file.is_file() {
+                bail!("configuration file {} does not exist", file.display());
+            }
+            figment = figment.merge(Toml::file_exact(file));
+        }
+        let figment = figment.merge(
+            Env::prefixed("FLUXO_")
+                // Not configuration keys: the config file's path, the test harness's variables.
+                .filter(|key| key.as_str() != "config" && !key.as_str().starts_with("test_") && key.as_str() != "target")
+                .split("__"),
+        );
+        let config: Config = figment.extract().map_err(|e| anyhow::anyhow!(describe(e)))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> anyhow::Result<()> {
+        let g = &self.grpc;
+        let mut problems = Vec::new();
+        if self.database.max_connections == 0 {
+            problems.push("database.max_connections must be at least 1".to_owned());
+        }
+        if !(1024..=64 * 1024 * 1024).contains(&g.max_message_bytes) {
+            problems.push(format!("grpc.max_message_bytes must be between 1024 and 67108864, got {}", g.max_message_bytes));
+        }
+        if g.max_concurrent_requests == 0 {
+            problems.push("grpc.max_concurrent_requests must be at least 1".to_owned());
+        }
+        if g.request_timeout_ms == 0 {
+            problems.push("grpc.request_timeout_ms must be greater than 0".to_owned());
+        }
+        if g.readiness_interval_ms == 0 {
+            problems.push("grpc.readiness_interval_ms must be greater than 0".to_owned());
+        }
+        if self.time_zone().is_err() {
+            problems.push(format!(
+                "ledger.time_zone {:?} is not an IANA time zone (such as \"UTC\" or \"America/Sao_Paulo\")",
+                self.ledger.time_zone
+            ));
+        }
+        if self.log_format().is_err() {
+            problems.push(format!("log.format must be auto, json or pretty, got {:?}", self.log.format));
+        }
+        if let Some(url) = &self.database.url {
+            let url = secrecy::ExposeSecret::expose_secret(url);
+            if !["postgres://", "postgresql://", "sqlite:"].iter().any(|p| url.starts_with(p)) {
+                problems.push("database.url must start with postgres://, postgresql:// or sqlite://".to_owned());
+            }
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            bail!("{}", problems.join("\n  "))
+        }
+    }
+
+    pub(crate) fn time_zone(&self) -> anyhow::Result<chrono_tz::Tz> {
+        self.ledger
+            .time_zone
+            .parse::<chrono_tz::Tz>()
+            .map_err(|e| anyhow::anyhow!("{e}"))
+    }
+
+    pub(crate) fn log_format(&self) -> anyhow::Result<fluxo_telemetry::LogFormat> {
+        match self.log.format.as_str() {
+            "auto" => Ok(fluxo_telemetry::LogFormat::Auto),
+            "json" => Ok(fluxo_telemetry::LogFormat::Json),
+            "pretty" => Ok(fluxo_telemetry::LogFormat::Pretty),
+            other => bail!("unknown log format {other}"),
+        }
+    }
+
+    /// The database URL: the configured one, or the embedded SQLite file.
+    pub(crate) fn database_url(&self) -> SecretString {
+        match &self.database.url {
+            Some(url) => url.clone(),
+            None => SecretString::from(format!("sqlite://{}", self.data_dir.join("fluxo.sqlite").display())),
+        }
+    }
+
+    pub(crate) fn db_config(&self) -> fluxo_db::DbConfig {
+        fluxo_db::DbConfig {
+            url: self.database_url(),
+            max_connections: self.database.max_connections,
+            acquire_timeout: Duration::from_millis(self.database.acquire_timeout_ms),
+        }
+    }
+
+    pub(crate) fn server_config(&self) -> fluxo_server::ServerConfig {
+        let g = &self.grpc;
+        fluxo_server::ServerConfig {
+            listen: g.listen,
+            max_concurrent_requests: g.max_concurrent_requests,
+            request_timeout: Duration::from_millis(g.request_timeout_ms),
+            shutdown_delay: Duration::from_millis(g.shutdown_delay_ms),
+            shutdown_timeout: Duration::from_millis(g.shutdown_timeout_ms),
+            readiness_interval: Duration::from_millis(g.readiness_interval_ms),
+        }
+    }
+}
+
+/// Figment's errors name the key and where its value came from; keep that,
+/// one line per problem.
+fn describe(error: figment::Error) -> String {
+    error
+        .into_iter()
+        .map(|e| {
+            let key = if e.path.is_empty() { String::new() } else { format!("{}: ", e.path.join(".")) };
+            let source = e.metadata.as_ref().map(|m| format!(" (from {})", m.name)).unwrap_or_default();
+            format!("{key}{}{source}", e.kind)
+        })
+        .collect::<Vec<_>>()
+        .join("\n  ")
+}
+
+/// The location of the embedded database, for the banner and errors.
+pub(crate) fn context_for(config: &Config) -> String {
+    fluxo_db::redacted_url(&config.database_url())
+}

@@ -1,0 +1,95 @@
+//! `fluxo`: one binary, several targets. `fluxo serve` with no configuration
+//! runs everything in one process on an embedded SQLite file; in Kubernetes
+//! each target runs as its own Deployment (`fluxo serve --target ledger`).
+
+mod config;
+mod serve;
+
+use std::{path::PathBuf, process::ExitCode};
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+use crate::config::Config;
+
+/// fluxo — a merchant cash-flow ledger with daily consolidated balances.
+///
+/// Configuration comes from built-in defaults, then the file given with
+/// --config (TOML), then FLUXO_* environment variables, which win. Nested keys
+/// use a double underscore: FLUXO_DATABASE__URL=postgres://…, FLUXO_GRPC__LISTEN=0.0.0.0:50051.
+/// With no configuration, fluxo stores its data in ./fluxo-data (SQLite) and
+/// serves gRPC on 127.0.0.1:50051.
+#[derive(Debug, Parser)]
+#[command(name = "fluxo", version, about, long_about, propagate_version = true)]
+struct Cli {
+    /// TOML configuration file.
+    #[arg(long, short = 'c', global = true, env = "FLUXO_CONFIG", value_name = "FILE")]
+    config: Option<PathBuf>,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run fluxo's services (all of them in one process by default).
+    Serve {
+        /// What to run: `all` (every target in one process, for laptops and
+        /// small installs) or one target per process, as in Kubernetes.
+        #[arg(long, short = 't', value_enum, default_value_t = Target::All, env = "FLUXO_TARGET")]
+        target: Target,
+    },
+    /// Create or upgrade the database schema, then exit.
+    ///
+    /// Safe to run repeatedly; in Kubernetes it runs as a pre-install/pre-upgrade hook.
+    Migrate {
+        /// How long to keep retrying while the database is unreachable, in seconds.
+        #[arg(long, default_value_t = 60)]
+        wait_secs: u64,
+    },
+}
+
+/// A part of fluxo that can run as its own process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Target {
+    /// Every target in one process.
+    All,
+    /// The write side: records and reverses entries (gRPC).
+    Ledger,
+    /// The read side: daily balances (gRPC).
+    Balance,
+    /// Applies ledger events to the daily balances.
+    Consolidator,
+    /// REST/JSON front door for external callers.
+    Gateway,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let config = match Config::load(cli.config.as_ref()) {
+        Ok(config) => config,
+        Err(error) => {
+            eprintln!("fluxo: invalid configuration:\n  {error:#}");
+            return ExitCode::from(2);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("fluxo: cannot start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Serve { target } => serve::serve(config, target).await,
+            Command::Migrate { wait_secs } => serve::migrate(config, wait_secs).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("fluxo: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
