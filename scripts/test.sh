@@ -208,6 +208,22 @@ elif [ -z "${FLUXO_TEST_PG_BINDIR:-}" ] && pg_bindir=$(find_pg_bindir); then
     export FLUXO_TEST_PG_BINDIR="$pg_bindir"
 fi
 
+# --- grpcurl -----------------------------------------------------------------
+# The end-to-end tests drive the built binary with grpcurl over server
+# reflection only, as a newcomer would. Pinned, built from the Go module proxy
+# into target/tools so a fresh machine needs nothing but Go.
+GRPCURL_VERSION=v1.9.4
+if [ -z "${FLUXO_TEST_GRPCURL:-}" ]; then
+    tools_dir="$PWD/target/tools"
+    if [ ! -x "$tools_dir/grpcurl" ] || ! go version -m "$tools_dir/grpcurl" 2>/dev/null | grep -q "grpcurl[[:space:]]*$GRPCURL_VERSION"; then
+        command -v go >/dev/null 2>&1 || die "go not found: it is needed to install grpcurl for the end-to-end tests"
+        log "installing grpcurl $GRPCURL_VERSION into $tools_dir"
+        GOBIN="$tools_dir" go install "github.com/fullstorydev/grpcurl/cmd/grpcurl@$GRPCURL_VERSION" ||
+            die "could not install grpcurl $GRPCURL_VERSION with go install"
+    fi
+    export FLUXO_TEST_GRPCURL="$tools_dir/grpcurl"
+fi
+
 # --- Redis -------------------------------------------------------------------
 if [ -z "${FLUXO_TEST_REDIS_URL:-}" ]; then
     if ! redis_bin=$(find_redis_server); then

@@ -131,7 +131,10 @@ impl Config {
         let figment = figment.merge(
             Env::prefixed("FLUXO_")
                 // Not configuration keys: the config file's path, the test harness's variables.
-                .filter(|key| key.as_str() != "config" && !key.as_str().starts_with("test_") && key.as_str() != "target")
+                .filter(|key| {
+                    let key = key.as_str().to_ascii_lowercase();
+                    !(key == "config" || key == "target" || key.starts_with("test_"))
+                })
                 .split("__"),
         );
         let config: Config = figment.extract().map_err(|e| anyhow::anyhow!(describe(e)))?;

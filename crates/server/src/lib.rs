@@ -135,16 +135,26 @@ impl GrpcServer {
         self
     }
 
-    /// Adds server reflection (v1 and v1alpha, which older grpcurl uses) over an encoded descriptor set.
+    /// Adds server reflection (v1, and v1alpha for older clients) describing
+    /// `descriptor_set`. Call it after the last [`GrpcServer::add_service`]:
+    /// reflection advertises exactly the services added so far, plus health.
     pub fn add_reflection(&mut self, descriptor_set: &'static [u8]) -> Result<&mut Self, ServerError> {
-        let v1 = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(descriptor_set)
-            .build_v1()
-            .map_err(|e| ServerError::Reflection(e.to_string()))?;
-        let v1alpha = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(descriptor_set)
-            .build_v1alpha()
-            .map_err(|e| ServerError::Reflection(e.to_string()))?;
+        let names: Vec<String> = self
+            .services
+            .iter()
+            .map(|s| (*s).to_owned())
+            .chain(["grpc.health.v1.Health".to_owned()])
+            .collect();
+        let configure = || {
+            names.iter().fold(
+                tonic_reflection::server::Builder::configure()
+                    .register_encoded_file_descriptor_set(descriptor_set)
+                    .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET),
+                |builder, name| builder.with_service_name(name.clone()),
+            )
+        };
+        let v1 = configure().build_v1().map_err(|e| ServerError::Reflection(e.to_string()))?;
+        let v1alpha = configure().build_v1alpha().map_err(|e| ServerError::Reflection(e.to_string()))?;
         self.routes.add_service(v1);
         self.routes.add_service(v1alpha);
         Ok(self)
