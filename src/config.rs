@@ -88,7 +88,12 @@ impl Default for Config {
 
 impl Default for DatabaseConfig {
     fn default() -> Self {
-        Self { url: None, max_connections: 16, acquire_timeout_ms: 5_000, migrate_on_start: None }
+        Self {
+            url: None,
+            max_connections: 16,
+            acquire_timeout_ms: 5_000,
+            migrate_on_start: None,
+        }
     }
 }
 
@@ -108,13 +113,18 @@ impl Default for GrpcConfig {
 
 impl Default for LedgerConfig {
     fn default() -> Self {
-        Self { time_zone: "UTC".into() }
+        Self {
+            time_zone: "UTC".into(),
+        }
     }
 }
 
 impl Default for LogConfig {
     fn default() -> Self {
-        Self { format: "auto".into(), level: "info,opentelemetry=warn,opentelemetry_sdk=warn".into() }
+        Self {
+            format: "auto".into(),
+            level: "info,opentelemetry=warn,opentelemetry_sdk=warn".into(),
+        }
     }
 }
 
@@ -137,7 +147,9 @@ impl Config {
                 })
                 .split("__"),
         );
-        let config: Config = figment.extract().map_err(|e| anyhow::anyhow!(describe(e)))?;
+        let config: Config = figment
+            .extract()
+            .map_err(|e| anyhow::anyhow!(describe(e)))?;
         config.validate()?;
         Ok(config)
     }
@@ -149,7 +161,10 @@ impl Config {
             problems.push("database.max_connections must be at least 1".to_owned());
         }
         if !(1024..=64 * 1024 * 1024).contains(&g.max_message_bytes) {
-            problems.push(format!("grpc.max_message_bytes must be between 1024 and 67108864, got {}", g.max_message_bytes));
+            problems.push(format!(
+                "grpc.max_message_bytes must be between 1024 and 67108864, got {}",
+                g.max_message_bytes
+            ));
         }
         if g.max_concurrent_requests == 0 {
             problems.push("grpc.max_concurrent_requests must be at least 1".to_owned());
@@ -167,12 +182,21 @@ impl Config {
             ));
         }
         if self.log_format().is_err() {
-            problems.push(format!("log.format must be auto, json or pretty, got {:?}", self.log.format));
+            problems.push(format!(
+                "log.format must be auto, json or pretty, got {:?}",
+                self.log.format
+            ));
         }
         if let Some(url) = &self.database.url {
             let url = secrecy::ExposeSecret::expose_secret(url);
-            if !["postgres://", "postgresql://", "sqlite:"].iter().any(|p| url.starts_with(p)) {
-                problems.push("database.url must start with postgres://, postgresql:// or sqlite://".to_owned());
+            if !["postgres://", "postgresql://", "sqlite:"]
+                .iter()
+                .any(|p| url.starts_with(p))
+            {
+                problems.push(
+                    "database.url must start with postgres://, postgresql:// or sqlite://"
+                        .to_owned(),
+                );
             }
         }
         if problems.is_empty() {
@@ -202,7 +226,10 @@ impl Config {
     pub(crate) fn database_url(&self) -> SecretString {
         match &self.database.url {
             Some(url) => url.clone(),
-            None => SecretString::from(format!("sqlite://{}", self.data_dir.join("fluxo.sqlite").display())),
+            None => SecretString::from(format!(
+                "sqlite://{}",
+                self.data_dir.join("fluxo.sqlite").display()
+            )),
         }
     }
 
@@ -233,8 +260,16 @@ fn describe(error: figment::Error) -> String {
     error
         .into_iter()
         .map(|e| {
-            let key = if e.path.is_empty() { String::new() } else { format!("{}: ", e.path.join(".")) };
-            let source = e.metadata.as_ref().map(|m| format!(" (from {})", m.name)).unwrap_or_default();
+            let key = if e.path.is_empty() {
+                String::new()
+            } else {
+                format!("{}: ", e.path.join("."))
+            };
+            let source = e
+                .metadata
+                .as_ref()
+                .map(|m| format!(" (from {})", m.name))
+                .unwrap_or_default();
             format!("{key}{}{source}", e.kind)
         })
         .collect::<Vec<_>>()

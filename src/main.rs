@@ -22,7 +22,13 @@ use crate::config::Config;
 #[command(name = "fluxo", version, about, long_about, propagate_version = true)]
 struct Cli {
     /// TOML configuration file.
-    #[arg(long, short = 'c', global = true, env = "FLUXO_CONFIG", value_name = "FILE")]
+    #[arg(
+        long,
+        short = 'c',
+        global = true,
+        env = "FLUXO_CONFIG",
+        value_name = "FILE"
+    )]
     config: Option<PathBuf>,
 
     #[command(subcommand)]
@@ -72,7 +78,10 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(error) => {
             eprintln!("fluxo: cannot start the async runtime: {error}");

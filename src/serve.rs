@@ -25,14 +25,21 @@ pub(crate) async fn serve(config: Config, target: Target) -> anyhow::Result<()> 
         Target::Ledger => "ledger",
         Target::Balance | Target::Consolidator | Target::Gateway => {
             let name = format!("{target:?}").to_lowercase();
-            bail!("target `{name}` is not built yet in this version of fluxo; run `--target ledger` or `--target all`")
+            bail!(
+                "target `{name}` is not built yet in this version of fluxo; run `--target ledger` or `--target all`"
+            )
         }
     };
     let telemetry = telemetry(&config, name)?;
     let db = Db::connect(&config.db_config()).await?;
-    let migrate = config.database.migrate_on_start.unwrap_or(db.backend() == DbBackend::Sqlite);
+    let migrate = config
+        .database
+        .migrate_on_start
+        .unwrap_or(db.backend() == DbBackend::Sqlite);
     if migrate {
-        LedgerStore::migrate(&db).await.context("applying ledger migrations")?;
+        LedgerStore::migrate(&db)
+            .await
+            .context("applying ledger migrations")?;
         tracing::info!("schema is current");
     }
 
@@ -40,14 +47,20 @@ pub(crate) async fn serve(config: Config, target: Target) -> anyhow::Result<()> 
     let addr = server.local_addr()?;
     let ledger = Ledger::new(LedgerStore::new(db.clone()), config.time_zone()?);
     server
-        .add_service(fluxo_ledger::grpc::server(ledger, config.grpc.max_message_bytes))
+        .add_service(fluxo_ledger::grpc::server(
+            ledger,
+            config.grpc.max_message_bytes,
+        ))
         .await;
     server.add_reflection(fluxo_proto::FILE_DESCRIPTOR_SET)?;
     tracing::info!(%addr, targets = name, otlp = telemetry.exporting(), "listening");
     banner(&config, &db, name, addr);
 
     let result = server
-        .serve(Arc::new(Readiness::new(db.clone())), fluxo_server::shutdown_signal())
+        .serve(
+            Arc::new(Readiness::new(db.clone())),
+            fluxo_server::shutdown_signal(),
+        )
         .await;
     if let Err(error) = db.close().await {
         tracing::warn!(%error, "closing the database pool");
@@ -63,7 +76,9 @@ pub(crate) async fn migrate(config: Config, wait_secs: u64) -> anyhow::Result<()
     let db = loop {
         match Db::connect(&config.db_config()).await {
             Ok(db) if db.ping().await.is_ok() => break db,
-            Ok(_) | Err(fluxo_db::DbError::Connect { .. }) if tokio::time::Instant::now() < deadline => {
+            Ok(_) | Err(fluxo_db::DbError::Connect { .. })
+                if tokio::time::Instant::now() < deadline =>
+            {
                 tracing::info!("database not reachable yet; retrying");
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
@@ -74,9 +89,14 @@ pub(crate) async fn migrate(config: Config, wait_secs: u64) -> anyhow::Result<()
             Err(error) => return Err(error.into()),
         }
     };
-    LedgerStore::migrate(&db).await.context("applying ledger migrations")?;
+    LedgerStore::migrate(&db)
+        .await
+        .context("applying ledger migrations")?;
     tracing::info!(database = backend_name(db.backend()), "schema is current");
-    eprintln!("fluxo: schema is current ({})", crate::config::context_for(&config));
+    eprintln!(
+        "fluxo: schema is current ({})",
+        crate::config::context_for(&config)
+    );
     db.close().await.ok();
     telemetry.shutdown();
     Ok(())

@@ -58,27 +58,42 @@ impl Fluxo {
             }
             seen.push(line);
         };
-        Self { child: Some(child), addr, stderr: rx }
+        Self {
+            child: Some(child),
+            addr,
+            stderr: rx,
+        }
     }
 
     /// Calls `method` with a JSON request: the JSON response, or grpcurl's error text.
-    pub(crate) fn call(&self, method: &str, request: &serde_json::Value) -> Result<serde_json::Value, String> {
+    pub(crate) fn call(
+        &self,
+        method: &str,
+        request: &serde_json::Value,
+    ) -> Result<serde_json::Value, String> {
         let out = grpcurl(&self.addr, &[method], Some(&request.to_string()))?;
-        Ok(serde_json::from_str(&out).unwrap_or_else(|e| panic!("grpcurl printed non-JSON ({e}): {out}")))
+        Ok(serde_json::from_str(&out)
+            .unwrap_or_else(|e| panic!("grpcurl printed non-JSON ({e}): {out}")))
     }
 
     /// `SERVING` or `NOT_SERVING` for `service` ("" for the whole server).
     pub(crate) fn health(&self, service: &str) -> String {
         let request = serde_json::json!({ "service": service }).to_string();
         match grpcurl(&self.addr, &["grpc.health.v1.Health/Check"], Some(&request)) {
-            Ok(out) => serde_json::from_str::<serde_json::Value>(&out).unwrap()["status"].as_str().unwrap().to_owned(),
+            Ok(out) => serde_json::from_str::<serde_json::Value>(&out).unwrap()["status"]
+                .as_str()
+                .unwrap()
+                .to_owned(),
             Err(error) => format!("unreachable: {error}"),
         }
     }
 
     pub(crate) fn signal(&self, signal: &str) {
         let pid = self.child.as_ref().unwrap().id().to_string();
-        let status = Command::new("kill").args([&format!("-{signal}"), &pid]).status().unwrap();
+        let status = Command::new("kill")
+            .args([&format!("-{signal}"), &pid])
+            .status()
+            .unwrap();
         assert!(status.success());
     }
 
@@ -94,7 +109,12 @@ impl Fluxo {
             std::thread::sleep(Duration::from_millis(20));
         }
         let mut output = child.wait_with_output().unwrap();
-        output.stderr = self.stderr.try_iter().collect::<Vec<_>>().join("\n").into_bytes();
+        output.stderr = self
+            .stderr
+            .try_iter()
+            .collect::<Vec<_>>()
+            .join("\n")
+            .into_bytes();
         output
     }
 

@@ -23,7 +23,9 @@ pub struct DbConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum DbError {
     /// The URL names no supported database.
-    #[error("database.url must start with postgres://, postgresql:// or sqlite:// (got a URL starting with {scheme:?})")]
+    #[error(
+        "database.url must start with postgres://, postgresql:// or sqlite:// (got a URL starting with {scheme:?})"
+    )]
     UnsupportedScheme {
         /// What the URL started with (never the rest: it may hold a password).
         scheme: String,
@@ -70,7 +72,13 @@ impl Db {
         } else if url.starts_with("sqlite:") {
             DbBackend::Sqlite
         } else {
-            let scheme = url.split(':').next().unwrap_or_default().chars().take(16).collect();
+            let scheme = url
+                .split(':')
+                .next()
+                .unwrap_or_default()
+                .chars()
+                .take(16)
+                .collect();
             return Err(DbError::UnsupportedScheme { scheme });
         };
         let mut options = ConnectOptions::new(url.to_owned());
@@ -82,13 +90,14 @@ impl Db {
             // Statement logging would print every query with its bound values.
             .sqlx_logging(false);
         if backend == DbBackend::Sqlite {
-            if let Some(dir) = sqlite_file(url).and_then(Path::parent) {
-                if !dir.as_os_str().is_empty() {
-                    std::fs::create_dir_all(dir).map_err(|source| DbError::CreateDir {
-                        dir: dir.display().to_string(),
-                        source,
-                    })?;
-                }
+            if let Some(dir) = sqlite_file(url)
+                .and_then(Path::parent)
+                .filter(|d| !d.as_os_str().is_empty())
+            {
+                std::fs::create_dir_all(dir).map_err(|source| DbError::CreateDir {
+                    dir: dir.display().to_string(),
+                    source,
+                })?;
             }
             options.map_sqlx_sqlite_opts(|o| {
                 o.create_if_missing(true)
@@ -172,7 +181,9 @@ fn redact(message: &str, url: &str) -> String {
 }
 
 fn sqlite_file(url: &str) -> Option<&Path> {
-    let path = url.strip_prefix("sqlite://").or_else(|| url.strip_prefix("sqlite:"))?;
+    let path = url
+        .strip_prefix("sqlite://")
+        .or_else(|| url.strip_prefix("sqlite:"))?;
     let path = path.split('?').next()?;
     (path != ":memory:" && !path.is_empty()).then(|| Path::new(path))
 }

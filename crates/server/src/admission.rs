@@ -30,7 +30,9 @@ pub struct AdmissionLayer {
 impl AdmissionLayer {
     /// Admits at most `max_concurrent` calls at once (health and reflection exempt).
     pub fn new(max_concurrent: usize) -> Self {
-        Self { permits: Arc::new(Semaphore::new(max_concurrent.max(1))) }
+        Self {
+            permits: Arc::new(Semaphore::new(max_concurrent.max(1))),
+        }
     }
 }
 
@@ -38,7 +40,10 @@ impl<S> Layer<S> for AdmissionLayer {
     type Service = Admission<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        Admission { inner, permits: self.permits.clone() }
+        Admission {
+            inner,
+            permits: self.permits.clone(),
+        }
     }
 }
 
@@ -58,10 +63,13 @@ fn request_id(request: &Request<Body>) -> HeaderValue {
     request
         .headers()
         .get(REQUEST_ID_HEADER)
-        .filter(|v| !v.is_empty() && v.len() <= 128 && v.as_bytes().iter().all(u8::is_ascii_graphic))
+        .filter(|v| {
+            !v.is_empty() && v.len() <= 128 && v.as_bytes().iter().all(u8::is_ascii_graphic)
+        })
         .cloned()
         .unwrap_or_else(|| {
-            HeaderValue::from_str(&ulid::Ulid::new().to_string()).unwrap_or(HeaderValue::from_static("unknown"))
+            HeaderValue::from_str(&ulid::Ulid::new().to_string())
+                .unwrap_or(HeaderValue::from_static("unknown"))
         })
 }
 
@@ -81,7 +89,10 @@ where
     fn call(&mut self, request: Request<Body>) -> Self::Future {
         let path = request.uri().path().to_owned();
         let id = request_id(&request);
-        let (service, method) = path.trim_start_matches('/').split_once('/').unwrap_or((&path, ""));
+        let (service, method) = path
+            .trim_start_matches('/')
+            .split_once('/')
+            .unwrap_or((&path, ""));
         let span = tracing::info_span!(
             "grpc.server",
             otel.name = %path.trim_start_matches('/'),
@@ -100,9 +111,10 @@ where
                 Ok(permit) => Some(permit),
                 Err(_) => {
                     span.in_scope(|| tracing::warn!("overloaded: call refused"));
-                    let mut response: Response<Body> =
-                        Status::resource_exhausted("server overloaded: too many concurrent calls, retry with backoff")
-                            .into_http();
+                    let mut response: Response<Body> = Status::resource_exhausted(
+                        "server overloaded: too many concurrent calls, retry with backoff",
+                    )
+                    .into_http();
                     response.headers_mut().insert(REQUEST_ID_HEADER, id);
                     return Box::pin(async move { Ok(response) });
                 }

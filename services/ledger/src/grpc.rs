@@ -44,9 +44,10 @@ fn booked(result: Booked) -> Response<pb::Entry> {
     let replayed = matches!(result, Booked::Replayed(_));
     let mut response = Response::new(wire::entry(result.entry()));
     if replayed {
-        response
-            .metadata_mut()
-            .insert(REPLAYED_HEADER, tonic::metadata::MetadataValue::from_static("true"));
+        response.metadata_mut().insert(
+            REPLAYED_HEADER,
+            tonic::metadata::MetadataValue::from_static("true"),
+        );
     }
     response
 }
@@ -54,12 +55,18 @@ fn booked(result: Booked) -> Response<pb::Entry> {
 #[tonic::async_trait]
 impl LedgerService for LedgerGrpc {
     #[tracing::instrument(name = "ledger.RecordEntry", skip_all, fields(merchant_id = %request.get_ref().merchant_id))]
-    async fn record_entry(&self, request: Request<pb::RecordEntryRequest>) -> Result<Response<pb::Entry>, Status> {
+    async fn record_entry(
+        &self,
+        request: Request<pb::RecordEntryRequest>,
+    ) -> Result<Response<pb::Entry>, Status> {
         let r = request.get_ref();
         let command = RecordCommand {
             merchant_id: &r.merchant_id,
             kind: kind(r.r#type),
-            amount: r.amount.as_ref().map(|m| (m.currency_code.as_str(), m.minor_units)),
+            amount: r
+                .amount
+                .as_ref()
+                .map(|m| (m.currency_code.as_str(), m.minor_units)),
             booking_date: &r.booking_date,
             description: &r.description,
             request_id: &r.request_id,
@@ -68,7 +75,10 @@ impl LedgerService for LedgerGrpc {
     }
 
     #[tracing::instrument(name = "ledger.GetEntry", skip_all, fields(merchant_id = %request.get_ref().merchant_id))]
-    async fn get_entry(&self, request: Request<pb::GetEntryRequest>) -> Result<Response<pb::Entry>, Status> {
+    async fn get_entry(
+        &self,
+        request: Request<pb::GetEntryRequest>,
+    ) -> Result<Response<pb::Entry>, Status> {
         let r = request.get_ref();
         let entry = self.ledger.get(&r.merchant_id, &r.entry_id).await?;
         Ok(Response::new(wire::entry(&entry)))
@@ -82,7 +92,13 @@ impl LedgerService for LedgerGrpc {
         let r = request.get_ref();
         let page = self
             .ledger
-            .list(&r.merchant_id, &r.start_date, &r.end_date, r.page_size, &r.page_token)
+            .list(
+                &r.merchant_id,
+                &r.start_date,
+                &r.end_date,
+                r.page_size,
+                &r.page_token,
+            )
             .await?;
         Ok(Response::new(pb::ListEntriesResponse {
             entries: page.entries.iter().map(wire::entry).collect(),
@@ -91,7 +107,10 @@ impl LedgerService for LedgerGrpc {
     }
 
     #[tracing::instrument(name = "ledger.ReverseEntry", skip_all, fields(merchant_id = %request.get_ref().merchant_id))]
-    async fn reverse_entry(&self, request: Request<pb::ReverseEntryRequest>) -> Result<Response<pb::Entry>, Status> {
+    async fn reverse_entry(
+        &self,
+        request: Request<pb::ReverseEntryRequest>,
+    ) -> Result<Response<pb::Entry>, Status> {
         let r = request.get_ref();
         let command = ReverseCommand {
             merchant_id: &r.merchant_id,

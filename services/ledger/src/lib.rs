@@ -2,9 +2,9 @@
 //! debits, idempotent on the caller's key, that commits every entry together
 //! with the `EntryRecorded` event the read side consumes.
 //!
-//! - [`domain`]: pure rules and validated types.
-//! - [`store`]: SQL on PostgreSQL or SQLite.
-//! - [`grpc`]: `fluxo.ledger.v1.LedgerService`.
+//! - [`domain`]: pure rules and validated types;
+//! - [`store`]: SQL on PostgreSQL or SQLite;
+//! - [`grpc`]: the `fluxo.ledger.v1.LedgerService` handlers.
 
 pub mod domain;
 mod error;
@@ -35,7 +35,10 @@ impl Readiness {
 #[async_trait::async_trait]
 impl fluxo_server::Readiness for Readiness {
     async fn check(&self) -> Result<(), String> {
-        self.db.ping().await.map_err(|e| format!("database unreachable: {e}"))?;
+        self.db
+            .ping()
+            .await
+            .map_err(|e| format!("database unreachable: {e}"))?;
         match LedgerStore::schema_is_current(&self.db).await {
             Ok(true) => Ok(()),
             Ok(false) => Err("the ledger schema is not current: run `fluxo migrate`".into()),

@@ -48,9 +48,12 @@ impl Ledger {
         let request = command.parse(self.today()).map_err(LedgerError::Invalid)?;
         let idempotency = request.idempotency.as_ref().map(|(key, fp)| (key, fp));
         self.store
-            .reverse(&request.merchant_id, request.entry_id, idempotency, |original| {
-                Ok(decide_reversal(original, &request)?)
-            })
+            .reverse(
+                &request.merchant_id,
+                request.entry_id,
+                idempotency,
+                |original| Ok(decide_reversal(original, &request)?),
+            )
             .await
     }
 
@@ -59,7 +62,9 @@ impl Ledger {
         let mut v = Violations::default();
         let merchant = v.check("merchant_id", MerchantId::parse(merchant_id));
         let id = v.check("entry_id", EntryId::parse(entry_id));
-        let (merchant, id) = v.finish(|| Some((merchant?, id?))).map_err(LedgerError::Invalid)?;
+        let (merchant, id) = v
+            .finish(|| Some((merchant?, id?)))
+            .map_err(LedgerError::Invalid)?;
         self.store
             .get(&merchant, id)
             .await?
@@ -83,7 +88,9 @@ impl Ledger {
         let (entries, next) = self.store.list(&merchant, &range, &page).await?;
         Ok(EntryPage {
             entries,
-            next_page_token: next.map(|c| c.encode(&merchant, &range)).unwrap_or_default(),
+            next_page_token: next
+                .map(|c| c.encode(&merchant, &range))
+                .unwrap_or_default(),
         })
     }
 }

@@ -10,8 +10,8 @@ use fluxo_db::Db;
 use prost::Message;
 use sea_orm::{
     ActiveValue::{NotSet, Set},
-    ColumnTrait, Condition, ConnectionTrait, DatabaseTransaction, DbErr, EntityTrait,
-    QueryFilter, QueryOrder, QuerySelect, SqlErr, TransactionTrait,
+    ColumnTrait, Condition, ConnectionTrait, DatabaseTransaction, DbErr, EntityTrait, QueryFilter,
+    QueryOrder, QuerySelect, SqlErr, TransactionTrait,
     sea_query::OnConflict,
 };
 use sea_orm_migration::MigratorTrait;
@@ -93,15 +93,23 @@ impl LedgerStore {
 
     /// True when every migration this build knows has been applied.
     pub async fn schema_is_current(db: &Db) -> Result<bool, DbErr> {
-        Ok(Migrator::get_pending_migrations(db.conn()).await?.is_empty())
+        Ok(Migrator::get_pending_migrations(db.conn())
+            .await?
+            .is_empty())
     }
 
     /// Books `new` under its idempotency key: the entry, the key and the outbox
     /// event commit together. A key already used returns the original entry
     /// when `fingerprint` matches, and [`LedgerError::KeyReused`] otherwise.
-    pub async fn record(&self, new: NewEntry, fingerprint: &Fingerprint) -> Result<Booked, LedgerError> {
+    pub async fn record(
+        &self,
+        new: NewEntry,
+        fingerprint: &Fingerprint,
+    ) -> Result<Booked, LedgerError> {
         let Some(key) = new.request_id.clone() else {
-            return Err(LedgerError::Internal("record without an idempotency key".into()));
+            return Err(LedgerError::Internal(
+                "record without an idempotency key".into(),
+            ));
         };
         {
             let _writer = self.db.write_guard().await;
@@ -154,7 +162,9 @@ impl LedgerStore {
             (Some(result), _) => result,
             // Lost a race for the key to an identical or different request.
             (None, Some((key, fingerprint))) => self.replay(merchant, key, fingerprint).await,
-            (None, None) => Err(LedgerError::Internal("reversal neither booked nor replayed".into())),
+            (None, None) => Err(LedgerError::Internal(
+                "reversal neither booked nor replayed".into(),
+            )),
         }
     }
 
@@ -174,21 +184,26 @@ impl LedgerStore {
             {
                 // A concurrent reversal of the same entry committed first.
                 txn.rollback().await.map_err(StoreError::from)?;
-                let by = self
-                    .reversal_of(original)
-                    .await?
-                    .ok_or_else(|| LedgerError::Internal("reversal conflict without a reversal".into()))?;
-                Err(LedgerError::Refused(crate::domain::ReversalRefused::AlreadyReversed {
-                    entry: original,
-                    by,
-                }))
+                let by = self.reversal_of(original).await?.ok_or_else(|| {
+                    LedgerError::Internal("reversal conflict without a reversal".into())
+                })?;
+                Err(LedgerError::Refused(
+                    crate::domain::ReversalRefused::AlreadyReversed {
+                        entry: original,
+                        by,
+                    },
+                ))
             }
             Err(other) => Err(other),
         }
     }
 
     /// One entry of a merchant, with the reversal that cancels it, if any.
-    pub async fn get(&self, merchant: &MerchantId, id: EntryId) -> Result<Option<Entry>, LedgerError> {
+    pub async fn get(
+        &self,
+        merchant: &MerchantId,
+        id: EntryId,
+    ) -> Result<Option<Entry>, LedgerError> {
         load_entry(self.db.conn(), merchant, id).await
     }
 
@@ -200,7 +215,8 @@ impl LedgerStore {
         range: &DateRange,
         page: &PageRequest,
     ) -> Result<(Vec<Entry>, Option<PageCursor>), LedgerError> {
-        let mut query = entry::Entity::find().filter(entry::Column::MerchantId.eq(merchant.as_str()));
+        let mut query =
+            entry::Entity::find().filter(entry::Column::MerchantId.eq(merchant.as_str()));
         if let Some(start) = range.start {
             query = query.filter(entry::Column::BookingDate.gte(start));
         }
@@ -251,7 +267,10 @@ impl LedgerStore {
         let next = more
             .then(|| entries.last())
             .flatten()
-            .map(|last| PageCursor { booking_date: last.booked.booking_date.date(), id: last.booked.id });
+            .map(|last| PageCursor {
+                booking_date: last.booked.booking_date.date(),
+                id: last.booked.id,
+            });
         Ok((entries, next))
     }
 
@@ -260,9 +279,12 @@ impl LedgerStore {
         merchant: &MerchantId,
         key: &RequestId,
     ) -> Result<Option<idempotency_key::Model>, StoreError> {
-        Ok(idempotency_key::Entity::find_by_id((merchant.as_str().to_owned(), key.as_str().to_owned()))
-            .one(self.db.conn())
-            .await?)
+        Ok(idempotency_key::Entity::find_by_id((
+            merchant.as_str().to_owned(),
+            key.as_str().to_owned(),
+        ))
+        .one(self.db.conn())
+        .await?)
     }
 
     async fn replay(
@@ -285,10 +307,9 @@ impl LedgerStore {
             id: claimed.entry_id.clone(),
             reason: e.to_string(),
         })?;
-        let entry = self
-            .get(merchant, id)
-            .await?
-            .ok_or_else(|| LedgerError::Internal(format!("idempotency key points at missing entry {id}")))?;
+        let entry = self.get(merchant, id).await?.ok_or_else(|| {
+            LedgerError::Internal(format!("idempotency key points at missing entry {id}"))
+        })?;
         Ok(Booked::Replayed(entry))
     }
 
@@ -316,9 +337,12 @@ async fn claim_key(
     // other transaction ends, then does nothing if it committed.
     let inserted = idempotency_key::Entity::insert(row)
         .on_conflict(
-            OnConflict::columns([idempotency_key::Column::MerchantId, idempotency_key::Column::RequestId])
-                .do_nothing()
-                .to_owned(),
+            OnConflict::columns([
+                idempotency_key::Column::MerchantId,
+                idempotency_key::Column::RequestId,
+            ])
+            .do_nothing()
+            .to_owned(),
         )
         .exec_without_returning(txn)
         .await?;
@@ -344,7 +368,11 @@ async fn insert_entry(txn: &DatabaseTransaction, new: NewEntry) -> Result<Entry,
         .exec_without_returning(txn)
         .await
         .map_err(StoreError::Failed)?;
-    let entry = Entry { booked: new, created_at, reversed_by: None };
+    let entry = Entry {
+        booked: new,
+        created_at,
+        reversed_by: None,
+    };
     let event_id = ulid::Ulid::new().to_string();
     let (traceparent, tracestate) = fluxo_telemetry::current_trace_context();
     let event = outbox::ActiveModel {
@@ -382,7 +410,10 @@ async fn load_entry(
     Ok(Some(to_domain(row, by)?))
 }
 
-async fn reversal_of(conn: &impl ConnectionTrait, id: EntryId) -> Result<Option<EntryId>, StoreError> {
+async fn reversal_of(
+    conn: &impl ConnectionTrait,
+    id: EntryId,
+) -> Result<Option<EntryId>, StoreError> {
     let found: Option<String> = entry::Entity::find()
         .select_only()
         .column(entry::Column::Id)
@@ -391,7 +422,12 @@ async fn reversal_of(conn: &impl ConnectionTrait, id: EntryId) -> Result<Option<
         .one(conn)
         .await?;
     found
-        .map(|s| EntryId::parse(&s).map_err(|e| StoreError::Corrupt { id: s.clone(), reason: e.to_string() }))
+        .map(|s| {
+            EntryId::parse(&s).map_err(|e| StoreError::Corrupt {
+                id: s.clone(),
+                reason: e.to_string(),
+            })
+        })
         .transpose()
 }
 
@@ -402,13 +438,17 @@ fn now() -> DateTime<Utc> {
 }
 
 fn to_domain(row: entry::Model, reversed_by: Option<String>) -> Result<Entry, StoreError> {
-    let corrupt = |reason: String| StoreError::Corrupt { id: row.id.clone(), reason };
+    let corrupt = |reason: String| StoreError::Corrupt {
+        id: row.id.clone(),
+        reason,
+    };
     let parse_id = |s: &str| EntryId::parse(s).map_err(|e| corrupt(e.to_string()));
     let currency = Currency::parse(&row.currency_code).map_err(|e| corrupt(e.to_string()))?;
     let booked = NewEntry {
         id: parse_id(&row.id)?,
         merchant_id: MerchantId::parse(&row.merchant_id).map_err(|e| corrupt(e.to_string()))?,
-        kind: EntryKind::from_stored(&row.kind).ok_or_else(|| corrupt(format!("kind {}", row.kind)))?,
+        kind: EntryKind::from_stored(&row.kind)
+            .ok_or_else(|| corrupt(format!("kind {}", row.kind)))?,
         amount: Money::positive(currency, row.amount_minor).map_err(|e| corrupt(e.to_string()))?,
         booking_date: BookingDate::from_stored(row.booking_date),
         description: Description::parse(&row.description).map_err(|e| corrupt(e.to_string()))?,

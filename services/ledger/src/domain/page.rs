@@ -44,7 +44,10 @@ impl PageRequest {
                 Self::DEFAULT_SIZE
             }
             n if i64::from(n) > Self::MAX_SIZE as i64 => {
-                v.add("page_size", format!("must be at most {}, got {n}", Self::MAX_SIZE));
+                v.add(
+                    "page_size",
+                    format!("must be at most {}, got {n}", Self::MAX_SIZE),
+                );
                 Self::DEFAULT_SIZE
             }
             n => u64::from(n.unsigned_abs()),
@@ -52,7 +55,8 @@ impl PageRequest {
         let after = if page_token.is_empty() {
             None
         } else {
-            let decoded = merchant.and_then(|m| PageCursor::decode(page_token, &query_tag(m, range)));
+            let decoded =
+                merchant.and_then(|m| PageCursor::decode(page_token, &query_tag(m, range)));
             if decoded.is_none() {
                 v.add(
                     "page_token",
@@ -95,7 +99,10 @@ impl PageCursor {
 /// A short digest of the query a token belongs to.
 fn query_tag(merchant: &MerchantId, range: &DateRange) -> String {
     let text = format!("{}|{:?}|{:?}", merchant.as_str(), range.start, range.end);
-    Sha256::digest(text.as_bytes())[..8].iter().map(|b| format!("{b:02x}")).collect()
+    Sha256::digest(text.as_bytes())[..8]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 #[cfg(test)]
@@ -107,11 +114,17 @@ mod tests {
         let m = MerchantId::parse("m-1").unwrap();
         let other = MerchantId::parse("m-2").unwrap();
         let range = DateRange::default();
-        let cursor = PageCursor { booking_date: NaiveDate::from_ymd_opt(2026, 11, 21).unwrap(), id: EntryId::generate() };
+        let cursor = PageCursor {
+            booking_date: NaiveDate::from_ymd_opt(2026, 11, 21).unwrap(),
+            id: EntryId::generate(),
+        };
         let token = cursor.encode(&m, &range);
 
         let mut v = Violations::default();
-        assert_eq!(PageRequest::parse(10, &token, Some(&m), &range, &mut v).after, Some(cursor));
+        assert_eq!(
+            PageRequest::parse(10, &token, Some(&m), &range, &mut v).after,
+            Some(cursor)
+        );
         assert!(v.is_empty());
 
         let mut v = Violations::default();
@@ -127,8 +140,14 @@ mod tests {
     fn page_sizes_default_and_are_bounded() {
         let m = MerchantId::parse("m").unwrap();
         let mut v = Violations::default();
-        assert_eq!(PageRequest::parse(0, "", Some(&m), &DateRange::default(), &mut v).size, 100);
-        assert_eq!(PageRequest::parse(1000, "", Some(&m), &DateRange::default(), &mut v).size, 1000);
+        assert_eq!(
+            PageRequest::parse(0, "", Some(&m), &DateRange::default(), &mut v).size,
+            100
+        );
+        assert_eq!(
+            PageRequest::parse(1000, "", Some(&m), &DateRange::default(), &mut v).size,
+            1000
+        );
         assert!(v.is_empty());
         PageRequest::parse(1001, "", Some(&m), &DateRange::default(), &mut v);
         PageRequest::parse(-1, "", Some(&m), &DateRange::default(), &mut v);

@@ -25,7 +25,12 @@ impl From<LedgerError> for Status {
             LedgerError::NotFound { entry_id } => Status::with_error_details(
                 Code::NotFound,
                 message,
-                ErrorDetails::with_resource_info("fluxo.ledger.v1.Entry", entry_id.to_string(), "", "no such entry for this merchant"),
+                ErrorDetails::with_resource_info(
+                    "fluxo.ledger.v1.Entry",
+                    entry_id.to_string(),
+                    "",
+                    "no such entry for this merchant",
+                ),
             ),
             LedgerError::Refused(refused) => {
                 let (kind, subject) = match &refused {
@@ -35,10 +40,17 @@ impl From<LedgerError> for Status {
                 Status::with_error_details(
                     Code::FailedPrecondition,
                     message,
-                    ErrorDetails::with_precondition_failure_violation(kind, format!("entries/{subject}"), refused.to_string()),
+                    ErrorDetails::with_precondition_failure_violation(
+                        kind,
+                        format!("entries/{subject}"),
+                        refused.to_string(),
+                    ),
                 )
             }
-            LedgerError::KeyReused { request_id, entry_id } => Status::with_error_details(
+            LedgerError::KeyReused {
+                request_id,
+                entry_id,
+            } => Status::with_error_details(
                 Code::AlreadyExists,
                 message,
                 ErrorDetails::with_error_info(
