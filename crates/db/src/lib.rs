@@ -148,6 +148,29 @@ impl Db {
     }
 }
 
+/// A parameterised statement written once with `?` placeholders, numbered
+/// `$1, $2, …` for PostgreSQL. Lets hand-written SQL (upserts, aggregates)
+/// run unchanged on both backends. The SQL must not contain a literal `?`.
+pub fn statement(backend: DbBackend, sql: &str, values: Vec<sea_orm::Value>) -> sea_orm::Statement {
+    let sql = if backend == DbBackend::Postgres {
+        let mut numbered = String::with_capacity(sql.len() + 16);
+        let mut n = 0;
+        for c in sql.chars() {
+            if c == '?' {
+                n += 1;
+                numbered.push('$');
+                numbered.push_str(&n.to_string());
+            } else {
+                numbered.push(c);
+            }
+        }
+        numbered
+    } else {
+        sql.to_owned()
+    };
+    sea_orm::Statement::from_sql_and_values(backend, sql, values)
+}
+
 /// `PostgreSQL` or `SQLite`, for messages.
 pub fn backend_name(backend: DbBackend) -> &'static str {
     match backend {
@@ -191,6 +214,14 @@ fn sqlite_file(url: &str) -> Option<&Path> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn placeholders_are_numbered_for_postgres_only() {
+        let pg = statement(DbBackend::Postgres, "a = ? AND b = ?", vec![1.into(), 2.into()]);
+        assert_eq!(pg.sql, "a = $1 AND b = $2");
+        let lite = statement(DbBackend::Sqlite, "a = ? AND b = ?", vec![1.into(), 2.into()]);
+        assert_eq!(lite.sql, "a = ? AND b = ?");
+    }
 
     #[test]
     fn passwords_never_survive_redaction() {

@@ -4,16 +4,14 @@
 //! ("parse, don't validate"); the store and the gRPC layer only ever see those.
 
 mod entry;
-mod fields;
-mod money;
 mod page;
-mod violations;
 
 pub use entry::{
     Entry, EntryKind, Fingerprint, KindError, NewEntry, ParsedReversal, RecordCommand,
     ReversalRefused, ReverseCommand, decide_reversal,
 };
-pub use fields::{BookingDate, DateRange, Description, EntryId, MerchantId, RequestId};
-pub use money::{Currency, MAX_AMOUNT_MINOR, Money};
+pub use fluxo_types::{
+    BookingDate, Currency, DateRange, Description, EntryId, FieldViolation, MAX_AMOUNT_MINOR,
+    MerchantId, Money, RequestId, Violations,
+};
 pub use page::{PageCursor, PageRequest};
-pub use violations::{FieldViolation, Violations};

@@ -2,7 +2,7 @@ use std::fmt;
 
 use chrono::{Days, NaiveDate};
 
-use super::money::truncate;
+use crate::money::truncate;
 
 /// A merchant identifier: 1 to 64 characters from `A-Z a-z 0-9 . _ -`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -259,8 +259,8 @@ pub struct DateRange {
 
 impl DateRange {
     /// Parses optional `start_date`/`end_date` fields, recording problems under their names.
-    pub fn parse(start: &str, end: &str, violations: &mut super::Violations) -> Self {
-        let parse = |field: &str, input: &str, violations: &mut super::Violations| {
+    pub fn parse(start: &str, end: &str, violations: &mut crate::Violations) -> Self {
+        let parse = |field: &str, input: &str, violations: &mut crate::Violations| {
             if input.is_empty() {
                 None
             } else {
@@ -373,10 +373,10 @@ mod tests {
 
     #[test]
     fn a_range_ending_before_it_starts_is_refused() {
-        let mut v = super::super::Violations::default();
+        let mut v = crate::Violations::default();
         DateRange::parse("2026-11-21", "2026-11-20", &mut v);
         assert_eq!(v.list()[0].field, "end_date");
-        let mut v = super::super::Violations::default();
+        let mut v = crate::Violations::default();
         let r = DateRange::parse("", "2026-11-20", &mut v);
         assert!(v.is_empty());
         assert_eq!(r.start, None);

@@ -119,8 +119,8 @@ impl fmt::Display for Money {
     }
 }
 
-/// Caller input echoed in an error is cut short so errors (and logs) stay bounded.
-pub(crate) fn truncate(input: &str) -> String {
+/// Caller input echoed in an error, cut short so errors (and logs) stay bounded.
+pub fn truncate(input: &str) -> String {
     const KEEP: usize = 16;
     match input.char_indices().nth(KEEP) {
         Some((cut, _)) => format!("{}…", &input[..cut]),
