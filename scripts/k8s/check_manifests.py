@@ -1,0 +1,384 @@
+#!/usr/bin/env python3
+"""Invariants over manifests rendered by `helm template` (one values file per call).
+
+  check_manifests.py --manifests FILE --namespace NS --keda-zip ZIP [--istio-zip ZIP] [--label NAME]
+
+Each assertion on each object is one check. Prints one line per failure and, last,
+"CHECKS passed=<n> failed=<m>". Exit status 1 when anything failed.
+
+The redis-streams trigger metadata keys (and TriggerAuthentication parameters) are not
+constrained by KEDA's CRD schema (metadata is a map of strings), so they are checked against
+the `keda:"name=..."` tags of the scaler's Go source, read from the KEDA module zip fetched
+through the Go module proxy: a misspelled key fails here. When --istio-zip is given (istioctl
+unavailable), VirtualService retryOn policies are checked against the list in Istio's
+validation source the same way.
+"""
+
+import argparse
+import re
+import sys
+import zipfile
+
+import yaml
+
+SECRETISH = re.compile(r"(PASSWORD|SECRET|TOKEN|CREDENTIAL|PRIVATE_KEY|_URL$|__URL$)")
+CREDENTIAL_URL = re.compile(r"[a-z][a-z0-9+.-]*://[^/\s:@]*:[^/\s@]+@", re.I)
+PRINCIPAL = re.compile(r"^(?P<td>[^/]+)/ns/(?P<ns>[^/]+)/sa/(?P<sa>[^/]+)$")
+WORKLOAD_KINDS = ("Deployment", "Job", "Pod", "StatefulSet", "DaemonSet")
+
+
+class Checks:
+    def __init__(self, label):
+        self.label = label
+        self.passed = 0
+        self.failed = 0
+
+    def check(self, ok, what):
+        if ok:
+            self.passed += 1
+        else:
+            self.failed += 1
+            print(f"FAIL [{self.label}] {what}")
+        return ok
+
+
+def name_of(doc):
+    return f"{doc.get('kind')}/{doc.get('metadata', {}).get('name')}"
+
+
+def pod_spec(doc):
+    kind = doc.get("kind")
+    if kind == "Pod":
+        return doc.get("spec", {})
+    if kind in WORKLOAD_KINDS:
+        return doc.get("spec", {}).get("template", {}).get("spec", {})
+    return None
+
+
+def pod_meta(doc):
+    if doc.get("kind") == "Pod":
+        return doc.get("metadata", {})
+    return doc.get("spec", {}).get("template", {}).get("metadata", {})
+
+
+def containers(spec):
+    for c in spec.get("containers", []) or []:
+        yield c, False
+    for c in spec.get("initContainers", []) or []:
+        yield c, True
+
+
+def matches(selector, labels):
+    return bool(selector) and all(labels.get(k) == v for k, v in selector.items())
+
+
+# ---------------------------------------------------------------- KEDA / Istio source facts
+
+
+def keda_fields(zip_path):
+    """{(struct, ...)}: keys accepted by the redis-streams scaler, from its Go struct tags."""
+    with zipfile.ZipFile(zip_path) as zf:
+        def src(suffix):
+            names = [n for n in zf.namelist() if n.endswith(suffix)]
+            if len(names) != 1:
+                sys.exit(f"check_manifests.py: {suffix} not found once in {zip_path}")
+            return zf.read(names[0]).decode()
+
+        streams = src("/pkg/scalers/redis_streams_scaler.go")
+        common = src("/pkg/scalers/redis_scaler.go")
+
+    def struct_tags(source, struct):
+        m = re.search(r"type " + struct + r" struct \{(.*?)\n\}", source, re.S)
+        if not m:
+            sys.exit(f"check_manifests.py: struct {struct} not found in KEDA source")
+        out = []
+        for line in m.group(1).splitlines():
+            t = re.search(r'`keda:"([^"]*)"`', line)
+            if not t:
+                continue
+            opts = [o.strip() for o in t.group(1).split(",")]
+            kv = dict(o.split("=", 1) for o in opts if "=" in o)
+            flags = {o for o in opts if "=" not in o}
+            if "name" not in kv:
+                continue
+            out.append({
+                "names": kv["name"].split(";"),
+                "order": kv.get("order", "").split(";"),
+                "required": "optional" not in flags and "default" not in kv,
+            })
+        return out
+
+    own = struct_tags(streams, "redisStreamsMetadata")
+    # The connection struct is embedded as optional: its fields are never required on their own.
+    conn = [dict(f, required=False) for f in struct_tags(common, "redisConnectionInfo")]
+    meta, auth, required = set(), set(), []
+    for f in own + conn:
+        if "triggerMetadata" in f["order"]:
+            meta.update(f["names"])
+        if "resolvedEnv" in f["order"]:
+            meta.update(n + "FromEnv" for n in f["names"])
+        if "authParams" in f["order"]:
+            auth.update(f["names"])
+        if f["required"] and "triggerMetadata" in f["order"]:
+            required.append(f["names"])
+    return meta, auth, required
+
+
+def istio_retry_policies(zip_path):
+    with zipfile.ZipFile(zip_path) as zf:
+        names = [n for n in zf.namelist() if n.endswith("/pkg/config/validation/validation.go")]
+        if len(names) != 1:
+            sys.exit("check_manifests.py: Istio validation.go not found")
+        source = zf.read(names[0]).decode()
+    m = re.search(r"supportedRetryOnPolicies = sets\.New\((.*?)\n\t\)", source, re.S)
+    if not m:
+        sys.exit("check_manifests.py: supportedRetryOnPolicies not found in Istio source")
+    return set(re.findall(r'"([a-z0-9-]+)"', m.group(1)))
+
+
+# ---------------------------------------------------------------------------------- checks
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--manifests", required=True)
+    ap.add_argument("--namespace", required=True)
+    ap.add_argument("--keda-zip", required=True)
+    ap.add_argument("--istio-zip")
+    ap.add_argument("--label", default="")
+    args = ap.parse_args()
+    c = Checks(args.label or args.manifests)
+
+    with open(args.manifests) as f:
+        docs = [d for d in yaml.safe_load_all(f) if d]
+    by_kind = {}
+    for d in docs:
+        by_kind.setdefault(d["kind"], []).append(d)
+    get = lambda kind: by_kind.get(kind, [])  # noqa: E731
+
+    ns = args.namespace
+    sa_names = {d["metadata"]["name"] for d in get("ServiceAccount")}
+    deployments = {d["metadata"]["name"]: d for d in get("Deployment")}
+    configmaps = {d["metadata"]["name"]: d for d in get("ConfigMap")}
+
+    c.check(len(deployments) >= 1, "at least one Deployment rendered")
+
+    # -- no secret material ------------------------------------------------------------
+    c.check(not get("Secret"), "the chart renders no Secret (it only references existing ones)")
+
+    def walk_strings(node, path):
+        if isinstance(node, dict):
+            for k, v in node.items():
+                yield from walk_strings(v, f"{path}.{k}")
+        elif isinstance(node, list):
+            for i, v in enumerate(node):
+                yield from walk_strings(v, f"{path}[{i}]")
+        elif isinstance(node, str):
+            yield path, node
+
+    for d in docs:
+        leaked = [p for p, s in walk_strings(d, name_of(d)) if CREDENTIAL_URL.search(s)]
+        c.check(not leaked, f"{name_of(d)}: no URL with embedded credentials ({leaked})")
+    for cm in configmaps.values():
+        bad = [k for k in (cm.get("data") or {}) if SECRETISH.search(k)]
+        c.check(not bad, f"{name_of(cm)}: no secret-looking keys in a ConfigMap ({bad})")
+
+    # -- workloads ---------------------------------------------------------------------
+    for d in docs:
+        spec = pod_spec(d)
+        if spec is None:
+            continue
+        meta = pod_meta(d)
+        psc = spec.get("securityContext") or {}
+        c.check(spec.get("automountServiceAccountToken") is False,
+                f"{name_of(d)}: automountServiceAccountToken false")
+        sa = spec.get("serviceAccountName")
+        c.check(sa in sa_names, f"{name_of(d)}: serviceAccountName {sa!r} is rendered by the chart")
+        for ctr, is_init in containers(spec):
+            cid = f"{name_of(d)} container {ctr['name']}"
+            res = ctr.get("resources") or {}
+            c.check(bool((res.get("requests") or {}).get("cpu")) and bool((res.get("requests") or {}).get("memory")),
+                    f"{cid}: cpu and memory requests")
+            c.check(bool((res.get("limits") or {}).get("memory")), f"{cid}: memory limit")
+            sc = ctr.get("securityContext") or {}
+            eff = lambda k: sc.get(k, psc.get(k))  # noqa: E731
+            c.check(eff("runAsNonRoot") is True, f"{cid}: runAsNonRoot")
+            c.check(sc.get("readOnlyRootFilesystem") is True, f"{cid}: readOnlyRootFilesystem")
+            c.check(sc.get("allowPrivilegeEscalation") is False, f"{cid}: allowPrivilegeEscalation false")
+            c.check("ALL" in ((sc.get("capabilities") or {}).get("drop") or []) and
+                    not (sc.get("capabilities") or {}).get("add"), f"{cid}: capabilities drop ALL, add none")
+            c.check(((eff("seccompProfile") or {}).get("type")) == "RuntimeDefault", f"{cid}: seccompProfile RuntimeDefault")
+            c.check(not sc.get("privileged"), f"{cid}: not privileged")
+            for env in ctr.get("env", []) or []:
+                if SECRETISH.search(env["name"]) and not env["name"].endswith("_FILE"):
+                    c.check("valueFrom" in env and "secretKeyRef" in env["valueFrom"],
+                            f"{cid}: env {env['name']} comes from a Secret, not a literal")
+        # Completes / drains inside the mesh.
+        labels = meta.get("labels") or {}
+        ann = meta.get("annotations") or {}
+        if labels.get("sidecar.istio.io/inject") == "true":
+            if d["kind"] in ("Job", "Pod"):
+                c.check(ann.get("sidecar.istio.io/nativeSidecar") == "true",
+                        f"{name_of(d)}: injected run-to-completion pod uses a native sidecar (completes)")
+            else:
+                c.check(ann.get("sidecar.istio.io/nativeSidecar") == "true" or
+                        "EXIT_ON_ZERO_ACTIVE_CONNECTIONS" in ann.get("proxy.istio.io/config", ""),
+                        f"{name_of(d)}: proxy outlives the app's drain (native sidecar or EXIT_ON_ZERO_ACTIVE_CONNECTIONS)")
+
+    # -- Deployments: probes, ports, drain ---------------------------------------------
+    for name, d in deployments.items():
+        spec = pod_spec(d)
+        env_cm = {}
+        for ctr in spec["containers"]:
+            for ref in ctr.get("envFrom", []) or []:
+                cm = configmaps.get((ref.get("configMapRef") or {}).get("name"))
+                c.check(cm is not None, f"{name_of(d)}: envFrom ConfigMap is rendered")
+                if cm:
+                    env_cm.update(cm.get("data") or {})
+        for ctr in spec["containers"]:
+            cid = f"{name_of(d)} container {ctr['name']}"
+            ports = {p.get("name"): p["containerPort"] for p in ctr.get("ports", []) or []}
+            for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+                p = ctr.get(probe) or {}
+                c.check("grpc" in p and p["grpc"].get("port") == ports.get("grpc"),
+                        f"{cid}: {probe} is a gRPC probe on the grpc port")
+                c.check(p.get("grpc", {}).get("service", "") == "", f"{cid}: {probe} checks the whole server (service \"\")")
+            env = {e["name"]: e.get("value") for e in ctr.get("env", []) or []}
+            merged = {**env_cm, **{k: v for k, v in env.items() if v is not None}}
+            delay = int(merged.get("FLUXO_GRPC__SHUTDOWN_DELAY_MS", 0))
+            timeout = int(merged.get("FLUXO_GRPC__SHUTDOWN_TIMEOUT_MS", 20000))
+            prestop = (((ctr.get("lifecycle") or {}).get("preStop") or {}).get("sleep") or {}).get("seconds", 0)
+            grace = spec.get("terminationGracePeriodSeconds", 30)
+            c.check(grace * 1000 > prestop * 1000 + delay + timeout,
+                    f"{cid}: grace {grace}s > preStop {prestop}s + delay {delay}ms + timeout {timeout}ms")
+            c.check(merged.get("FLUXO_DATABASE__MIGRATE_ON_START") == "false",
+                    f"{cid}: migrations run in the hook, not on start")
+            c.check(str(merged.get("FLUXO_GRPC__LISTEN", "")).startswith("0.0.0.0:"), f"{cid}: listens on all interfaces")
+            redis_env = [e for e in ctr.get("env", []) or [] if e["name"] == "FLUXO_REDIS__URL"]
+            if d["metadata"].get("labels", {}).get("app.kubernetes.io/component") == "ledger":
+                c.check(bool(redis_env), f"{cid}: ledger has FLUXO_REDIS__URL (the outbox relay publishes)")
+        tsc = spec.get("topologySpreadConstraints") or []
+        for t in tsc:
+            c.check(matches(t["labelSelector"]["matchLabels"], pod_meta(d).get("labels") or {}),
+                    f"{name_of(d)}: topology spread selects its own pods ({t['topologyKey']})")
+
+    # The ledger (outbox relay) never scales to zero.
+    hpas = get("HorizontalPodAutoscaler")
+    for name, d in deployments.items():
+        if d["metadata"].get("labels", {}).get("app.kubernetes.io/component") != "ledger":
+            continue
+        hpa = [h for h in hpas if h["spec"]["scaleTargetRef"]["name"] == name]
+        floor = hpa[0]["spec"].get("minReplicas", 1) if hpa else d["spec"].get("replicas", 1)
+        c.check(floor >= 1, f"{name_of(d)}: at least one replica, so the outbox relay always runs")
+
+    # -- Services ----------------------------------------------------------------------
+    for s in get("Service"):
+        for p in s["spec"]["ports"]:
+            c.check(bool(p.get("appProtocol")), f"{name_of(s)} port {p.get('name')}: appProtocol set")
+            if "grpc" in (p.get("name") or "") or p.get("targetPort") == "grpc":
+                c.check(p.get("appProtocol") == "grpc", f"{name_of(s)} port {p.get('name')}: appProtocol grpc")
+        sel = s["spec"].get("selector") or {}
+        c.check(any(matches(sel, pod_meta(d).get("labels") or {}) for d in deployments.values()),
+                f"{name_of(s)}: selects a rendered Deployment's pods")
+
+    # -- scaling targets and PDBs --------------------------------------------------------
+    for h in hpas:
+        c.check(h["spec"]["scaleTargetRef"]["name"] in deployments, f"{name_of(h)}: targets a rendered Deployment")
+    for p in get("PodDisruptionBudget"):
+        sel = p["spec"]["selector"]["matchLabels"]
+        c.check(any(matches(sel, pod_meta(d).get("labels") or {}) for d in deployments.values()),
+                f"{name_of(p)}: selects a rendered Deployment's pods")
+
+    # -- KEDA --------------------------------------------------------------------------
+    meta_keys, auth_keys, required = keda_fields(args.keda_zip)
+    tauths = {t["metadata"]["name"]: t for t in get("TriggerAuthentication")}
+    for so in get("ScaledObject"):
+        ref = so["spec"]["scaleTargetRef"]
+        target = deployments.get(ref.get("name"))
+        c.check(target is not None and target["metadata"]["labels"].get("app.kubernetes.io/component") == "consolidator",
+                f"{name_of(so)}: targets the consolidator Deployment")
+        c.check(not any(h["spec"]["scaleTargetRef"]["name"] == ref.get("name") for h in hpas),
+                f"{name_of(so)}: no second HPA on the same Deployment")
+        triggers = so["spec"]["triggers"]
+        lag = [t for t in triggers if t["type"] == "redis-streams" and "lagCount" in t.get("metadata", {})]
+        c.check(len(lag) == 1, f"{name_of(so)}: one redis-streams trigger on consumer-group lag")
+        for t in lag:
+            c.check(t["metadata"].get("activationLagCount") == "0",
+                    f"{name_of(so)}: activationLagCount \"0\" (one message wakes it from zero)")
+        c.check(so["spec"].get("advanced", {}).get("horizontalPodAutoscalerConfig", {}).get("behavior", {}).get("scaleDown") is not None,
+                f"{name_of(so)}: HPA scaleDown behavior set (no thrash)")
+        c.check("fallback" in so["spec"], f"{name_of(so)}: fallback set")
+        for t in triggers:
+            tid = f"{name_of(so)} trigger {t.get('name', t['type'])}"
+            if t["type"] != "redis-streams":
+                continue
+            md = t.get("metadata", {})
+            unknown = sorted(set(md) - meta_keys)
+            c.check(not unknown, f"{tid}: metadata keys known to KEDA's redis-streams scaler (unknown: {unknown})")
+            for names in required:
+                c.check(any(n in md for n in names), f"{tid}: required metadata {names[0]!r} present")
+            c.check(md.get("stream") and md.get("consumerGroup"), f"{tid}: stream and consumerGroup set")
+            c.check(not any(k in md for k in ("password", "username", "sentinelPassword")),
+                    f"{tid}: no credentials in trigger metadata")
+            auth = (t.get("authenticationRef") or {}).get("name")
+            if auth:
+                c.check(auth in tauths, f"{tid}: authenticationRef {auth!r} is rendered")
+    for ta in tauths.values():
+        spec = ta["spec"]
+        c.check(set(spec) <= {"secretTargetRef"}, f"{name_of(ta)}: reads Secrets only (no literal or env values)")
+        for r in spec.get("secretTargetRef", []):
+            c.check(r["parameter"] in auth_keys, f"{name_of(ta)}: parameter {r['parameter']!r} known to the scaler")
+
+    # -- Istio -------------------------------------------------------------------------
+    for ap_ in get("AuthorizationPolicy"):
+        sel = (ap_["spec"].get("selector") or {}).get("matchLabels") or {}
+        c.check(any(matches(sel, pod_meta(d).get("labels") or {}) for d in deployments.values()),
+                f"{name_of(ap_)}: selects a rendered Deployment's pods")
+        for rule in ap_["spec"].get("rules", []) or []:
+            for frm in rule.get("from", []) or []:
+                for principal in (frm.get("source") or {}).get("principals", []) or []:
+                    m = PRINCIPAL.match(principal)
+                    c.check(m is not None, f"{name_of(ap_)}: principal {principal!r} is <td>/ns/<ns>/sa/<sa>")
+                    if m and m.group("ns") == ns:
+                        c.check(m.group("sa") in sa_names,
+                                f"{name_of(ap_)}: principal {principal!r} matches a rendered ServiceAccount")
+    retry_known = istio_retry_policies(args.istio_zip) if args.istio_zip else None
+    for vs in get("VirtualService"):
+        for route in vs["spec"].get("http", []) or []:
+            retries = route.get("retries") or {}
+            rid = f"{name_of(vs)} route {route.get('name')}"
+            c.check("timeout" in route, f"{rid}: has a timeout")
+            policies = [p for p in (retries.get("retryOn") or "").split(",") if p]
+            if retry_known is not None:
+                bad = [p for p in policies if p not in retry_known and not p.isdigit()]
+                c.check(not bad, f"{rid}: retryOn policies known to Istio (unknown: {bad})")
+            c.check(not {"cancelled", "internal", "5xx", "reset", "retriable-4xx"} & set(policies),
+                    f"{rid}: never retries cancelled/internal/5xx/reset")
+            if route.get("name") == "writes":
+                c.check("deadline-exceeded" not in policies, f"{rid}: writes do not retry deadline-exceeded")
+            if retries.get("attempts", 0) > 0:
+                c.check(bool(retries.get("perTryTimeout")), f"{rid}: perTryTimeout with retries")
+    for pa in get("PeerAuthentication"):
+        c.check(pa["spec"].get("mtls", {}).get("mode") == "STRICT", f"{name_of(pa)}: STRICT mTLS")
+
+    # -- hooks -------------------------------------------------------------------------
+    for j in get("Job"):
+        ann = j["metadata"].get("annotations") or {}
+        hooks = set((ann.get("helm.sh/hook") or "").split(","))
+        c.check({"pre-install", "pre-upgrade"} <= hooks, f"{name_of(j)}: pre-install,pre-upgrade hook")
+        c.check(pod_spec(j).get("restartPolicy") in ("Never", "OnFailure"), f"{name_of(j)}: run-to-completion restartPolicy")
+        c.check(pod_spec(j).get("serviceAccountName") in {
+            s["metadata"]["name"] for s in get("ServiceAccount")
+            if "pre-install" in (s["metadata"].get("annotations") or {}).get("helm.sh/hook", "")},
+            f"{name_of(j)}: runs as a hook ServiceAccount (exists before the Job on install)")
+    args_of = lambda j: pod_spec(j)["containers"][0].get("args", [])  # noqa: E731
+    jobs = get("Job")
+    if jobs:
+        c.check(any(args_of(j)[:1] == ["migrate"] for j in jobs), "a hook Job runs `fluxo migrate`")
+
+    print(f"CHECKS passed={c.passed} failed={c.failed}")
+    sys.exit(1 if c.failed else 0)
+
+
+if __name__ == "__main__":
+    main()
