@@ -63,6 +63,19 @@ def close_objects(node):
                 close_objects(d)
 
 
+def allow_null(node):
+    """The API server treats an explicit null in a built-in object as unset."""
+    if isinstance(node, dict):
+        t = node.get("type")
+        if isinstance(t, str) and t != "null":
+            node["type"] = [t, "null"]
+        for v in node.values():
+            allow_null(v)
+    elif isinstance(node, list):
+        for v in node:
+            allow_null(v)
+
+
 def k8s_schemas(zip_path):
     """Yield ((group, kind, version), schema) for every built-in kind in swagger.json."""
     with zipfile.ZipFile(zip_path) as zf:
@@ -113,6 +126,7 @@ def k8s_schemas(zip_path):
             schema["definitions"] = {n: rewrite(copy.deepcopy(defs[n])) for n in sorted(needed)}
             schema.pop("x-kubernetes-group-version-kind", None)
             close_objects(schema)
+            allow_null(schema)
             yield (gvk["group"] or "v1", gvk["kind"], gvk["version"]), schema, defs
 
 

@@ -1,0 +1,364 @@
+#!/usr/bin/env bash
+# Offline validation of fluxo's Kubernetes packaging: charts/fluxo, istio/, keda/, karpenter/.
+#
+#   scripts/validate-k8s.sh            # from any directory
+#
+# Needs only Go, Python 3 and the package registries (Go module proxy, PyPI): no cluster, no
+# Docker, no GitHub downloads, no `helm repo` fetches.
+#  1. installs pinned tools with `GOBIN=<repo>/target/tools go install module@version`
+#     (skipped when the binary there was built from that exact module version);
+#  2. fetches, through the Go module proxy, the Kubernetes OpenAPI (k8s.io/kubernetes) and the
+#     real CRDs of KEDA, Istio and Karpenter (their Go modules), and converts them into strict
+#     JSON schemas (scripts/k8s/schemas.py): unknown fields are errors;
+#  3. helm lint --strict, then helm template over a matrix of values files, each rendering
+#     validated by kubeconform -strict, by istioctl validate (Istio objects) and by
+#     scripts/k8s/check_manifests.py (invariants);
+#  4. validates the standalone manifests under istio/ and karpenter/ the same way;
+#  5. self-tests: deliberately broken manifests must be rejected, or the validators are toothless.
+# Prints "N passed, M failed" last; exits non-zero on any failure.
+#
+# Environment: FLUXO_K8S_ISTIOCTL=0 skips building istioctl (the Istio objects are still checked
+# against the Istio CRD schemas and Istio's retryOn list by check_manifests.py).
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+TOOLS="$ROOT/target/tools"
+WORK="$ROOT/target/k8s-validate"
+CHART="$ROOT/charts/fluxo"
+K8S_SCRIPTS="$ROOT/scripts/k8s"
+
+# ---- pinned versions -----------------------------------------------------------------------
+HELM_VERSION=v3.22.0            # helm.sh/helm/v3
+KUBECONFORM_VERSION=v0.8.0      # github.com/yannh/kubeconform
+KUBE_VERSION=v1.35.4            # k8s.io/kubernetes (OpenAPI) and helm --kube-version
+KEDA_VERSION=v2.21.0            # github.com/kedacore/keda/v2 (CRDs, redis-streams scaler source)
+ISTIO_API_VERSION=v1.31.1       # istio.io/api (CRDs)
+KARPENTER_VERSION=v1.15.1       # github.com/aws/karpenter-provider-aws (NodePool, EC2NodeClass CRDs)
+# istio.io/istio publishes no semver tags; istioctl is built from a pinned commit through the
+# module in scripts/k8s/istioctl (see its go.mod for why it carries replace directives).
+ISTIO_VERSION=v0.0.0-20260827124520-eed52ebb66ad
+PYYAML_VERSION=6.0.2
+NAMESPACE=fluxo
+RELEASE=fluxo
+
+export GOTOOLCHAIN=local GOFLAGS=-mod=mod
+export PATH="$TOOLS:$PATH"
+mkdir -p "$TOOLS" "$WORK"
+
+passed=0
+failed=0
+log="$WORK/last-check.log"
+
+section() { printf '\n==> %s\n' "$*"; }
+pass() { passed=$((passed + 1)); printf '  ok    %s\n' "$1"; }
+fail() { failed=$((failed + 1)); printf '  FAIL  %s\n' "$1"; }
+
+# check "description" command...: one check; the command's output is shown only on failure.
+check() {
+    local what=$1
+    shift
+    if "$@" >"$log" 2>&1; then
+        pass "$what"
+    else
+        fail "$what"
+        sed 's/^/        /' "$log"
+    fi
+}
+
+# expect_failure "description" command...: the command must fail (self-tests).
+expect_failure() {
+    local what=$1
+    shift
+    if "$@" >"$log" 2>&1; then
+        fail "$what (the broken input was accepted)"
+        sed 's/^/        /' "$log"
+    else
+        pass "$what"
+        grep -m2 -E 'FAIL|invalid|error|not allowed' "$log" | sed 's/^/        rejected: /' || true
+    fi
+}
+
+need() {
+    command -v "$1" >/dev/null 2>&1 || { echo "validate-k8s: $1 is required" >&2; exit 2; }
+}
+need go
+need python3
+
+# ---- 1. tools --------------------------------------------------------------------------------
+# The module version a binary was built from, as recorded by the Go toolchain.
+built_version() {
+    [ -x "$1" ] && go version -m "$1" 2>/dev/null | awk -v m="$2" '($1 == "mod" || $1 == "dep") && $2 == m { print $3 }'
+}
+
+install_tool() { # name module package version
+    local name=$1 module=$2 package=$3 version=$4
+    if [ "$(built_version "$TOOLS/$name" "$module" || true)" = "$version" ]; then
+        pass "$name $version (cached in target/tools)"
+        return
+    fi
+    local start=$SECONDS
+    if (cd "$WORK" && GOBIN="$TOOLS" go install "$package@$version") >"$log" 2>&1; then
+        pass "$name $version installed with go install ($((SECONDS - start))s)"
+    else
+        fail "go install $package@$version"
+        sed 's/^/        /' "$log"
+        return 1
+    fi
+}
+
+section "tools"
+install_tool helm helm.sh/helm/v3 helm.sh/helm/v3/cmd/helm "$HELM_VERSION"
+install_tool kubeconform github.com/yannh/kubeconform github.com/yannh/kubeconform/cmd/kubeconform "$KUBECONFORM_VERSION"
+
+ISTIOCTL=""
+if [ "${FLUXO_K8S_ISTIOCTL:-1}" != 0 ]; then
+    if [ "$(built_version "$TOOLS/istioctl" istio.io/istio || true)" = "$ISTIO_VERSION" ]; then
+        pass "istioctl $ISTIO_VERSION (cached in target/tools)"
+        ISTIOCTL="$TOOLS/istioctl"
+    else
+        start=$SECONDS
+        if (cd "$K8S_SCRIPTS/istioctl" && GOBIN="$TOOLS" go install istio.io/istio/istioctl/cmd/istioctl) >"$log" 2>&1; then
+            pass "istioctl $ISTIO_VERSION built ($((SECONDS - start))s)"
+            ISTIOCTL="$TOOLS/istioctl"
+        else
+            fail "build istioctl (scripts/k8s/istioctl)"
+            sed 's/^/        /' "$log"
+        fi
+    fi
+fi
+
+if python3 -c 'import yaml' 2>/dev/null; then
+    pass "PyYAML available"
+else
+    if python3 -m pip install --quiet --disable-pip-version-check --target "$WORK/pylib" "PyYAML==$PYYAML_VERSION" >"$log" 2>&1 ||
+        python3 -c 'import sys; sys.path.insert(0, "'"$WORK/pylib"'"); import yaml' 2>/dev/null; then
+        export PYTHONPATH="$WORK/pylib${PYTHONPATH:+:$PYTHONPATH}"
+        pass "PyYAML $PYYAML_VERSION installed from PyPI (target/k8s-validate/pylib)"
+    else
+        fail "pip install PyYAML==$PYYAML_VERSION"
+        sed 's/^/        /' "$log"
+    fi
+fi
+
+# ---- 2. schemas from the Go module proxy -----------------------------------------------------
+# The zip of module@version in the module cache, downloaded (and checksum-verified against
+# sum.golang.org) by `go mod download`. A module whose go.mod asks for a newer Go than the
+# local one is still downloaded and verified; only its extraction is refused, and the zip is
+# all this script reads.
+module_zip() {
+    local json
+    json="$(cd "$WORK" && go mod download -json "$1" 2>/dev/null || true)"
+    python3 - "$1" "$json" <<'EOF'
+import json, os, sys
+mod, raw = sys.argv[1], sys.argv[2]
+try:
+    info = json.loads(raw)
+except ValueError:
+    sys.exit(f"go mod download {mod}: no answer")
+err, z = info.get("Error", ""), info.get("Zip", "")
+if z and os.path.isfile(z) and (not err or "requires go >=" in err):
+    print(z)
+else:
+    sys.exit(f"go mod download {mod}: {err or 'no zip'}")
+EOF
+}
+
+section "CRDs and OpenAPI through the Go module proxy"
+declare -A ZIP
+for spec in "k8s=k8s.io/kubernetes@$KUBE_VERSION" "keda=github.com/kedacore/keda/v2@$KEDA_VERSION" \
+    "istioapi=istio.io/api@$ISTIO_API_VERSION" "karpenter=github.com/aws/karpenter-provider-aws@$KARPENTER_VERSION" \
+    "istio=istio.io/istio@$ISTIO_VERSION"; do
+    key=${spec%%=*}
+    mod=${spec#*=}
+    if ZIP[$key]="$(module_zip "$mod" 2>"$log")"; then
+        pass "module $mod"
+    else
+        fail "module $mod"
+        sed 's/^/        /' "$log"
+    fi
+done
+[ "$failed" -eq 0 ] || { echo "validate-k8s: cannot continue without tools and schemas"; echo "$passed passed, $failed failed"; exit 1; }
+
+SCHEMAS="$WORK/schemas"
+stamp="k8s=$KUBE_VERSION keda=$KEDA_VERSION istio=$ISTIO_API_VERSION karpenter=$KARPENTER_VERSION $(cksum <"$K8S_SCRIPTS/schemas.py")"
+if [ -f "$SCHEMAS/.stamp" ] && [ "$(cat "$SCHEMAS/.stamp")" = "$stamp" ]; then
+    pass "strict JSON schemas (cached: $(find "$SCHEMAS" -name '*.json' | wc -l) kinds)"
+else
+    rm -rf "$SCHEMAS"
+    check "strict JSON schemas from swagger.json and CRDs" python3 "$K8S_SCRIPTS/schemas.py" --out "$SCHEMAS" \
+        --k8s "${ZIP[k8s]}" \
+        --crds "${ZIP[keda]}::*/config/crd/bases/*.yaml" \
+        --crds "${ZIP[istioapi]}::*/kubernetes/customresourcedefinitions.gen.yaml" \
+        --crds "${ZIP[karpenter]}::*/pkg/apis/crds/*.yaml"
+    echo "$stamp" >"$SCHEMAS/.stamp"
+fi
+LOCATION="$SCHEMAS/{{ .Group }}/{{ .ResourceKind }}_{{ .ResourceAPIVersion }}.json"
+
+kubeconform_strict() {
+    kubeconform -strict -summary -schema-location "$LOCATION" "$@"
+}
+
+# Istio objects of a manifest file into their own file (for istioctl validate).
+istio_only() {
+    python3 - "$1" "$2" <<'EOF'
+import sys, yaml
+docs = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d]
+keep = [d for d in docs if d.get("apiVersion", "").split("/")[0].endswith("istio.io")]
+with open(sys.argv[2], "w") as f:
+    yaml.safe_dump_all(keep, f, sort_keys=False)
+print(len(keep))
+EOF
+}
+
+istioctl_validate() { # file
+    local only="$1.istio.yaml" n
+    n="$(istio_only "$1" "$only")"
+    [ "$n" -gt 0 ] || return 0
+    "$ISTIOCTL" validate -f "$only"
+}
+
+invariants() { # manifests label
+    local out
+    local -a extra=()
+    [ -n "$ISTIOCTL" ] || extra=(--istio-zip "${ZIP[istio]}")
+    out="$(python3 "$K8S_SCRIPTS/check_manifests.py" --manifests "$1" --namespace "$NAMESPACE" \
+        --keda-zip "${ZIP[keda]}" --label "$2" "${extra[@]}" 2>&1)" || true
+    local counts
+    counts="$(printf '%s\n' "$out" | awk '/^CHECKS /{print}')"
+    if [ -z "$counts" ]; then
+        fail "invariants [$2]: checker did not run"
+        printf '%s\n' "$out" | sed 's/^/        /'
+        return
+    fi
+    local p f
+    p="$(sed -E 's/.*passed=([0-9]+).*/\1/' <<<"$counts")"
+    f="$(sed -E 's/.*failed=([0-9]+).*/\1/' <<<"$counts")"
+    passed=$((passed + p))
+    failed=$((failed + f))
+    if [ "$f" -eq 0 ]; then
+        printf '  ok    invariants [%s]: %s checks\n' "$2" "$p"
+    else
+        printf '  FAIL  invariants [%s]: %s of %s checks failed\n' "$2" "$f" "$((p + f))"
+        printf '%s\n' "$out" | grep '^FAIL' | sed 's/^/        /'
+    fi
+}
+
+# ---- 3. the chart ----------------------------------------------------------------------------
+section "helm lint --strict"
+HELM_KUBE="--kube-version=${KUBE_VERSION#v}"
+CASES=(defaults)
+for f in "$CHART"/ci/*-values.yaml; do CASES+=("$(basename "$f" -values.yaml)"); done
+values_args() { [ "$1" = defaults ] || printf -- '--values=%s\n' "$CHART/ci/$1-values.yaml"; }
+
+for case in "${CASES[@]}"; do
+    mapfile -t va < <(values_args "$case")
+    check "helm lint --strict [$case]" helm lint --strict "$HELM_KUBE" "${va[@]}" "$CHART"
+done
+
+section "helm template | kubeconform -strict | istioctl validate | invariants"
+mkdir -p "$WORK/rendered"
+for case in "${CASES[@]}"; do
+    mapfile -t va < <(values_args "$case")
+    out="$WORK/rendered/$case.yaml"
+    if helm template "$RELEASE" "$CHART" --namespace "$NAMESPACE" "$HELM_KUBE" "${va[@]}" >"$out" 2>"$log"; then
+        pass "helm template [$case]: $(grep -c '^kind:' "$out") objects"
+    else
+        fail "helm template [$case]"
+        sed 's/^/        /' "$log"
+        continue
+    fi
+    check "kubeconform -strict [$case] (Kubernetes $KUBE_VERSION, KEDA $KEDA_VERSION, Istio $ISTIO_API_VERSION, Karpenter $KARPENTER_VERSION)" \
+        kubeconform_strict "$out"
+    [ -z "$ISTIOCTL" ] || check "istioctl validate [$case]" istioctl_validate "$out"
+    invariants "$out" "$case"
+done
+
+section "values.schema.json rejects bad values"
+expect_failure "unknown key (ledger.replicaz)" helm template "$RELEASE" "$CHART" "$HELM_KUBE" --set ledger.replicaz=2
+expect_failure "ledger scaled to zero (the outbox relay must run)" helm template "$RELEASE" "$CHART" "$HELM_KUBE" --set ledger.autoscaling.minReplicas=0
+expect_failure "a credential in keda.redis.address" helm template "$RELEASE" "$CHART" "$HELM_KUBE" --set 'keda.redis.address=redis://:hunter2@redis:6379'
+expect_failure "grace period shorter than the drain" helm template "$RELEASE" "$CHART" "$HELM_KUBE" --set ledger.terminationGracePeriodSeconds=20
+
+# ---- 4. standalone manifests -----------------------------------------------------------------
+section "istio/ and karpenter/ manifests"
+for dir in istio karpenter keda; do
+    while IFS= read -r f; do
+        rel="${f#"$ROOT"/}"
+        check "kubeconform -strict $rel" kubeconform_strict "$f"
+        if [ -n "$ISTIOCTL" ] && [ "$dir" = istio ]; then
+            check "istioctl validate $rel" istioctl_validate "$f"
+        fi
+    done < <(find "$ROOT/$dir" -maxdepth 1 -name '*.yaml' ! -name '*values*.yaml' | sort)
+done
+
+# Upstream charts, rendered from the same Go module zips (no `helm repo`): our install values
+# must render, and the output must validate.
+unpack_chart() { # zip path-inside-module dest
+    rm -rf "$3"
+    mkdir -p "$3"
+    python3 - "$1" "$2" "$3" <<'PY'
+import os, sys, zipfile
+zpath, inner, dest = sys.argv[1:]
+prefix = inner.rstrip("/") + "/"
+with zipfile.ZipFile(zpath) as zf:
+    names = [n for n in zf.namelist() if n.split("/", 1)[1].startswith(prefix) and not n.endswith("/")]
+    if not names:
+        sys.exit(f"{inner} not in {zpath}")
+    for n in names:
+        out = os.path.join(dest, n.split("/", 1)[1][len(prefix):])
+        os.makedirs(os.path.dirname(out), exist_ok=True)
+        with open(out, "wb") as f:
+            f.write(zf.read(n))
+PY
+}
+render_upstream() { # release chart-dir namespace values-file out
+    helm template "$1" "$2" --namespace "$3" "$HELM_KUBE" --values "$4" >"$5"
+}
+upstream() { # label zip chart-path release namespace values-file
+    local dir="$WORK/upstream/$1" out="$WORK/rendered/upstream-$1.yaml"
+    if ! unpack_chart "$2" "$3" "$dir" >"$log" 2>&1; then
+        fail "unpack the $1 chart from its Go module"
+        sed 's/^/        /' "$log"
+        return 0
+    fi
+    if render_upstream "$4" "$dir" "$5" "$6" "$out" 2>"$log"; then
+        pass "helm template $1 chart (from its Go module) with ${6#"$ROOT"/}"
+        check "kubeconform -strict $1 chart output" kubeconform_strict "$out"
+    else
+        fail "helm template $1 chart with ${6#"$ROOT"/}"
+        sed 's/^/        /' "$log"
+    fi
+}
+upstream karpenter "${ZIP[karpenter]}" charts/karpenter karpenter kube-system "$ROOT/karpenter/values.yaml"
+upstream istiod "${ZIP[istio]}" manifests/charts/istio-control/istio-discovery istiod istio-system "$ROOT/istio/istiod-values.yaml"
+upstream istio-gateway "${ZIP[istio]}" manifests/charts/gateway istio-ingressgateway istio-ingress "$ROOT/istio/ingress-gateway-values.yaml"
+
+# ---- 5. self-tests: the validators must reject wrong fields ----------------------------------
+section "self-tests (broken manifests must be rejected)"
+mkdir -p "$WORK/broken"
+defaults="$WORK/rendered/defaults.yaml"
+sed 's/^  cooldownPeriod:/  cooldownPeriood:/' "$defaults" >"$WORK/broken/scaledobject-field.yaml"
+expect_failure "kubeconform: misspelled ScaledObject spec field (cooldownPeriood)" kubeconform_strict "$WORK/broken/scaledobject-field.yaml"
+sed 's/activationLagCount:/activationLagCnt:/' "$defaults" >"$WORK/broken/trigger-metadata.yaml"
+expect_failure "invariants: misspelled redis-streams metadata key (activationLagCnt)" \
+    python3 "$K8S_SCRIPTS/check_manifests.py" --manifests "$WORK/broken/trigger-metadata.yaml" --namespace "$NAMESPACE" --keda-zip "${ZIP[keda]}"
+sed 's/consecutiveGatewayErrors:/consecutiveGatewayError:/' "$defaults" >"$WORK/broken/destinationrule-field.yaml"
+expect_failure "kubeconform: misspelled DestinationRule field (consecutiveGatewayError)" kubeconform_strict "$WORK/broken/destinationrule-field.yaml"
+sed '0,/terminationGracePeriodSeconds:/s//terminationGracePeriodSecond:/' "$defaults" >"$WORK/broken/deployment-field.yaml"
+expect_failure "kubeconform: misspelled Deployment pod field (terminationGracePeriodSecond)" kubeconform_strict "$WORK/broken/deployment-field.yaml"
+if [ -f "$ROOT/karpenter/nodepools.yaml" ]; then
+    sed 's/consolidationPolicy:/consolidationPolicyy:/' "$ROOT/karpenter/nodepools.yaml" >"$WORK/broken/nodepool-field.yaml"
+    expect_failure "kubeconform: misspelled Karpenter NodePool field (consolidationPolicyy)" kubeconform_strict "$WORK/broken/nodepool-field.yaml"
+fi
+sed 's/retryOn: connect-failure,refused-stream,unavailable,resource-exhausted$/retryOn: connect-failure,refused-stream,unavailable,resource-exhausted,cancelled/' \
+    "$defaults" >"$WORK/broken/retry-cancelled.yaml"
+expect_failure "invariants: retrying writes on cancelled" \
+    python3 "$K8S_SCRIPTS/check_manifests.py" --manifests "$WORK/broken/retry-cancelled.yaml" --namespace "$NAMESPACE" --keda-zip "${ZIP[keda]}"
+if [ -n "$ISTIOCTL" ]; then
+    sed 's/retryOn: connect-failure,refused-stream,unavailable,resource-exhausted$/retryOn: connect-failure,unavailble/' \
+        "$defaults" >"$WORK/broken/retry-typo.yaml"
+    expect_failure "istioctl validate: unknown retryOn policy (unavailble)" istioctl_validate "$WORK/broken/retry-typo.yaml"
+fi
+
+printf '\n%s passed, %s failed\n' "$passed" "$failed"
+[ "$failed" -eq 0 ]
