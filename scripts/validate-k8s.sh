@@ -41,7 +41,7 @@ PYYAML_VERSION=6.0.2
 NAMESPACE=fluxo
 RELEASE=fluxo
 
-export GOTOOLCHAIN=local GOFLAGS=-mod=mod
+export GOTOOLCHAIN=local
 export PATH="$TOOLS:$PATH"
 mkdir -p "$TOOLS" "$WORK"
 
@@ -117,7 +117,8 @@ if [ "${FLUXO_K8S_ISTIOCTL:-1}" != 0 ]; then
         ISTIOCTL="$TOOLS/istioctl"
     else
         start=$SECONDS
-        if (cd "$K8S_SCRIPTS/istioctl" && GOBIN="$TOOLS" go install istio.io/istio/istioctl/cmd/istioctl) >"$log" 2>&1; then
+        if (cd "$K8S_SCRIPTS/istioctl" && GOBIN="$TOOLS" GOFLAGS="${GOFLAGS:-} -mod=readonly" \
+            go install istio.io/istio/istioctl/cmd/istioctl) >"$log" 2>&1; then
             pass "istioctl $ISTIO_VERSION built ($((SECONDS - start))s)"
             ISTIOCTL="$TOOLS/istioctl"
         else
@@ -301,11 +302,13 @@ import os, sys, zipfile
 zpath, inner, dest = sys.argv[1:]
 prefix = inner.rstrip("/") + "/"
 with zipfile.ZipFile(zpath) as zf:
-    names = [n for n in zf.namelist() if n.split("/", 1)[1].startswith(prefix) and not n.endswith("/")]
+    # Entries are "<module>@<version>/<path>"; module paths contain no "@".
+    inside = lambda n: n.split("@", 1)[1].split("/", 1)[1]
+    names = [n for n in zf.namelist() if inside(n).startswith(prefix) and not n.endswith("/")]
     if not names:
         sys.exit(f"{inner} not in {zpath}")
     for n in names:
-        out = os.path.join(dest, n.split("/", 1)[1][len(prefix):])
+        out = os.path.join(dest, inside(n)[len(prefix):])
         os.makedirs(os.path.dirname(out), exist_ok=True)
         with open(out, "wb") as f:
             f.write(zf.read(n))
