@@ -57,7 +57,6 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry,sharing=locked \
 # outside its data_dir (SQLite only; unused with PostgreSQL) and /tmp (mount an
 # emptyDir there in Kubernetes).
 FROM gcr.io/distroless/cc-debian12:nonroot AS runtime
-ARG TARGETARCH
 LABEL org.opencontainers.image.title="fluxo" \
       org.opencontainers.image.description="Merchant cash-flow ledger and daily consolidated balances, served over gRPC." \
       org.opencontainers.image.licenses="Apache-2.0" \

@@ -212,7 +212,9 @@ EOF
 }
 
 istioctl_validate() { # file
-    local only="$1.istio.yaml" n
+    local only n
+    mkdir -p "$WORK/istio-only"
+    only="$WORK/istio-only/$(printf '%s' "${1#"$ROOT"/}" | tr '/' '_')"
     n="$(istio_only "$1" "$only")"
     [ "$n" -gt 0 ] || return 0
     "$ISTIOCTL" validate -f "$only"
@@ -357,6 +359,12 @@ sed 's/retryOn: connect-failure,refused-stream,unavailable,resource-exhausted$/r
     "$defaults" >"$WORK/broken/retry-cancelled.yaml"
 expect_failure "invariants: retrying writes on cancelled" \
     python3 "$K8S_SCRIPTS/check_manifests.py" --manifests "$WORK/broken/retry-cancelled.yaml" --namespace "$NAMESPACE" --keda-zip "${ZIP[keda]}"
+leak_check() {
+    helm template "$RELEASE" "$CHART" --namespace "$NAMESPACE" "$HELM_KUBE" \
+        --set 'config.otel.endpoint=http://collector:s3cret@otel.observability:4317' >"$WORK/broken/leak.yaml" &&
+        python3 "$K8S_SCRIPTS/check_manifests.py" --manifests "$WORK/broken/leak.yaml" --namespace "$NAMESPACE" --keda-zip "${ZIP[keda]}"
+}
+expect_failure "invariants: a password rendered in plain text (credentials in a ConfigMap URL)" leak_check
 if [ -n "$ISTIOCTL" ]; then
     sed 's/retryOn: connect-failure,refused-stream,unavailable,resource-exhausted$/retryOn: connect-failure,unavailble/' \
         "$defaults" >"$WORK/broken/retry-typo.yaml"

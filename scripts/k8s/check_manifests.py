@@ -23,6 +23,7 @@ import yaml
 
 SECRETISH = re.compile(r"(PASSWORD|SECRET|TOKEN|CREDENTIAL|PRIVATE_KEY|_URL$|__URL$)")
 CREDENTIAL_URL = re.compile(r"[a-z][a-z0-9+.-]*://[^/\s:@]*:[^/\s@]+@", re.I)
+KEY_MATERIAL = re.compile(r"-----BEGIN [A-Z ]*(PRIVATE KEY|CERTIFICATE)-----|\beyJ[A-Za-z0-9_-]{10,}\.[A-Za-z0-9_-]{10,}\.")
 PRINCIPAL = re.compile(r"^(?P<td>[^/]+)/ns/(?P<ns>[^/]+)/sa/(?P<sa>[^/]+)$")
 WORKLOAD_KINDS = ("Deployment", "Job", "Pod", "StatefulSet", "DaemonSet")
 
@@ -179,6 +180,8 @@ def main():
     for d in docs:
         leaked = [p for p, s in walk_strings(d, name_of(d)) if CREDENTIAL_URL.search(s)]
         c.check(not leaked, f"{name_of(d)}: no URL with embedded credentials ({leaked})")
+        keys = [p for p, s in walk_strings(d, name_of(d)) if KEY_MATERIAL.search(s)]
+        c.check(not keys, f"{name_of(d)}: no PEM keys, certificates or JWTs ({keys})")
     for cm in configmaps.values():
         bad = [k for k in (cm.get("data") or {}) if SECRETISH.search(k)]
         c.check(not bad, f"{name_of(cm)}: no secret-looking keys in a ConfigMap ({bad})")
