@@ -374,6 +374,14 @@ def main():
             s["metadata"]["name"] for s in get("ServiceAccount")
             if "pre-install" in (s["metadata"].get("annotations") or {}).get("helm.sh/hook", "")},
             f"{name_of(j)}: runs as a hook ServiceAccount (exists before the Job on install)")
+        # On install the ServiceEntries do not exist yet: an injected hook must not need them.
+        meta = pod_meta(j)
+        if (meta.get("labels") or {}).get("sidecar.istio.io/inject") == "true":
+            excluded = set(((meta.get("annotations") or {}).get("traffic.sidecar.istio.io/excludeOutboundPorts") or "").split(","))
+            for se in get("ServiceEntry"):
+                for port in se["spec"].get("ports", []):
+                    c.check(str(port["number"]) in excluded,
+                            f"{name_of(j)}: bypasses its proxy for {se['spec']['hosts'][0]}:{port['number']} (no ServiceEntry yet on install)")
     args_of = lambda j: pod_spec(j)["containers"][0].get("args", [])  # noqa: E731
     jobs = get("Job")
     if jobs:
