@@ -130,15 +130,19 @@ fi
 
 if python3 -c 'import yaml' 2>/dev/null; then
     pass "PyYAML available"
+elif PYTHONPATH="$WORK/pylib" python3 -c 'import yaml' 2>/dev/null; then
+    export PYTHONPATH="$WORK/pylib${PYTHONPATH:+:$PYTHONPATH}"
+    pass "PyYAML (cached in target/k8s-validate/pylib)"
+elif python3 -m pip install --quiet --disable-pip-version-check --target "$WORK/pylib" "PyYAML==$PYYAML_VERSION" >"$log" 2>&1; then
+    export PYTHONPATH="$WORK/pylib${PYTHONPATH:+:$PYTHONPATH}"
+    pass "PyYAML $PYYAML_VERSION installed from PyPI (target/k8s-validate/pylib)"
+elif [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null &&
+    { apt-get install -y -qq python3-yaml || { apt-get update -qq && apt-get install -y -qq python3-yaml; }; } >"$log" 2>&1 &&
+    python3 -c 'import yaml' 2>/dev/null; then
+    pass "PyYAML installed from Debian (python3-yaml)"
 else
-    if python3 -m pip install --quiet --disable-pip-version-check --target "$WORK/pylib" "PyYAML==$PYYAML_VERSION" >"$log" 2>&1 ||
-        python3 -c 'import sys; sys.path.insert(0, "'"$WORK/pylib"'"); import yaml' 2>/dev/null; then
-        export PYTHONPATH="$WORK/pylib${PYTHONPATH:+:$PYTHONPATH}"
-        pass "PyYAML $PYYAML_VERSION installed from PyPI (target/k8s-validate/pylib)"
-    else
-        fail "pip install PyYAML==$PYYAML_VERSION"
-        sed 's/^/        /' "$log"
-    fi
+    fail "PyYAML: neither pip install PyYAML==$PYYAML_VERSION nor apt-get install python3-yaml worked"
+    sed 's/^/        /' "$log"
 fi
 
 # ---- 2. schemas from the Go module proxy -----------------------------------------------------
@@ -283,7 +287,7 @@ expect_failure "a credential in keda.redis.address" helm template "$RELEASE" "$C
 expect_failure "grace period shorter than the drain" helm template "$RELEASE" "$CHART" "$HELM_KUBE" --set ledger.terminationGracePeriodSeconds=20
 
 # ---- 4. standalone manifests -----------------------------------------------------------------
-section "istio/ and karpenter/ manifests"
+section "istio/, karpenter/, keda/ manifests and the upstream charts they configure"
 for dir in istio karpenter keda; do
     while IFS= read -r f; do
         rel="${f#"$ROOT"/}"
@@ -293,6 +297,38 @@ for dir in istio karpenter keda; do
         fi
     done < <(find "$ROOT/$dir" -maxdepth 1 -name '*.yaml' ! -name '*values*.yaml' | sort)
 done
+
+# What the CRD schemas cannot say (CEL rules are not checked by kubeconform): the AMI is pinned,
+# every NodePool points at a defined EC2NodeClass, consumers and APIs are on separate pools.
+karpenter_rules() {
+    python3 - "$ROOT/karpenter/nodepools.yaml" "$ROOT/karpenter/ec2nodeclass.yaml" <<'PY'
+import re, sys, yaml
+docs = [d for f in sys.argv[1:] for d in yaml.safe_load_all(open(f)) if d]
+classes = {d["metadata"]["name"]: d for d in docs if d["kind"] == "EC2NodeClass"}
+pools = {d["metadata"]["name"]: d for d in docs if d["kind"] == "NodePool"}
+errors = []
+for name, c in classes.items():
+    for term in c["spec"]["amiSelectorTerms"]:
+        alias = term.get("alias", "")
+        if not re.fullmatch(r"(al2023|al2|bottlerocket)@v[0-9][0-9.]*", alias):
+            errors.append(f"EC2NodeClass {name}: AMI alias {alias!r} is not a pinned family@version")
+for name, p in pools.items():
+    ref = p["spec"]["template"]["spec"]["nodeClassRef"]
+    if ref["name"] not in classes or ref["kind"] != "EC2NodeClass" or ref["group"] != "karpenter.k8s.aws":
+        errors.append(f"NodePool {name}: nodeClassRef {ref} is not a defined EC2NodeClass")
+    reqs = {r["key"]: r for r in p["spec"]["template"]["spec"]["requirements"]}
+    ct = set(reqs.get("karpenter.sh/capacity-type", {}).get("values", []))
+    if name == "fluxo-on-demand" and ct != {"on-demand"}:
+        errors.append(f"NodePool {name}: must be on-demand only, got {sorted(ct)}")
+    if name == "fluxo-consumers" and "spot" not in ct:
+        errors.append(f"NodePool {name}: spot should be allowed, got {sorted(ct)}")
+    if not p["spec"].get("disruption", {}).get("budgets"):
+        errors.append(f"NodePool {name}: no disruption budgets")
+print("\n".join(errors) or f"{len(pools)} NodePools, {len(classes)} EC2NodeClass: ok")
+sys.exit(1 if errors else 0)
+PY
+}
+check "karpenter/: AMI alias pinned, nodeClassRef defined, on-demand vs spot pools, budgets" karpenter_rules
 
 # Upstream charts, rendered from the same Go module zips (no `helm repo`): our install values
 # must render, and the output must validate.
