@@ -23,6 +23,98 @@ pub(crate) struct Config {
     pub grpc: GrpcConfig,
     pub ledger: LedgerConfig,
     pub log: LogConfig,
+    pub redis: RedisSettings,
+    pub relay: RelaySettings,
+    pub consolidator: ConsolidatorSettings,
+    pub balance: BalanceSettings,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(crate) struct RedisSettings {
+    /// `redis://[:password@]host:port[/db]`. Unset: events are delivered in
+    /// process (the embedded default) and balances are not cached.
+    #[serde(serialize_with = "skip_secret")]
+    pub url: Option<SecretString>,
+    pub command_timeout_ms: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(crate) struct RelaySettings {
+    /// Run the outbox relay inside the ledger target.
+    pub enabled: bool,
+    pub batch_size: u32,
+    pub max_idle_ms: u64,
+    /// How long published events stay in the outbox before deletion.
+    pub retention_hours: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(crate) struct ConsolidatorSettings {
+    pub stream: String,
+    pub group: String,
+    /// Unique per process; unset: POD_NAME, else host name, plus a random suffix.
+    pub consumer_name: Option<String>,
+    pub batch_size: u64,
+    pub block_ms: u64,
+    pub claim_idle_ms: u64,
+    pub max_deliveries: u64,
+    pub trim_interval_ms: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(crate) struct BalanceSettings {
+    /// How long a cached balance lives (it is also dropped on every change).
+    pub cache_ttl_ms: u64,
+    /// How long the last known balance is kept to answer while PostgreSQL is down.
+    pub stale_ttl_ms: u64,
+}
+
+impl Default for RedisSettings {
+    fn default() -> Self {
+        Self {
+            url: None,
+            command_timeout_ms: 2_000,
+        }
+    }
+}
+
+impl Default for RelaySettings {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            batch_size: 500,
+            max_idle_ms: 200,
+            retention_hours: 24,
+        }
+    }
+}
+
+impl Default for ConsolidatorSettings {
+    fn default() -> Self {
+        Self {
+            stream: "fluxo:ledger:entries".into(),
+            group: "consolidators".into(),
+            consumer_name: None,
+            batch_size: 500,
+            block_ms: 1_000,
+            claim_idle_ms: 30_000,
+            max_deliveries: 5,
+            trim_interval_ms: 30_000,
+        }
+    }
+}
+
+impl Default for BalanceSettings {
+    fn default() -> Self {
+        Self {
+            cache_ttl_ms: 60_000,
+            stale_ttl_ms: 24 * 3600 * 1000,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -82,6 +174,10 @@ impl Default for Config {
             grpc: GrpcConfig::default(),
             ledger: LedgerConfig::default(),
             log: LogConfig::default(),
+            redis: RedisSettings::default(),
+            relay: RelaySettings::default(),
+            consolidator: ConsolidatorSettings::default(),
+            balance: BalanceSettings::default(),
         }
     }
 }
@@ -199,6 +295,24 @@ impl Config {
                 );
             }
         }
+        if let Some(url) = &self.redis.url {
+            let url = secrecy::ExposeSecret::expose_secret(url);
+            if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+                problems.push("redis.url must start with redis:// or rediss://".to_owned());
+            }
+        }
+        let c = &self.consolidator;
+        if c.stream.is_empty() || c.group.is_empty() {
+            problems
+                .push("consolidator.stream and consolidator.group must not be empty".to_owned());
+        }
+        if c.batch_size == 0 || self.relay.batch_size == 0 {
+            problems
+                .push("consolidator.batch_size and relay.batch_size must be at least 1".to_owned());
+        }
+        if c.max_deliveries == 0 {
+            problems.push("consolidator.max_deliveries must be at least 1".to_owned());
+        }
         if problems.is_empty() {
             Ok(())
         } else {
@@ -239,6 +353,17 @@ impl Config {
             max_connections: self.database.max_connections,
             acquire_timeout: Duration::from_millis(self.database.acquire_timeout_ms),
         }
+    }
+
+    pub(crate) fn redis_config(&self) -> Option<fluxo_queue::RedisConfig> {
+        self.redis.url.as_ref().map(|url| fluxo_queue::RedisConfig {
+            url: url.clone(),
+            command_timeout: Duration::from_millis(self.redis.command_timeout_ms),
+        })
+    }
+
+    pub(crate) fn stream_names(&self) -> fluxo_queue::StreamNames {
+        fluxo_queue::StreamNames::new(&self.consolidator.stream, &self.consolidator.group)
     }
 
     pub(crate) fn server_config(&self) -> fluxo_server::ServerConfig {

@@ -1,16 +1,28 @@
-//! Starting targets: connect, migrate when asked, serve, drain.
+//! Starting targets: connect, migrate when asked, wire the pipeline, serve, drain.
 
 use std::{sync::Arc, time::Duration};
 
 use anyhow::{Context, bail};
+use fluxo_balance::{
+    BalanceStore, Balances, Consolidator, InProcessSink,
+    consumer::{ConsumerConfig, StreamConsumer, ensure_group},
+};
 use fluxo_db::{Db, backend_name};
-use fluxo_ledger::{Ledger, LedgerStore, Readiness};
-use fluxo_server::GrpcServer;
+use fluxo_ledger::{
+    Ledger, LedgerStore,
+    relay::{Relay, RelayConfig},
+};
+use fluxo_queue::{EventSink, RedisSink};
+use fluxo_server::{AllReady, GrpcServer, Readiness};
 use sea_orm::DbBackend;
+use tokio::{sync::watch, task::JoinHandle};
 
 use crate::{Target, config::Config};
 
-fn telemetry(config: &Config, target: &str) -> anyhow::Result<fluxo_telemetry::Telemetry> {
+pub(crate) fn telemetry(
+    config: &Config,
+    target: &str,
+) -> anyhow::Result<fluxo_telemetry::Telemetry> {
     Ok(fluxo_telemetry::init(&fluxo_telemetry::TelemetryConfig {
         service_name: format!("fluxo-{target}"),
         log_format: config.log_format()?,
@@ -18,50 +30,174 @@ fn telemetry(config: &Config, target: &str) -> anyhow::Result<fluxo_telemetry::T
     })?)
 }
 
+/// Applies every pending migration of every service.
+pub(crate) async fn migrate_all(db: &Db) -> anyhow::Result<()> {
+    LedgerStore::migrate(db)
+        .await
+        .context("applying ledger migrations")?;
+    BalanceStore::migrate(db)
+        .await
+        .context("applying balance migrations")?;
+    Ok(())
+}
+
+/// A unique consumer name: the pod (or host) name and a random suffix, so a
+/// restarted process never inherits a dead one's pending messages by name.
+fn consumer_name(config: &Config) -> String {
+    if let Some(name) = &config.consolidator.consumer_name {
+        return name.clone();
+    }
+    let host = std::env::var("POD_NAME")
+        .or_else(|_| std::env::var("HOSTNAME"))
+        .unwrap_or_else(|_| "fluxo".to_owned());
+    let suffix = ulid::Ulid::new().to_string();
+    format!("{host}-{}", &suffix[suffix.len() - 6..])
+}
+
+/// Waits until the shared stop signal fires.
+async fn stopped(mut stop: watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
+}
+
 /// Runs `target` until SIGTERM or Ctrl-C.
 pub(crate) async fn serve(config: Config, target: Target) -> anyhow::Result<()> {
     let name = match target {
-        Target::All => "all",
-        Target::Ledger => "ledger",
-        Target::Balance | Target::Consolidator | Target::Gateway => {
-            let name = format!("{target:?}").to_lowercase();
-            bail!(
-                "target `{name}` is not built yet in this version of fluxo; run `--target ledger` or `--target all`"
-            )
-        }
+        Target::Gateway => bail!("target `gateway` is not built yet in this version of fluxo"),
+        other => format!("{other:?}").to_lowercase(),
     };
-    let telemetry = telemetry(&config, name)?;
+    let runs = |t: Target| target == Target::All || target == t;
+    let telemetry = telemetry(&config, &name)?;
     let db = Db::connect(&config.db_config()).await?;
     let migrate = config
         .database
         .migrate_on_start
         .unwrap_or(db.backend() == DbBackend::Sqlite);
     if migrate {
-        LedgerStore::migrate(&db)
-            .await
-            .context("applying ledger migrations")?;
+        migrate_all(&db).await?;
         tracing::info!("schema is current");
     }
+    let redis = match config.redis_config() {
+        Some(settings) => Some(fluxo_queue::client(&settings).context("configuring Redis")?),
+        None => None,
+    };
+    if target == Target::Consolidator && redis.is_none() {
+        bail!("the consolidator target reads the Redis stream: set redis.url (FLUXO_REDIS__URL)");
+    }
 
+    let (stop_tx, stop_rx) = watch::channel(false);
     let mut server = GrpcServer::bind(config.server_config()).await?;
     let addr = server.local_addr()?;
-    let ledger = Ledger::new(LedgerStore::new(db.clone()), config.time_zone()?);
-    server
-        .add_service(fluxo_ledger::grpc::server(
-            ledger,
-            config.grpc.max_message_bytes,
-        ))
-        .await;
-    server.add_reflection(fluxo_proto::FILE_DESCRIPTOR_SET)?;
-    tracing::info!(%addr, targets = name, otlp = telemetry.exporting(), "listening");
-    banner(&config, &db, name, addr);
+    let mut checks: Vec<Arc<dyn Readiness>> = Vec::new();
+    let mut tasks: Vec<JoinHandle<()>> = Vec::new();
+    let balance_store = BalanceStore::new(db.clone());
+    let consolidator = Consolidator::new(balance_store.clone());
 
-    let result = server
-        .serve(
-            Arc::new(Readiness::new(db.clone())),
-            fluxo_server::shutdown_signal(),
-        )
-        .await;
+    if runs(Target::Ledger) {
+        let store = LedgerStore::new(db.clone());
+        let commits = store.commits();
+        let ledger = Ledger::new(store, config.time_zone()?);
+        server
+            .add_service(fluxo_ledger::grpc::server(
+                ledger,
+                config.grpc.max_message_bytes,
+            ))
+            .await;
+        checks.push(Arc::new(fluxo_ledger::Readiness::new(db.clone())));
+        if config.relay.enabled {
+            let sink: Arc<dyn EventSink> = match &redis {
+                Some(client) => {
+                    Arc::new(RedisSink::new(client.clone(), &config.consolidator.stream))
+                }
+                // No Redis: the embedded default delivers events straight into the read model.
+                None => {
+                    checks.push(Arc::new(fluxo_balance::Readiness::new(db.clone())));
+                    Arc::new(InProcessSink::new(consolidator.clone()))
+                }
+            };
+            let relay = Relay::new(
+                db.clone(),
+                sink,
+                RelayConfig {
+                    batch_size: config.relay.batch_size,
+                    max_idle: Duration::from_millis(config.relay.max_idle_ms),
+                    retention: Duration::from_secs(config.relay.retention_hours * 3600),
+                },
+                commits,
+            );
+            tasks.push(tokio::spawn(relay.run(stopped(stop_rx.clone()))));
+        }
+    }
+    if runs(Target::Balance) {
+        let balances = Balances::new(balance_store.clone());
+        server
+            .add_service(fluxo_balance::grpc::server(
+                balances,
+                config.grpc.max_message_bytes,
+            ))
+            .await;
+        checks.push(Arc::new(fluxo_balance::Readiness::new(db.clone())));
+    }
+    if runs(Target::Consolidator) {
+        if let Some(client) = &redis {
+            let settings = config.redis_config().context("redis settings")?;
+            // Blocking reads hold their connection; they get one of their own.
+            let reader = fluxo_queue::client(&fluxo_queue::RedisConfig {
+                command_timeout: Duration::from_millis(config.consolidator.block_ms)
+                    + settings.command_timeout,
+                ..settings
+            })?;
+            let names = config.stream_names();
+            let consumer = StreamConsumer::new(
+                reader,
+                client.clone(),
+                consolidator.clone(),
+                ConsumerConfig {
+                    names: names.clone(),
+                    consumer: consumer_name(&config),
+                    batch_size: config.consolidator.batch_size,
+                    block: Duration::from_millis(config.consolidator.block_ms),
+                    claim_idle: Duration::from_millis(config.consolidator.claim_idle_ms),
+                    max_deliveries: config.consolidator.max_deliveries,
+                    trim_interval: Duration::from_millis(config.consolidator.trim_interval_ms),
+                },
+            );
+            checks.push(Arc::new(fluxo_balance::Readiness::new(db.clone())));
+            let client = client.clone();
+            let stop = stop_rx.clone();
+            tasks.push(tokio::spawn(async move {
+                // The group may not exist yet and Redis may be down: keep trying.
+                let mut attempt = 0u32;
+                while let Err(error) = ensure_group(&client, &names).await {
+                    attempt += 1;
+                    if attempt == 1 || attempt % 10 == 0 {
+                        tracing::warn!(%error, "cannot create the consumer group yet; retrying");
+                    }
+                    tokio::select! {
+                        () = stopped(stop.clone()) => return,
+                        () = tokio::time::sleep(Duration::from_millis(500)) => {}
+                    }
+                }
+                tracing::info!("consuming the ledger stream");
+                consumer.run(stopped(stop)).await;
+            }));
+        }
+    }
+    server.add_reflection(fluxo_proto::FILE_DESCRIPTOR_SET)?;
+    tracing::info!(%addr, targets = %name, otlp = telemetry.exporting(), redis = redis.is_some(), "listening");
+    banner(&config, &db, &name, addr, redis.is_some());
+
+    let signal = async move {
+        fluxo_server::shutdown_signal().await;
+        let _ = stop_tx.send(true);
+    };
+    let result = server.serve(Arc::new(AllReady(checks)), signal).await;
+    // The server has drained; background work finishes its batch in hand.
+    let drain = Duration::from_millis(config.grpc.shutdown_timeout_ms);
+    for task in tasks {
+        if tokio::time::timeout(drain, task).await.is_err() {
+            tracing::warn!("a background task did not stop within the shutdown deadline");
+        }
+    }
     if let Err(error) = db.close().await {
         tracing::warn!(%error, "closing the database pool");
     }
@@ -72,26 +208,8 @@ pub(crate) async fn serve(config: Config, target: Target) -> anyhow::Result<()> 
 /// Applies every pending migration, retrying while the database is unreachable.
 pub(crate) async fn migrate(config: Config, wait_secs: u64) -> anyhow::Result<()> {
     let telemetry = telemetry(&config, "migrate")?;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(wait_secs);
-    let db = loop {
-        match Db::connect(&config.db_config()).await {
-            Ok(db) if db.ping().await.is_ok() => break db,
-            Ok(_) | Err(fluxo_db::DbError::Connect { .. })
-                if tokio::time::Instant::now() < deadline =>
-            {
-                tracing::info!("database not reachable yet; retrying");
-                tokio::time::sleep(Duration::from_secs(1)).await;
-            }
-            Ok(db) => {
-                db.ping().await.context("database unreachable")?;
-                break db;
-            }
-            Err(error) => return Err(error.into()),
-        }
-    };
-    LedgerStore::migrate(&db)
-        .await
-        .context("applying ledger migrations")?;
+    let db = connect_waiting(&config, wait_secs).await?;
+    migrate_all(&db).await?;
     tracing::info!(database = backend_name(db.backend()), "schema is current");
     eprintln!(
         "fluxo: schema is current ({})",
@@ -102,20 +220,46 @@ pub(crate) async fn migrate(config: Config, wait_secs: u64) -> anyhow::Result<()
     Ok(())
 }
 
+/// Connects, retrying for up to `wait_secs` while the database is unreachable.
+pub(crate) async fn connect_waiting(config: &Config, wait_secs: u64) -> anyhow::Result<Db> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(wait_secs);
+    loop {
+        let attempt = Db::connect(&config.db_config()).await;
+        let retry = tokio::time::Instant::now() < deadline;
+        match attempt {
+            Ok(db) => match db.ping().await {
+                Ok(()) => return Ok(db),
+                Err(error) if !retry => return Err(error).context("database unreachable"),
+                Err(_) => {}
+            },
+            Err(fluxo_db::DbError::Connect { .. }) if retry => {}
+            Err(error) => return Err(error.into()),
+        }
+        tracing::info!("database not reachable yet; retrying");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
 /// Tells a newcomer where fluxo is and how to call it. On stderr: stdout
 /// carries the JSON log lines.
-fn banner(config: &Config, db: &Db, target: &str, addr: std::net::SocketAddr) {
+fn banner(config: &Config, db: &Db, target: &str, addr: std::net::SocketAddr, redis: bool) {
     let version = env!("CARGO_PKG_VERSION");
     let database = crate::config::context_for(config);
     let backend = backend_name(db.backend());
+    let delivery = if redis {
+        "Redis stream"
+    } else {
+        "in process (no Redis configured)"
+    };
     eprintln!(
-        "\nfluxo {version} is ready (target: {target}; the balance, consolidator and gateway targets are not built yet)\n\
-         \x20 gRPC      {addr}  (ledger; server reflection on)\n\
+        "\nfluxo {version} is ready (target: {target}; the gateway target is not built yet)\n\
+         \x20 gRPC      {addr}  (server reflection on)\n\
          \x20 database  {backend} {database}\n\
+         \x20 events    {delivery}\n\
          \x20 try it:\n\
          \x20   grpcurl -plaintext {addr} list\n\
          \x20   grpcurl -plaintext -d '{{\"merchantId\":\"m-1\",\"type\":\"CREDIT\",\"amount\":{{\"currencyCode\":\"BRL\",\"minorUnits\":\"1050\"}},\"description\":\"sale 1\",\"requestId\":\"k-1\"}}' {addr} fluxo.ledger.v1.LedgerService/RecordEntry\n\
-         \x20   grpcurl -plaintext -d '{{\"merchantId\":\"m-1\"}}' {addr} fluxo.ledger.v1.LedgerService/ListEntries\n\
+         \x20   grpcurl -plaintext -d '{{\"merchantId\":\"m-1\",\"date\":\"<today>\"}}' {addr} fluxo.balance.v1.BalanceService/GetDailyBalance\n\
          \x20 stop with Ctrl-C\n"
     );
 }

@@ -217,9 +217,17 @@ mod tests {
 
     #[test]
     fn placeholders_are_numbered_for_postgres_only() {
-        let pg = statement(DbBackend::Postgres, "a = ? AND b = ?", vec![1.into(), 2.into()]);
+        let pg = statement(
+            DbBackend::Postgres,
+            "a = ? AND b = ?",
+            vec![1.into(), 2.into()],
+        );
         assert_eq!(pg.sql, "a = $1 AND b = $2");
-        let lite = statement(DbBackend::Sqlite, "a = ? AND b = ?", vec![1.into(), 2.into()]);
+        let lite = statement(
+            DbBackend::Sqlite,
+            "a = ? AND b = ?",
+            vec![1.into(), 2.into()],
+        );
         assert_eq!(lite.sql, "a = ? AND b = ?");
     }
 

@@ -30,6 +30,26 @@ pub trait Readiness: Send + Sync + 'static {
     async fn check(&self) -> Result<(), String>;
 }
 
+/// Ready when every one of its checks is.
+#[derive(Clone, Default)]
+pub struct AllReady(pub Vec<Arc<dyn Readiness>>);
+
+impl std::fmt::Debug for AllReady {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "AllReady({} checks)", self.0.len())
+    }
+}
+
+#[async_trait::async_trait]
+impl Readiness for AllReady {
+    async fn check(&self) -> Result<(), String> {
+        for check in &self.0 {
+            check.check().await?;
+        }
+        Ok(())
+    }
+}
+
 /// Settings of the gRPC server.
 #[derive(Debug, Clone)]
 pub struct ServerConfig {

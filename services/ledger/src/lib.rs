@@ -9,6 +9,7 @@
 pub mod domain;
 mod error;
 pub mod grpc;
+pub mod relay;
 mod service;
 pub mod store;
 mod wire;

@@ -5,6 +5,8 @@
 mod migrations;
 mod schema;
 
+use std::sync::Arc;
+
 use chrono::{DateTime, SubsecRound, Utc};
 use fluxo_db::Db;
 use prost::Message;
@@ -15,6 +17,7 @@ use sea_orm::{
     sea_query::OnConflict,
 };
 use sea_orm_migration::MigratorTrait;
+use tokio::sync::Notify;
 
 pub use migrations::Migrator;
 use schema::{entry, idempotency_key, outbox};
@@ -78,12 +81,22 @@ impl Booked {
 #[derive(Debug, Clone)]
 pub struct LedgerStore {
     db: Db,
+    // Woken after every commit so the outbox relay publishes at once.
+    committed: Arc<Notify>,
 }
 
 impl LedgerStore {
     /// Wraps an open database; the schema must be current (see [`Migrator`]).
     pub fn new(db: Db) -> Self {
-        Self { db }
+        Self {
+            db,
+            committed: Arc::new(Notify::new()),
+        }
+    }
+
+    /// Notified after every commit that adds outbox events (for the relay).
+    pub fn commits(&self) -> Arc<Notify> {
+        self.committed.clone()
     }
 
     /// Creates or upgrades the ledger's tables.
@@ -117,6 +130,7 @@ impl LedgerStore {
             if claim_key(&txn, &new.merchant_id, &key, fingerprint, new.id).await? {
                 let entry = insert_entry(&txn, new).await?;
                 txn.commit().await.map_err(StoreError::from)?;
+                self.committed.notify_one();
                 return Ok(Booked::New(entry));
             }
             txn.rollback().await.map_err(StoreError::from)?;
@@ -177,6 +191,7 @@ impl LedgerStore {
         match insert_entry(&txn, reversal).await {
             Ok(entry) => {
                 txn.commit().await.map_err(StoreError::from)?;
+                self.committed.notify_one();
                 Ok(Booked::New(entry))
             }
             Err(LedgerError::Store(StoreError::Failed(error)))
@@ -272,6 +287,35 @@ impl LedgerStore {
                 id: last.booked.id,
             });
         Ok((entries, next))
+    }
+
+    /// Every entry, optionally of one merchant and booking-date range, in
+    /// (merchant, date, id) order: the ledger side of reconciliation and rebuilds.
+    pub async fn entries(
+        &self,
+        merchant: Option<&MerchantId>,
+        range: &DateRange,
+    ) -> Result<Vec<Entry>, LedgerError> {
+        let mut query = entry::Entity::find();
+        if let Some(m) = merchant {
+            query = query.filter(entry::Column::MerchantId.eq(m.as_str()));
+        }
+        if let Some(start) = range.start {
+            query = query.filter(entry::Column::BookingDate.gte(start));
+        }
+        if let Some(end) = range.end {
+            query = query.filter(entry::Column::BookingDate.lte(end));
+        }
+        let rows = query
+            .order_by_asc(entry::Column::MerchantId)
+            .order_by_asc(entry::Column::BookingDate)
+            .order_by_asc(entry::Column::Id)
+            .all(self.db.conn())
+            .await
+            .map_err(StoreError::from)?;
+        rows.into_iter()
+            .map(|row| Ok(to_domain(row, None)?))
+            .collect()
     }
 
     async fn find_key(

@@ -1,0 +1,458 @@
+//! The consolidator as a Redis Streams consumer-group member.
+//!
+//! Any number of these run at once and come and go at any moment (KEDA scales
+//! them to zero, Karpenter drains nodes, processes crash). What keeps the
+//! balances exact through all of that:
+//! - an event and its "applied" record commit in one transaction, so a
+//!   redelivered event is skipped ([`crate::store::BalanceStore::apply`]);
+//! - a message is acknowledged only after that commit;
+//! - messages left pending by a consumer that died are claimed by a live one
+//!   once idle long enough (XAUTOCLAIM);
+//! - a message that keeps failing moves to a dead-letter stream, with its
+//!   reason, after `max_deliveries`, without blocking the rest;
+//! - on shutdown the consumer stops reading, finishes the batch in hand, and exits.
+
+use std::{collections::HashMap, future::Future, time::Duration};
+
+use fluxo_queue::{StreamEvent, StreamNames};
+use fred::{
+    prelude::{Client, HashesInterface, StreamsInterface, TransactionInterface},
+    types::{Value, streams::XPendingArgs},
+};
+
+use crate::consolidator::{ApplyError, Consolidator};
+
+/// Settings of one consumer.
+#[derive(Debug, Clone)]
+pub struct ConsumerConfig {
+    /// Stream, group and dead-letter stream.
+    pub names: StreamNames,
+    /// This consumer's name in the group; unique per process.
+    pub consumer: String,
+    /// Messages read per batch.
+    pub batch_size: u64,
+    /// How long one blocking read waits for new messages.
+    pub block: Duration,
+    /// A pending message idle this long is claimed from whoever holds it.
+    pub claim_idle: Duration,
+    /// Deliveries after which a failing message goes to the dead-letter stream.
+    pub max_deliveries: u64,
+    /// How often acknowledged messages are trimmed from the stream.
+    pub trim_interval: Duration,
+}
+
+/// Why the consumer stopped or an operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ConsumerError {
+    /// Redis refused or is unreachable.
+    #[error("redis: {0}")]
+    Redis(#[from] fred::error::Error),
+    /// A message that is not in the stream.
+    #[error("no message {0}")]
+    NotFound(String),
+    /// A replayed message still fails.
+    #[error("message {id} still fails: {reason}")]
+    StillFailing {
+        /// Its id.
+        id: String,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// Creates the consumer group (and the stream) if missing. Safe to repeat.
+pub async fn ensure_group(client: &Client, names: &StreamNames) -> Result<(), ConsumerError> {
+    let created: Result<(), fred::error::Error> = client
+        .xgroup_create(&names.stream, &names.group, "0", true)
+        .await;
+    match created {
+        Ok(()) => Ok(()),
+        Err(e) if e.details().contains("BUSYGROUP") => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+type Message = (String, HashMap<String, Value>);
+
+/// One consumer-group member.
+#[derive(Debug, Clone)]
+pub struct StreamConsumer {
+    // Blocking reads hold a connection for their whole wait; they get their own.
+    reader: Client,
+    client: Client,
+    consolidator: Consolidator,
+    config: ConsumerConfig,
+}
+
+impl StreamConsumer {
+    /// A consumer reading with `reader` (dedicated to blocking reads) and
+    /// acknowledging, claiming and dead-lettering with `client`.
+    pub fn new(
+        reader: Client,
+        client: Client,
+        consolidator: Consolidator,
+        config: ConsumerConfig,
+    ) -> Self {
+        Self {
+            reader,
+            client,
+            consolidator,
+            config,
+        }
+    }
+
+    fn failures_key(&self) -> String {
+        format!("{}:failures", self.config.names.stream)
+    }
+
+    /// Consumes until `stop` resolves; the batch in hand is always finished.
+    pub async fn run(&self, stop: impl Future<Output = ()>) {
+        tokio::pin!(stop);
+        let mut last_claim = tokio::time::Instant::now();
+        let mut last_trim = tokio::time::Instant::now();
+        let mut failures = 0u32;
+        loop {
+            if last_claim.elapsed() >= self.claim_interval() {
+                last_claim = tokio::time::Instant::now();
+                if let Err(error) = self.reclaim().await {
+                    tracing::warn!(%error, "claiming idle messages failed");
+                }
+            }
+            if last_trim.elapsed() >= self.config.trim_interval {
+                last_trim = tokio::time::Instant::now();
+                if let Err(error) = self.trim().await {
+                    tracing::warn!(%error, "trimming the stream failed");
+                }
+            }
+            let read = tokio::select! {
+                () = &mut stop => break,
+                read = self.read_new() => read,
+            };
+            match read {
+                Ok(batch) => {
+                    failures = 0;
+                    if !batch.is_empty() {
+                        self.process(batch).await;
+                    }
+                }
+                Err(error) => {
+                    failures += 1;
+                    if failures == 1 || failures % 10 == 0 {
+                        tracing::warn!(%error, failures, "reading the stream failed; retrying");
+                    }
+                    let pause = Duration::from_millis(100 * u64::from(failures.min(30)));
+                    tokio::select! {
+                        () = &mut stop => break,
+                        () = tokio::time::sleep(pause) => {}
+                    }
+                }
+            }
+        }
+        tracing::info!(consumer = %self.config.consumer, "consumer stopped");
+    }
+
+    fn claim_interval(&self) -> Duration {
+        (self.config.claim_idle / 2).max(Duration::from_millis(100))
+    }
+
+    async fn read_new(&self) -> Result<Vec<Message>, fred::error::Error> {
+        let names = &self.config.names;
+        let block = u64::try_from(self.config.block.as_millis()).unwrap_or(u64::MAX);
+        let response: HashMap<String, Vec<Message>> = self
+            .reader
+            .xreadgroup_map(
+                &names.group,
+                &self.config.consumer,
+                Some(self.config.batch_size),
+                Some(block),
+                false,
+                &names.stream,
+                ">",
+            )
+            .await?;
+        Ok(response.into_values().flatten().collect())
+    }
+
+    /// Applies a batch, acknowledges what is in the read model, and records
+    /// why the rest failed (they stay pending and are retried).
+    pub async fn process(&self, batch: Vec<Message>) {
+        let mut ids = Vec::with_capacity(batch.len());
+        let mut events = Vec::with_capacity(batch.len());
+        let mut results: Vec<Option<Result<(), ApplyError>>> = Vec::with_capacity(batch.len());
+        for (id, fields) in batch {
+            match StreamEvent::from_fields(&fields) {
+                Ok(event) => {
+                    events.push(event);
+                    results.push(None);
+                }
+                Err(e) => results.push(Some(Err(ApplyError::Malformed(e.to_string())))),
+            }
+            ids.push(id);
+        }
+        let mut applied = self.consolidator.apply(&events).await.into_iter();
+        let results: Vec<Result<(), ApplyError>> = results
+            .into_iter()
+            .map(|r| r.unwrap_or_else(|| applied.next().unwrap_or(Ok(()))))
+            .collect();
+
+        let acked: Vec<&String> = ids
+            .iter()
+            .zip(&results)
+            .filter(|(_, r)| r.is_ok())
+            .map(|(id, _)| id)
+            .collect();
+        if !acked.is_empty() {
+            let ack: Vec<String> = acked.iter().map(|s| (*s).clone()).collect();
+            let result: Result<i64, _> = self
+                .client
+                .xack(&self.config.names.stream, &self.config.names.group, ack)
+                .await;
+            if let Err(error) = result {
+                // Not acknowledged means redelivered later and skipped as a duplicate.
+                tracing::warn!(%error, "acknowledging failed; the messages will be redelivered and deduplicated");
+            }
+        }
+        for (id, result) in ids.iter().zip(&results) {
+            if let Err(reason) = result {
+                tracing::warn!(message_id = %id, %reason, "event not applied; it stays pending for a retry");
+                let _: Result<i64, _> = self
+                    .client
+                    .hset(self.failures_key(), (id.as_str(), reason.to_string()))
+                    .await;
+            }
+        }
+    }
+
+    /// Claims messages idle past `claim_idle` (from dead consumers, or this
+    /// one's own failures), dead-letters those delivered too often, and
+    /// processes the rest.
+    pub async fn reclaim(&self) -> Result<usize, ConsumerError> {
+        let names = &self.config.names;
+        let idle = u64::try_from(self.config.claim_idle.as_millis()).unwrap_or(u64::MAX);
+        let (_, claimed): (String, Vec<Message>) = self
+            .client
+            .xautoclaim_values(
+                &names.stream,
+                &names.group,
+                &self.config.consumer,
+                idle,
+                "0-0",
+                Some(self.config.batch_size),
+                false,
+            )
+            .await?;
+        if claimed.is_empty() {
+            return Ok(0);
+        }
+        let deliveries = self.deliveries(&claimed).await?;
+        let mut retry = Vec::new();
+        for (id, fields) in claimed {
+            let count = deliveries.get(&id).copied().unwrap_or(1);
+            if count > self.config.max_deliveries {
+                self.dead_letter(&id, fields, count).await?;
+            } else {
+                retry.push((id, fields));
+            }
+        }
+        let n = retry.len();
+        if n > 0 {
+            tracing::info!(messages = n, "processing claimed messages");
+            self.process(retry).await;
+        }
+        Ok(n)
+    }
+
+    async fn deliveries(&self, claimed: &[Message]) -> Result<HashMap<String, u64>, ConsumerError> {
+        let (Some(first), Some(last)) = (claimed.first(), claimed.last()) else {
+            return Ok(HashMap::new());
+        };
+        let args = XPendingArgs {
+            idle: None,
+            start: Some(first.0.as_str().into()),
+            end: Some(last.0.as_str().into()),
+            count: Some(self.config.batch_size.max(claimed.len() as u64)),
+            consumer: Some(self.config.consumer.as_str().into()),
+        };
+        let pending: Vec<(String, String, u64, u64)> = self
+            .client
+            .xpending(&self.config.names.stream, &self.config.names.group, args)
+            .await?;
+        Ok(pending
+            .into_iter()
+            .map(|(id, _, _, count)| (id, count))
+            .collect())
+    }
+
+    async fn dead_letter(
+        &self,
+        id: &str,
+        fields: HashMap<String, Value>,
+        deliveries: u64,
+    ) -> Result<(), ConsumerError> {
+        let names = &self.config.names;
+        let reason: Option<String> = self.client.hget(self.failures_key(), id).await?;
+        let reason = reason.unwrap_or_else(|| "failed repeatedly".to_owned());
+        tracing::error!(message_id = %id, deliveries, %reason, dead_letters = %names.dead_letters, "moving a failing message to the dead-letter stream");
+        let mut entry: Vec<(String, Value)> = fields.into_iter().collect();
+        entry.sort_by(|a, b| a.0.cmp(&b.0));
+        entry.extend([
+            ("dlq_reason".to_owned(), Value::from(reason)),
+            ("dlq_original_id".to_owned(), Value::from(id)),
+            (
+                "dlq_deliveries".to_owned(),
+                Value::from(i64::try_from(deliveries).unwrap_or(i64::MAX)),
+            ),
+            (
+                "dlq_consumer".to_owned(),
+                Value::from(self.config.consumer.as_str()),
+            ),
+        ]);
+        // Parking and acknowledging happen together, or not at all.
+        let tx = self.client.multi();
+        let _: () = tx
+            .xadd(&names.dead_letters, false, None, "*", entry)
+            .await?;
+        let _: () = tx.xack(&names.stream, &names.group, id).await?;
+        let _: () = tx.hdel(self.failures_key(), id).await?;
+        let _: Value = tx.exec(true).await?;
+        Ok(())
+    }
+
+    /// Trims the stream below what the group has acknowledged: below the
+    /// oldest pending message, and never past the last delivered one, so
+    /// nothing unconsumed is dropped and the group's lag stays meaningful.
+    pub async fn trim(&self) -> Result<(), ConsumerError> {
+        let names = &self.config.names;
+        let groups: Vec<HashMap<String, Value>> = self.client.xinfo_groups(&names.stream).await?;
+        let Some(group) = groups.iter().find(|g| {
+            g.get("name").and_then(Value::as_string).as_deref() == Some(names.group.as_str())
+        }) else {
+            return Ok(());
+        };
+        let Some(last_delivered) = group.get("last-delivered-id").and_then(Value::as_string) else {
+            return Ok(());
+        };
+        let summary: Vec<Value> = self
+            .client
+            .xpending(&names.stream, &names.group, ())
+            .await?;
+        let oldest_pending = summary.get(1).and_then(Value::as_string);
+        let floor = match oldest_pending {
+            Some(p) if stream_id_lt(&p, &last_delivered) => p,
+            _ => last_delivered,
+        };
+        if floor != "0-0" {
+            let _: i64 = self
+                .client
+                .xtrim(&names.stream, ("MINID", "~", floor.as_str()))
+                .await?;
+        }
+        Ok(())
+    }
+}
+
+fn stream_id_lt(a: &str, b: &str) -> bool {
+    let parse = |s: &str| {
+        let (ms, seq) = s.split_once('-').unwrap_or((s, "0"));
+        (
+            ms.parse::<u64>().unwrap_or(0),
+            seq.parse::<u64>().unwrap_or(0),
+        )
+    };
+    parse(a) < parse(b)
+}
+
+/// Dead-letter stream operations for operators.
+#[derive(Debug, Clone)]
+pub struct DeadLetters {
+    client: Client,
+    names: StreamNames,
+}
+
+/// One parked message.
+#[derive(Debug, Clone)]
+pub struct DeadLetter {
+    /// Its id in the dead-letter stream.
+    pub id: String,
+    /// Why it was parked.
+    pub reason: String,
+    /// Its id in the main stream.
+    pub original_id: String,
+    /// How often it had been delivered.
+    pub deliveries: String,
+    /// The event, when readable.
+    pub event: Option<StreamEvent>,
+}
+
+impl DeadLetters {
+    /// Operations on `names.dead_letters`.
+    pub fn new(client: Client, names: StreamNames) -> Self {
+        Self { client, names }
+    }
+
+    /// Up to `count` parked messages, oldest first.
+    pub async fn list(&self, count: u64) -> Result<Vec<DeadLetter>, ConsumerError> {
+        let entries: Vec<Message> = self
+            .client
+            .xrange_values(&self.names.dead_letters, "-", "+", Some(count))
+            .await?;
+        Ok(entries.into_iter().map(to_dead_letter).collect())
+    }
+
+    /// One parked message.
+    pub async fn show(&self, id: &str) -> Result<DeadLetter, ConsumerError> {
+        let entries: Vec<Message> = self
+            .client
+            .xrange_values(&self.names.dead_letters, id, id, Some(1))
+            .await?;
+        entries
+            .into_iter()
+            .next()
+            .map(to_dead_letter)
+            .ok_or_else(|| ConsumerError::NotFound(id.to_owned()))
+    }
+
+    /// Applies a parked message again (after its cause was fixed) and removes
+    /// it when it is in the read model. Applying is idempotent: a message
+    /// already applied is not counted twice.
+    pub async fn replay(&self, id: &str, consolidator: &Consolidator) -> Result<(), ConsumerError> {
+        let letter = self.show(id).await?;
+        let event = letter.event.ok_or_else(|| ConsumerError::StillFailing {
+            id: id.to_owned(),
+            reason: "the message is malformed and can only be dropped".into(),
+        })?;
+        match consolidator.apply(std::slice::from_ref(&event)).await.pop() {
+            Some(Ok(())) => {
+                let _: i64 = self.client.xdel(&self.names.dead_letters, id).await?;
+                Ok(())
+            }
+            Some(Err(reason)) => Err(ConsumerError::StillFailing {
+                id: id.to_owned(),
+                reason: reason.to_string(),
+            }),
+            None => Err(ConsumerError::NotFound(id.to_owned())),
+        }
+    }
+
+    /// Deletes a parked message without applying it.
+    pub async fn drop_message(&self, id: &str) -> Result<bool, ConsumerError> {
+        let removed: i64 = self.client.xdel(&self.names.dead_letters, id).await?;
+        Ok(removed > 0)
+    }
+
+    /// How many messages are parked.
+    pub async fn len(&self) -> Result<u64, ConsumerError> {
+        Ok(self.client.xlen(&self.names.dead_letters).await?)
+    }
+}
+
+fn to_dead_letter((id, fields): Message) -> DeadLetter {
+    let text = |k: &str| fields.get(k).and_then(Value::as_string).unwrap_or_default();
+    DeadLetter {
+        reason: text("dlq_reason"),
+        original_id: text("dlq_original_id"),
+        deliveries: text("dlq_deliveries"),
+        event: StreamEvent::from_fields(&fields).ok(),
+        id,
+    }
+}

@@ -1,0 +1,171 @@
+//! Answering balance questions from the read model.
+
+use chrono::{Days, NaiveDate};
+use fluxo_types::{BookingDate, Currency, MerchantId, Violations};
+
+use crate::{
+    domain::{DailyBalance, report},
+    store::{BalanceStore, StoreError},
+};
+
+/// The longest report served, in days.
+pub const MAX_RANGE_DAYS: u64 = 366;
+
+/// A day's balance with its context.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BalanceView {
+    /// Owner.
+    pub merchant_id: String,
+    /// ISO 4217 code of every amount.
+    pub currency: String,
+    /// The day.
+    pub day: DailyBalance,
+    /// Newest ledger commit reflected, in microseconds since the epoch.
+    pub as_of_micros: Option<i64>,
+}
+
+/// Why a query failed.
+#[derive(Debug, thiserror::Error)]
+pub enum QueryError {
+    /// Bad request fields, each named.
+    #[error("invalid request: {0}")]
+    Invalid(Violations),
+    /// Nothing to report and no currency to report zeros in.
+    #[error("merchant {0} has no balances yet; pass currency_code to read zero balances")]
+    NoBalances(String),
+    /// The read model failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Balance queries.
+#[derive(Debug, Clone)]
+pub struct Balances {
+    store: BalanceStore,
+}
+
+struct Target {
+    merchant: MerchantId,
+    currency: Option<Currency>,
+}
+
+impl Balances {
+    /// Queries over `store`.
+    pub fn new(store: BalanceStore) -> Self {
+        Self { store }
+    }
+
+    async fn currency(&self, target: &Target) -> Result<String, QueryError> {
+        if let Some(c) = target.currency {
+            return Ok(c.code().to_owned());
+        }
+        let merchant = target.merchant.as_str();
+        let mut currencies = self.store.currencies(merchant).await?;
+        match currencies.len() {
+            0 => Err(QueryError::NoBalances(merchant.to_owned())),
+            1 => Ok(currencies.remove(0)),
+            _ => {
+                let mut v = Violations::default();
+                v.add(
+                    "currency_code",
+                    format!(
+                        "is required: merchant {merchant} has balances in {}",
+                        currencies.join(", ")
+                    ),
+                );
+                Err(QueryError::Invalid(v))
+            }
+        }
+    }
+
+    fn target(merchant_id: &str, currency_code: &str, v: &mut Violations) -> Option<Target> {
+        let merchant = v.check("merchant_id", MerchantId::parse(merchant_id));
+        let currency = if currency_code.is_empty() {
+            Some(None)
+        } else {
+            v.check("currency_code", Currency::parse(currency_code))
+                .map(Some)
+        };
+        Some(Target {
+            merchant: merchant?,
+            currency: currency?,
+        })
+    }
+
+    /// One day's balance.
+    pub async fn daily(
+        &self,
+        merchant_id: &str,
+        date: &str,
+        currency_code: &str,
+    ) -> Result<BalanceView, QueryError> {
+        let mut v = Violations::default();
+        let target = Self::target(merchant_id, currency_code, &mut v);
+        let date = v.check("date", BookingDate::parse_date(date));
+        let (target, date) = v
+            .finish(|| Some((target?, date?)))
+            .map_err(QueryError::Invalid)?;
+        let mut range = self.range(&target, date, date).await?;
+        range
+            .pop()
+            .ok_or_else(|| QueryError::NoBalances(target.merchant.as_str().to_owned()))
+    }
+
+    /// Every day from `start` to `end`.
+    pub async fn report(
+        &self,
+        merchant_id: &str,
+        start: &str,
+        end: &str,
+        currency_code: &str,
+    ) -> Result<Vec<BalanceView>, QueryError> {
+        let mut v = Violations::default();
+        let target = Self::target(merchant_id, currency_code, &mut v);
+        let start = v.check("start_date", BookingDate::parse_date(start));
+        let end = v.check("end_date", BookingDate::parse_date(end));
+        if let (Some(s), Some(e)) = (start, end) {
+            if e < s {
+                v.add("end_date", format!("must not be before start_date ({s})"));
+            } else if s
+                .checked_add_days(Days::new(MAX_RANGE_DAYS))
+                .is_some_and(|limit| e > limit)
+            {
+                v.add(
+                    "end_date",
+                    format!("must be at most {MAX_RANGE_DAYS} days after start_date"),
+                );
+            }
+        }
+        let (target, start, end) = v
+            .finish(|| Some((target?, start?, end?)))
+            .map_err(QueryError::Invalid)?;
+        self.range(&target, start, end).await
+    }
+
+    async fn range(
+        &self,
+        target: &Target,
+        start: NaiveDate,
+        end: NaiveDate,
+    ) -> Result<Vec<BalanceView>, QueryError> {
+        let currency = self.currency(target).await?;
+        let merchant = target.merchant.as_str();
+        let (opening, as_of) = self.store.opening(merchant, &currency, start).await?;
+        let days = self.store.days(merchant, &currency, start, end).await?;
+        let report = report(opening, &days, start, end).ok_or_else(|| {
+            StoreError::Overflow(crate::domain::Overflow {
+                merchant_id: merchant.to_owned(),
+                currency: currency.clone(),
+            })
+        })?;
+        Ok(report
+            .into_iter()
+            .map(|day| BalanceView {
+                merchant_id: merchant.to_owned(),
+                currency: currency.clone(),
+                day,
+                as_of_micros: as_of,
+            })
+            .collect())
+    }
+}

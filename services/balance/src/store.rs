@@ -1,0 +1,398 @@
+//! The read model's SQL: applying postings exactly once, and the queries the
+//! balance service answers from.
+
+mod migrations;
+
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+
+use chrono::NaiveDate;
+use fluxo_db::{Db, statement};
+use sea_orm::{ConnectionTrait, DbErr, TransactionTrait, Value};
+use sea_orm_migration::MigratorTrait;
+
+pub use migrations::Migrator;
+
+use crate::domain::{DayKey, DayTotals, Delta, Overflow, Posting, fold};
+
+/// Why the read model could not be read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database cannot be reached right now.
+    #[error("database unavailable: {0}")]
+    Unavailable(DbErr),
+    /// The database refused the statement (a constraint, an overflow).
+    #[error("database error: {0}")]
+    Failed(DbErr),
+    /// A sum would leave the exact range.
+    #[error(transparent)]
+    Overflow(#[from] Overflow),
+}
+
+impl From<DbErr> for StoreError {
+    fn from(error: DbErr) -> Self {
+        match error {
+            DbErr::ConnectionAcquire(_) | DbErr::Conn(_) => Self::Unavailable(error),
+            other => Self::Failed(other),
+        }
+    }
+}
+
+/// What applying a batch did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Applied {
+    /// Postings applied now.
+    pub applied: usize,
+    /// Postings whose event had been applied before (redeliveries).
+    pub duplicates: usize,
+    /// The (merchant, currency) balances that changed, for cache invalidation.
+    pub touched: BTreeSet<(String, String)>,
+}
+
+/// The read model tables.
+#[derive(Debug, Clone)]
+pub struct BalanceStore {
+    db: Db,
+}
+
+/// Micro-seconds since the epoch, now.
+pub(crate) fn now_micros() -> i64 {
+    chrono::Utc::now().timestamp_micros()
+}
+
+impl BalanceStore {
+    /// Wraps an open database whose balance schema is current.
+    pub fn new(db: Db) -> Self {
+        Self { db }
+    }
+
+    /// The database.
+    pub fn db(&self) -> &Db {
+        &self.db
+    }
+
+    /// Creates or upgrades the read model's tables.
+    pub async fn migrate(db: &Db) -> Result<(), DbErr> {
+        Migrator::up(db.conn(), None).await
+    }
+
+    /// True when every read-model migration has been applied.
+    pub async fn schema_is_current(db: &Db) -> Result<bool, DbErr> {
+        Ok(Migrator::get_pending_migrations(db.conn())
+            .await?
+            .is_empty())
+    }
+
+    /// Applies `postings` in one transaction: each event is recorded as
+    /// applied and its amount added to its day, or — when it was applied
+    /// before — skipped. Either the whole batch commits or none of it.
+    pub async fn apply(&self, postings: &[Posting]) -> Result<Applied, StoreError> {
+        let mut seen = HashSet::new();
+        let unique: Vec<&Posting> = postings
+            .iter()
+            .filter(|p| seen.insert(p.entry_id.as_str()))
+            .collect();
+        if unique.is_empty() {
+            return Ok(Applied::default());
+        }
+        let backend = self.db.backend();
+        let _writer = self.db.write_guard().await;
+        let txn = self.db.conn().begin().await?;
+
+        let mut fresh: HashSet<String> = HashSet::new();
+        for chunk in unique.chunks(500) {
+            fresh.extend(insert_applied(&txn, backend, chunk).await?);
+        }
+        let to_apply: Vec<Posting> = unique
+            .iter()
+            .filter(|p| fresh.contains(&p.entry_id))
+            .map(|p| (*p).clone())
+            .collect();
+
+        let deltas = fold(&to_apply)?;
+        for (key, delta) in &deltas {
+            add_to_day(&txn, backend, key, delta).await?;
+        }
+        txn.commit().await?;
+        Ok(Applied {
+            applied: to_apply.len(),
+            duplicates: unique.len() - to_apply.len(),
+            touched: deltas
+                .keys()
+                .map(|k| (k.merchant_id.clone(), k.currency.clone()))
+                .collect(),
+        })
+    }
+
+    /// The currencies a merchant has balances in.
+    pub async fn currencies(&self, merchant_id: &str) -> Result<Vec<String>, StoreError> {
+        let rows = self
+            .db
+            .conn()
+            .query_all_raw(statement(
+                self.db.backend(),
+                "SELECT DISTINCT currency_code FROM balance_daily WHERE merchant_id = ? ORDER BY currency_code",
+                vec![merchant_id.into()],
+            ))
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| r.try_get_by_index::<String>(0))
+            .collect::<Result<_, _>>()?)
+    }
+
+    /// The balance carried into `start` and the newest commit reflected in
+    /// this merchant's balance in this currency.
+    pub async fn opening(
+        &self,
+        merchant_id: &str,
+        currency: &str,
+        start: NaiveDate,
+    ) -> Result<(i64, Option<i64>), StoreError> {
+        let row = self
+            .db
+            .conn()
+            .query_one_raw(statement(
+                self.db.backend(),
+                "SELECT CAST(COALESCE(SUM(CASE WHEN booking_date < ? THEN credits_minor - debits_minor ELSE 0 END), 0) AS BIGINT), \
+                 MAX(as_of_micros) FROM balance_daily WHERE merchant_id = ? AND currency_code = ?",
+                vec![start.into(), merchant_id.into(), currency.into()],
+            ))
+            .await?;
+        match row {
+            Some(row) => Ok((
+                row.try_get_by_index::<i64>(0)?,
+                row.try_get_by_index::<Option<i64>>(1)?,
+            )),
+            None => Ok((0, None)),
+        }
+    }
+
+    /// Stored totals for each day with entries between `start` and `end`.
+    pub async fn days(
+        &self,
+        merchant_id: &str,
+        currency: &str,
+        start: NaiveDate,
+        end: NaiveDate,
+    ) -> Result<BTreeMap<NaiveDate, DayTotals>, StoreError> {
+        let rows = self
+            .db
+            .conn()
+            .query_all_raw(statement(
+                self.db.backend(),
+                "SELECT booking_date, credits_minor, debits_minor, entry_count FROM balance_daily \
+                 WHERE merchant_id = ? AND currency_code = ? AND booking_date >= ? AND booking_date <= ? \
+                 ORDER BY booking_date",
+                vec![merchant_id.into(), currency.into(), start.into(), end.into()],
+            ))
+            .await?;
+        rows.iter()
+            .map(|r| {
+                Ok((
+                    r.try_get_by_index::<NaiveDate>(0)?,
+                    DayTotals {
+                        credits: r.try_get_by_index(1)?,
+                        debits: r.try_get_by_index(2)?,
+                        count: r.try_get_by_index(3)?,
+                    },
+                ))
+            })
+            .collect()
+    }
+
+    /// Every stored day, for reconciliation.
+    pub async fn all_days(
+        &self,
+        merchant_id: Option<&str>,
+    ) -> Result<BTreeMap<DayKey, DayTotals>, StoreError> {
+        let (sql, values): (&str, Vec<Value>) = match merchant_id {
+            Some(m) => (
+                "SELECT merchant_id, currency_code, booking_date, credits_minor, debits_minor, entry_count \
+                 FROM balance_daily WHERE merchant_id = ?",
+                vec![m.into()],
+            ),
+            None => (
+                "SELECT merchant_id, currency_code, booking_date, credits_minor, debits_minor, entry_count FROM balance_daily",
+                vec![],
+            ),
+        };
+        let rows = self
+            .db
+            .conn()
+            .query_all_raw(statement(self.db.backend(), sql, values))
+            .await?;
+        rows.iter()
+            .map(|r| {
+                Ok((
+                    DayKey {
+                        merchant_id: r.try_get_by_index(0)?,
+                        currency: r.try_get_by_index(1)?,
+                        date: r.try_get_by_index(2)?,
+                    },
+                    DayTotals {
+                        credits: r.try_get_by_index(3)?,
+                        debits: r.try_get_by_index(4)?,
+                        count: r.try_get_by_index(5)?,
+                    },
+                ))
+            })
+            .collect()
+    }
+
+    /// Overwrites one day with totals recomputed from the ledger (repair,
+    /// rebuild); a day with no entries is removed.
+    pub async fn set_day(
+        &self,
+        key: &DayKey,
+        totals: DayTotals,
+        as_of_micros: i64,
+    ) -> Result<(), StoreError> {
+        let backend = self.db.backend();
+        let _writer = self.db.write_guard().await;
+        let txn = self.db.conn().begin().await?;
+        txn.execute_raw(statement(
+            backend,
+            "DELETE FROM balance_daily WHERE merchant_id = ? AND currency_code = ? AND booking_date = ?",
+            vec![key.merchant_id.clone().into(), key.currency.clone().into(), key.date.into()],
+        ))
+        .await?;
+        if totals.count > 0 {
+            let delta = Delta {
+                credits: totals.credits,
+                debits: totals.debits,
+                count: totals.count,
+                as_of_micros,
+            };
+            add_to_day(&txn, backend, key, &delta).await?;
+        }
+        txn.commit().await?;
+        Ok(())
+    }
+
+    /// Recomputes a merchant's days from `start` to `end` from `postings`
+    /// (every ledger entry of that merchant in that range), in one
+    /// transaction: the days and their applied-entry records are replaced.
+    /// Events delivered afterwards for these entries are recognised and skipped.
+    pub async fn rebuild(
+        &self,
+        merchant_id: &str,
+        start: NaiveDate,
+        end: NaiveDate,
+        postings: &[Posting],
+    ) -> Result<usize, StoreError> {
+        let backend = self.db.backend();
+        let _writer = self.db.write_guard().await;
+        let txn = self.db.conn().begin().await?;
+        let range = || -> Vec<Value> { vec![merchant_id.into(), start.into(), end.into()] };
+        txn.execute_raw(statement(
+            backend,
+            "DELETE FROM balance_daily WHERE merchant_id = ? AND booking_date >= ? AND booking_date <= ?",
+            range(),
+        ))
+        .await?;
+        let ids: Vec<Value> = postings
+            .iter()
+            .map(|p| Value::from(p.entry_id.clone()))
+            .collect();
+        for chunk in ids.chunks(500) {
+            let placeholders = vec!["?"; chunk.len()].join(", ");
+            txn.execute_raw(statement(
+                backend,
+                &format!("DELETE FROM balance_applied_events WHERE entry_id IN ({placeholders})"),
+                chunk.to_vec(),
+            ))
+            .await?;
+        }
+        for chunk in postings.chunks(500) {
+            insert_applied(&txn, backend, chunk).await?;
+        }
+        let deltas = fold(postings)?;
+        for (key, delta) in &deltas {
+            add_to_day(&txn, backend, key, delta).await?;
+        }
+        txn.commit().await?;
+        Ok(postings.len())
+    }
+
+    /// The entries of a merchant already in the read model.
+    pub async fn applied_entries(&self, merchant_id: &str) -> Result<HashSet<String>, StoreError> {
+        let rows = self
+            .db
+            .conn()
+            .query_all_raw(statement(
+                self.db.backend(),
+                "SELECT entry_id FROM balance_applied_events WHERE merchant_id = ?",
+                vec![merchant_id.into()],
+            ))
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| r.try_get_by_index::<String>(0))
+            .collect::<Result<_, _>>()?)
+    }
+}
+
+/// Records entries as applied; returns those not recorded before.
+async fn insert_applied<P: std::borrow::Borrow<Posting>>(
+    conn: &impl ConnectionTrait,
+    backend: sea_orm::DbBackend,
+    postings: &[P],
+) -> Result<Vec<String>, DbErr> {
+    let now = now_micros();
+    let mut sql = String::from(
+        "INSERT INTO balance_applied_events (event_id, entry_id, merchant_id, applied_at_micros) VALUES ",
+    );
+    let mut values: Vec<Value> = Vec::with_capacity(postings.len() * 4);
+    for (i, p) in postings.iter().enumerate() {
+        let p = p.borrow();
+        sql.push_str(if i == 0 {
+            "(?, ?, ?, ?)"
+        } else {
+            ", (?, ?, ?, ?)"
+        });
+        values.extend([
+            p.event_id.clone().into(),
+            p.entry_id.clone().into(),
+            p.merchant_id.clone().into(),
+            now.into(),
+        ]);
+    }
+    sql.push_str(" ON CONFLICT (entry_id) DO NOTHING RETURNING entry_id");
+    let rows = conn.query_all_raw(statement(backend, &sql, values)).await?;
+    rows.iter()
+        .map(|r| r.try_get_by_index::<String>(0))
+        .collect()
+}
+
+/// Adds `delta` to a day, creating it when absent. The database does the
+/// addition, so concurrent consolidators never lose an update; an overflow
+/// fails the statement (PostgreSQL's bigint range, SQLite's integer checks).
+async fn add_to_day(
+    conn: &impl ConnectionTrait,
+    backend: sea_orm::DbBackend,
+    key: &DayKey,
+    delta: &Delta,
+) -> Result<(), DbErr> {
+    conn.execute_raw(statement(
+        backend,
+        "INSERT INTO balance_daily (merchant_id, currency_code, booking_date, credits_minor, debits_minor, entry_count, as_of_micros) \
+         VALUES (?, ?, ?, ?, ?, ?, ?) \
+         ON CONFLICT (merchant_id, currency_code, booking_date) DO UPDATE SET \
+           credits_minor = balance_daily.credits_minor + excluded.credits_minor, \
+           debits_minor = balance_daily.debits_minor + excluded.debits_minor, \
+           entry_count = balance_daily.entry_count + excluded.entry_count, \
+           as_of_micros = CASE WHEN excluded.as_of_micros > balance_daily.as_of_micros \
+                               THEN excluded.as_of_micros ELSE balance_daily.as_of_micros END",
+        vec![
+            key.merchant_id.clone().into(),
+            key.currency.clone().into(),
+            key.date.into(),
+            delta.credits.into(),
+            delta.debits.into(),
+            delta.count.into(),
+            delta.as_of_micros.into(),
+        ],
+    ))
+    .await?;
+    Ok(())
+}

@@ -1,0 +1,98 @@
+//! The read model's schema, owned by the balance side. Written as SQL per
+//! backend so the constraints that keep sums exact are stated exactly: on
+//! SQLite an integer overflow silently turns into a float, so every amount
+//! column also checks it is still an integer.
+
+use sea_orm::DbBackend;
+use sea_orm_migration::prelude::*;
+
+/// Runs the balance side's migrations, tracked in `balance_schema_migrations`.
+#[derive(Debug)]
+pub struct Migrator;
+
+#[async_trait::async_trait]
+impl MigratorTrait for Migrator {
+    fn migrations() -> Vec<Box<dyn MigrationTrait>> {
+        vec![Box::new(CreateReadModel)]
+    }
+
+    fn migration_table_name() -> DynIden {
+        "balance_schema_migrations".into_iden()
+    }
+}
+
+struct CreateReadModel;
+
+impl MigrationName for CreateReadModel {
+    fn name(&self) -> &str {
+        "m20261121_000001_create_read_model"
+    }
+}
+
+const POSTGRES_UP: &str = r#"
+CREATE TABLE balance_daily (
+    merchant_id   VARCHAR(64) NOT NULL,
+    currency_code CHAR(3)     NOT NULL,
+    booking_date  DATE        NOT NULL,
+    credits_minor BIGINT      NOT NULL CHECK (credits_minor >= 0),
+    debits_minor  BIGINT      NOT NULL CHECK (debits_minor >= 0),
+    entry_count   BIGINT      NOT NULL CHECK (entry_count >= 0),
+    -- Newest ledger commit reflected in this row, microseconds since the epoch.
+    as_of_micros  BIGINT      NOT NULL,
+    PRIMARY KEY (merchant_id, currency_code, booking_date)
+);
+-- One row per ledger entry applied: applying an entry and recording it here
+-- commit together, so a redelivered event is recognised and skipped. Keyed by
+-- entry (each entry has exactly one EntryRecorded event) so a repair from the
+-- ledger, which knows entries but not events, shares the same guard.
+CREATE TABLE balance_applied_events (
+    entry_id          VARCHAR(26) PRIMARY KEY,
+    event_id          VARCHAR(26) NOT NULL,
+    merchant_id       VARCHAR(64) NOT NULL,
+    applied_at_micros BIGINT      NOT NULL
+);
+"#;
+
+const SQLITE_UP: &str = r#"
+CREATE TABLE balance_daily (
+    merchant_id   TEXT    NOT NULL,
+    currency_code TEXT    NOT NULL,
+    booking_date  TEXT    NOT NULL,
+    credits_minor INTEGER NOT NULL CHECK (typeof(credits_minor) = 'integer' AND credits_minor >= 0),
+    debits_minor  INTEGER NOT NULL CHECK (typeof(debits_minor) = 'integer' AND debits_minor >= 0),
+    entry_count   INTEGER NOT NULL CHECK (typeof(entry_count) = 'integer' AND entry_count >= 0),
+    as_of_micros  INTEGER NOT NULL,
+    PRIMARY KEY (merchant_id, currency_code, booking_date)
+);
+CREATE TABLE balance_applied_events (
+    entry_id          TEXT    NOT NULL PRIMARY KEY,
+    event_id          TEXT    NOT NULL,
+    merchant_id       TEXT    NOT NULL,
+    applied_at_micros INTEGER NOT NULL
+);
+"#;
+
+#[async_trait::async_trait]
+impl MigrationTrait for CreateReadModel {
+    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        let sql = match manager.get_database_backend() {
+            DbBackend::Postgres => POSTGRES_UP,
+            DbBackend::Sqlite => SQLITE_UP,
+            other => {
+                return Err(DbErr::Migration(format!(
+                    "unsupported database backend {other:?}"
+                )));
+            }
+        };
+        manager.get_connection().execute_unprepared(sql).await?;
+        Ok(())
+    }
+
+    async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        manager
+            .get_connection()
+            .execute_unprepared("DROP TABLE balance_applied_events; DROP TABLE balance_daily;")
+            .await?;
+        Ok(())
+    }
+}

@@ -1,0 +1,256 @@
+//! The outbox relay: publishes committed `EntryRecorded` events, in batches,
+//! to an [`EventSink`] (a Redis Stream, or the in-process consolidator) and
+//! marks them published. On PostgreSQL each batch is claimed with
+//! `FOR UPDATE SKIP LOCKED`, so any number of relays run side by side without
+//! publishing the same event twice; if a relay dies after publishing but
+//! before marking, the events go out again and consumers deduplicate them.
+
+use std::{sync::Arc, time::Duration};
+
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use fluxo_db::{Db, statement};
+use fluxo_queue::{EventSink, StreamEvent};
+use sea_orm::{ConnectionTrait, DbBackend, DbErr, TransactionTrait, Value};
+use tokio::sync::Notify;
+
+/// Settings of the relay loop.
+#[derive(Debug, Clone)]
+pub struct RelayConfig {
+    /// Events per batch.
+    pub batch_size: u32,
+    /// Longest pause between polls when idle.
+    pub max_idle: Duration,
+    /// Published events older than this are deleted from the outbox.
+    pub retention: Duration,
+}
+
+impl Default for RelayConfig {
+    fn default() -> Self {
+        Self {
+            batch_size: 500,
+            max_idle: Duration::from_millis(200),
+            retention: Duration::from_secs(24 * 3600),
+        }
+    }
+}
+
+/// Why a relay pass failed; the loop backs off and tries again.
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    /// The outbox could not be read or marked.
+    #[error("outbox: {0}")]
+    Db(#[from] DbErr),
+    /// The sink refused the batch.
+    #[error("publish: {0}")]
+    Publish(#[from] fluxo_queue::PublishError),
+}
+
+/// How much is waiting to be published.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Backlog {
+    /// Unpublished events.
+    pub events: i64,
+    /// Age of the oldest unpublished event.
+    pub oldest_age: Duration,
+}
+
+/// Publishes the outbox.
+#[derive(Clone)]
+pub struct Relay {
+    db: Db,
+    sink: Arc<dyn EventSink>,
+    config: RelayConfig,
+    wake: Arc<Notify>,
+}
+
+impl std::fmt::Debug for Relay {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Relay")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Relay {
+    /// A relay from `db`'s outbox to `sink`; `wake` is notified by the ledger after each commit.
+    pub fn new(db: Db, sink: Arc<dyn EventSink>, config: RelayConfig, wake: Arc<Notify>) -> Self {
+        Self {
+            db,
+            sink,
+            config,
+            wake,
+        }
+    }
+
+    /// Publishes until `stop` resolves, then finishes the batch in hand.
+    pub async fn run(self, stop: impl Future<Output = ()>) {
+        tokio::pin!(stop);
+        let mut idle = Duration::from_millis(5);
+        let mut failures = 0u32;
+        let mut last_cleanup = tokio::time::Instant::now();
+        loop {
+            match self.publish_batch().await {
+                Ok(n) if n >= self.config.batch_size as usize => {
+                    failures = 0;
+                    continue;
+                }
+                Ok(n) => {
+                    if failures > 0 {
+                        tracing::info!("outbox relay recovered");
+                    }
+                    failures = 0;
+                    idle = if n > 0 {
+                        Duration::from_millis(5)
+                    } else {
+                        (idle * 2).min(self.config.max_idle)
+                    };
+                }
+                Err(error) => {
+                    failures += 1;
+                    // Log the first failure and then every tenth, not every retry.
+                    if failures == 1 || failures % 10 == 0 {
+                        tracing::warn!(%error, failures, "outbox relay cannot publish; retrying with backoff");
+                    }
+                    idle = Duration::from_millis(100 * u64::from(failures.min(50)));
+                }
+            }
+            if last_cleanup.elapsed() > Duration::from_secs(60) {
+                last_cleanup = tokio::time::Instant::now();
+                if let Err(error) = self.delete_published().await {
+                    tracing::warn!(%error, "could not trim the outbox");
+                }
+            }
+            tokio::select! {
+                () = &mut stop => return,
+                () = self.wake.notified() => {}
+                () = tokio::time::sleep(idle) => {}
+            }
+        }
+    }
+
+    /// Publishes one batch of unpublished events; returns how many.
+    pub async fn publish_batch(&self) -> Result<usize, RelayError> {
+        match self.db.backend() {
+            DbBackend::Postgres => self.publish_postgres().await,
+            _ => self.publish_sqlite().await,
+        }
+    }
+
+    async fn publish_postgres(&self) -> Result<usize, RelayError> {
+        let txn = self.db.conn().begin().await?;
+        let rows = txn
+            .query_all_raw(statement(
+                DbBackend::Postgres,
+                "SELECT position, event_id, payload, traceparent, tracestate FROM ledger_outbox \
+                 WHERE published_at IS NULL ORDER BY position LIMIT ? FOR UPDATE SKIP LOCKED",
+                vec![i64::from(self.config.batch_size).into()],
+            ))
+            .await?;
+        let events = decode(&rows)?;
+        if events.is_empty() {
+            txn.commit().await?;
+            return Ok(0);
+        }
+        self.sink.publish(&events).await?;
+        mark_published(&txn, DbBackend::Postgres, &events).await?;
+        txn.commit().await?;
+        Ok(events.len())
+    }
+
+    async fn publish_sqlite(&self) -> Result<usize, RelayError> {
+        // One process owns an SQLite file, so one relay: no claim needed. No
+        // transaction is held while publishing, because the in-process sink
+        // writes the read model in the same file.
+        let rows = self
+            .db
+            .conn()
+            .query_all_raw(statement(
+                DbBackend::Sqlite,
+                "SELECT position, event_id, payload, traceparent, tracestate FROM ledger_outbox \
+                 WHERE published_at IS NULL ORDER BY position LIMIT ?",
+                vec![i64::from(self.config.batch_size).into()],
+            ))
+            .await?;
+        let events = decode(&rows)?;
+        if events.is_empty() {
+            return Ok(0);
+        }
+        self.sink.publish(&events).await?;
+        let _writer = self.db.write_guard().await;
+        let txn = self.db.conn().begin().await?;
+        mark_published(&txn, DbBackend::Sqlite, &events).await?;
+        txn.commit().await?;
+        Ok(events.len())
+    }
+
+    async fn delete_published(&self) -> Result<u64, DbErr> {
+        let cutoff =
+            Utc::now() - chrono::Duration::from_std(self.config.retention).unwrap_or_default();
+        let _writer = self.db.write_guard().await;
+        let result = self
+            .db
+            .conn()
+            .execute_raw(statement(
+                self.db.backend(),
+                "DELETE FROM ledger_outbox WHERE published_at IS NOT NULL AND published_at < ?",
+                vec![cutoff.into()],
+            ))
+            .await?;
+        Ok(result.rows_affected())
+    }
+}
+
+/// Unpublished events and the age of the oldest, for operators and metrics.
+pub async fn backlog(db: &Db) -> Result<Backlog, DbErr> {
+    let row = db
+        .conn()
+        .query_one_raw(statement(
+            db.backend(),
+            "SELECT COUNT(*), MIN(created_at) FROM ledger_outbox WHERE published_at IS NULL",
+            vec![],
+        ))
+        .await?;
+    let (events, oldest) = match row {
+        Some(r) => (
+            r.try_get_by_index::<i64>(0)?,
+            r.try_get_by_index::<Option<DateTime<Utc>>>(1)?,
+        ),
+        None => (0, None),
+    };
+    let oldest_age = oldest
+        .map(|t| (Utc::now() - t).to_std().unwrap_or_default())
+        .unwrap_or_default();
+    Ok(Backlog { events, oldest_age })
+}
+
+fn decode(rows: &[sea_orm::QueryResult]) -> Result<Vec<StreamEvent>, DbErr> {
+    rows.iter()
+        .map(|r| {
+            Ok(StreamEvent {
+                position: r.try_get_by_index(0)?,
+                event_id: r.try_get_by_index(1)?,
+                payload: Bytes::from(r.try_get_by_index::<Vec<u8>>(2)?),
+                traceparent: r.try_get_by_index(3)?,
+                tracestate: r.try_get_by_index(4)?,
+            })
+        })
+        .collect()
+}
+
+async fn mark_published(
+    txn: &sea_orm::DatabaseTransaction,
+    backend: DbBackend,
+    events: &[StreamEvent],
+) -> Result<(), DbErr> {
+    let placeholders = vec!["?"; events.len()].join(", ");
+    let mut values: Vec<Value> = vec![Utc::now().into()];
+    values.extend(events.iter().map(|e| Value::from(e.position)));
+    txn.execute_raw(statement(
+        backend,
+        &format!("UPDATE ledger_outbox SET published_at = ? WHERE position IN ({placeholders})"),
+        values,
+    ))
+    .await?;
+    Ok(())
+}
