@@ -3,6 +3,7 @@
 //! each target runs as its own Deployment (`fluxo serve --target ledger`).
 
 mod config;
+mod ops;
 mod serve;
 
 use std::{path::PathBuf, process::ExitCode};
@@ -52,6 +53,44 @@ enum Command {
         #[arg(long, default_value_t = 60)]
         wait_secs: u64,
     },
+    /// The Redis stream that carries ledger events to the consolidators.
+    Queue {
+        #[command(subcommand)]
+        command: QueueCommand,
+    },
+    /// Inspect, replay or drop messages parked in the dead-letter stream.
+    Dlq {
+        #[command(subcommand)]
+        command: ops::DlqCommand,
+    },
+    /// Rebuild or reconcile the daily balances from the ledger.
+    Balances {
+        #[command(subcommand)]
+        command: BalancesCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum QueueCommand {
+    /// Create the stream and its consumer group (safe to repeat).
+    Init,
+}
+
+#[derive(Debug, Subcommand)]
+enum BalancesCommand {
+    /// Recompute balances from the ledger (all, or one merchant and date range) while fluxo serves.
+    Rebuild {
+        #[command(flatten)]
+        scope: ops::Scope,
+    },
+    /// Compare the ledger's sums with the balances and report every difference.
+    Reconcile {
+        #[command(flatten)]
+        scope: ops::Scope,
+        /// Apply the ledger entries the balances are missing.
+        #[arg(long)]
+        repair: bool,
+    },
 }
 
 /// A part of fluxo that can run as its own process.
@@ -92,6 +131,12 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Serve { target } => serve::serve(config, target).await,
             Command::Migrate { wait_secs } => serve::migrate(config, wait_secs).await,
+            Command::Queue { command: QueueCommand::Init } => ops::queue_init(&config).await,
+            Command::Dlq { command } => ops::dlq(&config, command).await,
+            Command::Balances { command: BalancesCommand::Rebuild { scope } } => ops::rebuild(&config, &scope).await,
+            Command::Balances { command: BalancesCommand::Reconcile { scope, repair } } => {
+                ops::reconcile(&config, &scope, repair).await
+            }
         }
     });
     match result {

@@ -1,0 +1,297 @@
+//! Operator commands: the consumer group, the dead-letter stream, and
+//! rebuilding or reconciling balances from the ledger.
+//!
+//! Reports go to stdout (they are the command's output); progress to stderr.
+
+#![allow(clippy::print_stdout)]
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use anyhow::{Context, bail};
+use chrono::NaiveDate;
+use fluxo_balance::{
+    BalanceStore, Consolidator,
+    consumer::{DeadLetters, ensure_group},
+    domain::{DayKey, DayTotals, Direction, Posting, fold},
+};
+use fluxo_ledger::{
+    LedgerStore,
+    domain::{DateRange, Entry, EntryKind, MerchantId},
+};
+
+use crate::{config::Config, serve::connect_waiting};
+
+fn redis(config: &Config) -> anyhow::Result<fred::prelude::Client> {
+    let settings = config
+        .redis_config()
+        .context("this command works on the Redis stream: set redis.url (FLUXO_REDIS__URL)")?;
+    Ok(fluxo_queue::client(&settings)?)
+}
+
+/// `fluxo queue init`: creates the stream and its consumer group.
+pub(crate) async fn queue_init(config: &Config) -> anyhow::Result<()> {
+    let client = redis(config)?;
+    let names = config.stream_names();
+    ensure_group(&client, &names).await.context("creating the consumer group")?;
+    eprintln!("fluxo: stream {} has consumer group {}", names.stream, names.group);
+    Ok(())
+}
+
+/// What to do with the dead-letter stream.
+#[derive(Debug, Clone, clap::Subcommand)]
+pub(crate) enum DlqCommand {
+    /// List parked messages, oldest first.
+    List {
+        /// At most this many.
+        #[arg(long, default_value_t = 100)]
+        count: u64,
+    },
+    /// Show one parked message.
+    Show {
+        /// Its id in the dead-letter stream.
+        id: String,
+    },
+    /// Apply parked messages again once their cause is fixed; applied ones are removed.
+    Replay {
+        /// Ids to replay; none with --all.
+        ids: Vec<String>,
+        /// Replay every parked message.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Delete parked messages without applying them.
+    Drop {
+        /// Ids to delete.
+        #[arg(required = true)]
+        ids: Vec<String>,
+    },
+}
+
+/// `fluxo dlq …`.
+pub(crate) async fn dlq(config: &Config, command: DlqCommand) -> anyhow::Result<()> {
+    let letters = DeadLetters::new(redis(config)?, config.stream_names());
+    match command {
+        DlqCommand::List { count } => {
+            let list = letters.list(count).await?;
+            println!("{} parked message(s) in {}", letters.len().await?, config.stream_names().dead_letters);
+            for l in list {
+                let event = l.event.as_ref().map_or("<malformed>".to_owned(), |e| e.event_id.clone());
+                println!("{}  event {event}  deliveries {}  reason: {}", l.id, l.deliveries, l.reason);
+            }
+        }
+        DlqCommand::Show { id } => {
+            let l = letters.show(&id).await?;
+            println!("id:           {}", l.id);
+            println!("original id:  {}", l.original_id);
+            println!("deliveries:   {}", l.deliveries);
+            println!("reason:       {}", l.reason);
+            match &l.event {
+                Some(e) => {
+                    println!("event id:     {}", e.event_id);
+                    println!("position:     {}", e.position);
+                    match fluxo_balance::consolidator::decode(e) {
+                        Ok(p) => println!(
+                            "entry:        {} {} {:?} {} {} on {}",
+                            p.entry_id, p.merchant_id, p.direction, p.amount, p.currency, p.date
+                        ),
+                        Err(err) => println!("entry:        unreadable ({err})"),
+                    }
+                }
+                None => println!("event:        malformed message"),
+            }
+        }
+        DlqCommand::Replay { ids, all } => {
+            let db = connect_waiting(config, 10).await?;
+            let consolidator = Consolidator::new(BalanceStore::new(db));
+            let ids = if all {
+                letters.list(u64::MAX).await?.into_iter().map(|l| l.id).collect()
+            } else if ids.is_empty() {
+                bail!("name the messages to replay, or pass --all");
+            } else {
+                ids
+            };
+            let (mut ok, mut failed) = (0, 0);
+            for (i, id) in ids.iter().enumerate() {
+                match letters.replay(id, &consolidator).await {
+                    Ok(()) => ok += 1,
+                    Err(error) => {
+                        failed += 1;
+                        eprintln!("fluxo: {id}: {error}");
+                    }
+                }
+                progress("replayed", i + 1, ids.len());
+            }
+            println!("replayed {ok}, still failing {failed}");
+            if failed > 0 {
+                bail!("{failed} message(s) still fail; fix their cause and replay again");
+            }
+        }
+        DlqCommand::Drop { ids } => {
+            for id in ids {
+                let removed = letters.drop_message(&id).await?;
+                println!("{id}: {}", if removed { "dropped" } else { "not found" });
+            }
+        }
+    }
+    Ok(())
+}
+
+fn progress(what: &str, done: usize, total: usize) {
+    if total >= 20 && (done % (total / 20).max(1) == 0 || done == total) {
+        eprintln!("fluxo: {what} {done}/{total}");
+    }
+}
+
+fn posting(entry: &Entry) -> Posting {
+    let b = &entry.booked;
+    Posting {
+        // Rebuilt from the ledger rather than delivered: the entry stands for its event.
+        event_id: b.id.to_string(),
+        entry_id: b.id.to_string(),
+        merchant_id: b.merchant_id.as_str().to_owned(),
+        currency: b.amount.currency().code().to_owned(),
+        date: b.booking_date.date(),
+        direction: match b.kind {
+            EntryKind::Credit => Direction::Credit,
+            EntryKind::Debit => Direction::Debit,
+        },
+        amount: b.amount.minor_units(),
+        committed_at_micros: entry.created_at.timestamp_micros(),
+    }
+}
+
+/// Which balances a command covers.
+#[derive(Debug, Clone, clap::Args)]
+pub(crate) struct Scope {
+    /// Only this merchant (default: every merchant).
+    #[arg(long)]
+    merchant: Option<String>,
+    /// First booking date (YYYY-MM-DD) of a rebuild.
+    #[arg(long)]
+    from: Option<String>,
+    /// Last booking date (YYYY-MM-DD) of a rebuild.
+    #[arg(long)]
+    to: Option<String>,
+}
+
+fn parse_date(field: &str, value: Option<&String>) -> anyhow::Result<Option<NaiveDate>> {
+    value
+        .map(|v| fluxo_ledger::domain::BookingDate::parse_date(v).map_err(|e| anyhow::anyhow!("--{field}: {e}")))
+        .transpose()
+}
+
+impl Scope {
+    fn merchant(&self) -> anyhow::Result<Option<MerchantId>> {
+        self.merchant
+            .as_deref()
+            .map(|m| MerchantId::parse(m).map_err(|e| anyhow::anyhow!("--merchant: {e}")))
+            .transpose()
+    }
+
+    fn range(&self) -> anyhow::Result<DateRange> {
+        Ok(DateRange { start: parse_date("from", self.from.as_ref())?, end: parse_date("to", self.to.as_ref())? })
+    }
+}
+
+/// `fluxo balances rebuild`: recomputes balances from the ledger while the system serves.
+pub(crate) async fn rebuild(config: &Config, scope: &Scope) -> anyhow::Result<()> {
+    let db = connect_waiting(config, 10).await?;
+    let ledger = LedgerStore::new(db.clone());
+    let store = BalanceStore::new(db);
+    let range = scope.range()?;
+    let entries = ledger.entries(scope.merchant()?.as_ref(), &range).await?;
+    let mut by_merchant: BTreeMap<String, Vec<Posting>> = BTreeMap::new();
+    for e in &entries {
+        by_merchant.entry(e.booked.merchant_id.as_str().to_owned()).or_default().push(posting(e));
+    }
+    if let Some(m) = &scope.merchant {
+        by_merchant.entry(m.clone()).or_default();
+    }
+    let start = range.start.unwrap_or(NaiveDate::MIN);
+    let end = range.end.unwrap_or(NaiveDate::MAX);
+    let total = by_merchant.len();
+    for (i, (merchant, postings)) in by_merchant.iter().enumerate() {
+        store.rebuild(merchant, start, end, postings).await?;
+        progress("rebuilt merchants", i + 1, total);
+    }
+    println!("rebuilt {total} merchant(s) from {} ledger entries", entries.len());
+    Ok(())
+}
+
+/// `fluxo balances reconcile`: compares the ledger's sums with the read
+/// model, reports each difference, and with `--repair` applies the ledger
+/// entries the read model misses.
+pub(crate) async fn reconcile(config: &Config, scope: &Scope, repair: bool) -> anyhow::Result<()> {
+    let db = connect_waiting(config, 10).await?;
+    let ledger = LedgerStore::new(db.clone());
+    let store = BalanceStore::new(db);
+    let merchant = scope.merchant()?;
+    let diffs = differences(&ledger, &store, merchant.as_ref()).await?;
+    for (key, (expected, actual)) in &diffs {
+        println!(
+            "{} {} {}: ledger credits {} debits {} entries {}; read model credits {} debits {} entries {}; missing net {}",
+            key.merchant_id,
+            key.currency,
+            key.date,
+            expected.credits,
+            expected.debits,
+            expected.count,
+            actual.credits,
+            actual.debits,
+            actual.count,
+            (expected.credits - expected.debits) - (actual.credits - actual.debits),
+        );
+    }
+    println!("{} day(s) differ", diffs.len());
+    if diffs.is_empty() || !repair {
+        if !diffs.is_empty() {
+            bail!("balances differ from the ledger; run again with --repair");
+        }
+        return Ok(());
+    }
+    let merchants: BTreeSet<String> = diffs.keys().map(|k| k.merchant_id.clone()).collect();
+    let total = merchants.len();
+    let mut repaired = 0;
+    for (i, m) in merchants.iter().enumerate() {
+        let id = MerchantId::parse(m).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let applied = store.applied_entries(m).await?;
+        let missing: Vec<Posting> = ledger
+            .entries(Some(&id), &DateRange::default())
+            .await?
+            .iter()
+            .filter(|e| !applied.contains(&e.booked.id.to_string()))
+            .map(posting)
+            .collect();
+        for chunk in missing.chunks(500) {
+            repaired += store.apply(chunk).await?.applied;
+        }
+        progress("repaired merchants", i + 1, total);
+    }
+    let left = differences(&ledger, &store, merchant.as_ref()).await?;
+    println!("applied {repaired} missing entries; {} day(s) still differ", left.len());
+    if !left.is_empty() {
+        bail!("some days still differ (the read model holds amounts the ledger does not): run `fluxo balances rebuild`");
+    }
+    Ok(())
+}
+
+type Diffs = BTreeMap<DayKey, (DayTotals, DayTotals)>;
+
+async fn differences(ledger: &LedgerStore, store: &BalanceStore, merchant: Option<&MerchantId>) -> anyhow::Result<Diffs> {
+    let entries = ledger.entries(merchant, &DateRange::default()).await?;
+    let postings: Vec<Posting> = entries.iter().map(posting).collect();
+    let expected: BTreeMap<DayKey, DayTotals> = fold(&postings)?
+        .into_iter()
+        .map(|(k, d)| (k, DayTotals { credits: d.credits, debits: d.debits, count: d.count }))
+        .collect();
+    let actual = store.all_days(merchant.map(MerchantId::as_str)).await?;
+    let keys: BTreeSet<&DayKey> = expected.keys().chain(actual.keys()).collect();
+    Ok(keys
+        .into_iter()
+        .filter_map(|k| {
+            let e = expected.get(k).copied().unwrap_or_default();
+            let a = actual.get(k).copied().unwrap_or_default();
+            (e != a).then(|| (k.clone(), (e, a)))
+        })
+        .collect())
+}
