@@ -260,6 +260,8 @@ def main():
             redis_env = [e for e in ctr.get("env", []) or [] if e["name"] == "FLUXO_REDIS__URL"]
             if d["metadata"].get("labels", {}).get("app.kubernetes.io/component") == "ledger":
                 c.check(bool(redis_env), f"{cid}: ledger has FLUXO_REDIS__URL (the outbox relay publishes)")
+                c.check(str(merged.get("FLUXO_RELAY__ENABLED", "true")).lower() != "false",
+                        f"{cid}: the outbox relay is not disabled (FLUXO_RELAY__ENABLED)")
         tsc = spec.get("topologySpreadConstraints") or []
         for t in tsc:
             c.check(matches(t["labelSelector"]["matchLabels"], pod_meta(d).get("labels") or {}),

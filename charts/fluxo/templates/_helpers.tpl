@@ -167,7 +167,6 @@ FLUXO_GRPC__MAX_CONCURRENT_REQUESTS: {{ $c.grpc.maxConcurrentRequests | quote }}
 FLUXO_GRPC__REQUEST_TIMEOUT_MS: {{ $c.grpc.requestTimeoutMs | quote }}
 FLUXO_GRPC__SHUTDOWN_DELAY_MS: {{ $c.grpc.shutdownDelayMs | quote }}
 FLUXO_GRPC__SHUTDOWN_TIMEOUT_MS: {{ $c.grpc.shutdownTimeoutMs | quote }}
-FLUXO_GATEWAY__LISTEN: {{ printf "0.0.0.0:%v" $c.gateway.port | quote }}
 FLUXO_LEDGER__TIME_ZONE: {{ $c.ledger.timeZone | quote }}
 FLUXO_LOG__FORMAT: {{ $c.log.format | quote }}
 FLUXO_LOG__LEVEL: {{ $c.log.level | quote }}
