@@ -1,10 +1,12 @@
 //! Black-box tests of the built `fluxo` binary: started as a newcomer starts
 //! it, called with grpcurl over server reflection only, stopped with SIGTERM.
 
+mod pipeline;
 mod support;
 
 use std::time::Duration;
 
+use fluxo_proto::{balance_v1 as bpb, ledger_v1 as lpb};
 use fluxo_testing::{Backend, TestDb};
 use serde_json::json;
 use support::{Fluxo, fluxo_command, grpcurl};
@@ -248,4 +250,230 @@ fn targets_not_built_yet_say_so() {
         help.contains("serve") && help.contains("migrate") && help.contains("FLUXO_"),
         "{help}"
     );
+}
+
+const THREE_MINUTES: Duration = Duration::from_secs(180);
+
+#[test]
+fn embedded_mode_shows_a_new_entry_in_the_balance_within_a_second() {
+    let data = tempfile::tempdir().unwrap();
+    let fluxo = Fluxo::start(data.path(), &[]);
+    let today = chrono::Utc::now().date_naive().format("%Y-%m-%d").to_string();
+    let started = std::time::Instant::now();
+    fluxo
+        .call(RECORD, &json!({"merchantId":"m-1","type":"CREDIT","amount":{"currencyCode":"BRL","minorUnits":"1050"},"requestId":"k-1"}))
+        .unwrap();
+    let mut closing = String::new();
+    while started.elapsed() < Duration::from_secs(1) {
+        let balance = fluxo
+            .call("fluxo.balance.v1.BalanceService/GetDailyBalance", &json!({"merchantId":"m-1","date":today}))
+            .unwrap();
+        closing = balance["closingBalanceMinor"].as_str().unwrap_or("0").to_owned();
+        if closing == "1050" {
+            break;
+        }
+    }
+    assert_eq!(closing, "1050", "balance not visible within one second");
+    fluxo.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn twenty_thousand_entries_with_three_consolidators_are_exact() {
+    let install = pipeline::Install::new(std::env::var("FLUXO_TEST_REDIS_URL").expect("FLUXO_TEST_REDIS_URL")).await;
+    let ledger = install.start("ledger", &[]);
+    let balance = install.start("balance", &[]);
+    let consolidators: Vec<_> = (0..3).map(|_| install.start("consolidator", &[])).collect();
+    let expected = pipeline::record_many(&ledger.addr, "bulk", 20_000, 50, 32).await;
+    pipeline::assert_exact(&install, &balance.addr, &expected, THREE_MINUTES).await;
+    assert_eq!(pipeline::pending(&install.redis_url, &install.stream).await, 0);
+    for c in consolidators {
+        assert!(c.stop().status.success());
+    }
+    ledger.stop();
+    balance.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn consolidators_killed_at_random_lose_and_double_count_nothing() {
+    let install = pipeline::Install::new(std::env::var("FLUXO_TEST_REDIS_URL").expect("FLUXO_TEST_REDIS_URL")).await;
+    let ledger = install.start("ledger", &[]);
+    let balance = install.start("balance", &[]);
+    let mut consolidators: Vec<_> = (0..3).map(|_| install.start("consolidator", &[])).collect();
+    let writer = {
+        let addr = ledger.addr.clone();
+        tokio::spawn(async move { pipeline::record_many(&addr, "chaos", 12_000, 50, 16).await })
+    };
+    let mut kills = 0;
+    let mut seed: usize = 7;
+    while !writer.is_finished() || kills < 6 {
+        tokio::time::sleep(Duration::from_millis(300 + (seed % 5) as u64 * 100)).await;
+        seed = seed.wrapping_mul(31).wrapping_add(17);
+        let victim = seed % consolidators.len();
+        pipeline::kill(&consolidators[victim]);
+        kills += 1;
+        consolidators[victim] = install.start("consolidator", &[]);
+    }
+    let expected = writer.await.unwrap();
+    assert!(kills >= 5);
+    pipeline::assert_exact(&install, &balance.addr, &expected, THREE_MINUTES).await;
+    // Whatever the killed consumers held was claimed and acknowledged.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while pipeline::pending(&install.redis_url, &install.stream).await > 0 {
+        assert!(std::time::Instant::now() < deadline, "messages left pending");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    for c in consolidators {
+        c.stop();
+    }
+    ledger.stop();
+    balance.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn writes_never_wait_on_consolidation_and_the_backlog_drains() {
+    let install = pipeline::Install::new(std::env::var("FLUXO_TEST_REDIS_URL").expect("FLUXO_TEST_REDIS_URL")).await;
+    let ledger = install.start("ledger", &[]);
+    let balance = install.start("balance", &[]);
+    // No consolidator at all during the write phase: every write must still succeed.
+    let expected = pipeline::record_many(&ledger.addr, "backlog", 5_000, 20, 16).await;
+    let consolidators: Vec<_> = (0..2).map(|_| install.start("consolidator", &[])).collect();
+    pipeline::assert_exact(&install, &balance.addr, &expected, THREE_MINUTES).await;
+    for c in consolidators {
+        c.stop();
+    }
+    ledger.stop();
+    balance.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn redis_down_then_back_then_wiped_loses_nothing() {
+    let mut redis = pipeline::OwnRedis::start();
+    let install = pipeline::Install::new(redis.url()).await;
+    let ledger = install.start("ledger", &[]);
+    let balance = install.start("balance", &[]);
+    let consolidator = install.start("consolidator", &[]);
+    let mut expected = pipeline::record_many(&ledger.addr, "before", 1_000, 10, 8).await;
+
+    // Redis stops mid-run: writes keep succeeding.
+    redis.stop();
+    let during = pipeline::record_many(&ledger.addr, "during", 1_000, 10, 8).await;
+    redis.restart(true);
+    for (k, v) in during {
+        let e = expected.entry(k).or_insert((0, 0, 0));
+        e.0 += v.0;
+        e.1 += v.1;
+        e.2 += v.2;
+    }
+    pipeline::assert_exact(&install, &balance.addr, &expected, THREE_MINUTES).await;
+
+    // Redis comes back empty: the consolidator is stopped, a batch is
+    // published to the stream, and the stream is wiped before it is consumed.
+    consolidator.stop();
+    let lost = pipeline::record_many(&ledger.addr, "lost", 500, 10, 4).await;
+    tokio::time::sleep(Duration::from_secs(2)).await; // the relay publishes
+    redis.stop();
+    redis.restart(false);
+    let report = install.run(&["balances", "reconcile"]);
+    assert!(!report.status.success(), "reconcile must report the missing amounts");
+    let stdout = String::from_utf8_lossy(&report.stdout);
+    assert!(stdout.contains("missing net") && stdout.contains("day(s) differ"), "{stdout}");
+    let repair = install.run(&["balances", "reconcile", "--repair"]);
+    assert!(repair.status.success(), "{}\n{}", String::from_utf8_lossy(&repair.stdout), String::from_utf8_lossy(&repair.stderr));
+    for (k, v) in lost {
+        let e = expected.entry(k).or_insert((0, 0, 0));
+        e.0 += v.0;
+        e.1 += v.1;
+        e.2 += v.2;
+    }
+    let consolidator = install.start("consolidator", &[]);
+    pipeline::assert_exact(&install, &balance.addr, &expected, THREE_MINUTES).await;
+    consolidator.stop();
+    ledger.stop();
+    balance.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_poison_message_is_dead_lettered_and_replayed_exactly_once() {
+    use sea_orm::ConnectionTrait;
+    let install = pipeline::Install::new(std::env::var("FLUXO_TEST_REDIS_URL").expect("FLUXO_TEST_REDIS_URL")).await;
+    let db = install.db.connect().await;
+    // The read model refuses merchant "poison" until the cause is fixed.
+    db.conn()
+        .execute_unprepared(
+            "CREATE FUNCTION refuse_poison() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
+             IF NEW.merchant_id = 'poison' THEN RAISE EXCEPTION 'poison refused'; END IF; RETURN NEW; END $$; \
+             CREATE TRIGGER refuse_poison BEFORE INSERT OR UPDATE ON balance_daily FOR EACH ROW EXECUTE FUNCTION refuse_poison();",
+        )
+        .await
+        .unwrap();
+    let ledger = install.start("ledger", &[]);
+    let balance = install.start("balance", &[]);
+    let consolidator = install.start("consolidator", &[]);
+    let mut client = pipeline::ledger_client(&ledger.addr).await;
+    let poison = lpb::RecordEntryRequest {
+        merchant_id: "poison".into(),
+        r#type: lpb::EntryType::Credit.into(),
+        amount: Some(lpb::Money { currency_code: "BRL".into(), minor_units: 999 }),
+        booking_date: "2026-11-03".into(),
+        description: String::new(),
+        request_id: "p-1".into(),
+    };
+    client.record_entry(poison).await.unwrap();
+    // The rest keeps flowing meanwhile.
+    let expected = pipeline::record_many(&ledger.addr, "healthy", 600, 5, 4).await;
+    pipeline::assert_exact(&install, &balance.addr, &expected, THREE_MINUTES).await;
+
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let list = install.run(&["dlq", "list"]);
+        let out = String::from_utf8_lossy(&list.stdout).into_owned();
+        if out.starts_with("1 parked") {
+            assert!(out.contains("poison refused"), "{out}");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "poison never reached the dead-letter stream: {out}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert_eq!(pipeline::pending(&install.redis_url, &install.stream).await, 0);
+
+    // Replay fails while the cause is there, then succeeds once it is fixed.
+    let early = install.run(&["dlq", "replay", "--all"]);
+    assert!(!early.status.success());
+    db.conn().execute_unprepared("DROP TRIGGER refuse_poison ON balance_daily;").await.unwrap();
+    let replay = install.run(&["dlq", "replay", "--all"]);
+    assert!(replay.status.success(), "{}", String::from_utf8_lossy(&replay.stderr));
+    let again = install.run(&["dlq", "replay", "--all"]);
+    assert!(again.status.success());
+    let mut balances = bpb::balance_service_client::BalanceServiceClient::connect(format!("http://{}", balance.addr)).await.unwrap();
+    let day = balances
+        .get_daily_balance(bpb::GetDailyBalanceRequest { merchant_id: "poison".into(), date: "2026-11-03".into(), currency_code: String::new() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((day.total_credits_minor, day.entry_count), (999, 1), "applied exactly once");
+    consolidator.stop();
+    ledger.stop();
+    balance.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigterm_mid_batch_commits_acknowledges_and_exits_in_time() {
+    let install = pipeline::Install::new(std::env::var("FLUXO_TEST_REDIS_URL").expect("FLUXO_TEST_REDIS_URL")).await;
+    let ledger = install.start("ledger", &[]);
+    let balance = install.start("balance", &[]);
+    let expected = pipeline::record_many(&ledger.addr, "term", 6_000, 20, 16).await;
+    let consolidator = install.start("consolidator", &[("FLUXO_CONSOLIDATOR__CONSUMER_NAME", "terminated"), ("FLUXO_CONSOLIDATOR__BATCH_SIZE", "200")]);
+    tokio::time::sleep(Duration::from_millis(300)).await; // mid-drain
+    let stopping = std::time::Instant::now();
+    consolidator.signal("TERM");
+    let output = consolidator.wait(Duration::from_secs(10));
+    assert!(output.status.success(), "{:?}", output.status);
+    assert!(stopping.elapsed() < Duration::from_secs(6), "exited after {:?}", stopping.elapsed());
+    // Its batch in hand was committed and acknowledged: nothing is left pending for it.
+    assert_eq!(pipeline::pending(&install.redis_url, &install.stream).await, 0);
+    let next = install.start("consolidator", &[]);
+    pipeline::assert_exact(&install, &balance.addr, &expected, THREE_MINUTES).await;
+    next.stop();
+    ledger.stop();
+    balance.stop();
 }

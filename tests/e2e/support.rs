@@ -34,8 +34,13 @@ pub(crate) struct Fluxo {
 impl Fluxo {
     /// Starts `fluxo serve` and waits for its ready banner.
     pub(crate) fn start(data_dir: &Path, env: &[(&str, &str)]) -> Self {
+        Self::start_target(data_dir, "all", env)
+    }
+
+    /// Starts `fluxo serve --target <target>` and waits for its ready banner.
+    pub(crate) fn start_target(data_dir: &Path, target: &str, env: &[(&str, &str)]) -> Self {
         let mut child = fluxo_command(data_dir, env)
-            .arg("serve")
+            .args(["serve", "--target", target])
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -86,6 +91,11 @@ impl Fluxo {
                 .to_owned(),
             Err(error) => format!("unreachable: {error}"),
         }
+    }
+
+    /// The process id.
+    pub(crate) fn pid(&self) -> u32 {
+        self.child.as_ref().map(Child::id).unwrap_or_default()
     }
 
     pub(crate) fn signal(&self, signal: &str) {
