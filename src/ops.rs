@@ -104,7 +104,7 @@ pub(crate) async fn dlq(config: &Config, command: DlqCommand) -> anyhow::Result<
             let db = connect_waiting(config, 10).await?;
             let consolidator = Consolidator::new(BalanceStore::new(db));
             let ids = if all {
-                letters.list(u64::MAX).await?.into_iter().map(|l| l.id).collect()
+                letters.list(1_000_000).await?.into_iter().map(|l| l.id).collect()
             } else if ids.is_empty() {
                 bail!("name the messages to replay, or pass --all");
             } else {

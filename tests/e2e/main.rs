@@ -421,7 +421,7 @@ async fn a_poison_message_is_dead_lettered_and_replayed_exactly_once() {
     client.record_entry(poison).await.unwrap();
     // The rest keeps flowing meanwhile.
     let expected = pipeline::record_many(&ledger.addr, "healthy", 600, 5, 4).await;
-    pipeline::assert_exact(&install, &balance.addr, &expected, THREE_MINUTES).await;
+    pipeline::assert_balances(&install, &balance.addr, &expected, THREE_MINUTES).await;
 
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     loop {
@@ -451,6 +451,8 @@ async fn a_poison_message_is_dead_lettered_and_replayed_exactly_once() {
         .unwrap()
         .into_inner();
     assert_eq!((day.total_credits_minor, day.entry_count), (999, 1), "applied exactly once");
+    let reconcile = install.run(&["balances", "reconcile"]);
+    assert!(reconcile.status.success(), "{}", String::from_utf8_lossy(&reconcile.stdout));
     consolidator.stop();
     ledger.stop();
     balance.stop();
