@@ -131,12 +131,16 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Serve { target } => serve::serve(config, target).await,
             Command::Migrate { wait_secs } => serve::migrate(config, wait_secs).await,
-            Command::Queue { command: QueueCommand::Init } => ops::queue_init(&config).await,
+            Command::Queue {
+                command: QueueCommand::Init,
+            } => ops::queue_init(&config).await,
             Command::Dlq { command } => ops::dlq(&config, command).await,
-            Command::Balances { command: BalancesCommand::Rebuild { scope } } => ops::rebuild(&config, &scope).await,
-            Command::Balances { command: BalancesCommand::Reconcile { scope, repair } } => {
-                ops::reconcile(&config, &scope, repair).await
-            }
+            Command::Balances {
+                command: BalancesCommand::Rebuild { scope },
+            } => ops::rebuild(&config, &scope).await,
+            Command::Balances {
+                command: BalancesCommand::Reconcile { scope, repair },
+            } => ops::reconcile(&config, &scope, repair).await,
         }
     });
     match result {

@@ -32,8 +32,13 @@ fn redis(config: &Config) -> anyhow::Result<fred::prelude::Client> {
 pub(crate) async fn queue_init(config: &Config) -> anyhow::Result<()> {
     let client = redis(config)?;
     let names = config.stream_names();
-    ensure_group(&client, &names).await.context("creating the consumer group")?;
-    eprintln!("fluxo: stream {} has consumer group {}", names.stream, names.group);
+    ensure_group(&client, &names)
+        .await
+        .context("creating the consumer group")?;
+    eprintln!(
+        "fluxo: stream {} has consumer group {}",
+        names.stream, names.group
+    );
     Ok(())
 }
 
@@ -73,10 +78,20 @@ pub(crate) async fn dlq(config: &Config, command: DlqCommand) -> anyhow::Result<
     match command {
         DlqCommand::List { count } => {
             let list = letters.list(count).await?;
-            println!("{} parked message(s) in {}", letters.len().await?, config.stream_names().dead_letters);
+            println!(
+                "{} parked message(s) in {}",
+                letters.len().await?,
+                config.stream_names().dead_letters
+            );
             for l in list {
-                let event = l.event.as_ref().map_or("<malformed>".to_owned(), |e| e.event_id.clone());
-                println!("{}  event {event}  deliveries {}  reason: {}", l.id, l.deliveries, l.reason);
+                let event = l
+                    .event
+                    .as_ref()
+                    .map_or("<malformed>".to_owned(), |e| e.event_id.clone());
+                println!(
+                    "{}  event {event}  deliveries {}  reason: {}",
+                    l.id, l.deliveries, l.reason
+                );
             }
         }
         DlqCommand::Show { id } => {
@@ -104,7 +119,12 @@ pub(crate) async fn dlq(config: &Config, command: DlqCommand) -> anyhow::Result<
             let db = connect_waiting(config, 10).await?;
             let consolidator = Consolidator::new(BalanceStore::new(db));
             let ids = if all {
-                letters.list(1_000_000).await?.into_iter().map(|l| l.id).collect()
+                letters
+                    .list(1_000_000)
+                    .await?
+                    .into_iter()
+                    .map(|l| l.id)
+                    .collect()
             } else if ids.is_empty() {
                 bail!("name the messages to replay, or pass --all");
             } else {
@@ -176,7 +196,10 @@ pub(crate) struct Scope {
 
 fn parse_date(field: &str, value: Option<&String>) -> anyhow::Result<Option<NaiveDate>> {
     value
-        .map(|v| fluxo_ledger::domain::BookingDate::parse_date(v).map_err(|e| anyhow::anyhow!("--{field}: {e}")))
+        .map(|v| {
+            fluxo_ledger::domain::BookingDate::parse_date(v)
+                .map_err(|e| anyhow::anyhow!("--{field}: {e}"))
+        })
         .transpose()
 }
 
@@ -189,7 +212,10 @@ impl Scope {
     }
 
     fn range(&self) -> anyhow::Result<DateRange> {
-        Ok(DateRange { start: parse_date("from", self.from.as_ref())?, end: parse_date("to", self.to.as_ref())? })
+        Ok(DateRange {
+            start: parse_date("from", self.from.as_ref())?,
+            end: parse_date("to", self.to.as_ref())?,
+        })
     }
 }
 
@@ -202,7 +228,10 @@ pub(crate) async fn rebuild(config: &Config, scope: &Scope) -> anyhow::Result<()
     let entries = ledger.entries(scope.merchant()?.as_ref(), &range).await?;
     let mut by_merchant: BTreeMap<String, Vec<Posting>> = BTreeMap::new();
     for e in &entries {
-        by_merchant.entry(e.booked.merchant_id.as_str().to_owned()).or_default().push(posting(e));
+        by_merchant
+            .entry(e.booked.merchant_id.as_str().to_owned())
+            .or_default()
+            .push(posting(e));
     }
     if let Some(m) = &scope.merchant {
         by_merchant.entry(m.clone()).or_default();
@@ -214,7 +243,10 @@ pub(crate) async fn rebuild(config: &Config, scope: &Scope) -> anyhow::Result<()
         store.rebuild(merchant, start, end, postings).await?;
         progress("rebuilt merchants", i + 1, total);
     }
-    println!("rebuilt {total} merchant(s) from {} ledger entries", entries.len());
+    println!(
+        "rebuilt {total} merchant(s) from {} ledger entries",
+        entries.len()
+    );
     Ok(())
 }
 
@@ -268,21 +300,39 @@ pub(crate) async fn reconcile(config: &Config, scope: &Scope, repair: bool) -> a
         progress("repaired merchants", i + 1, total);
     }
     let left = differences(&ledger, &store, merchant.as_ref()).await?;
-    println!("applied {repaired} missing entries; {} day(s) still differ", left.len());
+    println!(
+        "applied {repaired} missing entries; {} day(s) still differ",
+        left.len()
+    );
     if !left.is_empty() {
-        bail!("some days still differ (the read model holds amounts the ledger does not): run `fluxo balances rebuild`");
+        bail!(
+            "some days still differ (the read model holds amounts the ledger does not): run `fluxo balances rebuild`"
+        );
     }
     Ok(())
 }
 
 type Diffs = BTreeMap<DayKey, (DayTotals, DayTotals)>;
 
-async fn differences(ledger: &LedgerStore, store: &BalanceStore, merchant: Option<&MerchantId>) -> anyhow::Result<Diffs> {
+async fn differences(
+    ledger: &LedgerStore,
+    store: &BalanceStore,
+    merchant: Option<&MerchantId>,
+) -> anyhow::Result<Diffs> {
     let entries = ledger.entries(merchant, &DateRange::default()).await?;
     let postings: Vec<Posting> = entries.iter().map(posting).collect();
     let expected: BTreeMap<DayKey, DayTotals> = fold(&postings)?
         .into_iter()
-        .map(|(k, d)| (k, DayTotals { credits: d.credits, debits: d.debits, count: d.count }))
+        .map(|(k, d)| {
+            (
+                k,
+                DayTotals {
+                    credits: d.credits,
+                    debits: d.debits,
+                    count: d.count,
+                },
+            )
+        })
         .collect();
     let actual = store.all_days(merchant.map(MerchantId::as_str)).await?;
     let keys: BTreeSet<&DayKey> = expected.keys().chain(actual.keys()).collect();

@@ -5,6 +5,7 @@ use std::{sync::Arc, time::Duration};
 use anyhow::{Context, bail};
 use fluxo_balance::{
     BalanceStore, Balances, Consolidator, InProcessSink,
+    cache::{BalanceCache, Invalidator},
     consumer::{ConsumerConfig, StreamConsumer, ensure_group},
 };
 use fluxo_db::{Db, backend_name};
@@ -90,7 +91,18 @@ pub(crate) async fn serve(config: Config, target: Target) -> anyhow::Result<()> 
     let mut checks: Vec<Arc<dyn Readiness>> = Vec::new();
     let mut tasks: Vec<JoinHandle<()>> = Vec::new();
     let balance_store = BalanceStore::new(db.clone());
-    let consolidator = Consolidator::new(balance_store.clone());
+    let cache = redis.as_ref().map(|client| {
+        BalanceCache::new(
+            client.clone(),
+            config.balance.cache_ttl_ms,
+            config.balance.stale_ttl_ms,
+        )
+    });
+    let mut consolidator = Consolidator::new(balance_store.clone());
+    if let Some(cache) = &cache {
+        // Every commit to the read model drops the cached answers it changed.
+        consolidator = consolidator.with_listener(Arc::new(Invalidator(cache.clone())));
+    }
 
     if runs(Target::Ledger) {
         let store = LedgerStore::new(db.clone());
@@ -132,6 +144,7 @@ pub(crate) async fn serve(config: Config, target: Target) -> anyhow::Result<()> 
         server
             .add_service(fluxo_balance::grpc::server(
                 balances,
+                cache.clone(),
                 config.grpc.max_message_bytes,
             ))
             .await;

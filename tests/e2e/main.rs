@@ -258,7 +258,10 @@ const THREE_MINUTES: Duration = Duration::from_secs(180);
 fn embedded_mode_shows_a_new_entry_in_the_balance_within_a_second() {
     let data = tempfile::tempdir().unwrap();
     let fluxo = Fluxo::start(data.path(), &[]);
-    let today = chrono::Utc::now().date_naive().format("%Y-%m-%d").to_string();
+    let today = chrono::Utc::now()
+        .date_naive()
+        .format("%Y-%m-%d")
+        .to_string();
     let started = std::time::Instant::now();
     fluxo
         .call(RECORD, &json!({"merchantId":"m-1","type":"CREDIT","amount":{"currencyCode":"BRL","minorUnits":"1050"},"requestId":"k-1"}))
@@ -266,9 +269,15 @@ fn embedded_mode_shows_a_new_entry_in_the_balance_within_a_second() {
     let mut closing = String::new();
     while started.elapsed() < Duration::from_secs(1) {
         let balance = fluxo
-            .call("fluxo.balance.v1.BalanceService/GetDailyBalance", &json!({"merchantId":"m-1","date":today}))
+            .call(
+                "fluxo.balance.v1.BalanceService/GetDailyBalance",
+                &json!({"merchantId":"m-1","date":today}),
+            )
             .unwrap();
-        closing = balance["closingBalanceMinor"].as_str().unwrap_or("0").to_owned();
+        closing = balance["closingBalanceMinor"]
+            .as_str()
+            .unwrap_or("0")
+            .to_owned();
         if closing == "1050" {
             break;
         }
@@ -279,13 +288,19 @@ fn embedded_mode_shows_a_new_entry_in_the_balance_within_a_second() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn twenty_thousand_entries_with_three_consolidators_are_exact() {
-    let install = pipeline::Install::new(std::env::var("FLUXO_TEST_REDIS_URL").expect("FLUXO_TEST_REDIS_URL")).await;
+    let install = pipeline::Install::new(
+        std::env::var("FLUXO_TEST_REDIS_URL").expect("FLUXO_TEST_REDIS_URL"),
+    )
+    .await;
     let ledger = install.start("ledger", &[]);
     let balance = install.start("balance", &[]);
     let consolidators: Vec<_> = (0..3).map(|_| install.start("consolidator", &[])).collect();
     let expected = pipeline::record_many(&ledger.addr, "bulk", 20_000, 50, 32).await;
     pipeline::assert_exact(&install, &balance.addr, &expected, THREE_MINUTES).await;
-    assert_eq!(pipeline::pending(&install.redis_url, &install.stream).await, 0);
+    assert_eq!(
+        pipeline::pending(&install.redis_url, &install.stream).await,
+        0
+    );
     for c in consolidators {
         assert!(c.stop().status.success());
     }
@@ -295,7 +310,10 @@ async fn twenty_thousand_entries_with_three_consolidators_are_exact() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn consolidators_killed_at_random_lose_and_double_count_nothing() {
-    let install = pipeline::Install::new(std::env::var("FLUXO_TEST_REDIS_URL").expect("FLUXO_TEST_REDIS_URL")).await;
+    let install = pipeline::Install::new(
+        std::env::var("FLUXO_TEST_REDIS_URL").expect("FLUXO_TEST_REDIS_URL"),
+    )
+    .await;
     let ledger = install.start("ledger", &[]);
     let balance = install.start("balance", &[]);
     let mut consolidators: Vec<_> = (0..3).map(|_| install.start("consolidator", &[])).collect();
@@ -319,7 +337,10 @@ async fn consolidators_killed_at_random_lose_and_double_count_nothing() {
     // Whatever the killed consumers held was claimed and acknowledged.
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     while pipeline::pending(&install.redis_url, &install.stream).await > 0 {
-        assert!(std::time::Instant::now() < deadline, "messages left pending");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "messages left pending"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     for c in consolidators {
@@ -331,7 +352,10 @@ async fn consolidators_killed_at_random_lose_and_double_count_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn writes_never_wait_on_consolidation_and_the_backlog_drains() {
-    let install = pipeline::Install::new(std::env::var("FLUXO_TEST_REDIS_URL").expect("FLUXO_TEST_REDIS_URL")).await;
+    let install = pipeline::Install::new(
+        std::env::var("FLUXO_TEST_REDIS_URL").expect("FLUXO_TEST_REDIS_URL"),
+    )
+    .await;
     let ledger = install.start("ledger", &[]);
     let balance = install.start("balance", &[]);
     // No consolidator at all during the write phase: every write must still succeed.
@@ -374,11 +398,22 @@ async fn redis_down_then_back_then_wiped_loses_nothing() {
     redis.stop();
     redis.restart(false);
     let report = install.run(&["balances", "reconcile"]);
-    assert!(!report.status.success(), "reconcile must report the missing amounts");
+    assert!(
+        !report.status.success(),
+        "reconcile must report the missing amounts"
+    );
     let stdout = String::from_utf8_lossy(&report.stdout);
-    assert!(stdout.contains("missing net") && stdout.contains("day(s) differ"), "{stdout}");
+    assert!(
+        stdout.contains("missing net") && stdout.contains("day(s) differ"),
+        "{stdout}"
+    );
     let repair = install.run(&["balances", "reconcile", "--repair"]);
-    assert!(repair.status.success(), "{}\n{}", String::from_utf8_lossy(&repair.stdout), String::from_utf8_lossy(&repair.stderr));
+    assert!(
+        repair.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&repair.stdout),
+        String::from_utf8_lossy(&repair.stderr)
+    );
     for (k, v) in lost {
         let e = expected.entry(k).or_insert((0, 0, 0));
         e.0 += v.0;
@@ -395,7 +430,10 @@ async fn redis_down_then_back_then_wiped_loses_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_poison_message_is_dead_lettered_and_replayed_exactly_once() {
     use sea_orm::ConnectionTrait;
-    let install = pipeline::Install::new(std::env::var("FLUXO_TEST_REDIS_URL").expect("FLUXO_TEST_REDIS_URL")).await;
+    let install = pipeline::Install::new(
+        std::env::var("FLUXO_TEST_REDIS_URL").expect("FLUXO_TEST_REDIS_URL"),
+    )
+    .await;
     let db = install.db.connect().await;
     // The read model refuses merchant "poison" until the cause is fixed.
     db.conn()
@@ -413,7 +451,10 @@ async fn a_poison_message_is_dead_lettered_and_replayed_exactly_once() {
     let poison = lpb::RecordEntryRequest {
         merchant_id: "poison".into(),
         r#type: lpb::EntryType::Credit.into(),
-        amount: Some(lpb::Money { currency_code: "BRL".into(), minor_units: 999 }),
+        amount: Some(lpb::Money {
+            currency_code: "BRL".into(),
+            minor_units: 999,
+        }),
         booking_date: "2026-11-03".into(),
         description: String::new(),
         request_id: "p-1".into(),
@@ -431,28 +472,58 @@ async fn a_poison_message_is_dead_lettered_and_replayed_exactly_once() {
             assert!(out.contains("poison refused"), "{out}");
             break;
         }
-        assert!(std::time::Instant::now() < deadline, "poison never reached the dead-letter stream: {out}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "poison never reached the dead-letter stream: {out}"
+        );
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    assert_eq!(pipeline::pending(&install.redis_url, &install.stream).await, 0);
+    assert_eq!(
+        pipeline::pending(&install.redis_url, &install.stream).await,
+        0
+    );
 
     // Replay fails while the cause is there, then succeeds once it is fixed.
     let early = install.run(&["dlq", "replay", "--all"]);
     assert!(!early.status.success());
-    db.conn().execute_unprepared("DROP TRIGGER refuse_poison ON balance_daily;").await.unwrap();
+    db.conn()
+        .execute_unprepared("DROP TRIGGER refuse_poison ON balance_daily;")
+        .await
+        .unwrap();
     let replay = install.run(&["dlq", "replay", "--all"]);
-    assert!(replay.status.success(), "{}", String::from_utf8_lossy(&replay.stderr));
+    assert!(
+        replay.status.success(),
+        "{}",
+        String::from_utf8_lossy(&replay.stderr)
+    );
     let again = install.run(&["dlq", "replay", "--all"]);
     assert!(again.status.success());
-    let mut balances = bpb::balance_service_client::BalanceServiceClient::connect(format!("http://{}", balance.addr)).await.unwrap();
+    let mut balances = bpb::balance_service_client::BalanceServiceClient::connect(format!(
+        "http://{}",
+        balance.addr
+    ))
+    .await
+    .unwrap();
     let day = balances
-        .get_daily_balance(bpb::GetDailyBalanceRequest { merchant_id: "poison".into(), date: "2026-11-03".into(), currency_code: String::new() })
+        .get_daily_balance(bpb::GetDailyBalanceRequest {
+            merchant_id: "poison".into(),
+            date: "2026-11-03".into(),
+            currency_code: String::new(),
+        })
         .await
         .unwrap()
         .into_inner();
-    assert_eq!((day.total_credits_minor, day.entry_count), (999, 1), "applied exactly once");
+    assert_eq!(
+        (day.total_credits_minor, day.entry_count),
+        (999, 1),
+        "applied exactly once"
+    );
     let reconcile = install.run(&["balances", "reconcile"]);
-    assert!(reconcile.status.success(), "{}", String::from_utf8_lossy(&reconcile.stdout));
+    assert!(
+        reconcile.status.success(),
+        "{}",
+        String::from_utf8_lossy(&reconcile.stdout)
+    );
     consolidator.stop();
     ledger.stop();
     balance.stop();
@@ -460,19 +531,35 @@ async fn a_poison_message_is_dead_lettered_and_replayed_exactly_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sigterm_mid_batch_commits_acknowledges_and_exits_in_time() {
-    let install = pipeline::Install::new(std::env::var("FLUXO_TEST_REDIS_URL").expect("FLUXO_TEST_REDIS_URL")).await;
+    let install = pipeline::Install::new(
+        std::env::var("FLUXO_TEST_REDIS_URL").expect("FLUXO_TEST_REDIS_URL"),
+    )
+    .await;
     let ledger = install.start("ledger", &[]);
     let balance = install.start("balance", &[]);
     let expected = pipeline::record_many(&ledger.addr, "term", 6_000, 20, 16).await;
-    let consolidator = install.start("consolidator", &[("FLUXO_CONSOLIDATOR__CONSUMER_NAME", "terminated"), ("FLUXO_CONSOLIDATOR__BATCH_SIZE", "200")]);
+    let consolidator = install.start(
+        "consolidator",
+        &[
+            ("FLUXO_CONSOLIDATOR__CONSUMER_NAME", "terminated"),
+            ("FLUXO_CONSOLIDATOR__BATCH_SIZE", "200"),
+        ],
+    );
     tokio::time::sleep(Duration::from_millis(300)).await; // mid-drain
     let stopping = std::time::Instant::now();
     consolidator.signal("TERM");
     let output = consolidator.wait(Duration::from_secs(10));
     assert!(output.status.success(), "{:?}", output.status);
-    assert!(stopping.elapsed() < Duration::from_secs(6), "exited after {:?}", stopping.elapsed());
+    assert!(
+        stopping.elapsed() < Duration::from_secs(6),
+        "exited after {:?}",
+        stopping.elapsed()
+    );
     // Its batch in hand was committed and acknowledged: nothing is left pending for it.
-    assert_eq!(pipeline::pending(&install.redis_url, &install.stream).await, 0);
+    assert_eq!(
+        pipeline::pending(&install.redis_url, &install.stream).await,
+        0
+    );
     let next = install.start("consolidator", &[]);
     pipeline::assert_exact(&install, &balance.addr, &expected, THREE_MINUTES).await;
     next.stop();

@@ -28,8 +28,16 @@ pub(crate) struct OwnRedis {
 
 impl OwnRedis {
     pub(crate) fn start() -> Self {
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let mut redis = Self { child: None, port, dir: tempfile::tempdir().unwrap() };
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut redis = Self {
+            child: None,
+            port,
+            dir: tempfile::tempdir().unwrap(),
+        };
         redis.restart(true);
         redis
     }
@@ -39,12 +47,26 @@ impl OwnRedis {
         if !keep_data {
             for f in std::fs::read_dir(self.dir.path()).unwrap() {
                 let f = f.unwrap().path();
-                if f.is_dir() { std::fs::remove_dir_all(f).unwrap() } else { std::fs::remove_file(f).unwrap() }
+                if f.is_dir() {
+                    std::fs::remove_dir_all(f).unwrap()
+                } else {
+                    std::fs::remove_file(f).unwrap()
+                }
             }
         }
-        let bin = std::env::var("FLUXO_TEST_REDIS_SERVER_BIN").unwrap_or_else(|_| "redis-server".into());
+        let bin =
+            std::env::var("FLUXO_TEST_REDIS_SERVER_BIN").unwrap_or_else(|_| "redis-server".into());
         let child = Command::new(bin)
-            .args(["--bind", "127.0.0.1", "--port", &self.port.to_string(), "--save", "", "--appendonly", "yes"])
+            .args([
+                "--bind",
+                "127.0.0.1",
+                "--port",
+                &self.port.to_string(),
+                "--save",
+                "",
+                "--appendonly",
+                "yes",
+            ])
             .arg("--appendfsync")
             .arg("always")
             .arg("--dir")
@@ -63,7 +85,9 @@ impl OwnRedis {
 
     pub(crate) fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
-            let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+            let _ = Command::new("kill")
+                .args(["-TERM", &child.id().to_string()])
+                .status();
             child.wait().ok();
         }
     }
@@ -94,9 +118,18 @@ impl Install {
     pub(crate) async fn new(redis_url: String) -> Self {
         let db = TestDb::new(Backend::Postgres).await;
         let stream = format!("fluxo:test:{}", ulid_like());
-        let install = Self { db, redis_url, stream, dir: tempfile::tempdir().unwrap() };
+        let install = Self {
+            db,
+            redis_url,
+            stream,
+            dir: tempfile::tempdir().unwrap(),
+        };
         let migrate = install.run(&["migrate"]);
-        assert!(migrate.status.success(), "{}", String::from_utf8_lossy(&migrate.stderr));
+        assert!(
+            migrate.status.success(),
+            "{}",
+            String::from_utf8_lossy(&migrate.stderr)
+        );
         install
     }
 
@@ -116,7 +149,8 @@ impl Install {
 
     pub(crate) fn start(&self, target: &str, extra: &[(&str, &str)]) -> Fluxo {
         let env = self.env();
-        let mut refs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        let mut refs: Vec<(&str, &str)> =
+            env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
         refs.extend_from_slice(extra);
         Fluxo::start_target(self.dir.path(), target, &refs)
     }
@@ -125,7 +159,10 @@ impl Install {
     pub(crate) fn run(&self, args: &[&str]) -> std::process::Output {
         let env = self.env();
         let refs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-        fluxo_command(self.dir.path(), &refs).args(args).output().unwrap()
+        fluxo_command(self.dir.path(), &refs)
+            .args(args)
+            .output()
+            .unwrap()
     }
 }
 
@@ -134,7 +171,9 @@ fn ulid_like() -> String {
 }
 
 pub(crate) async fn ledger_client(addr: &str) -> LedgerServiceClient<Channel> {
-    LedgerServiceClient::connect(format!("http://{addr}")).await.unwrap()
+    LedgerServiceClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap()
 }
 
 /// Expected totals per (merchant, currency, date): what the ledger accepted.
@@ -142,7 +181,13 @@ pub(crate) type Expected = BTreeMap<(String, String), (i64, i64, i64)>;
 
 /// Records `n` entries over `merchants` merchants with `concurrency` callers;
 /// returns what was acknowledged. Every call must succeed.
-pub(crate) async fn record_many(addr: &str, prefix: &str, n: usize, merchants: usize, concurrency: usize) -> Expected {
+pub(crate) async fn record_many(
+    addr: &str,
+    prefix: &str,
+    n: usize,
+    merchants: usize,
+    concurrency: usize,
+) -> Expected {
     let client = ledger_client(addr).await;
     let per = n / concurrency;
     let tasks = (0..concurrency).map(|w| {
@@ -159,8 +204,16 @@ pub(crate) async fn record_many(addr: &str, prefix: &str, n: usize, merchants: u
                 let amount = i64::try_from(1 + (k * 37) % 10_000).unwrap();
                 let request = lpb::RecordEntryRequest {
                     merchant_id: merchant.clone(),
-                    r#type: if credit { lpb::EntryType::Credit } else { lpb::EntryType::Debit }.into(),
-                    amount: Some(lpb::Money { currency_code: "BRL".into(), minor_units: amount }),
+                    r#type: if credit {
+                        lpb::EntryType::Credit
+                    } else {
+                        lpb::EntryType::Debit
+                    }
+                    .into(),
+                    amount: Some(lpb::Money {
+                        currency_code: "BRL".into(),
+                        minor_units: amount,
+                    }),
                     booking_date: date.clone(),
                     description: String::new(),
                     request_id: format!("{prefix}-{k}"),
@@ -170,7 +223,13 @@ pub(crate) async fn record_many(addr: &str, prefix: &str, n: usize, merchants: u
                 loop {
                     match client.record_entry(request.clone()).await {
                         Ok(_) => break,
-                        Err(s) if attempt < 5 && matches!(s.code(), tonic::Code::Unavailable | tonic::Code::ResourceExhausted) => {
+                        Err(s)
+                            if attempt < 5
+                                && matches!(
+                                    s.code(),
+                                    tonic::Code::Unavailable | tonic::Code::ResourceExhausted
+                                ) =>
+                        {
                             attempt += 1;
                             tokio::time::sleep(Duration::from_millis(50)).await;
                         }
@@ -178,7 +237,11 @@ pub(crate) async fn record_many(addr: &str, prefix: &str, n: usize, merchants: u
                     }
                 }
                 let e = expected.entry((merchant, date)).or_insert((0, 0, 0));
-                if credit { e.0 += amount } else { e.1 += amount }
+                if credit {
+                    e.0 += amount
+                } else {
+                    e.1 += amount
+                }
                 e.2 += 1;
             }
             expected
@@ -198,22 +261,39 @@ pub(crate) async fn record_many(addr: &str, prefix: &str, n: usize, merchants: u
 
 /// Waits until the read model holds `entries` entries, then checks every
 /// day's balance through the balance service against `expected`.
-pub(crate) async fn assert_exact(install: &Install, balance_addr: &str, expected: &Expected, within: Duration) {
+pub(crate) async fn assert_exact(
+    install: &Install,
+    balance_addr: &str,
+    expected: &Expected,
+    within: Duration,
+) {
     assert_balances(install, balance_addr, expected, within).await;
     // And the operator's own check agrees.
     let reconcile = install.run(&["balances", "reconcile"]);
-    assert!(reconcile.status.success(), "{}", String::from_utf8_lossy(&reconcile.stdout));
+    assert!(
+        reconcile.status.success(),
+        "{}",
+        String::from_utf8_lossy(&reconcile.stdout)
+    );
 }
 
 /// Like [`assert_exact`], for a test that knows some ledger entries are held back on purpose.
-pub(crate) async fn assert_balances(install: &Install, balance_addr: &str, expected: &Expected, within: Duration) {
+pub(crate) async fn assert_balances(
+    install: &Install,
+    balance_addr: &str,
+    expected: &Expected,
+    within: Duration,
+) {
     let total: i64 = expected.values().map(|v| v.2).sum();
     let deadline = Instant::now() + within;
     let db = install.db.connect().await;
     loop {
         let row = sea_orm::ConnectionTrait::query_one_raw(
             db.conn(),
-            sea_orm::Statement::from_string(db.backend(), "SELECT COUNT(*) FROM balance_applied_events".to_owned()),
+            sea_orm::Statement::from_string(
+                db.backend(),
+                "SELECT COUNT(*) FROM balance_applied_events".to_owned(),
+            ),
         )
         .await
         .unwrap()
@@ -222,11 +302,19 @@ pub(crate) async fn assert_balances(install: &Install, balance_addr: &str, expec
         if applied == total {
             break;
         }
-        assert!(applied <= total, "more entries applied ({applied}) than booked ({total})");
-        assert!(Instant::now() < deadline, "only {applied} of {total} entries consolidated within {within:?}");
+        assert!(
+            applied <= total,
+            "more entries applied ({applied}) than booked ({total})"
+        );
+        assert!(
+            Instant::now() < deadline,
+            "only {applied} of {total} entries consolidated within {within:?}"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let mut client = BalanceServiceClient::connect(format!("http://{balance_addr}")).await.unwrap();
+    let mut client = BalanceServiceClient::connect(format!("http://{balance_addr}"))
+        .await
+        .unwrap();
     let merchants: std::collections::BTreeSet<&String> = expected.keys().map(|(m, _)| m).collect();
     for merchant in merchants {
         let report = client
@@ -241,16 +329,31 @@ pub(crate) async fn assert_balances(install: &Install, balance_addr: &str, expec
             .into_inner();
         let mut running = 0;
         for day in report.balances {
-            let (c, d, n) = expected.get(&(merchant.clone(), day.date.clone())).copied().unwrap_or_default();
+            let (c, d, n) = expected
+                .get(&(merchant.clone(), day.date.clone()))
+                .copied()
+                .unwrap_or_default();
             assert_eq!(
-                (day.total_credits_minor, day.total_debits_minor, day.entry_count),
+                (
+                    day.total_credits_minor,
+                    day.total_debits_minor,
+                    day.entry_count
+                ),
                 (c, d, n),
                 "{merchant} {}",
                 day.date
             );
-            assert_eq!(day.opening_balance_minor, running, "{merchant} {} opening", day.date);
+            assert_eq!(
+                day.opening_balance_minor, running,
+                "{merchant} {} opening",
+                day.date
+            );
             running += c - d;
-            assert_eq!(day.closing_balance_minor, running, "{merchant} {} closing", day.date);
+            assert_eq!(
+                day.closing_balance_minor, running,
+                "{merchant} {} closing",
+                day.date
+            );
         }
     }
 }
@@ -264,10 +367,16 @@ pub(crate) async fn pending(redis_url: &str, stream: &str) -> i64 {
     })
     .unwrap();
     client.wait_for_connect().await.unwrap();
-    let summary: Vec<fred::types::Value> = client.xpending(stream, "consolidators", ()).await.unwrap();
-    summary.first().and_then(fred::types::Value::as_i64).unwrap_or(0)
+    let summary: Vec<fred::types::Value> =
+        client.xpending(stream, "consolidators", ()).await.unwrap();
+    summary
+        .first()
+        .and_then(fred::types::Value::as_i64)
+        .unwrap_or(0)
 }
 
 pub(crate) fn kill(process: &Fluxo) {
-    let _ = Command::new("kill").args(["-KILL", &process.pid().to_string()]).status();
+    let _ = Command::new("kill")
+        .args(["-KILL", &process.pid().to_string()])
+        .status();
 }

@@ -144,8 +144,12 @@ impl StreamConsumer {
                     // the group; what was lost is found by `fluxo balances reconcile`.
                     if error.details().contains("NOGROUP") {
                         match ensure_group(&self.client, &self.config.names).await {
-                            Ok(()) => tracing::warn!("consumer group was missing and has been recreated"),
-                            Err(e) => tracing::warn!(error = %e, "cannot recreate the consumer group yet"),
+                            Ok(()) => {
+                                tracing::warn!("consumer group was missing and has been recreated")
+                            }
+                            Err(e) => {
+                                tracing::warn!(error = %e, "cannot recreate the consumer group yet")
+                            }
                         }
                     }
                     let pause = Duration::from_millis(100 * u64::from(failures.min(30)));

@@ -4,23 +4,33 @@ use fluxo_proto::balance_v1::{
     self as pb,
     balance_service_server::{BalanceService, BalanceServiceServer},
 };
+use std::{future::Future, sync::Arc};
+
+use bytes::Bytes;
+use prost::Message;
 use tonic::{Code, Request, Response, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
 use crate::{
+    cache::{BalanceCache, CacheKey, Loaded, Lookup},
     query::{BalanceView, Balances, QueryError},
     store::StoreError,
 };
 
-/// `fluxo.balance.v1.BalanceService` over [`Balances`].
+/// `fluxo.balance.v1.BalanceService` over [`Balances`], with an optional shared cache.
 #[derive(Debug, Clone)]
 pub struct BalanceGrpc {
     balances: Balances,
+    cache: Option<BalanceCache>,
 }
 
 /// The tonic service.
-pub fn server(balances: Balances, max_message_bytes: usize) -> BalanceServiceServer<BalanceGrpc> {
-    BalanceServiceServer::new(BalanceGrpc { balances })
+pub fn server(
+    balances: Balances,
+    cache: Option<BalanceCache>,
+    max_message_bytes: usize,
+) -> BalanceServiceServer<BalanceGrpc> {
+    BalanceServiceServer::new(BalanceGrpc { balances, cache })
         .max_decoding_message_size(max_message_bytes)
         .max_encoding_message_size(max_message_bytes.saturating_mul(4))
 }
@@ -46,6 +56,12 @@ pub(crate) fn message(view: &BalanceView) -> pb::DailyBalance {
 
 impl From<QueryError> for Status {
     fn from(error: QueryError) -> Self {
+        status(&error)
+    }
+}
+
+fn status(error: &QueryError) -> Status {
+    {
         let text = error.to_string();
         match error {
             QueryError::Invalid(violations) => {
@@ -69,6 +85,60 @@ impl From<QueryError> for Status {
     }
 }
 
+/// A cache key for a request that names a valid merchant, currency and
+/// dates; `None` (no caching) for an invalid one, which the query rejects.
+fn cache_key(merchant: &str, currency: &str, dates: &[&str], field: String) -> Option<CacheKey> {
+    let valid = fluxo_types::MerchantId::parse(merchant).is_ok()
+        && (currency.is_empty() || fluxo_types::Currency::parse(currency).is_ok())
+        && dates
+            .iter()
+            .all(|d| fluxo_types::BookingDate::parse_date(d).is_ok());
+    valid.then(|| CacheKey {
+        merchant: merchant.to_owned(),
+        currency: if currency.is_empty() {
+            "*".to_owned()
+        } else {
+            currency.to_owned()
+        },
+        field,
+    })
+}
+
+impl BalanceGrpc {
+    /// The answer from the cache, or loaded once and cached; when the
+    /// database is down, the last known answer marked stale; else UNAVAILABLE.
+    async fn answer<F>(&self, key: Option<CacheKey>, load: F) -> Result<(Bytes, bool), Status>
+    where
+        F: Future<Output = Loaded> + Send + 'static,
+    {
+        let (Some(cache), Some(key)) = (&self.cache, key) else {
+            return load.await.map(|b| (b, false)).map_err(|e| status(&e));
+        };
+        let generation = match cache.get(&key).await {
+            Ok(Lookup::Hit(answer)) => return Ok((answer, false)),
+            Ok(Lookup::Miss(generation)) => generation,
+            Err(error) => {
+                tracing::warn!(%error, "balance cache unreachable; reading the database");
+                return load.await.map(|b| (b, false)).map_err(|e| status(&e));
+            }
+        };
+        match cache.load_once(&key, &generation, load).await {
+            Ok(answer) => Ok((answer, false)),
+            Err(error) if matches!(*error, QueryError::Store(StoreError::Unavailable(_))) => {
+                match cache.last_known(&key).await {
+                    Ok(Some(answer)) => Ok((answer, true)),
+                    _ => Err(status(&error)),
+                }
+            }
+            Err(error) => Err(status(&error)),
+        }
+    }
+}
+
+fn decode<M: Message + Default>(bytes: &Bytes) -> Result<M, Status> {
+    M::decode(bytes.as_ref()).map_err(|_| Status::internal("internal error"))
+}
+
 #[tonic::async_trait]
 impl BalanceService for BalanceGrpc {
     #[tracing::instrument(name = "balance.GetDailyBalance", skip_all, fields(merchant_id = %request.get_ref().merchant_id))]
@@ -76,12 +146,25 @@ impl BalanceService for BalanceGrpc {
         &self,
         request: Request<pb::GetDailyBalanceRequest>,
     ) -> Result<Response<pb::DailyBalance>, Status> {
-        let r = request.get_ref();
-        let view = self
-            .balances
-            .daily(&r.merchant_id, &r.date, &r.currency_code)
-            .await?;
-        Ok(Response::new(message(&view)))
+        let r = request.into_inner();
+        let key = cache_key(
+            &r.merchant_id,
+            &r.currency_code,
+            &[&r.date],
+            format!("d:{}", r.date),
+        );
+        let balances = self.balances.clone();
+        let load = async move {
+            let view = balances
+                .daily(&r.merchant_id, &r.date, &r.currency_code)
+                .await
+                .map_err(Arc::new)?;
+            Ok(Bytes::from(message(&view).encode_to_vec()))
+        };
+        let (bytes, stale) = self.answer(key, load).await?;
+        let mut balance: pb::DailyBalance = decode(&bytes)?;
+        balance.possibly_stale = stale;
+        Ok(Response::new(balance))
     }
 
     #[tracing::instrument(name = "balance.ListDailyBalances", skip_all, fields(merchant_id = %request.get_ref().merchant_id))]
@@ -89,13 +172,30 @@ impl BalanceService for BalanceGrpc {
         &self,
         request: Request<pb::ListDailyBalancesRequest>,
     ) -> Result<Response<pb::ListDailyBalancesResponse>, Status> {
-        let r = request.get_ref();
-        let views = self
-            .balances
-            .report(&r.merchant_id, &r.start_date, &r.end_date, &r.currency_code)
-            .await?;
-        Ok(Response::new(pb::ListDailyBalancesResponse {
-            balances: views.iter().map(message).collect(),
-        }))
+        let r = request.into_inner();
+        let field = format!("r:{}:{}", r.start_date, r.end_date);
+        let key = cache_key(
+            &r.merchant_id,
+            &r.currency_code,
+            &[&r.start_date, &r.end_date],
+            field,
+        );
+        let balances = self.balances.clone();
+        let load = async move {
+            let views = balances
+                .report(&r.merchant_id, &r.start_date, &r.end_date, &r.currency_code)
+                .await
+                .map_err(Arc::new)?;
+            let response = pb::ListDailyBalancesResponse {
+                balances: views.iter().map(message).collect(),
+            };
+            Ok(Bytes::from(response.encode_to_vec()))
+        };
+        let (bytes, stale) = self.answer(key, load).await?;
+        let mut response: pb::ListDailyBalancesResponse = decode(&bytes)?;
+        for balance in &mut response.balances {
+            balance.possibly_stale = stale;
+        }
+        Ok(Response::new(response))
     }
 }

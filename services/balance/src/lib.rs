@@ -5,6 +5,7 @@
 //! - [`consolidator`]: applying ledger events exactly once in effect;
 //! - [`query`] and [`grpc`]: the `fluxo.balance.v1.BalanceService`.
 
+pub mod cache;
 pub mod consolidator;
 pub mod consumer;
 pub mod domain;
