@@ -11,6 +11,8 @@
 #   FLUXO_TEST_REDIS_URL         use this Redis instead of starting one
 #   FLUXO_TEST_PG_BINDIR         PostgreSQL bin dir (found automatically if unset)
 #   FLUXO_TEST_REDIS_SERVER_BIN  redis-server binary (found automatically if unset)
+#   FLUXO_TEST_SKIP_K8S          set to skip the offline Kubernetes validation that
+#                                follows a full cargo test run
 #   FLUXO_TEST_CMD               run this shell command instead of `cargo test ...`
 #                                (extra args are appended). Handy to get a shell
 #                                with the servers running:
@@ -267,5 +269,11 @@ if [ -n "${FLUXO_TEST_CMD:-}" ]; then
     bash -c "$FLUXO_TEST_CMD"' "$@"' fluxo-test "$@" || status=$?
 else
     cargo test --workspace --locked "$@" || status=$?
+    # The whole suite also validates the Kubernetes packaging offline; a run
+    # narrowed by cargo test arguments skips it.
+    if [ "$status" -eq 0 ] && [ "$#" -eq 0 ] && [ -z "${FLUXO_TEST_SKIP_K8S:-}" ]; then
+        echo "==> Kubernetes packaging (scripts/validate-k8s.sh)"
+        ./scripts/validate-k8s.sh || status=$?
+    fi
 fi
 exit "$status"

@@ -75,21 +75,13 @@ pub(crate) struct BalanceSettings {
 
 impl Default for RedisSettings {
     fn default() -> Self {
-        Self {
-            url: None,
-            command_timeout_ms: 2_000,
-        }
+        Self { url: None, command_timeout_ms: 2_000 }
     }
 }
 
 impl Default for RelaySettings {
     fn default() -> Self {
-        Self {
-            enabled: true,
-            batch_size: 500,
-            max_idle_ms: 200,
-            retention_hours: 24,
-        }
+        Self { enabled: true, batch_size: 500, max_idle_ms: 200, retention_hours: 24 }
     }
 }
 
@@ -110,10 +102,7 @@ impl Default for ConsolidatorSettings {
 
 impl Default for BalanceSettings {
     fn default() -> Self {
-        Self {
-            cache_ttl_ms: 60_000,
-            stale_ttl_ms: 24 * 3600 * 1000,
-        }
+        Self { cache_ttl_ms: 60_000, stale_ttl_ms: 24 * 3600 * 1000 }
     }
 }
 
@@ -184,12 +173,7 @@ impl Default for Config {
 
 impl Default for DatabaseConfig {
     fn default() -> Self {
-        Self {
-            url: None,
-            max_connections: 16,
-            acquire_timeout_ms: 5_000,
-            migrate_on_start: None,
-        }
+        Self { url: None, max_connections: 16, acquire_timeout_ms: 5_000, migrate_on_start: None }
     }
 }
 
@@ -209,18 +193,13 @@ impl Default for GrpcConfig {
 
 impl Default for LedgerConfig {
     fn default() -> Self {
-        Self {
-            time_zone: "UTC".into(),
-        }
+        Self { time_zone: "UTC".into() }
     }
 }
 
 impl Default for LogConfig {
     fn default() -> Self {
-        Self {
-            format: "auto".into(),
-            level: "info,opentelemetry=warn,opentelemetry_sdk=warn".into(),
-        }
+        Self { format: "auto".into(), level: "info,opentelemetry=warn,opentelemetry_sdk=warn".into() }
     }
 }
 
@@ -243,9 +222,7 @@ impl Config {
                 })
                 .split("__"),
         );
-        let config: Config = figment
-            .extract()
-            .map_err(|e| anyhow::anyhow!(describe(e)))?;
+        let config: Config = figment.extract().map_err(|e| anyhow::anyhow!(describe(e)))?;
         config.validate()?;
         Ok(config)
     }
@@ -278,21 +255,13 @@ impl Config {
             ));
         }
         if self.log_format().is_err() {
-            problems.push(format!(
-                "log.format must be auto, json or pretty, got {:?}",
-                self.log.format
-            ));
+            problems.push(format!("log.format must be auto, json or pretty, got {:?}", self.log.format));
         }
         if let Some(url) = &self.database.url {
             let url = secrecy::ExposeSecret::expose_secret(url);
-            if !["postgres://", "postgresql://", "sqlite:"]
-                .iter()
-                .any(|p| url.starts_with(p))
-            {
-                problems.push(
-                    "database.url must start with postgres://, postgresql:// or sqlite://"
-                        .to_owned(),
-                );
+            if !["postgres://", "postgresql://", "sqlite:"].iter().any(|p| url.starts_with(p)) {
+                problems
+                    .push("database.url must start with postgres://, postgresql:// or sqlite://".to_owned());
             }
         }
         if let Some(url) = &self.redis.url {
@@ -303,28 +272,19 @@ impl Config {
         }
         let c = &self.consolidator;
         if c.stream.is_empty() || c.group.is_empty() {
-            problems
-                .push("consolidator.stream and consolidator.group must not be empty".to_owned());
+            problems.push("consolidator.stream and consolidator.group must not be empty".to_owned());
         }
         if c.batch_size == 0 || self.relay.batch_size == 0 {
-            problems
-                .push("consolidator.batch_size and relay.batch_size must be at least 1".to_owned());
+            problems.push("consolidator.batch_size and relay.batch_size must be at least 1".to_owned());
         }
         if c.max_deliveries == 0 {
             problems.push("consolidator.max_deliveries must be at least 1".to_owned());
         }
-        if problems.is_empty() {
-            Ok(())
-        } else {
-            bail!("{}", problems.join("\n  "))
-        }
+        if problems.is_empty() { Ok(()) } else { bail!("{}", problems.join("\n  ")) }
     }
 
     pub(crate) fn time_zone(&self) -> anyhow::Result<chrono_tz::Tz> {
-        self.ledger
-            .time_zone
-            .parse::<chrono_tz::Tz>()
-            .map_err(|e| anyhow::anyhow!("{e}"))
+        self.ledger.time_zone.parse::<chrono_tz::Tz>().map_err(|e| anyhow::anyhow!("{e}"))
     }
 
     pub(crate) fn log_format(&self) -> anyhow::Result<fluxo_telemetry::LogFormat> {
@@ -340,10 +300,7 @@ impl Config {
     pub(crate) fn database_url(&self) -> SecretString {
         match &self.database.url {
             Some(url) => url.clone(),
-            None => SecretString::from(format!(
-                "sqlite://{}",
-                self.data_dir.join("fluxo.sqlite").display()
-            )),
+            None => SecretString::from(format!("sqlite://{}", self.data_dir.join("fluxo.sqlite").display())),
         }
     }
 
@@ -385,16 +342,8 @@ fn describe(error: figment::Error) -> String {
     error
         .into_iter()
         .map(|e| {
-            let key = if e.path.is_empty() {
-                String::new()
-            } else {
-                format!("{}: ", e.path.join("."))
-            };
-            let source = e
-                .metadata
-                .as_ref()
-                .map(|m| format!(" (from {})", m.name))
-                .unwrap_or_default();
+            let key = if e.path.is_empty() { String::new() } else { format!("{}: ", e.path.join(".")) };
+            let source = e.metadata.as_ref().map(|m| format!(" (from {})", m.name)).unwrap_or_default();
             format!("{key}{}{source}", e.kind)
         })
         .collect::<Vec<_>>()

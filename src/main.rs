@@ -23,13 +23,7 @@ use crate::config::Config;
 #[command(name = "fluxo", version, about, long_about, propagate_version = true)]
 struct Cli {
     /// TOML configuration file.
-    #[arg(
-        long,
-        short = 'c',
-        global = true,
-        env = "FLUXO_CONFIG",
-        value_name = "FILE"
-    )]
+    #[arg(long, short = 'c', global = true, env = "FLUXO_CONFIG", value_name = "FILE")]
     config: Option<PathBuf>,
 
     #[command(subcommand)]
@@ -74,6 +68,8 @@ enum Command {
 enum QueueCommand {
     /// Create the stream and its consumer group (safe to repeat).
     Init,
+    /// Show the outbox backlog, the stream, the group's lag and pending, and the dead letters.
+    Status,
 }
 
 #[derive(Debug, Subcommand)]
@@ -117,10 +113,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(error) => {
             eprintln!("fluxo: cannot start the async runtime: {error}");
@@ -131,16 +124,15 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Serve { target } => serve::serve(config, target).await,
             Command::Migrate { wait_secs } => serve::migrate(config, wait_secs).await,
-            Command::Queue {
-                command: QueueCommand::Init,
-            } => ops::queue_init(&config).await,
+            Command::Queue { command: QueueCommand::Init } => ops::queue_init(&config).await,
+            Command::Queue { command: QueueCommand::Status } => ops::queue_status(&config).await,
             Command::Dlq { command } => ops::dlq(&config, command).await,
-            Command::Balances {
-                command: BalancesCommand::Rebuild { scope },
-            } => ops::rebuild(&config, &scope).await,
-            Command::Balances {
-                command: BalancesCommand::Reconcile { scope, repair },
-            } => ops::reconcile(&config, &scope, repair).await,
+            Command::Balances { command: BalancesCommand::Rebuild { scope } } => {
+                ops::rebuild(&config, &scope).await
+            }
+            Command::Balances { command: BalancesCommand::Reconcile { scope, repair } } => {
+                ops::reconcile(&config, &scope, repair).await
+            }
         }
     });
     match result {

@@ -32,13 +32,50 @@ fn redis(config: &Config) -> anyhow::Result<fred::prelude::Client> {
 pub(crate) async fn queue_init(config: &Config) -> anyhow::Result<()> {
     let client = redis(config)?;
     let names = config.stream_names();
-    ensure_group(&client, &names)
-        .await
-        .context("creating the consumer group")?;
-    eprintln!(
-        "fluxo: stream {} has consumer group {}",
-        names.stream, names.group
+    ensure_group(&client, &names).await.context("creating the consumer group")?;
+    eprintln!("fluxo: stream {} has consumer group {}", names.stream, names.group);
+    Ok(())
+}
+
+/// `fluxo queue status`: where events are waiting, end to end.
+pub(crate) async fn queue_status(config: &Config) -> anyhow::Result<()> {
+    use fred::prelude::StreamsInterface;
+    let db = connect_waiting(config, 10).await?;
+    let backlog = fluxo_ledger::relay::backlog(&db).await?;
+    println!(
+        "outbox      {} unpublished event(s), oldest {:.1}s old",
+        backlog.events,
+        backlog.oldest_age.as_secs_f64()
     );
+    let Some(settings) = config.redis_config() else {
+        println!("stream      none: no Redis configured, events are delivered in process");
+        return Ok(());
+    };
+    let client = fluxo_queue::client(&settings)?;
+    let names = config.stream_names();
+    let length: u64 = client.xlen(&names.stream).await?;
+    println!("stream      {} holds {length} message(s)", names.stream);
+    let groups: Vec<std::collections::HashMap<String, fred::types::Value>> =
+        client.xinfo_groups(&names.stream).await.unwrap_or_default();
+    match groups
+        .iter()
+        .find(|g| g.get("name").and_then(fred::types::Value::as_string).as_deref() == Some(&names.group))
+    {
+        Some(group) => {
+            let field =
+                |k: &str| group.get(k).and_then(fred::types::Value::as_string).unwrap_or_else(|| "?".into());
+            println!(
+                "group       {}: lag {}, pending {}, consumers {}",
+                names.group,
+                field("lag"),
+                field("pending"),
+                field("consumers")
+            );
+        }
+        None => println!("group       {} does not exist: run `fluxo queue init`", names.group),
+    }
+    let parked: u64 = client.xlen(&names.dead_letters).await?;
+    println!("dead letter {} holds {parked} message(s)", names.dead_letters);
     Ok(())
 }
 
@@ -80,18 +117,12 @@ pub(crate) async fn dlq(config: &Config, command: DlqCommand) -> anyhow::Result<
             let list = letters.list(count).await?;
             println!(
                 "{} parked message(s) in {}",
-                letters.len().await?,
+                letters.count().await?,
                 config.stream_names().dead_letters
             );
             for l in list {
-                let event = l
-                    .event
-                    .as_ref()
-                    .map_or("<malformed>".to_owned(), |e| e.event_id.clone());
-                println!(
-                    "{}  event {event}  deliveries {}  reason: {}",
-                    l.id, l.deliveries, l.reason
-                );
+                let event = l.event.as_ref().map_or("<malformed>".to_owned(), |e| e.event_id.clone());
+                println!("{}  event {event}  deliveries {}  reason: {}", l.id, l.deliveries, l.reason);
             }
         }
         DlqCommand::Show { id } => {
@@ -119,12 +150,7 @@ pub(crate) async fn dlq(config: &Config, command: DlqCommand) -> anyhow::Result<
             let db = connect_waiting(config, 10).await?;
             let consolidator = Consolidator::new(BalanceStore::new(db));
             let ids = if all {
-                letters
-                    .list(1_000_000)
-                    .await?
-                    .into_iter()
-                    .map(|l| l.id)
-                    .collect()
+                letters.list(1_000_000).await?.into_iter().map(|l| l.id).collect()
             } else if ids.is_empty() {
                 bail!("name the messages to replay, or pass --all");
             } else {
@@ -157,7 +183,7 @@ pub(crate) async fn dlq(config: &Config, command: DlqCommand) -> anyhow::Result<
 }
 
 fn progress(what: &str, done: usize, total: usize) {
-    if total >= 20 && (done % (total / 20).max(1) == 0 || done == total) {
+    if total >= 20 && (done.is_multiple_of((total / 20).max(1)) || done == total) {
         eprintln!("fluxo: {what} {done}/{total}");
     }
 }
@@ -197,8 +223,7 @@ pub(crate) struct Scope {
 fn parse_date(field: &str, value: Option<&String>) -> anyhow::Result<Option<NaiveDate>> {
     value
         .map(|v| {
-            fluxo_ledger::domain::BookingDate::parse_date(v)
-                .map_err(|e| anyhow::anyhow!("--{field}: {e}"))
+            fluxo_ledger::domain::BookingDate::parse_date(v).map_err(|e| anyhow::anyhow!("--{field}: {e}"))
         })
         .transpose()
 }
@@ -228,10 +253,7 @@ pub(crate) async fn rebuild(config: &Config, scope: &Scope) -> anyhow::Result<()
     let entries = ledger.entries(scope.merchant()?.as_ref(), &range).await?;
     let mut by_merchant: BTreeMap<String, Vec<Posting>> = BTreeMap::new();
     for e in &entries {
-        by_merchant
-            .entry(e.booked.merchant_id.as_str().to_owned())
-            .or_default()
-            .push(posting(e));
+        by_merchant.entry(e.booked.merchant_id.as_str().to_owned()).or_default().push(posting(e));
     }
     if let Some(m) = &scope.merchant {
         by_merchant.entry(m.clone()).or_default();
@@ -243,10 +265,7 @@ pub(crate) async fn rebuild(config: &Config, scope: &Scope) -> anyhow::Result<()
         store.rebuild(merchant, start, end, postings).await?;
         progress("rebuilt merchants", i + 1, total);
     }
-    println!(
-        "rebuilt {total} merchant(s) from {} ledger entries",
-        entries.len()
-    );
+    println!("rebuilt {total} merchant(s) from {} ledger entries", entries.len());
     Ok(())
 }
 
@@ -300,10 +319,7 @@ pub(crate) async fn reconcile(config: &Config, scope: &Scope, repair: bool) -> a
         progress("repaired merchants", i + 1, total);
     }
     let left = differences(&ledger, &store, merchant.as_ref()).await?;
-    println!(
-        "applied {repaired} missing entries; {} day(s) still differ",
-        left.len()
-    );
+    println!("applied {repaired} missing entries; {} day(s) still differ", left.len());
     if !left.is_empty() {
         bail!(
             "some days still differ (the read model holds amounts the ledger does not): run `fluxo balances rebuild`"
@@ -323,16 +339,7 @@ async fn differences(
     let postings: Vec<Posting> = entries.iter().map(posting).collect();
     let expected: BTreeMap<DayKey, DayTotals> = fold(&postings)?
         .into_iter()
-        .map(|(k, d)| {
-            (
-                k,
-                DayTotals {
-                    credits: d.credits,
-                    debits: d.debits,
-                    count: d.count,
-                },
-            )
-        })
+        .map(|(k, d)| (k, DayTotals { credits: d.credits, debits: d.debits, count: d.count }))
         .collect();
     let actual = store.all_days(merchant.map(MerchantId::as_str)).await?;
     let keys: BTreeSet<&DayKey> = expected.keys().chain(actual.keys()).collect();

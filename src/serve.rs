@@ -20,10 +20,7 @@ use tokio::{sync::watch, task::JoinHandle};
 
 use crate::{Target, config::Config};
 
-pub(crate) fn telemetry(
-    config: &Config,
-    target: &str,
-) -> anyhow::Result<fluxo_telemetry::Telemetry> {
+pub(crate) fn telemetry(config: &Config, target: &str) -> anyhow::Result<fluxo_telemetry::Telemetry> {
     Ok(fluxo_telemetry::init(&fluxo_telemetry::TelemetryConfig {
         service_name: format!("fluxo-{target}"),
         log_format: config.log_format()?,
@@ -33,12 +30,8 @@ pub(crate) fn telemetry(
 
 /// Applies every pending migration of every service.
 pub(crate) async fn migrate_all(db: &Db) -> anyhow::Result<()> {
-    LedgerStore::migrate(db)
-        .await
-        .context("applying ledger migrations")?;
-    BalanceStore::migrate(db)
-        .await
-        .context("applying balance migrations")?;
+    LedgerStore::migrate(db).await.context("applying ledger migrations")?;
+    BalanceStore::migrate(db).await.context("applying balance migrations")?;
     Ok(())
 }
 
@@ -69,10 +62,7 @@ pub(crate) async fn serve(config: Config, target: Target) -> anyhow::Result<()> 
     let runs = |t: Target| target == Target::All || target == t;
     let telemetry = telemetry(&config, &name)?;
     let db = Db::connect(&config.db_config()).await?;
-    let migrate = config
-        .database
-        .migrate_on_start
-        .unwrap_or(db.backend() == DbBackend::Sqlite);
+    let migrate = config.database.migrate_on_start.unwrap_or(db.backend() == DbBackend::Sqlite);
     if migrate {
         migrate_all(&db).await?;
         tracing::info!("schema is current");
@@ -92,11 +82,7 @@ pub(crate) async fn serve(config: Config, target: Target) -> anyhow::Result<()> 
     let mut tasks: Vec<JoinHandle<()>> = Vec::new();
     let balance_store = BalanceStore::new(db.clone());
     let cache = redis.as_ref().map(|client| {
-        BalanceCache::new(
-            client.clone(),
-            config.balance.cache_ttl_ms,
-            config.balance.stale_ttl_ms,
-        )
+        BalanceCache::new(client.clone(), config.balance.cache_ttl_ms, config.balance.stale_ttl_ms)
     });
     let mut consolidator = Consolidator::new(balance_store.clone());
     if let Some(cache) = &cache {
@@ -108,18 +94,11 @@ pub(crate) async fn serve(config: Config, target: Target) -> anyhow::Result<()> 
         let store = LedgerStore::new(db.clone());
         let commits = store.commits();
         let ledger = Ledger::new(store, config.time_zone()?);
-        server
-            .add_service(fluxo_ledger::grpc::server(
-                ledger,
-                config.grpc.max_message_bytes,
-            ))
-            .await;
+        server.add_service(fluxo_ledger::grpc::server(ledger, config.grpc.max_message_bytes)).await;
         checks.push(Arc::new(fluxo_ledger::Readiness::new(db.clone())));
         if config.relay.enabled {
             let sink: Arc<dyn EventSink> = match &redis {
-                Some(client) => {
-                    Arc::new(RedisSink::new(client.clone(), &config.consolidator.stream))
-                }
+                Some(client) => Arc::new(RedisSink::new(client.clone(), &config.consolidator.stream)),
                 // No Redis: the embedded default delivers events straight into the read model.
                 None => {
                     checks.push(Arc::new(fluxo_balance::Readiness::new(db.clone())));
@@ -142,58 +121,53 @@ pub(crate) async fn serve(config: Config, target: Target) -> anyhow::Result<()> 
     if runs(Target::Balance) {
         let balances = Balances::new(balance_store.clone());
         server
-            .add_service(fluxo_balance::grpc::server(
-                balances,
-                cache.clone(),
-                config.grpc.max_message_bytes,
-            ))
+            .add_service(fluxo_balance::grpc::server(balances, cache.clone(), config.grpc.max_message_bytes))
             .await;
         checks.push(Arc::new(fluxo_balance::Readiness::new(db.clone())));
     }
-    if runs(Target::Consolidator) {
-        if let Some(client) = &redis {
-            let settings = config.redis_config().context("redis settings")?;
-            // Blocking reads hold their connection; they get one of their own.
-            let reader = fluxo_queue::client(&fluxo_queue::RedisConfig {
-                command_timeout: Duration::from_millis(config.consolidator.block_ms)
-                    + settings.command_timeout,
-                ..settings
-            })?;
-            let names = config.stream_names();
-            let consumer = StreamConsumer::new(
-                reader,
-                client.clone(),
-                consolidator.clone(),
-                ConsumerConfig {
-                    names: names.clone(),
-                    consumer: consumer_name(&config),
-                    batch_size: config.consolidator.batch_size,
-                    block: Duration::from_millis(config.consolidator.block_ms),
-                    claim_idle: Duration::from_millis(config.consolidator.claim_idle_ms),
-                    max_deliveries: config.consolidator.max_deliveries,
-                    trim_interval: Duration::from_millis(config.consolidator.trim_interval_ms),
-                },
-            );
-            checks.push(Arc::new(fluxo_balance::Readiness::new(db.clone())));
-            let client = client.clone();
-            let stop = stop_rx.clone();
-            tasks.push(tokio::spawn(async move {
-                // The group may not exist yet and Redis may be down: keep trying.
-                let mut attempt = 0u32;
-                while let Err(error) = ensure_group(&client, &names).await {
-                    attempt += 1;
-                    if attempt == 1 || attempt % 10 == 0 {
-                        tracing::warn!(%error, "cannot create the consumer group yet; retrying");
-                    }
-                    tokio::select! {
-                        () = stopped(stop.clone()) => return,
-                        () = tokio::time::sleep(Duration::from_millis(500)) => {}
-                    }
+    if runs(Target::Consolidator)
+        && let Some(client) = &redis
+    {
+        let settings = config.redis_config().context("redis settings")?;
+        // Blocking reads hold their connection; they get one of their own.
+        let reader = fluxo_queue::client(&fluxo_queue::RedisConfig {
+            command_timeout: Duration::from_millis(config.consolidator.block_ms) + settings.command_timeout,
+            ..settings
+        })?;
+        let names = config.stream_names();
+        let consumer = StreamConsumer::new(
+            reader,
+            client.clone(),
+            consolidator.clone(),
+            ConsumerConfig {
+                names: names.clone(),
+                consumer: consumer_name(&config),
+                batch_size: config.consolidator.batch_size,
+                block: Duration::from_millis(config.consolidator.block_ms),
+                claim_idle: Duration::from_millis(config.consolidator.claim_idle_ms),
+                max_deliveries: config.consolidator.max_deliveries,
+                trim_interval: Duration::from_millis(config.consolidator.trim_interval_ms),
+            },
+        );
+        checks.push(Arc::new(fluxo_balance::Readiness::new(db.clone())));
+        let client = client.clone();
+        let stop = stop_rx.clone();
+        tasks.push(tokio::spawn(async move {
+            // The group may not exist yet and Redis may be down: keep trying.
+            let mut attempt = 0u32;
+            while let Err(error) = ensure_group(&client, &names).await {
+                attempt += 1;
+                if attempt == 1 || attempt.is_multiple_of(10) {
+                    tracing::warn!(%error, "cannot create the consumer group yet; retrying");
                 }
-                tracing::info!("consuming the ledger stream");
-                consumer.run(stopped(stop)).await;
-            }));
-        }
+                tokio::select! {
+                    () = stopped(stop.clone()) => return,
+                    () = tokio::time::sleep(Duration::from_millis(500)) => {}
+                }
+            }
+            tracing::info!("consuming the ledger stream");
+            consumer.run(stopped(stop)).await;
+        }));
     }
     server.add_reflection(fluxo_proto::FILE_DESCRIPTOR_SET)?;
     tracing::info!(%addr, targets = %name, otlp = telemetry.exporting(), redis = redis.is_some(), "listening");
@@ -224,10 +198,7 @@ pub(crate) async fn migrate(config: Config, wait_secs: u64) -> anyhow::Result<()
     let db = connect_waiting(&config, wait_secs).await?;
     migrate_all(&db).await?;
     tracing::info!(database = backend_name(db.backend()), "schema is current");
-    eprintln!(
-        "fluxo: schema is current ({})",
-        crate::config::context_for(&config)
-    );
+    eprintln!("fluxo: schema is current ({})", crate::config::context_for(&config));
     db.close().await.ok();
     telemetry.shutdown();
     Ok(())
@@ -259,11 +230,7 @@ fn banner(config: &Config, db: &Db, target: &str, addr: std::net::SocketAddr, re
     let version = env!("CARGO_PKG_VERSION");
     let database = crate::config::context_for(config);
     let backend = backend_name(db.backend());
-    let delivery = if redis {
-        "Redis stream"
-    } else {
-        "in process (no Redis configured)"
-    };
+    let delivery = if redis { "Redis stream" } else { "in process (no Redis configured)" };
     eprintln!(
         "\nfluxo {version} is ready (target: {target}; the gateway target is not built yet)\n\
          \x20 gRPC      {addr}  (server reflection on)\n\

@@ -245,7 +245,10 @@ def main():
                 p = ctr.get(probe) or {}
                 c.check("grpc" in p and p["grpc"].get("port") == ports.get("grpc"),
                         f"{cid}: {probe} is a gRPC probe on the grpc port")
-                c.check(p.get("grpc", {}).get("service", "") == "", f"{cid}: {probe} checks the whole server (service \"\")")
+                # Readiness follows the whole server (database, schema, drain); startup and
+                # liveness follow the always-SERVING "liveness" service, so an outage never restarts pods.
+                want = "" if probe == "readinessProbe" else "liveness"
+                c.check(p.get("grpc", {}).get("service", "") == want, f"{cid}: {probe} checks health service {want!r}")
             env = {e["name"]: e.get("value") for e in ctr.get("env", []) or []}
             merged = {**env_cm, **{k: v for k, v in env.items() if v is not None}}
             delay = int(merged.get("FLUXO_GRPC__SHUTDOWN_DELAY_MS", 0))

@@ -28,19 +28,13 @@ fn grpcurl_records_reads_lists_and_reverses_and_entries_survive_a_restart() {
                          "bookingDate":"2026-11-21","description":"sale 1","requestId":"k-1"});
     let entry = fluxo.call(RECORD, &request).unwrap();
     let id = entry["id"].as_str().unwrap().to_owned();
-    assert_eq!(
-        entry["amount"],
-        json!({"currencyCode":"BRL","minorUnits":"1050"})
-    );
+    assert_eq!(entry["amount"], json!({"currencyCode":"BRL","minorUnits":"1050"}));
     assert_eq!(entry["type"], "CREDIT");
     assert_eq!(entry["bookingDate"], "2026-11-21");
     assert!(entry["createdAt"].as_str().unwrap().ends_with('Z'));
 
     let read = fluxo
-        .call(
-            "fluxo.ledger.v1.LedgerService/GetEntry",
-            &json!({"merchantId":"m-1","entryId":id}),
-        )
+        .call("fluxo.ledger.v1.LedgerService/GetEntry", &json!({"merchantId":"m-1","entryId":id}))
         .unwrap();
     assert_eq!(read, entry);
 
@@ -53,43 +47,27 @@ fn grpcurl_records_reads_lists_and_reverses_and_entries_survive_a_restart() {
     assert_eq!(reversal["type"], "DEBIT");
     assert_eq!(reversal["reversesEntryId"], id.as_str());
 
-    let listed = fluxo
-        .call(
-            "fluxo.ledger.v1.LedgerService/ListEntries",
-            &json!({"merchantId":"m-1"}),
-        )
-        .unwrap();
+    let listed =
+        fluxo.call("fluxo.ledger.v1.LedgerService/ListEntries", &json!({"merchantId":"m-1"})).unwrap();
     assert_eq!(listed["entries"].as_array().unwrap().len(), 2);
     assert_eq!(listed["entries"][0]["reversedByEntryId"], reversal["id"]);
 
-    let invalid = fluxo
-        .call(
-            RECORD,
-            &json!({"merchantId":"m-1","type":"CREDIT","requestId":"k-9"}),
-        )
-        .unwrap_err();
-    assert!(
-        invalid.contains("InvalidArgument") && invalid.contains("amount"),
-        "{invalid}"
-    );
+    let invalid =
+        fluxo.call(RECORD, &json!({"merchantId":"m-1","type":"CREDIT","requestId":"k-9"})).unwrap_err();
+    assert!(invalid.contains("InvalidArgument") && invalid.contains("amount"), "{invalid}");
 
     let output = fluxo.stop();
     assert!(output.status.success(), "exit status {:?}", output.status);
     // stdout carries nothing but JSON log lines.
     for line in String::from_utf8_lossy(&output.stdout).lines() {
-        serde_json::from_str::<serde_json::Value>(line)
-            .unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        serde_json::from_str::<serde_json::Value>(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
     }
 
     // Restart on the same data directory: everything is still there, and the
     // same request with the same key replays the original entry.
     let fluxo = Fluxo::start(data.path(), &[]);
-    let listed = fluxo
-        .call(
-            "fluxo.ledger.v1.LedgerService/ListEntries",
-            &json!({"merchantId":"m-1"}),
-        )
-        .unwrap();
+    let listed =
+        fluxo.call("fluxo.ledger.v1.LedgerService/ListEntries", &json!({"merchantId":"m-1"})).unwrap();
     assert_eq!(listed["entries"].as_array().unwrap().len(), 2);
     let replayed = fluxo.call(RECORD, &request).unwrap();
     assert_eq!(replayed["id"], id.as_str());
@@ -115,6 +93,8 @@ fn sigterm_reports_not_serving_then_drains_and_exits() {
     }
     assert_eq!(status, "NOT_SERVING");
     assert_eq!(fluxo.health(LEDGER), "NOT_SERVING");
+    // Draining is not dying: the liveness service stays SERVING, so nothing restarts the pod.
+    assert_eq!(fluxo.health("liveness"), "SERVING");
     let output = fluxo.wait(Duration::from_secs(10));
     assert!(output.status.success(), "exit status {:?}", output.status);
 }
@@ -129,15 +109,8 @@ fn on_postgres_it_is_not_serving_until_fluxo_migrate_ran() {
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(fluxo.health(""), "NOT_SERVING", "no schema yet");
 
-    let migrate = fluxo_command(data.path(), &env)
-        .arg("migrate")
-        .output()
-        .unwrap();
-    assert!(
-        migrate.status.success(),
-        "{}",
-        String::from_utf8_lossy(&migrate.stderr)
-    );
+    let migrate = fluxo_command(data.path(), &env).arg("migrate").output().unwrap();
+    assert!(migrate.status.success(), "{}", String::from_utf8_lossy(&migrate.stderr));
     let mut status = String::new();
     for _ in 0..40 {
         status = fluxo.health("");
@@ -152,10 +125,7 @@ fn on_postgres_it_is_not_serving_until_fluxo_migrate_ran() {
         .unwrap();
     assert_eq!(entry["amount"]["currencyCode"], "JPY");
     // Migrating again is a no-op.
-    let again = fluxo_command(data.path(), &env)
-        .arg("migrate")
-        .output()
-        .unwrap();
+    let again = fluxo_command(data.path(), &env).arg("migrate").output().unwrap();
     assert!(again.status.success());
     fluxo.stop();
 }
@@ -164,36 +134,18 @@ fn on_postgres_it_is_not_serving_until_fluxo_migrate_ran() {
 fn bad_configuration_exits_with_a_message_naming_the_setting() {
     let data = tempfile::tempdir().unwrap();
     let cases = [
-        (
-            "FLUXO_GRPC__MAX_CONCURRENT_REQUESTS",
-            "lots",
-            "max_concurrent_requests",
-        ),
-        (
-            "FLUXO_LEDGER__TIME_ZONE",
-            "Mars/Olympus_Mons",
-            "ledger.time_zone",
-        ),
+        ("FLUXO_GRPC__MAX_CONCURRENT_REQUESTS", "lots", "max_concurrent_requests"),
+        ("FLUXO_LEDGER__TIME_ZONE", "Mars/Olympus_Mons", "ledger.time_zone"),
         ("FLUXO_DATABSE__URL", "postgres://x", "databse"),
         ("FLUXO_GRPC__LISTEN", "not-an-address", "listen"),
-        (
-            "FLUXO_DATABASE__URL",
-            "mysql://root:hunter2@db/x",
-            "database.url",
-        ),
+        ("FLUXO_DATABASE__URL", "mysql://root:hunter2@db/x", "database.url"),
     ];
     for (key, value, named) in cases {
-        let output = fluxo_command(data.path(), &[(key, value)])
-            .arg("serve")
-            .output()
-            .unwrap();
+        let output = fluxo_command(data.path(), &[(key, value)]).arg("serve").output().unwrap();
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert_eq!(output.status.code(), Some(2), "{key}: {stderr}");
         assert!(stderr.contains(named), "{key}: {stderr}");
-        assert!(
-            !stderr.contains("hunter2"),
-            "a password was echoed: {stderr}"
-        );
+        assert!(!stderr.contains("hunter2"), "a password was echoed: {stderr}");
     }
     let missing = fluxo_command(data.path(), &[])
         .args(["--config", "/nonexistent/fluxo.toml", "serve"])
@@ -208,48 +160,27 @@ fn a_config_file_is_read_and_the_environment_overrides_it() {
     let data = tempfile::tempdir().unwrap();
     let file = data.path().join("fluxo.toml");
     std::fs::write(&file, "[ledger]\ntime_zone = \"Nowhere/City\"\n").unwrap();
-    let from_file = fluxo_command(data.path(), &[])
-        .arg("--config")
-        .arg(&file)
-        .arg("serve")
-        .output()
-        .unwrap();
+    let from_file = fluxo_command(data.path(), &[]).arg("--config").arg(&file).arg("serve").output().unwrap();
     assert_eq!(from_file.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&from_file.stderr).contains("Nowhere/City"));
-    let overridden = fluxo_command(
-        data.path(),
-        &[("FLUXO_LEDGER__TIME_ZONE", "America/Sao_Paulo")],
-    )
-    .arg("--config")
-    .arg(&file)
-    .arg("migrate")
-    .output()
-    .unwrap();
-    assert!(
-        overridden.status.success(),
-        "{}",
-        String::from_utf8_lossy(&overridden.stderr)
-    );
+    let overridden = fluxo_command(data.path(), &[("FLUXO_LEDGER__TIME_ZONE", "America/Sao_Paulo")])
+        .arg("--config")
+        .arg(&file)
+        .arg("migrate")
+        .output()
+        .unwrap();
+    assert!(overridden.status.success(), "{}", String::from_utf8_lossy(&overridden.stderr));
 }
 
 #[test]
 fn targets_not_built_yet_say_so() {
     let data = tempfile::tempdir().unwrap();
-    let output = fluxo_command(data.path(), &[])
-        .args(["serve", "--target", "gateway"])
-        .output()
-        .unwrap();
+    let output = fluxo_command(data.path(), &[]).args(["serve", "--target", "gateway"]).output().unwrap();
     assert!(!output.status.success());
     assert!(String::from_utf8_lossy(&output.stderr).contains("not built yet"));
-    let help = fluxo_command(data.path(), &[])
-        .arg("--help")
-        .output()
-        .unwrap();
+    let help = fluxo_command(data.path(), &[]).arg("--help").output().unwrap();
     let help = String::from_utf8_lossy(&help.stdout);
-    assert!(
-        help.contains("serve") && help.contains("migrate") && help.contains("FLUXO_"),
-        "{help}"
-    );
+    assert!(help.contains("serve") && help.contains("migrate") && help.contains("FLUXO_"), "{help}");
 }
 
 const THREE_MINUTES: Duration = Duration::from_secs(180);
@@ -258,10 +189,7 @@ const THREE_MINUTES: Duration = Duration::from_secs(180);
 fn embedded_mode_shows_a_new_entry_in_the_balance_within_a_second() {
     let data = tempfile::tempdir().unwrap();
     let fluxo = Fluxo::start(data.path(), &[]);
-    let today = chrono::Utc::now()
-        .date_naive()
-        .format("%Y-%m-%d")
-        .to_string();
+    let today = chrono::Utc::now().date_naive().format("%Y-%m-%d").to_string();
     let started = std::time::Instant::now();
     fluxo
         .call(RECORD, &json!({"merchantId":"m-1","type":"CREDIT","amount":{"currencyCode":"BRL","minorUnits":"1050"},"requestId":"k-1"}))
@@ -274,10 +202,7 @@ fn embedded_mode_shows_a_new_entry_in_the_balance_within_a_second() {
                 &json!({"merchantId":"m-1","date":today}),
             )
             .unwrap();
-        closing = balance["closingBalanceMinor"]
-            .as_str()
-            .unwrap_or("0")
-            .to_owned();
+        closing = balance["closingBalanceMinor"].as_str().unwrap_or("0").to_owned();
         if closing == "1050" {
             break;
         }
@@ -288,19 +213,14 @@ fn embedded_mode_shows_a_new_entry_in_the_balance_within_a_second() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn twenty_thousand_entries_with_three_consolidators_are_exact() {
-    let install = pipeline::Install::new(
-        std::env::var("FLUXO_TEST_REDIS_URL").expect("FLUXO_TEST_REDIS_URL"),
-    )
-    .await;
+    let install =
+        pipeline::Install::new(std::env::var("FLUXO_TEST_REDIS_URL").expect("FLUXO_TEST_REDIS_URL")).await;
     let ledger = install.start("ledger", &[]);
     let balance = install.start("balance", &[]);
     let consolidators: Vec<_> = (0..3).map(|_| install.start("consolidator", &[])).collect();
     let expected = pipeline::record_many(&ledger.addr, "bulk", 20_000, 50, 32).await;
     pipeline::assert_exact(&install, &balance.addr, &expected, THREE_MINUTES).await;
-    assert_eq!(
-        pipeline::pending(&install.redis_url, &install.stream).await,
-        0
-    );
+    assert_eq!(pipeline::pending(&install.redis_url, &install.stream).await, 0);
     for c in consolidators {
         assert!(c.stop().status.success());
     }
@@ -310,10 +230,8 @@ async fn twenty_thousand_entries_with_three_consolidators_are_exact() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn consolidators_killed_at_random_lose_and_double_count_nothing() {
-    let install = pipeline::Install::new(
-        std::env::var("FLUXO_TEST_REDIS_URL").expect("FLUXO_TEST_REDIS_URL"),
-    )
-    .await;
+    let install =
+        pipeline::Install::new(std::env::var("FLUXO_TEST_REDIS_URL").expect("FLUXO_TEST_REDIS_URL")).await;
     let ledger = install.start("ledger", &[]);
     let balance = install.start("balance", &[]);
     let mut consolidators: Vec<_> = (0..3).map(|_| install.start("consolidator", &[])).collect();
@@ -337,10 +255,7 @@ async fn consolidators_killed_at_random_lose_and_double_count_nothing() {
     // Whatever the killed consumers held was claimed and acknowledged.
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     while pipeline::pending(&install.redis_url, &install.stream).await > 0 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "messages left pending"
-        );
+        assert!(std::time::Instant::now() < deadline, "messages left pending");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     for c in consolidators {
@@ -352,10 +267,8 @@ async fn consolidators_killed_at_random_lose_and_double_count_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn writes_never_wait_on_consolidation_and_the_backlog_drains() {
-    let install = pipeline::Install::new(
-        std::env::var("FLUXO_TEST_REDIS_URL").expect("FLUXO_TEST_REDIS_URL"),
-    )
-    .await;
+    let install =
+        pipeline::Install::new(std::env::var("FLUXO_TEST_REDIS_URL").expect("FLUXO_TEST_REDIS_URL")).await;
     let ledger = install.start("ledger", &[]);
     let balance = install.start("balance", &[]);
     // No consolidator at all during the write phase: every write must still succeed.
@@ -398,15 +311,9 @@ async fn redis_down_then_back_then_wiped_loses_nothing() {
     redis.stop();
     redis.restart(false);
     let report = install.run(&["balances", "reconcile"]);
-    assert!(
-        !report.status.success(),
-        "reconcile must report the missing amounts"
-    );
+    assert!(!report.status.success(), "reconcile must report the missing amounts");
     let stdout = String::from_utf8_lossy(&report.stdout);
-    assert!(
-        stdout.contains("missing net") && stdout.contains("day(s) differ"),
-        "{stdout}"
-    );
+    assert!(stdout.contains("missing net") && stdout.contains("day(s) differ"), "{stdout}");
     let repair = install.run(&["balances", "reconcile", "--repair"]);
     assert!(
         repair.status.success(),
@@ -430,10 +337,8 @@ async fn redis_down_then_back_then_wiped_loses_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_poison_message_is_dead_lettered_and_replayed_exactly_once() {
     use sea_orm::ConnectionTrait;
-    let install = pipeline::Install::new(
-        std::env::var("FLUXO_TEST_REDIS_URL").expect("FLUXO_TEST_REDIS_URL"),
-    )
-    .await;
+    let install =
+        pipeline::Install::new(std::env::var("FLUXO_TEST_REDIS_URL").expect("FLUXO_TEST_REDIS_URL")).await;
     let db = install.db.connect().await;
     // The read model refuses merchant "poison" until the cause is fixed.
     db.conn()
@@ -451,10 +356,7 @@ async fn a_poison_message_is_dead_lettered_and_replayed_exactly_once() {
     let poison = lpb::RecordEntryRequest {
         merchant_id: "poison".into(),
         r#type: lpb::EntryType::Credit.into(),
-        amount: Some(lpb::Money {
-            currency_code: "BRL".into(),
-            minor_units: 999,
-        }),
+        amount: Some(lpb::Money { currency_code: "BRL".into(), minor_units: 999 }),
         booking_date: "2026-11-03".into(),
         description: String::new(),
         request_id: "p-1".into(),
@@ -472,38 +374,23 @@ async fn a_poison_message_is_dead_lettered_and_replayed_exactly_once() {
             assert!(out.contains("poison refused"), "{out}");
             break;
         }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "poison never reached the dead-letter stream: {out}"
-        );
+        assert!(std::time::Instant::now() < deadline, "poison never reached the dead-letter stream: {out}");
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    assert_eq!(
-        pipeline::pending(&install.redis_url, &install.stream).await,
-        0
-    );
+    assert_eq!(pipeline::pending(&install.redis_url, &install.stream).await, 0);
 
     // Replay fails while the cause is there, then succeeds once it is fixed.
     let early = install.run(&["dlq", "replay", "--all"]);
     assert!(!early.status.success());
-    db.conn()
-        .execute_unprepared("DROP TRIGGER refuse_poison ON balance_daily;")
-        .await
-        .unwrap();
+    db.conn().execute_unprepared("DROP TRIGGER refuse_poison ON balance_daily;").await.unwrap();
     let replay = install.run(&["dlq", "replay", "--all"]);
-    assert!(
-        replay.status.success(),
-        "{}",
-        String::from_utf8_lossy(&replay.stderr)
-    );
+    assert!(replay.status.success(), "{}", String::from_utf8_lossy(&replay.stderr));
     let again = install.run(&["dlq", "replay", "--all"]);
     assert!(again.status.success());
-    let mut balances = bpb::balance_service_client::BalanceServiceClient::connect(format!(
-        "http://{}",
-        balance.addr
-    ))
-    .await
-    .unwrap();
+    let mut balances =
+        bpb::balance_service_client::BalanceServiceClient::connect(format!("http://{}", balance.addr))
+            .await
+            .unwrap();
     let day = balances
         .get_daily_balance(bpb::GetDailyBalanceRequest {
             merchant_id: "poison".into(),
@@ -513,17 +400,9 @@ async fn a_poison_message_is_dead_lettered_and_replayed_exactly_once() {
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(
-        (day.total_credits_minor, day.entry_count),
-        (999, 1),
-        "applied exactly once"
-    );
+    assert_eq!((day.total_credits_minor, day.entry_count), (999, 1), "applied exactly once");
     let reconcile = install.run(&["balances", "reconcile"]);
-    assert!(
-        reconcile.status.success(),
-        "{}",
-        String::from_utf8_lossy(&reconcile.stdout)
-    );
+    assert!(reconcile.status.success(), "{}", String::from_utf8_lossy(&reconcile.stdout));
     consolidator.stop();
     ledger.stop();
     balance.stop();
@@ -531,35 +410,23 @@ async fn a_poison_message_is_dead_lettered_and_replayed_exactly_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sigterm_mid_batch_commits_acknowledges_and_exits_in_time() {
-    let install = pipeline::Install::new(
-        std::env::var("FLUXO_TEST_REDIS_URL").expect("FLUXO_TEST_REDIS_URL"),
-    )
-    .await;
+    let install =
+        pipeline::Install::new(std::env::var("FLUXO_TEST_REDIS_URL").expect("FLUXO_TEST_REDIS_URL")).await;
     let ledger = install.start("ledger", &[]);
     let balance = install.start("balance", &[]);
     let expected = pipeline::record_many(&ledger.addr, "term", 6_000, 20, 16).await;
     let consolidator = install.start(
         "consolidator",
-        &[
-            ("FLUXO_CONSOLIDATOR__CONSUMER_NAME", "terminated"),
-            ("FLUXO_CONSOLIDATOR__BATCH_SIZE", "200"),
-        ],
+        &[("FLUXO_CONSOLIDATOR__CONSUMER_NAME", "terminated"), ("FLUXO_CONSOLIDATOR__BATCH_SIZE", "200")],
     );
     tokio::time::sleep(Duration::from_millis(300)).await; // mid-drain
     let stopping = std::time::Instant::now();
     consolidator.signal("TERM");
     let output = consolidator.wait(Duration::from_secs(10));
     assert!(output.status.success(), "{:?}", output.status);
-    assert!(
-        stopping.elapsed() < Duration::from_secs(6),
-        "exited after {:?}",
-        stopping.elapsed()
-    );
+    assert!(stopping.elapsed() < Duration::from_secs(6), "exited after {:?}", stopping.elapsed());
     // Its batch in hand was committed and acknowledged: nothing is left pending for it.
-    assert_eq!(
-        pipeline::pending(&install.redis_url, &install.stream).await,
-        0
-    );
+    assert_eq!(pipeline::pending(&install.redis_url, &install.stream).await, 0);
     let next = install.start("consolidator", &[]);
     pipeline::assert_exact(&install, &balance.addr, &expected, THREE_MINUTES).await;
     next.stop();

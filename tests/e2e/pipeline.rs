@@ -28,16 +28,8 @@ pub(crate) struct OwnRedis {
 
 impl OwnRedis {
     pub(crate) fn start() -> Self {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let mut redis = Self {
-            child: None,
-            port,
-            dir: tempfile::tempdir().unwrap(),
-        };
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let mut redis = Self { child: None, port, dir: tempfile::tempdir().unwrap() };
         redis.restart(true);
         redis
     }
@@ -54,8 +46,7 @@ impl OwnRedis {
                 }
             }
         }
-        let bin =
-            std::env::var("FLUXO_TEST_REDIS_SERVER_BIN").unwrap_or_else(|_| "redis-server".into());
+        let bin = std::env::var("FLUXO_TEST_REDIS_SERVER_BIN").unwrap_or_else(|_| "redis-server".into());
         let child = Command::new(bin)
             .args([
                 "--bind",
@@ -85,9 +76,7 @@ impl OwnRedis {
 
     pub(crate) fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
-            let _ = Command::new("kill")
-                .args(["-TERM", &child.id().to_string()])
-                .status();
+            let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
             child.wait().ok();
         }
     }
@@ -118,18 +107,9 @@ impl Install {
     pub(crate) async fn new(redis_url: String) -> Self {
         let db = TestDb::new(Backend::Postgres).await;
         let stream = format!("fluxo:test:{}", ulid_like());
-        let install = Self {
-            db,
-            redis_url,
-            stream,
-            dir: tempfile::tempdir().unwrap(),
-        };
+        let install = Self { db, redis_url, stream, dir: tempfile::tempdir().unwrap() };
         let migrate = install.run(&["migrate"]);
-        assert!(
-            migrate.status.success(),
-            "{}",
-            String::from_utf8_lossy(&migrate.stderr)
-        );
+        assert!(migrate.status.success(), "{}", String::from_utf8_lossy(&migrate.stderr));
         install
     }
 
@@ -149,8 +129,7 @@ impl Install {
 
     pub(crate) fn start(&self, target: &str, extra: &[(&str, &str)]) -> Fluxo {
         let env = self.env();
-        let mut refs: Vec<(&str, &str)> =
-            env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        let mut refs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
         refs.extend_from_slice(extra);
         Fluxo::start_target(self.dir.path(), target, &refs)
     }
@@ -159,10 +138,7 @@ impl Install {
     pub(crate) fn run(&self, args: &[&str]) -> std::process::Output {
         let env = self.env();
         let refs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-        fluxo_command(self.dir.path(), &refs)
-            .args(args)
-            .output()
-            .unwrap()
+        fluxo_command(self.dir.path(), &refs).args(args).output().unwrap()
     }
 }
 
@@ -171,9 +147,7 @@ fn ulid_like() -> String {
 }
 
 pub(crate) async fn ledger_client(addr: &str) -> LedgerServiceClient<Channel> {
-    LedgerServiceClient::connect(format!("http://{addr}"))
-        .await
-        .unwrap()
+    LedgerServiceClient::connect(format!("http://{addr}")).await.unwrap()
 }
 
 /// Expected totals per (merchant, currency, date): what the ledger accepted.
@@ -200,20 +174,12 @@ pub(crate) async fn record_many(
                 let merchant = format!("m-{}", k % merchants);
                 let day = 1 + (k * 7 + w) % 5;
                 let date = format!("2026-11-{day:02}");
-                let credit = k % 3 != 0;
+                let credit = !k.is_multiple_of(3);
                 let amount = i64::try_from(1 + (k * 37) % 10_000).unwrap();
                 let request = lpb::RecordEntryRequest {
                     merchant_id: merchant.clone(),
-                    r#type: if credit {
-                        lpb::EntryType::Credit
-                    } else {
-                        lpb::EntryType::Debit
-                    }
-                    .into(),
-                    amount: Some(lpb::Money {
-                        currency_code: "BRL".into(),
-                        minor_units: amount,
-                    }),
+                    r#type: if credit { lpb::EntryType::Credit } else { lpb::EntryType::Debit }.into(),
+                    amount: Some(lpb::Money { currency_code: "BRL".into(), minor_units: amount }),
                     booking_date: date.clone(),
                     description: String::new(),
                     request_id: format!("{prefix}-{k}"),
@@ -270,11 +236,7 @@ pub(crate) async fn assert_exact(
     assert_balances(install, balance_addr, expected, within).await;
     // And the operator's own check agrees.
     let reconcile = install.run(&["balances", "reconcile"]);
-    assert!(
-        reconcile.status.success(),
-        "{}",
-        String::from_utf8_lossy(&reconcile.stdout)
-    );
+    assert!(reconcile.status.success(), "{}", String::from_utf8_lossy(&reconcile.stdout));
 }
 
 /// Like [`assert_exact`], for a test that knows some ledger entries are held back on purpose.
@@ -302,19 +264,14 @@ pub(crate) async fn assert_balances(
         if applied == total {
             break;
         }
-        assert!(
-            applied <= total,
-            "more entries applied ({applied}) than booked ({total})"
-        );
+        assert!(applied <= total, "more entries applied ({applied}) than booked ({total})");
         assert!(
             Instant::now() < deadline,
             "only {applied} of {total} entries consolidated within {within:?}"
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let mut client = BalanceServiceClient::connect(format!("http://{balance_addr}"))
-        .await
-        .unwrap();
+    let mut client = BalanceServiceClient::connect(format!("http://{balance_addr}")).await.unwrap();
     let merchants: std::collections::BTreeSet<&String> = expected.keys().map(|(m, _)| m).collect();
     for merchant in merchants {
         let report = client
@@ -329,31 +286,16 @@ pub(crate) async fn assert_balances(
             .into_inner();
         let mut running = 0;
         for day in report.balances {
-            let (c, d, n) = expected
-                .get(&(merchant.clone(), day.date.clone()))
-                .copied()
-                .unwrap_or_default();
+            let (c, d, n) = expected.get(&(merchant.clone(), day.date.clone())).copied().unwrap_or_default();
             assert_eq!(
-                (
-                    day.total_credits_minor,
-                    day.total_debits_minor,
-                    day.entry_count
-                ),
+                (day.total_credits_minor, day.total_debits_minor, day.entry_count),
                 (c, d, n),
                 "{merchant} {}",
                 day.date
             );
-            assert_eq!(
-                day.opening_balance_minor, running,
-                "{merchant} {} opening",
-                day.date
-            );
+            assert_eq!(day.opening_balance_minor, running, "{merchant} {} opening", day.date);
             running += c - d;
-            assert_eq!(
-                day.closing_balance_minor, running,
-                "{merchant} {} closing",
-                day.date
-            );
+            assert_eq!(day.closing_balance_minor, running, "{merchant} {} closing", day.date);
         }
     }
 }
@@ -367,16 +309,10 @@ pub(crate) async fn pending(redis_url: &str, stream: &str) -> i64 {
     })
     .unwrap();
     client.wait_for_connect().await.unwrap();
-    let summary: Vec<fred::types::Value> =
-        client.xpending(stream, "consolidators", ()).await.unwrap();
-    summary
-        .first()
-        .and_then(fred::types::Value::as_i64)
-        .unwrap_or(0)
+    let summary: Vec<fred::types::Value> = client.xpending(stream, "consolidators", ()).await.unwrap();
+    summary.first().and_then(fred::types::Value::as_i64).unwrap_or(0)
 }
 
 pub(crate) fn kill(process: &Fluxo) {
-    let _ = Command::new("kill")
-        .args(["-KILL", &process.pid().to_string()])
-        .status();
+    let _ = Command::new("kill").args(["-KILL", &process.pid().to_string()]).status();
 }

@@ -63,11 +63,7 @@ impl Fluxo {
             }
             seen.push(line);
         };
-        Self {
-            child: Some(child),
-            addr,
-            stderr: rx,
-        }
+        Self { child: Some(child), addr, stderr: rx }
     }
 
     /// Calls `method` with a JSON request: the JSON response, or grpcurl's error text.
@@ -77,8 +73,7 @@ impl Fluxo {
         request: &serde_json::Value,
     ) -> Result<serde_json::Value, String> {
         let out = grpcurl(&self.addr, &[method], Some(&request.to_string()))?;
-        Ok(serde_json::from_str(&out)
-            .unwrap_or_else(|e| panic!("grpcurl printed non-JSON ({e}): {out}")))
+        Ok(serde_json::from_str(&out).unwrap_or_else(|e| panic!("grpcurl printed non-JSON ({e}): {out}")))
     }
 
     /// `SERVING` or `NOT_SERVING` for `service` ("" for the whole server).
@@ -100,10 +95,7 @@ impl Fluxo {
 
     pub(crate) fn signal(&self, signal: &str) {
         let pid = self.child.as_ref().unwrap().id().to_string();
-        let status = Command::new("kill")
-            .args([&format!("-{signal}"), &pid])
-            .status()
-            .unwrap();
+        let status = Command::new("kill").args([&format!("-{signal}"), &pid]).status().unwrap();
         assert!(status.success());
     }
 
@@ -119,12 +111,7 @@ impl Fluxo {
             std::thread::sleep(Duration::from_millis(20));
         }
         let mut output = child.wait_with_output().unwrap();
-        output.stderr = self
-            .stderr
-            .try_iter()
-            .collect::<Vec<_>>()
-            .join("\n")
-            .into_bytes();
+        output.stderr = self.stderr.try_iter().collect::<Vec<_>>().join("\n").into_bytes();
         output
     }
 
@@ -146,8 +133,9 @@ impl Drop for Fluxo {
 
 /// Runs grpcurl (installed by scripts/test.sh) with reflection only.
 pub(crate) fn grpcurl(addr: &str, args: &[&str], data: Option<&str>) -> Result<String, String> {
-    let bin = std::env::var("FLUXO_TEST_GRPCURL")
-        .unwrap_or_else(|_| panic!("FLUXO_TEST_GRPCURL is not set: run the suite with ./scripts/test.sh, which installs grpcurl"));
+    let bin = std::env::var("FLUXO_TEST_GRPCURL").unwrap_or_else(|_| {
+        panic!("FLUXO_TEST_GRPCURL is not set: run the suite with ./scripts/test.sh, which installs grpcurl")
+    });
     let mut command = Command::new(bin);
     command.args(["-plaintext", "-max-time", "10"]);
     if let Some(data) = data {

@@ -72,13 +72,7 @@ impl Db {
         } else if url.starts_with("sqlite:") {
             DbBackend::Sqlite
         } else {
-            let scheme = url
-                .split(':')
-                .next()
-                .unwrap_or_default()
-                .chars()
-                .take(16)
-                .collect();
+            let scheme = url.split(':').next().unwrap_or_default().chars().take(16).collect();
             return Err(DbError::UnsupportedScheme { scheme });
         };
         let mut options = ConnectOptions::new(url.to_owned());
@@ -90,14 +84,9 @@ impl Db {
             // Statement logging would print every query with its bound values.
             .sqlx_logging(false);
         if backend == DbBackend::Sqlite {
-            if let Some(dir) = sqlite_file(url)
-                .and_then(Path::parent)
-                .filter(|d| !d.as_os_str().is_empty())
-            {
-                std::fs::create_dir_all(dir).map_err(|source| DbError::CreateDir {
-                    dir: dir.display().to_string(),
-                    source,
-                })?;
+            if let Some(dir) = sqlite_file(url).and_then(Path::parent).filter(|d| !d.as_os_str().is_empty()) {
+                std::fs::create_dir_all(dir)
+                    .map_err(|source| DbError::CreateDir { dir: dir.display().to_string(), source })?;
             }
             options.map_sqlx_sqlite_opts(|o| {
                 o.create_if_missing(true)
@@ -109,12 +98,10 @@ impl Db {
                     .foreign_keys(true)
             });
         }
-        let conn = sea_orm::Database::connect(options)
-            .await
-            .map_err(|e| DbError::Connect {
-                backend: backend_name(backend),
-                reason: redact(&e.to_string(), url),
-            })?;
+        let conn = sea_orm::Database::connect(options).await.map_err(|e| DbError::Connect {
+            backend: backend_name(backend),
+            reason: redact(&e.to_string(), url),
+        })?;
         let writer = (backend == DbBackend::Sqlite).then(|| Arc::new(Mutex::new(())));
         Ok(Self { conn, writer })
     }
@@ -204,9 +191,7 @@ fn redact(message: &str, url: &str) -> String {
 }
 
 fn sqlite_file(url: &str) -> Option<&Path> {
-    let path = url
-        .strip_prefix("sqlite://")
-        .or_else(|| url.strip_prefix("sqlite:"))?;
+    let path = url.strip_prefix("sqlite://").or_else(|| url.strip_prefix("sqlite:"))?;
     let path = path.split('?').next()?;
     (path != ":memory:" && !path.is_empty()).then(|| Path::new(path))
 }
@@ -217,17 +202,9 @@ mod tests {
 
     #[test]
     fn placeholders_are_numbered_for_postgres_only() {
-        let pg = statement(
-            DbBackend::Postgres,
-            "a = ? AND b = ?",
-            vec![1.into(), 2.into()],
-        );
+        let pg = statement(DbBackend::Postgres, "a = ? AND b = ?", vec![1.into(), 2.into()]);
         assert_eq!(pg.sql, "a = $1 AND b = $2");
-        let lite = statement(
-            DbBackend::Sqlite,
-            "a = ? AND b = ?",
-            vec![1.into(), 2.into()],
-        );
+        let lite = statement(DbBackend::Sqlite, "a = ? AND b = ?", vec![1.into(), 2.into()]);
         assert_eq!(lite.sql, "a = ? AND b = ?");
     }
 

@@ -2,17 +2,10 @@
 //! `fluxo.balance.v1` packages generated from `proto/`, plus the encoded
 //! descriptor set used by gRPC reflection and the REST gateway.
 
-#![allow(
-    unreachable_pub,
-    missing_docs,
-    unused_qualifications,
-    clippy::all,
-    clippy::pedantic
-)]
+#![allow(unreachable_pub, missing_docs, unused_qualifications, clippy::all, clippy::pedantic)]
 
 /// Encoded `google.protobuf.FileDescriptorSet` of every fluxo proto and its imports.
-pub const FILE_DESCRIPTOR_SET: &[u8] =
-    include_bytes!(concat!(env!("OUT_DIR"), "/fluxo_descriptor.bin"));
+pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/fluxo_descriptor.bin"));
 
 /// `google.api` annotations (HTTP routes).
 pub mod google {

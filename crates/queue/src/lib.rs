@@ -60,8 +60,7 @@ impl StreamEvent {
     /// Reads a message's fields back.
     pub fn from_fields(fields: &HashMap<String, Value>) -> Result<Self, MalformedMessage> {
         let text = |name: &str| fields.get(name).and_then(Value::as_string);
-        let event_id =
-            text(field::EVENT_ID).ok_or_else(|| MalformedMessage("no event_id".into()))?;
+        let event_id = text(field::EVENT_ID).ok_or_else(|| MalformedMessage("no event_id".into()))?;
         let position = text(field::POSITION)
             .and_then(|p| p.parse().ok())
             .ok_or_else(|| MalformedMessage(format!("event {event_id}: no numeric position")))?;
@@ -94,11 +93,7 @@ pub struct StreamNames {
 impl StreamNames {
     /// Names derived from the stream name.
     pub fn new(stream: &str, group: &str) -> Self {
-        Self {
-            stream: stream.to_owned(),
-            group: group.to_owned(),
-            dead_letters: format!("{stream}:dlq"),
-        }
+        Self { stream: stream.to_owned(), group: group.to_owned(), dead_letters: format!("{stream}:dlq") }
     }
 }
 
@@ -137,10 +132,7 @@ pub struct RedisSink {
 impl RedisSink {
     /// Publishes to `stream` through `client`.
     pub fn new(client: Client, stream: &str) -> Self {
-        Self {
-            client,
-            stream: stream.to_owned(),
-        }
+        Self { client, stream: stream.to_owned() }
     }
 }
 
@@ -150,9 +142,7 @@ impl EventSink for RedisSink {
         let pipeline = self.client.pipeline();
         for event in events {
             // No trimming here: the stream is trimmed only below what the group acknowledged.
-            let _: () = pipeline
-                .xadd(&self.stream, false, None, "*", event.to_fields())
-                .await?;
+            let _: () = pipeline.xadd(&self.stream, false, None, "*", event.to_fields()).await?;
         }
         let results: Vec<Value> = pipeline.all().await?;
         if let Some(Value::Null) = results.iter().find(|v| matches!(v, Value::Null)) {
@@ -213,11 +203,8 @@ mod tests {
             traceparent: Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into()),
             tracestate: None,
         };
-        let fields: HashMap<String, Value> = event
-            .to_fields()
-            .into_iter()
-            .map(|(k, v)| (k.to_owned(), v))
-            .collect();
+        let fields: HashMap<String, Value> =
+            event.to_fields().into_iter().map(|(k, v)| (k.to_owned(), v)).collect();
         assert_eq!(StreamEvent::from_fields(&fields), Ok(event));
     }
 

@@ -30,9 +30,7 @@ pub struct AdmissionLayer {
 impl AdmissionLayer {
     /// Admits at most `max_concurrent` calls at once (health and reflection exempt).
     pub fn new(max_concurrent: usize) -> Self {
-        Self {
-            permits: Arc::new(Semaphore::new(max_concurrent.max(1))),
-        }
+        Self { permits: Arc::new(Semaphore::new(max_concurrent.max(1))) }
     }
 }
 
@@ -40,10 +38,7 @@ impl<S> Layer<S> for AdmissionLayer {
     type Service = Admission<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        Admission {
-            inner,
-            permits: self.permits.clone(),
-        }
+        Admission { inner, permits: self.permits.clone() }
     }
 }
 
@@ -63,9 +58,7 @@ fn request_id(request: &Request<Body>) -> HeaderValue {
     request
         .headers()
         .get(REQUEST_ID_HEADER)
-        .filter(|v| {
-            !v.is_empty() && v.len() <= 128 && v.as_bytes().iter().all(u8::is_ascii_graphic)
-        })
+        .filter(|v| !v.is_empty() && v.len() <= 128 && v.as_bytes().iter().all(u8::is_ascii_graphic))
         .cloned()
         .unwrap_or_else(|| {
             HeaderValue::from_str(&ulid::Ulid::new().to_string())
@@ -89,10 +82,7 @@ where
     fn call(&mut self, request: Request<Body>) -> Self::Future {
         let path = request.uri().path().to_owned();
         let id = request_id(&request);
-        let (service, method) = path
-            .trim_start_matches('/')
-            .split_once('/')
-            .unwrap_or((&path, ""));
+        let (service, method) = path.trim_start_matches('/').split_once('/').unwrap_or((&path, ""));
         let span = tracing::info_span!(
             "grpc.server",
             otel.name = %path.trim_start_matches('/'),

@@ -23,6 +23,10 @@ use tonic_health::{ServingStatus, server::HealthReporter};
 
 pub use admission::{AdmissionLayer, REQUEST_ID_HEADER};
 
+/// Health service name that reports the process alive (for liveness and
+/// startup probes), independent of readiness.
+pub const LIVENESS_SERVICE: &str = "liveness";
+
 /// A target's answer to "can you serve traffic now?".
 #[async_trait::async_trait]
 pub trait Readiness: Send + Sync + 'static {
@@ -111,28 +115,20 @@ impl std::fmt::Debug for GrpcServer {
 impl GrpcServer {
     /// Binds the listener and registers the health service, NOT_SERVING.
     pub async fn bind(config: ServerConfig) -> Result<Self, ServerError> {
-        let listener =
-            TcpListener::bind(config.listen)
-                .await
-                .map_err(|source| ServerError::Bind {
-                    addr: config.listen,
-                    source,
-                })?;
+        let listener = TcpListener::bind(config.listen)
+            .await
+            .map_err(|source| ServerError::Bind { addr: config.listen, source })?;
         let (health, health_service) = tonic_health::server::health_reporter();
         // The reporter starts the overall service ("") as SERVING; nothing is
         // ready until the first readiness check passes.
-        health
-            .set_service_status("", ServingStatus::NotServing)
-            .await;
+        health.set_service_status("", ServingStatus::NotServing).await;
+        // Liveness, separate from readiness: SERVING for as long as the process
+        // serves gRPC at all, so an outage of the database takes pods out of
+        // rotation (readiness) without getting them restarted (liveness).
+        health.set_service_status(LIVENESS_SERVICE, ServingStatus::Serving).await;
         let mut routes = RoutesBuilder::default();
         routes.add_service(health_service);
-        Ok(Self {
-            listener,
-            config,
-            routes,
-            health,
-            services: Vec::new(),
-        })
+        Ok(Self { listener, config, routes, health, services: Vec::new() })
     }
 
     /// The address actually bound (useful with port 0).
@@ -151,9 +147,7 @@ impl GrpcServer {
             + 'static,
         S::Future: Send + 'static,
     {
-        self.health
-            .set_service_status(S::NAME, ServingStatus::NotServing)
-            .await;
+        self.health.set_service_status(S::NAME, ServingStatus::NotServing).await;
         self.services.push(S::NAME);
         self.routes.add_service(service);
         self
@@ -162,10 +156,7 @@ impl GrpcServer {
     /// Adds server reflection (v1, and v1alpha for older clients) describing
     /// `descriptor_set`. Call it after the last [`GrpcServer::add_service`]:
     /// reflection advertises exactly the services added so far, plus health.
-    pub fn add_reflection(
-        &mut self,
-        descriptor_set: &'static [u8],
-    ) -> Result<&mut Self, ServerError> {
+    pub fn add_reflection(&mut self, descriptor_set: &'static [u8]) -> Result<&mut Self, ServerError> {
         let names: Vec<String> = self
             .services
             .iter()
@@ -180,12 +171,8 @@ impl GrpcServer {
                 |builder, name| builder.with_service_name(name.clone()),
             )
         };
-        let v1 = configure()
-            .build_v1()
-            .map_err(|e| ServerError::Reflection(e.to_string()))?;
-        let v1alpha = configure()
-            .build_v1alpha()
-            .map_err(|e| ServerError::Reflection(e.to_string()))?;
+        let v1 = configure().build_v1().map_err(|e| ServerError::Reflection(e.to_string()))?;
+        let v1alpha = configure().build_v1alpha().map_err(|e| ServerError::Reflection(e.to_string()))?;
         self.routes.add_service(v1);
         self.routes.add_service(v1alpha);
         Ok(self)
@@ -199,13 +186,7 @@ impl GrpcServer {
         readiness: Arc<dyn Readiness>,
         shutdown: impl Future<Output = ()> + Send,
     ) -> Result<(), ServerError> {
-        let Self {
-            listener,
-            config,
-            routes,
-            health,
-            services,
-        } = self;
+        let Self { listener, config, routes, health, services } = self;
         let addr = listener.local_addr().ok();
         let (stop_accepting, accept_stopped) = oneshot::channel::<()>();
         let server = tonic::transport::Server::builder()
@@ -289,10 +270,9 @@ async fn probe(
     let work = async {
         loop {
             // A hung database must not freeze readiness at its last answer.
-            let result =
-                tokio::time::timeout(interval.max(Duration::from_secs(1)), readiness.check())
-                    .await
-                    .unwrap_or_else(|_| Err("readiness check timed out".into()));
+            let result = tokio::time::timeout(interval.max(Duration::from_secs(1)), readiness.check())
+                .await
+                .unwrap_or_else(|_| Err("readiness check timed out".into()));
             match (&result, ready) {
                 (Ok(()), false) => {
                     tracing::info!("ready: reporting SERVING");
@@ -308,11 +288,7 @@ async fn probe(
                 (Ok(()), true) => {}
             }
             // Poll faster while not ready, so a fresh pod turns ready quickly.
-            let pause = if ready {
-                interval
-            } else {
-                interval.min(Duration::from_millis(250))
-            };
+            let pause = if ready { interval } else { interval.min(Duration::from_millis(250)) };
             tokio::time::sleep(pause).await;
         }
     };

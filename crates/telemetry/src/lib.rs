@@ -15,9 +15,7 @@ use opentelemetry::{
 use opentelemetry_sdk::{Resource, propagation::TraceContextPropagator, trace::SdkTracerProvider};
 use tracing::Subscriber;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
-use tracing_subscriber::{
-    EnvFilter, Layer, fmt::MakeWriter, layer::SubscriberExt, registry::LookupSpan,
-};
+use tracing_subscriber::{EnvFilter, Layer, fmt::MakeWriter, layer::SubscriberExt, registry::LookupSpan};
 
 /// How log lines look.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -86,8 +84,7 @@ impl Telemetry {
 pub fn otlp_requested() -> bool {
     let set = |name: &str| std::env::var(name).is_ok_and(|v| !v.trim().is_empty());
     let disabled = std::env::var("OTEL_SDK_DISABLED").is_ok_and(|v| v.eq_ignore_ascii_case("true"));
-    let traces_off =
-        std::env::var("OTEL_TRACES_EXPORTER").is_ok_and(|v| v.eq_ignore_ascii_case("none"));
+    let traces_off = std::env::var("OTEL_TRACES_EXPORTER").is_ok_and(|v| v.eq_ignore_ascii_case("none"));
     !disabled
         && !traces_off
         && (set("OTEL_EXPORTER_OTLP_ENDPOINT") || set("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"))
@@ -124,32 +121,21 @@ pub fn subscriber<W>(
 where
     W: for<'w> MakeWriter<'w> + Send + Sync + 'static,
 {
-    let filter = EnvFilter::try_new(&config.log_filter).map_err(|e| TelemetryError::Filter {
-        filter: config.log_filter.clone(),
-        reason: e.to_string(),
-    })?;
+    let filter = EnvFilter::try_new(&config.log_filter)
+        .map_err(|e| TelemetryError::Filter { filter: config.log_filter.clone(), reason: e.to_string() })?;
     let json = match config.log_format {
         LogFormat::Json => true,
         LogFormat::Pretty => false,
         LogFormat::Auto => !terminal,
     };
-    let fmt = tracing_subscriber::fmt::layer()
-        .with_writer(writer)
-        .with_target(true);
+    let fmt = tracing_subscriber::fmt::layer().with_writer(writer).with_target(true);
     let fmt = if json {
-        fmt.json()
-            .flatten_event(true)
-            .with_current_span(true)
-            .with_span_list(false)
-            .boxed()
+        fmt.json().flatten_event(true).with_current_span(true).with_span_list(false).boxed()
     } else {
         fmt.with_ansi(terminal).boxed()
     };
     let otel = tracing_opentelemetry::layer().with_tracer(provider.tracer("fluxo"));
-    Ok(tracing_subscriber::registry()
-        .with(filter)
-        .with(fmt)
-        .with(otel))
+    Ok(tracing_subscriber::registry().with(filter).with(fmt).with(otel))
 }
 
 /// Installs telemetry for the whole process: logs to stdout, W3C trace-context
@@ -158,14 +144,10 @@ pub fn init(config: &TelemetryConfig) -> Result<Telemetry, TelemetryError> {
     let (provider, exporting) = tracer_provider(&config.service_name)?;
     let terminal = std::io::stdout().is_terminal();
     let subscriber = subscriber(config, &provider, std::io::stdout, terminal)?;
-    tracing::subscriber::set_global_default(subscriber)
-        .map_err(|_| TelemetryError::AlreadyInstalled)?;
+    tracing::subscriber::set_global_default(subscriber).map_err(|_| TelemetryError::AlreadyInstalled)?;
     global::set_text_map_propagator(TraceContextPropagator::new());
     global::set_tracer_provider(provider.clone());
-    Ok(Telemetry {
-        provider,
-        exporting,
-    })
+    Ok(Telemetry { provider, exporting })
 }
 
 struct Headers<'a>(&'a http::HeaderMap);
@@ -204,8 +186,5 @@ pub fn current_trace_context() -> (Option<String>, Option<String>) {
     let mut carrier = Carrier(HashMap::new());
     global::get_text_map_propagator(|p| p.inject_context(&context, &mut carrier));
     let mut fields = carrier.0;
-    (
-        fields.remove("traceparent"),
-        fields.remove("tracestate").filter(|s| !s.is_empty()),
-    )
+    (fields.remove("traceparent"), fields.remove("tracestate").filter(|s| !s.is_empty()))
 }

@@ -44,34 +44,19 @@ impl TestDb {
             Backend::Sqlite => {
                 let dir = tempfile::tempdir().expect("temporary directory");
                 let url = format!("sqlite://{}", dir.path().join("fluxo.sqlite").display());
-                Self {
-                    url,
-                    backend,
-                    _dir: Some(dir),
-                }
+                Self { url, backend, _dir: Some(dir) }
             }
             Backend::Postgres => {
                 let server = postgres_server_url();
-                let name = format!(
-                    "fluxo_test_{}",
-                    ulid::Ulid::new().to_string().to_lowercase()
-                );
-                let admin = Database::connect(&server)
-                    .await
-                    .expect("connect to the test PostgreSQL server");
+                let name = format!("fluxo_test_{}", ulid::Ulid::new().to_string().to_lowercase());
+                let admin = Database::connect(&server).await.expect("connect to the test PostgreSQL server");
                 admin
                     .execute_unprepared(&format!("CREATE DATABASE {name}"))
                     .await
                     .expect("create a test database");
                 admin.close().await.ok();
-                let base = server
-                    .rsplit_once('/')
-                    .map_or(server.as_str(), |(base, _)| base);
-                Self {
-                    url: format!("{base}/{name}"),
-                    backend,
-                    _dir: None,
-                }
+                let base = server.rsplit_once('/').map_or(server.as_str(), |(base, _)| base);
+                Self { url: format!("{base}/{name}"), backend, _dir: None }
             }
         }
     }

@@ -57,12 +57,9 @@ impl MerchantId {
 
     /// Parses a merchant id.
     pub fn parse(input: &str) -> Result<Self, TextError> {
-        check_text(
-            input,
-            Self::MAX_LEN,
-            "letters, digits, '.', '_' and '-'",
-            |c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'),
-        )?;
+        check_text(input, Self::MAX_LEN, "letters, digits, '.', '_' and '-'", |c| {
+            c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')
+        })?;
         Ok(Self(input.to_owned()))
     }
 
@@ -82,9 +79,7 @@ impl RequestId {
 
     /// Parses an idempotency key.
     pub fn parse(input: &str) -> Result<Self, TextError> {
-        check_text(input, Self::MAX_LEN, "printable ASCII characters", |c| {
-            c.is_ascii_graphic()
-        })?;
+        check_text(input, Self::MAX_LEN, "printable ASCII characters", |c| c.is_ascii_graphic())?;
         Ok(Self(input.to_owned()))
     }
 
@@ -107,12 +102,7 @@ impl Description {
         if input.is_empty() {
             return Ok(Self::default());
         }
-        check_text(
-            input,
-            Self::MAX_LEN,
-            "text without control characters",
-            |c| !c.is_control(),
-        )?;
+        check_text(input, Self::MAX_LEN, "text without control characters", |c| !c.is_control())?;
         Ok(Self(input.to_owned()))
     }
 
@@ -177,10 +167,7 @@ pub enum DateError {
     #[error("must be on or after {}", BookingDate::EARLIEST)]
     TooEarly,
     /// Too far ahead of today.
-    #[error(
-        "must be at most {} days after today ({today})",
-        BookingDate::MAX_DAYS_AHEAD
-    )]
+    #[error("must be at most {} days after today ({today})", BookingDate::MAX_DAYS_AHEAD)]
     TooLate {
         /// Today in the ledger's time zone.
         today: NaiveDate,
@@ -200,13 +187,11 @@ impl BookingDate {
     pub fn parse_date(input: &str) -> Result<NaiveDate, DateError> {
         // chrono accepts "2026-1-5"; a contract date has exactly one spelling.
         let well_formed = input.len() == 10
-            && input.bytes().enumerate().all(|(i, b)| {
-                if i == 4 || i == 7 {
-                    b == b'-'
-                } else {
-                    b.is_ascii_digit()
-                }
-            });
+            && input.bytes().enumerate().all(
+                |(i, b)| {
+                    if i == 4 || i == 7 { b == b'-' } else { b.is_ascii_digit() }
+                },
+            );
         well_formed
             .then(|| NaiveDate::parse_from_str(input, "%Y-%m-%d").ok())
             .flatten()
@@ -222,9 +207,7 @@ impl BookingDate {
         if date < Self::EARLIEST {
             return Err(DateError::TooEarly);
         }
-        let latest = today
-            .checked_add_days(Days::new(Self::MAX_DAYS_AHEAD))
-            .unwrap_or(NaiveDate::MAX);
+        let latest = today.checked_add_days(Days::new(Self::MAX_DAYS_AHEAD)).unwrap_or(NaiveDate::MAX);
         if date > latest {
             return Err(DateError::TooLate { today });
         }
@@ -261,16 +244,10 @@ impl DateRange {
     /// Parses optional `start_date`/`end_date` fields, recording problems under their names.
     pub fn parse(start: &str, end: &str, violations: &mut crate::Violations) -> Self {
         let parse = |field: &str, input: &str, violations: &mut crate::Violations| {
-            if input.is_empty() {
-                None
-            } else {
-                violations.check(field, BookingDate::parse_date(input))
-            }
+            if input.is_empty() { None } else { violations.check(field, BookingDate::parse_date(input)) }
         };
-        let range = Self {
-            start: parse("start_date", start, violations),
-            end: parse("end_date", end, violations),
-        };
+        let range =
+            Self { start: parse("start_date", start, violations), end: parse("end_date", end, violations) };
         if let (Some(s), Some(e)) = (range.start, range.end)
             && e < s
         {
@@ -292,15 +269,9 @@ mod tests {
     fn merchant_ids_are_bounded_and_restricted() {
         assert!(MerchantId::parse("m-1_a.b").is_ok());
         assert_eq!(MerchantId::parse(""), Err(TextError::Missing));
-        assert!(matches!(
-            MerchantId::parse("a b"),
-            Err(TextError::BadCharacter { found: ' ', .. })
-        ));
+        assert!(matches!(MerchantId::parse("a b"), Err(TextError::BadCharacter { found: ' ', .. })));
         assert!(MerchantId::parse(&"m".repeat(64)).is_ok());
-        assert!(matches!(
-            MerchantId::parse(&"m".repeat(65)),
-            Err(TextError::TooLong { max: 64, got: 65 })
-        ));
+        assert!(matches!(MerchantId::parse(&"m".repeat(65)), Err(TextError::TooLong { max: 64, got: 65 })));
     }
 
     #[test]
@@ -313,10 +284,7 @@ mod tests {
 
     #[test]
     fn descriptions_may_be_empty_but_not_carry_control_characters() {
-        assert_eq!(
-            Description::parse("").map(|d| d.as_str().to_owned()),
-            Ok(String::new())
-        );
+        assert_eq!(Description::parse("").map(|d| d.as_str().to_owned()), Ok(String::new()));
         assert!(Description::parse("venda à vista").is_ok());
         assert!(Description::parse("line\nbreak").is_err());
         assert!(Description::parse(&"é".repeat(500)).is_ok());
@@ -326,40 +294,14 @@ mod tests {
     #[test]
     fn booking_dates_are_strict_and_bounded() {
         let today = day("2026-11-21");
-        assert_eq!(
-            BookingDate::parse_or_today("", today).unwrap().date(),
-            today
-        );
-        assert_eq!(
-            BookingDate::parse_or_today("2026-02-28", today)
-                .unwrap()
-                .to_string(),
-            "2026-02-28"
-        );
-        for bad in [
-            "2026-02-30",
-            "2026-1-05",
-            "21/11/2026",
-            "2026-11-21T00:00:00Z",
-            "tomorrow",
-        ] {
-            assert!(
-                matches!(
-                    BookingDate::parse_or_today(bad, today),
-                    Err(DateError::Malformed(_))
-                ),
-                "{bad}"
-            );
+        assert_eq!(BookingDate::parse_or_today("", today).unwrap().date(), today);
+        assert_eq!(BookingDate::parse_or_today("2026-02-28", today).unwrap().to_string(), "2026-02-28");
+        for bad in ["2026-02-30", "2026-1-05", "21/11/2026", "2026-11-21T00:00:00Z", "tomorrow"] {
+            assert!(matches!(BookingDate::parse_or_today(bad, today), Err(DateError::Malformed(_))), "{bad}");
         }
-        assert_eq!(
-            BookingDate::parse_or_today("1969-12-31", today),
-            Err(DateError::TooEarly)
-        );
+        assert_eq!(BookingDate::parse_or_today("1969-12-31", today), Err(DateError::TooEarly));
         assert!(BookingDate::parse_or_today("2027-11-22", today).is_ok());
-        assert_eq!(
-            BookingDate::parse_or_today("2027-11-23", today),
-            Err(DateError::TooLate { today })
-        );
+        assert_eq!(BookingDate::parse_or_today("2027-11-23", today), Err(DateError::TooLate { today }));
     }
 
     #[test]

@@ -6,8 +6,7 @@ mod money;
 mod violations;
 
 pub use fields::{
-    BookingDate, DateError, DateRange, Description, EntryId, EntryIdError, MerchantId, RequestId,
-    TextError,
+    BookingDate, DateError, DateRange, Description, EntryId, EntryIdError, MerchantId, RequestId, TextError,
 };
 pub use money::{AmountError, Currency, CurrencyError, MAX_AMOUNT_MINOR, Money, truncate};
 pub use violations::{FieldViolation, Violations};

@@ -69,9 +69,7 @@ pub struct Money {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum AmountError {
     /// Zero or negative: the direction of an entry comes from its type.
-    #[error(
-        "must be greater than zero (the entry type says whether money comes in or goes out), got {0}"
-    )]
+    #[error("must be greater than zero (the entry type says whether money comes in or goes out), got {0}")]
     NotPositive(i64),
     /// Larger than one entry may carry.
     #[error("must be at most {MAX_AMOUNT_MINOR} minor units, got {0}")]
@@ -86,10 +84,7 @@ impl Money {
         } else if minor_units > MAX_AMOUNT_MINOR {
             Err(AmountError::TooLarge(minor_units))
         } else {
-            Ok(Self {
-                currency,
-                minor_units,
-            })
+            Ok(Self { currency, minor_units })
         }
     }
 
@@ -143,22 +138,10 @@ mod tests {
     #[test]
     fn unknown_lower_case_and_unitless_codes_are_refused() {
         assert_eq!(Currency::parse(""), Err(CurrencyError::Missing));
-        assert!(matches!(
-            Currency::parse("brl"),
-            Err(CurrencyError::Unknown(_))
-        ));
-        assert!(matches!(
-            Currency::parse("ABC"),
-            Err(CurrencyError::Unknown(_))
-        ));
-        assert!(matches!(
-            Currency::parse("BRLX"),
-            Err(CurrencyError::Unknown(_))
-        ));
-        assert!(matches!(
-            Currency::parse("XAU"),
-            Err(CurrencyError::NoMinorUnits(_))
-        ));
+        assert!(matches!(Currency::parse("brl"), Err(CurrencyError::Unknown(_))));
+        assert!(matches!(Currency::parse("ABC"), Err(CurrencyError::Unknown(_))));
+        assert!(matches!(Currency::parse("BRLX"), Err(CurrencyError::Unknown(_))));
+        assert!(matches!(Currency::parse("XAU"), Err(CurrencyError::NoMinorUnits(_))));
     }
 
     #[test]

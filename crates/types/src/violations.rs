@@ -18,10 +18,7 @@ pub struct Violations(Vec<FieldViolation>);
 impl Violations {
     /// Records a problem with `field`.
     pub fn add(&mut self, field: impl Into<String>, description: impl Into<String>) {
-        self.0.push(FieldViolation {
-            field: field.into(),
-            description: description.into(),
-        });
+        self.0.push(FieldViolation { field: field.into(), description: description.into() });
     }
 
     /// Keeps the parsed value, or records why `field` is invalid.

@@ -55,8 +55,7 @@ impl CacheKey {
     }
 }
 
-const GET: &str =
-    "return {redis.call('HGET', KEYS[1], ARGV[1]), redis.call('GET', KEYS[2]) or '0'}";
+const GET: &str = "return {redis.call('HGET', KEYS[1], ARGV[1]), redis.call('GET', KEYS[2]) or '0'}";
 const PUT: &str = "if (redis.call('GET', KEYS[2]) or '0') ~= ARGV[1] then return 0 end \
     redis.call('HSET', KEYS[1], ARGV[2], ARGV[3]) redis.call('PEXPIRE', KEYS[1], ARGV[4]) \
     redis.call('HSET', KEYS[3], ARGV[2], ARGV[3]) redis.call('PEXPIRE', KEYS[3], ARGV[5]) return 1";
@@ -78,31 +77,26 @@ pub struct BalanceCache {
     stale_ttl_ms: u64,
     // Keyed by the generation too: a caller that saw a newer generation never
     // joins a load that may have read the database before the change.
-    flights: Arc<Mutex<HashMap<(CacheKey, String), Shared<BoxFuture<'static, Loaded>>>>>,
+    flights: Arc<Mutex<HashMap<(CacheKey, String), Flight>>>,
     loads: Arc<AtomicU64>,
 }
+
+/// A load in progress, awaited by every caller of the same key and generation.
+type Flight = Shared<BoxFuture<'static, Loaded>>;
 
 /// A loaded answer shared by every caller waiting on the same key.
 pub type Loaded = Result<Bytes, Arc<crate::query::QueryError>>;
 
 impl std::fmt::Debug for BalanceCache {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("BalanceCache")
-            .field("ttl_ms", &self.ttl_ms)
-            .finish_non_exhaustive()
+        f.debug_struct("BalanceCache").field("ttl_ms", &self.ttl_ms).finish_non_exhaustive()
     }
 }
 
 impl BalanceCache {
     /// A cache in Redis through `client`.
     pub fn new(client: Client, ttl_ms: u64, stale_ttl_ms: u64) -> Self {
-        Self {
-            client,
-            ttl_ms,
-            stale_ttl_ms,
-            flights: Arc::default(),
-            loads: Arc::default(),
-        }
+        Self { client, ttl_ms, stale_ttl_ms, flights: Arc::default(), loads: Arc::default() }
     }
 
     /// Database loads performed on misses (concurrent misses of one key count once).
@@ -112,14 +106,8 @@ impl BalanceCache {
 
     /// The cached answer, or the generation to store a new one under.
     pub async fn get(&self, key: &CacheKey) -> Result<Lookup, fred::error::Error> {
-        let (value, generation): (Option<Bytes>, String) = self
-            .client
-            .eval(
-                GET,
-                vec![key.answers(), key.generation()],
-                vec![key.field.clone()],
-            )
-            .await?;
+        let (value, generation): (Option<Bytes>, String) =
+            self.client.eval(GET, vec![key.answers(), key.generation()], vec![key.field.clone()]).await?;
         Ok(match value {
             Some(bytes) => Lookup::Hit(bytes),
             None => Lookup::Miss(generation),
@@ -152,8 +140,7 @@ impl BalanceCache {
 
     /// The last answer ever stored for `key`, for when the database is down.
     pub async fn last_known(&self, key: &CacheKey) -> Result<Option<Bytes>, fred::error::Error> {
-        fred::prelude::HashesInterface::hget(&self.client, key.last_known(), key.field.as_str())
-            .await
+        fred::prelude::HashesInterface::hget(&self.client, key.last_known(), key.field.as_str()).await
     }
 
     /// Drops every cached answer about these balances and bumps their generations.
@@ -164,11 +151,8 @@ impl BalanceCache {
         let tx = self.client.multi();
         for (merchant, currency) in balances {
             for c in [currency.as_str(), "*"] {
-                let key = CacheKey {
-                    merchant: merchant.clone(),
-                    currency: c.to_owned(),
-                    field: String::new(),
-                };
+                let key =
+                    CacheKey { merchant: merchant.clone(), currency: c.to_owned(), field: String::new() };
                 let _: () = tx.incr(key.generation()).await?;
                 let _: () = tx.del(key.answers()).await?;
             }
@@ -185,10 +169,7 @@ impl BalanceCache {
     {
         let flight_key = (key.clone(), generation.to_owned());
         let flight = {
-            let mut flights = self
-                .flights
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let mut flights = self.flights.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             let cache = self.clone();
             let (key, generation) = flight_key.clone();
             flights
@@ -197,10 +178,10 @@ impl BalanceCache {
                     self.loads.fetch_add(1, Ordering::Relaxed);
                     async move {
                         let loaded = load.await;
-                        if let Ok(answer) = &loaded {
-                            if let Err(error) = cache.put(&key, &generation, answer.clone()).await {
-                                tracing::warn!(%error, "could not cache a balance");
-                            }
+                        if let Ok(answer) = &loaded
+                            && let Err(error) = cache.put(&key, &generation, answer.clone()).await
+                        {
+                            tracing::warn!(%error, "could not cache a balance");
                         }
                         loaded
                     }
@@ -210,10 +191,7 @@ impl BalanceCache {
                 .clone()
         };
         let result = flight.await;
-        let mut flights = self
-            .flights
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut flights = self.flights.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         flights.remove(&flight_key);
         result
     }

@@ -44,9 +44,7 @@ pub struct Consolidator {
 
 impl std::fmt::Debug for Consolidator {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Consolidator")
-            .field("store", &self.store)
-            .finish_non_exhaustive()
+        f.debug_struct("Consolidator").field("store", &self.store).finish_non_exhaustive()
     }
 }
 
@@ -59,27 +57,21 @@ pub fn decode(event: &StreamEvent) -> Result<Posting, ApplyError> {
         return Err(malformed("payload event_id differs from the message's"));
     }
     let entry = recorded.entry.ok_or_else(|| malformed("no entry"))?;
-    let amount = entry
-        .amount
-        .as_ref()
-        .ok_or_else(|| malformed("no amount"))?;
-    let currency = fluxo_types::Currency::parse(&amount.currency_code)
-        .map_err(|e| malformed(&e.to_string()))?;
-    let money = fluxo_types::Money::positive(currency, amount.minor_units)
-        .map_err(|e| malformed(&e.to_string()))?;
-    let merchant = fluxo_types::MerchantId::parse(&entry.merchant_id)
-        .map_err(|e| malformed(&e.to_string()))?;
-    let date: NaiveDate = fluxo_types::BookingDate::parse_date(&entry.booking_date)
-        .map_err(|e| malformed(&e.to_string()))?;
+    let amount = entry.amount.as_ref().ok_or_else(|| malformed("no amount"))?;
+    let currency =
+        fluxo_types::Currency::parse(&amount.currency_code).map_err(|e| malformed(&e.to_string()))?;
+    let money =
+        fluxo_types::Money::positive(currency, amount.minor_units).map_err(|e| malformed(&e.to_string()))?;
+    let merchant =
+        fluxo_types::MerchantId::parse(&entry.merchant_id).map_err(|e| malformed(&e.to_string()))?;
+    let date: NaiveDate =
+        fluxo_types::BookingDate::parse_date(&entry.booking_date).map_err(|e| malformed(&e.to_string()))?;
     let direction = match pb::EntryType::try_from(entry.r#type) {
         Ok(pb::EntryType::Credit) => Direction::Credit,
         Ok(pb::EntryType::Debit) => Direction::Debit,
         _ => return Err(malformed("entry type is neither CREDIT nor DEBIT")),
     };
-    let committed = entry
-        .created_at
-        .or(recorded.occurred_at)
-        .unwrap_or_default();
+    let committed = entry.created_at.or(recorded.occurred_at).unwrap_or_default();
     Ok(Posting {
         event_id: event.event_id.clone(),
         entry_id: entry.id,
@@ -105,10 +97,7 @@ fn classify(error: &StoreError) -> ApplyError {
 impl Consolidator {
     /// A consolidator writing to `store`.
     pub fn new(store: BalanceStore) -> Self {
-        Self {
-            store,
-            listener: None,
-        }
+        Self { store, listener: None }
     }
 
     /// Also tells `listener` about every commit.
@@ -126,10 +115,7 @@ impl Consolidator {
     /// is in the read model (now or from an earlier delivery) and may be acknowledged.
     pub async fn apply(&self, events: &[StreamEvent]) -> Vec<Result<(), ApplyError>> {
         let decoded: Vec<Result<Posting, ApplyError>> = events.iter().map(decode).collect();
-        let postings: Vec<Posting> = decoded
-            .iter()
-            .filter_map(|d| d.as_ref().ok().cloned())
-            .collect();
+        let postings: Vec<Posting> = decoded.iter().filter_map(|d| d.as_ref().ok().cloned()).collect();
         match self.store.apply(&postings).await {
             Ok(applied) => {
                 self.notify(&applied).await;
@@ -145,8 +131,7 @@ impl Consolidator {
                 for d in decoded {
                     results.push(match d {
                         Err(e) => Err(e),
-                        Ok(posting) => match self.store.apply(std::slice::from_ref(&posting)).await
-                        {
+                        Ok(posting) => match self.store.apply(std::slice::from_ref(&posting)).await {
                             Ok(applied) => {
                                 self.notify(&applied).await;
                                 Ok(())
@@ -161,10 +146,10 @@ impl Consolidator {
     }
 
     async fn notify(&self, applied: &Applied) {
-        if let Some(listener) = &self.listener {
-            if !applied.touched.is_empty() {
-                listener.applied(applied).await;
-            }
+        if let Some(listener) = &self.listener
+            && !applied.touched.is_empty()
+        {
+            listener.applied(applied).await;
         }
     }
 }
@@ -196,10 +181,9 @@ impl EventSink for InProcessSink {
             .collect();
         match failures.first() {
             None => Ok(()),
-            Some(first) => Err(PublishError::Consumer(format!(
-                "{} events not applied; first: {first}",
-                failures.len()
-            ))),
+            Some(first) => {
+                Err(PublishError::Consumer(format!("{} events not applied; first: {first}", failures.len())))
+            }
         }
     }
 }

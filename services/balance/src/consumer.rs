@@ -62,9 +62,8 @@ pub enum ConsumerError {
 
 /// Creates the consumer group (and the stream) if missing. Safe to repeat.
 pub async fn ensure_group(client: &Client, names: &StreamNames) -> Result<(), ConsumerError> {
-    let created: Result<(), fred::error::Error> = client
-        .xgroup_create(&names.stream, &names.group, "0", true)
-        .await;
+    let created: Result<(), fred::error::Error> =
+        client.xgroup_create(&names.stream, &names.group, "0", true).await;
     match created {
         Ok(()) => Ok(()),
         Err(e) if e.details().contains("BUSYGROUP") => Ok(()),
@@ -87,18 +86,8 @@ pub struct StreamConsumer {
 impl StreamConsumer {
     /// A consumer reading with `reader` (dedicated to blocking reads) and
     /// acknowledging, claiming and dead-lettering with `client`.
-    pub fn new(
-        reader: Client,
-        client: Client,
-        consolidator: Consolidator,
-        config: ConsumerConfig,
-    ) -> Self {
-        Self {
-            reader,
-            client,
-            consolidator,
-            config,
-        }
+    pub fn new(reader: Client, client: Client, consolidator: Consolidator, config: ConsumerConfig) -> Self {
+        Self { reader, client, consolidator, config }
     }
 
     fn failures_key(&self) -> String {
@@ -137,7 +126,7 @@ impl StreamConsumer {
                 }
                 Err(error) => {
                     failures += 1;
-                    if failures == 1 || failures % 10 == 0 {
+                    if failures == 1 || failures.is_multiple_of(10) {
                         tracing::warn!(%error, failures, "reading the stream failed; retrying");
                     }
                     // Redis came back empty (restarted without persistence): recreate
@@ -202,23 +191,15 @@ impl StreamConsumer {
             ids.push(id);
         }
         let mut applied = self.consolidator.apply(&events).await.into_iter();
-        let results: Vec<Result<(), ApplyError>> = results
-            .into_iter()
-            .map(|r| r.unwrap_or_else(|| applied.next().unwrap_or(Ok(()))))
-            .collect();
+        let results: Vec<Result<(), ApplyError>> =
+            results.into_iter().map(|r| r.unwrap_or_else(|| applied.next().unwrap_or(Ok(())))).collect();
 
-        let acked: Vec<&String> = ids
-            .iter()
-            .zip(&results)
-            .filter(|(_, r)| r.is_ok())
-            .map(|(id, _)| id)
-            .collect();
+        let acked: Vec<&String> =
+            ids.iter().zip(&results).filter(|(_, r)| r.is_ok()).map(|(id, _)| id).collect();
         if !acked.is_empty() {
             let ack: Vec<String> = acked.iter().map(|s| (*s).clone()).collect();
-            let result: Result<i64, _> = self
-                .client
-                .xack(&self.config.names.stream, &self.config.names.group, ack)
-                .await;
+            let result: Result<i64, _> =
+                self.client.xack(&self.config.names.stream, &self.config.names.group, ack).await;
             if let Err(error) = result {
                 // Not acknowledged means redelivered later and skipped as a duplicate.
                 tracing::warn!(%error, "acknowledging failed; the messages will be redelivered and deduplicated");
@@ -227,10 +208,8 @@ impl StreamConsumer {
         for (id, result) in ids.iter().zip(&results) {
             if let Err(reason) = result {
                 tracing::warn!(message_id = %id, %reason, "event not applied; it stays pending for a retry");
-                let _: Result<i64, _> = self
-                    .client
-                    .hset(self.failures_key(), (id.as_str(), reason.to_string()))
-                    .await;
+                let _: Result<i64, _> =
+                    self.client.hset(self.failures_key(), (id.as_str(), reason.to_string())).await;
             }
         }
     }
@@ -285,14 +264,9 @@ impl StreamConsumer {
             count: Some(self.config.batch_size.max(claimed.len() as u64)),
             consumer: Some(self.config.consumer.as_str().into()),
         };
-        let pending: Vec<(String, String, u64, u64)> = self
-            .client
-            .xpending(&self.config.names.stream, &self.config.names.group, args)
-            .await?;
-        Ok(pending
-            .into_iter()
-            .map(|(id, _, _, count)| (id, count))
-            .collect())
+        let pending: Vec<(String, String, u64, u64)> =
+            self.client.xpending(&self.config.names.stream, &self.config.names.group, args).await?;
+        Ok(pending.into_iter().map(|(id, _, _, count)| (id, count)).collect())
     }
 
     async fn dead_letter(
@@ -310,20 +284,12 @@ impl StreamConsumer {
         entry.extend([
             ("dlq_reason".to_owned(), Value::from(reason)),
             ("dlq_original_id".to_owned(), Value::from(id)),
-            (
-                "dlq_deliveries".to_owned(),
-                Value::from(i64::try_from(deliveries).unwrap_or(i64::MAX)),
-            ),
-            (
-                "dlq_consumer".to_owned(),
-                Value::from(self.config.consumer.as_str()),
-            ),
+            ("dlq_deliveries".to_owned(), Value::from(i64::try_from(deliveries).unwrap_or(i64::MAX))),
+            ("dlq_consumer".to_owned(), Value::from(self.config.consumer.as_str())),
         ]);
         // Parking and acknowledging happen together, or not at all.
         let tx = self.client.multi();
-        let _: () = tx
-            .xadd(&names.dead_letters, false, None, "*", entry)
-            .await?;
+        let _: () = tx.xadd(&names.dead_letters, false, None, "*", entry).await?;
         let _: () = tx.xack(&names.stream, &names.group, id).await?;
         let _: () = tx.hdel(self.failures_key(), id).await?;
         let _: Value = tx.exec(true).await?;
@@ -336,28 +302,23 @@ impl StreamConsumer {
     pub async fn trim(&self) -> Result<(), ConsumerError> {
         let names = &self.config.names;
         let groups: Vec<HashMap<String, Value>> = self.client.xinfo_groups(&names.stream).await?;
-        let Some(group) = groups.iter().find(|g| {
-            g.get("name").and_then(Value::as_string).as_deref() == Some(names.group.as_str())
-        }) else {
+        let Some(group) = groups
+            .iter()
+            .find(|g| g.get("name").and_then(Value::as_string).as_deref() == Some(names.group.as_str()))
+        else {
             return Ok(());
         };
         let Some(last_delivered) = group.get("last-delivered-id").and_then(Value::as_string) else {
             return Ok(());
         };
-        let summary: Vec<Value> = self
-            .client
-            .xpending(&names.stream, &names.group, ())
-            .await?;
+        let summary: Vec<Value> = self.client.xpending(&names.stream, &names.group, ()).await?;
         let oldest_pending = summary.get(1).and_then(Value::as_string);
         let floor = match oldest_pending {
             Some(p) if stream_id_lt(&p, &last_delivered) => p,
             _ => last_delivered,
         };
         if floor != "0-0" {
-            let _: i64 = self
-                .client
-                .xtrim(&names.stream, ("MINID", "~", floor.as_str()))
-                .await?;
+            let _: i64 = self.client.xtrim(&names.stream, ("MINID", "~", floor.as_str())).await?;
         }
         Ok(())
     }
@@ -366,10 +327,7 @@ impl StreamConsumer {
 fn stream_id_lt(a: &str, b: &str) -> bool {
     let parse = |s: &str| {
         let (ms, seq) = s.split_once('-').unwrap_or((s, "0"));
-        (
-            ms.parse::<u64>().unwrap_or(0),
-            seq.parse::<u64>().unwrap_or(0),
-        )
+        (ms.parse::<u64>().unwrap_or(0), seq.parse::<u64>().unwrap_or(0))
     };
     parse(a) < parse(b)
 }
@@ -404,24 +362,16 @@ impl DeadLetters {
 
     /// Up to `count` parked messages, oldest first.
     pub async fn list(&self, count: u64) -> Result<Vec<DeadLetter>, ConsumerError> {
-        let entries: Vec<Message> = self
-            .client
-            .xrange_values(&self.names.dead_letters, "-", "+", Some(count))
-            .await?;
+        let entries: Vec<Message> =
+            self.client.xrange_values(&self.names.dead_letters, "-", "+", Some(count)).await?;
         Ok(entries.into_iter().map(to_dead_letter).collect())
     }
 
     /// One parked message.
     pub async fn show(&self, id: &str) -> Result<DeadLetter, ConsumerError> {
-        let entries: Vec<Message> = self
-            .client
-            .xrange_values(&self.names.dead_letters, id, id, Some(1))
-            .await?;
-        entries
-            .into_iter()
-            .next()
-            .map(to_dead_letter)
-            .ok_or_else(|| ConsumerError::NotFound(id.to_owned()))
+        let entries: Vec<Message> =
+            self.client.xrange_values(&self.names.dead_letters, id, id, Some(1)).await?;
+        entries.into_iter().next().map(to_dead_letter).ok_or_else(|| ConsumerError::NotFound(id.to_owned()))
     }
 
     /// Applies a parked message again (after its cause was fixed) and removes
@@ -438,10 +388,9 @@ impl DeadLetters {
                 let _: i64 = self.client.xdel(&self.names.dead_letters, id).await?;
                 Ok(())
             }
-            Some(Err(reason)) => Err(ConsumerError::StillFailing {
-                id: id.to_owned(),
-                reason: reason.to_string(),
-            }),
+            Some(Err(reason)) => {
+                Err(ConsumerError::StillFailing { id: id.to_owned(), reason: reason.to_string() })
+            }
             None => Err(ConsumerError::NotFound(id.to_owned())),
         }
     }
@@ -453,7 +402,7 @@ impl DeadLetters {
     }
 
     /// How many messages are parked.
-    pub async fn len(&self) -> Result<u64, ConsumerError> {
+    pub async fn count(&self) -> Result<u64, ConsumerError> {
         Ok(self.client.xlen(&self.names.dead_letters).await?)
     }
 }

@@ -74,23 +74,12 @@ pub struct Overflow {
 pub fn fold(postings: &[Posting]) -> Result<BTreeMap<DayKey, Delta>, Overflow> {
     let mut days: BTreeMap<DayKey, Delta> = BTreeMap::new();
     for p in postings {
-        let key = DayKey {
-            merchant_id: p.merchant_id.clone(),
-            currency: p.currency.clone(),
-            date: p.date,
-        };
+        let key = DayKey { merchant_id: p.merchant_id.clone(), currency: p.currency.clone(), date: p.date };
         let delta = days.entry(key).or_default();
-        let overflow = || Overflow {
-            merchant_id: p.merchant_id.clone(),
-            currency: p.currency.clone(),
-        };
+        let overflow = || Overflow { merchant_id: p.merchant_id.clone(), currency: p.currency.clone() };
         match p.direction {
-            Direction::Credit => {
-                delta.credits = delta.credits.checked_add(p.amount).ok_or_else(overflow)?
-            }
-            Direction::Debit => {
-                delta.debits = delta.debits.checked_add(p.amount).ok_or_else(overflow)?
-            }
+            Direction::Credit => delta.credits = delta.credits.checked_add(p.amount).ok_or_else(overflow)?,
+            Direction::Debit => delta.debits = delta.debits.checked_add(p.amount).ok_or_else(overflow)?,
         }
         delta.count += 1;
         delta.as_of_micros = delta.as_of_micros.max(p.committed_at_micros);
@@ -196,22 +185,8 @@ mod tests {
     #[test]
     fn given_a_gap_when_reported_then_empty_days_carry_the_balance() {
         let days = BTreeMap::from([
-            (
-                day(2),
-                DayTotals {
-                    credits: 100,
-                    debits: 0,
-                    count: 1,
-                },
-            ),
-            (
-                day(4),
-                DayTotals {
-                    credits: 0,
-                    debits: 30,
-                    count: 1,
-                },
-            ),
+            (day(2), DayTotals { credits: 100, debits: 0, count: 1 }),
+            (day(4), DayTotals { credits: 0, debits: 30, count: 1 }),
         ]);
         let r = report(10, &days, day(1), day(5)).unwrap();
         let closings: Vec<i64> = r.iter().map(|d| d.closing).collect();
@@ -223,19 +198,9 @@ mod tests {
 
     #[test]
     fn overflow_is_an_error_not_a_wrap() {
-        let big = [
-            posting("a", 1, Direction::Credit, i64::MAX),
-            posting("b", 1, Direction::Credit, 1),
-        ];
+        let big = [posting("a", 1, Direction::Credit, i64::MAX), posting("b", 1, Direction::Credit, 1)];
         assert!(fold(&big).is_err());
-        let days = BTreeMap::from([(
-            day(1),
-            DayTotals {
-                credits: 1,
-                debits: 0,
-                count: 1,
-            },
-        )]);
+        let days = BTreeMap::from([(day(1), DayTotals { credits: 1, debits: 0, count: 1 })]);
         assert_eq!(report(i64::MAX, &days, day(1), day(1)), None);
     }
 

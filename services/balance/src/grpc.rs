@@ -90,16 +90,10 @@ fn status(error: &QueryError) -> Status {
 fn cache_key(merchant: &str, currency: &str, dates: &[&str], field: String) -> Option<CacheKey> {
     let valid = fluxo_types::MerchantId::parse(merchant).is_ok()
         && (currency.is_empty() || fluxo_types::Currency::parse(currency).is_ok())
-        && dates
-            .iter()
-            .all(|d| fluxo_types::BookingDate::parse_date(d).is_ok());
+        && dates.iter().all(|d| fluxo_types::BookingDate::parse_date(d).is_ok());
     valid.then(|| CacheKey {
         merchant: merchant.to_owned(),
-        currency: if currency.is_empty() {
-            "*".to_owned()
-        } else {
-            currency.to_owned()
-        },
+        currency: if currency.is_empty() { "*".to_owned() } else { currency.to_owned() },
         field,
     })
 }
@@ -147,18 +141,10 @@ impl BalanceService for BalanceGrpc {
         request: Request<pb::GetDailyBalanceRequest>,
     ) -> Result<Response<pb::DailyBalance>, Status> {
         let r = request.into_inner();
-        let key = cache_key(
-            &r.merchant_id,
-            &r.currency_code,
-            &[&r.date],
-            format!("d:{}", r.date),
-        );
+        let key = cache_key(&r.merchant_id, &r.currency_code, &[&r.date], format!("d:{}", r.date));
         let balances = self.balances.clone();
         let load = async move {
-            let view = balances
-                .daily(&r.merchant_id, &r.date, &r.currency_code)
-                .await
-                .map_err(Arc::new)?;
+            let view = balances.daily(&r.merchant_id, &r.date, &r.currency_code).await.map_err(Arc::new)?;
             Ok(Bytes::from(message(&view).encode_to_vec()))
         };
         let (bytes, stale) = self.answer(key, load).await?;
@@ -174,21 +160,14 @@ impl BalanceService for BalanceGrpc {
     ) -> Result<Response<pb::ListDailyBalancesResponse>, Status> {
         let r = request.into_inner();
         let field = format!("r:{}:{}", r.start_date, r.end_date);
-        let key = cache_key(
-            &r.merchant_id,
-            &r.currency_code,
-            &[&r.start_date, &r.end_date],
-            field,
-        );
+        let key = cache_key(&r.merchant_id, &r.currency_code, &[&r.start_date, &r.end_date], field);
         let balances = self.balances.clone();
         let load = async move {
             let views = balances
                 .report(&r.merchant_id, &r.start_date, &r.end_date, &r.currency_code)
                 .await
                 .map_err(Arc::new)?;
-            let response = pb::ListDailyBalancesResponse {
-                balances: views.iter().map(message).collect(),
-            };
+            let response = pb::ListDailyBalancesResponse { balances: views.iter().map(message).collect() };
             Ok(Bytes::from(response.encode_to_vec()))
         };
         let (bytes, stale) = self.answer(key, load).await?;

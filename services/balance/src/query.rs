@@ -68,10 +68,7 @@ impl Balances {
                 let mut v = Violations::default();
                 v.add(
                     "currency_code",
-                    format!(
-                        "is required: merchant {merchant} has balances in {}",
-                        currencies.join(", ")
-                    ),
+                    format!("is required: merchant {merchant} has balances in {}", currencies.join(", ")),
                 );
                 Err(QueryError::Invalid(v))
             }
@@ -83,13 +80,9 @@ impl Balances {
         let currency = if currency_code.is_empty() {
             Some(None)
         } else {
-            v.check("currency_code", Currency::parse(currency_code))
-                .map(Some)
+            v.check("currency_code", Currency::parse(currency_code)).map(Some)
         };
-        Some(Target {
-            merchant: merchant?,
-            currency: currency?,
-        })
+        Some(Target { merchant: merchant?, currency: currency? })
     }
 
     /// One day's balance.
@@ -102,13 +95,9 @@ impl Balances {
         let mut v = Violations::default();
         let target = Self::target(merchant_id, currency_code, &mut v);
         let date = v.check("date", BookingDate::parse_date(date));
-        let (target, date) = v
-            .finish(|| Some((target?, date?)))
-            .map_err(QueryError::Invalid)?;
+        let (target, date) = v.finish(|| Some((target?, date?))).map_err(QueryError::Invalid)?;
         let mut range = self.range(&target, date, date).await?;
-        range
-            .pop()
-            .ok_or_else(|| QueryError::NoBalances(target.merchant.as_str().to_owned()))
+        range.pop().ok_or_else(|| QueryError::NoBalances(target.merchant.as_str().to_owned()))
     }
 
     /// Every day from `start` to `end`.
@@ -126,19 +115,11 @@ impl Balances {
         if let (Some(s), Some(e)) = (start, end) {
             if e < s {
                 v.add("end_date", format!("must not be before start_date ({s})"));
-            } else if s
-                .checked_add_days(Days::new(MAX_RANGE_DAYS))
-                .is_some_and(|limit| e > limit)
-            {
-                v.add(
-                    "end_date",
-                    format!("must be at most {MAX_RANGE_DAYS} days after start_date"),
-                );
+            } else if s.checked_add_days(Days::new(MAX_RANGE_DAYS)).is_some_and(|limit| e > limit) {
+                v.add("end_date", format!("must be at most {MAX_RANGE_DAYS} days after start_date"));
             }
         }
-        let (target, start, end) = v
-            .finish(|| Some((target?, start?, end?)))
-            .map_err(QueryError::Invalid)?;
+        let (target, start, end) = v.finish(|| Some((target?, start?, end?))).map_err(QueryError::Invalid)?;
         self.range(&target, start, end).await
     }
 

@@ -77,9 +77,7 @@ impl BalanceStore {
 
     /// True when every read-model migration has been applied.
     pub async fn schema_is_current(db: &Db) -> Result<bool, DbErr> {
-        Ok(Migrator::get_pending_migrations(db.conn())
-            .await?
-            .is_empty())
+        Ok(Migrator::get_pending_migrations(db.conn()).await?.is_empty())
     }
 
     /// Applies `postings` in one transaction: each event is recorded as
@@ -87,10 +85,7 @@ impl BalanceStore {
     /// before — skipped. Either the whole batch commits or none of it.
     pub async fn apply(&self, postings: &[Posting]) -> Result<Applied, StoreError> {
         let mut seen = HashSet::new();
-        let unique: Vec<&Posting> = postings
-            .iter()
-            .filter(|p| seen.insert(p.entry_id.as_str()))
-            .collect();
+        let unique: Vec<&Posting> = postings.iter().filter(|p| seen.insert(p.entry_id.as_str())).collect();
         if unique.is_empty() {
             return Ok(Applied::default());
         }
@@ -102,11 +97,8 @@ impl BalanceStore {
         for chunk in unique.chunks(500) {
             fresh.extend(insert_applied(&txn, backend, chunk).await?);
         }
-        let to_apply: Vec<Posting> = unique
-            .iter()
-            .filter(|p| fresh.contains(&p.entry_id))
-            .map(|p| (*p).clone())
-            .collect();
+        let to_apply: Vec<Posting> =
+            unique.iter().filter(|p| fresh.contains(&p.entry_id)).map(|p| (*p).clone()).collect();
 
         let deltas = fold(&to_apply)?;
         for (key, delta) in &deltas {
@@ -116,10 +108,7 @@ impl BalanceStore {
         Ok(Applied {
             applied: to_apply.len(),
             duplicates: unique.len() - to_apply.len(),
-            touched: deltas
-                .keys()
-                .map(|k| (k.merchant_id.clone(), k.currency.clone()))
-                .collect(),
+            touched: deltas.keys().map(|k| (k.merchant_id.clone(), k.currency.clone())).collect(),
         })
     }
 
@@ -134,10 +123,7 @@ impl BalanceStore {
                 vec![merchant_id.into()],
             ))
             .await?;
-        Ok(rows
-            .iter()
-            .map(|r| r.try_get_by_index::<String>(0))
-            .collect::<Result<_, _>>()?)
+        Ok(rows.iter().map(|r| r.try_get_by_index::<String>(0)).collect::<Result<_, _>>()?)
     }
 
     /// The balance carried into `start` and the newest commit reflected in
@@ -159,10 +145,7 @@ impl BalanceStore {
             ))
             .await?;
         match row {
-            Some(row) => Ok((
-                row.try_get_by_index::<i64>(0)?,
-                row.try_get_by_index::<Option<i64>>(1)?,
-            )),
+            Some(row) => Ok((row.try_get_by_index::<i64>(0)?, row.try_get_by_index::<Option<i64>>(1)?)),
             None => Ok((0, None)),
         }
     }
@@ -216,11 +199,7 @@ impl BalanceStore {
                 vec![],
             ),
         };
-        let rows = self
-            .db
-            .conn()
-            .query_all_raw(statement(self.db.backend(), sql, values))
-            .await?;
+        let rows = self.db.conn().query_all_raw(statement(self.db.backend(), sql, values)).await?;
         rows.iter()
             .map(|r| {
                 Ok((
@@ -257,12 +236,8 @@ impl BalanceStore {
         ))
         .await?;
         if totals.count > 0 {
-            let delta = Delta {
-                credits: totals.credits,
-                debits: totals.debits,
-                count: totals.count,
-                as_of_micros,
-            };
+            let delta =
+                Delta { credits: totals.credits, debits: totals.debits, count: totals.count, as_of_micros };
             add_to_day(&txn, backend, key, &delta).await?;
         }
         txn.commit().await?;
@@ -290,10 +265,7 @@ impl BalanceStore {
             range(),
         ))
         .await?;
-        let ids: Vec<Value> = postings
-            .iter()
-            .map(|p| Value::from(p.entry_id.clone()))
-            .collect();
+        let ids: Vec<Value> = postings.iter().map(|p| Value::from(p.entry_id.clone())).collect();
         for chunk in ids.chunks(500) {
             let placeholders = vec!["?"; chunk.len()].join(", ");
             txn.execute_raw(statement(
@@ -325,10 +297,7 @@ impl BalanceStore {
                 vec![merchant_id.into()],
             ))
             .await?;
-        Ok(rows
-            .iter()
-            .map(|r| r.try_get_by_index::<String>(0))
-            .collect::<Result<_, _>>()?)
+        Ok(rows.iter().map(|r| r.try_get_by_index::<String>(0)).collect::<Result<_, _>>()?)
     }
 }
 
@@ -345,11 +314,7 @@ async fn insert_applied<P: std::borrow::Borrow<Posting>>(
     let mut values: Vec<Value> = Vec::with_capacity(postings.len() * 4);
     for (i, p) in postings.iter().enumerate() {
         let p = p.borrow();
-        sql.push_str(if i == 0 {
-            "(?, ?, ?, ?)"
-        } else {
-            ", (?, ?, ?, ?)"
-        });
+        sql.push_str(if i == 0 { "(?, ?, ?, ?)" } else { ", (?, ?, ?, ?)" });
         values.extend([
             p.event_id.clone().into(),
             p.entry_id.clone().into(),
@@ -359,9 +324,7 @@ async fn insert_applied<P: std::borrow::Borrow<Posting>>(
     }
     sql.push_str(" ON CONFLICT (entry_id) DO NOTHING RETURNING entry_id");
     let rows = conn.query_all_raw(statement(backend, &sql, values)).await?;
-    rows.iter()
-        .map(|r| r.try_get_by_index::<String>(0))
-        .collect()
+    rows.iter().map(|r| r.try_get_by_index::<String>(0)).collect()
 }
 
 /// Adds `delta` to a day, creating it when absent. The database does the

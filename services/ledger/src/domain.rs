@@ -7,11 +7,11 @@ mod entry;
 mod page;
 
 pub use entry::{
-    Entry, EntryKind, Fingerprint, KindError, NewEntry, ParsedReversal, RecordCommand,
-    ReversalRefused, ReverseCommand, decide_reversal,
+    Entry, EntryKind, Fingerprint, KindError, NewEntry, ParsedReversal, RecordCommand, ReversalRefused,
+    ReverseCommand, decide_reversal,
 };
 pub use fluxo_types::{
-    BookingDate, Currency, DateRange, Description, EntryId, FieldViolation, MAX_AMOUNT_MINOR,
-    MerchantId, Money, RequestId, Violations,
+    BookingDate, Currency, DateRange, Description, EntryId, FieldViolation, MAX_AMOUNT_MINOR, MerchantId,
+    Money, RequestId, Violations,
 };
 pub use page::{PageCursor, PageRequest};

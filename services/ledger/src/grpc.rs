@@ -44,10 +44,7 @@ fn booked(result: Booked) -> Response<pb::Entry> {
     let replayed = matches!(result, Booked::Replayed(_));
     let mut response = Response::new(wire::entry(result.entry()));
     if replayed {
-        response.metadata_mut().insert(
-            REPLAYED_HEADER,
-            tonic::metadata::MetadataValue::from_static("true"),
-        );
+        response.metadata_mut().insert(REPLAYED_HEADER, tonic::metadata::MetadataValue::from_static("true"));
     }
     response
 }
@@ -63,10 +60,7 @@ impl LedgerService for LedgerGrpc {
         let command = RecordCommand {
             merchant_id: &r.merchant_id,
             kind: kind(r.r#type),
-            amount: r
-                .amount
-                .as_ref()
-                .map(|m| (m.currency_code.as_str(), m.minor_units)),
+            amount: r.amount.as_ref().map(|m| (m.currency_code.as_str(), m.minor_units)),
             booking_date: &r.booking_date,
             description: &r.description,
             request_id: &r.request_id,
@@ -75,10 +69,7 @@ impl LedgerService for LedgerGrpc {
     }
 
     #[tracing::instrument(name = "ledger.GetEntry", skip_all, fields(merchant_id = %request.get_ref().merchant_id))]
-    async fn get_entry(
-        &self,
-        request: Request<pb::GetEntryRequest>,
-    ) -> Result<Response<pb::Entry>, Status> {
+    async fn get_entry(&self, request: Request<pb::GetEntryRequest>) -> Result<Response<pb::Entry>, Status> {
         let r = request.get_ref();
         let entry = self.ledger.get(&r.merchant_id, &r.entry_id).await?;
         Ok(Response::new(wire::entry(&entry)))
@@ -90,16 +81,8 @@ impl LedgerService for LedgerGrpc {
         request: Request<pb::ListEntriesRequest>,
     ) -> Result<Response<pb::ListEntriesResponse>, Status> {
         let r = request.get_ref();
-        let page = self
-            .ledger
-            .list(
-                &r.merchant_id,
-                &r.start_date,
-                &r.end_date,
-                r.page_size,
-                &r.page_token,
-            )
-            .await?;
+        let page =
+            self.ledger.list(&r.merchant_id, &r.start_date, &r.end_date, r.page_size, &r.page_token).await?;
         Ok(Response::new(pb::ListEntriesResponse {
             entries: page.entries.iter().map(wire::entry).collect(),
             next_page_token: page.next_page_token,

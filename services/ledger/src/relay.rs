@@ -66,21 +66,14 @@ pub struct Relay {
 
 impl std::fmt::Debug for Relay {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Relay")
-            .field("config", &self.config)
-            .finish_non_exhaustive()
+        f.debug_struct("Relay").field("config", &self.config).finish_non_exhaustive()
     }
 }
 
 impl Relay {
     /// A relay from `db`'s outbox to `sink`; `wake` is notified by the ledger after each commit.
     pub fn new(db: Db, sink: Arc<dyn EventSink>, config: RelayConfig, wake: Arc<Notify>) -> Self {
-        Self {
-            db,
-            sink,
-            config,
-            wake,
-        }
+        Self { db, sink, config, wake }
     }
 
     /// Publishes until `stop` resolves, then finishes the batch in hand.
@@ -100,16 +93,13 @@ impl Relay {
                         tracing::info!("outbox relay recovered");
                     }
                     failures = 0;
-                    idle = if n > 0 {
-                        Duration::from_millis(5)
-                    } else {
-                        (idle * 2).min(self.config.max_idle)
-                    };
+                    idle =
+                        if n > 0 { Duration::from_millis(5) } else { (idle * 2).min(self.config.max_idle) };
                 }
                 Err(error) => {
                     failures += 1;
                     // Log the first failure and then every tenth, not every retry.
-                    if failures == 1 || failures % 10 == 0 {
+                    if failures == 1 || failures.is_multiple_of(10) {
                         tracing::warn!(%error, failures, "outbox relay cannot publish; retrying with backoff");
                     }
                     idle = Duration::from_millis(100 * u64::from(failures.min(50)));
@@ -185,8 +175,7 @@ impl Relay {
     }
 
     async fn delete_published(&self) -> Result<u64, DbErr> {
-        let cutoff =
-            Utc::now() - chrono::Duration::from_std(self.config.retention).unwrap_or_default();
+        let cutoff = Utc::now() - chrono::Duration::from_std(self.config.retention).unwrap_or_default();
         let _writer = self.db.write_guard().await;
         let result = self
             .db
@@ -212,15 +201,10 @@ pub async fn backlog(db: &Db) -> Result<Backlog, DbErr> {
         ))
         .await?;
     let (events, oldest) = match row {
-        Some(r) => (
-            r.try_get_by_index::<i64>(0)?,
-            r.try_get_by_index::<Option<DateTime<Utc>>>(1)?,
-        ),
+        Some(r) => (r.try_get_by_index::<i64>(0)?, r.try_get_by_index::<Option<DateTime<Utc>>>(1)?),
         None => (0, None),
     };
-    let oldest_age = oldest
-        .map(|t| (Utc::now() - t).to_std().unwrap_or_default())
-        .unwrap_or_default();
+    let oldest_age = oldest.map(|t| (Utc::now() - t).to_std().unwrap_or_default()).unwrap_or_default();
     Ok(Backlog { events, oldest_age })
 }
 

@@ -3,8 +3,8 @@ use chrono_tz::Tz;
 
 use crate::{
     domain::{
-        DateRange, Entry, EntryId, MerchantId, PageRequest, RecordCommand, ReverseCommand,
-        Violations, decide_reversal,
+        DateRange, Entry, EntryId, MerchantId, PageRequest, RecordCommand, ReverseCommand, Violations,
+        decide_reversal,
     },
     error::LedgerError,
     store::{Booked, LedgerStore},
@@ -48,12 +48,9 @@ impl Ledger {
         let request = command.parse(self.today()).map_err(LedgerError::Invalid)?;
         let idempotency = request.idempotency.as_ref().map(|(key, fp)| (key, fp));
         self.store
-            .reverse(
-                &request.merchant_id,
-                request.entry_id,
-                idempotency,
-                |original| Ok(decide_reversal(original, &request)?),
-            )
+            .reverse(&request.merchant_id, request.entry_id, idempotency, |original| {
+                Ok(decide_reversal(original, &request)?)
+            })
             .await
     }
 
@@ -62,13 +59,8 @@ impl Ledger {
         let mut v = Violations::default();
         let merchant = v.check("merchant_id", MerchantId::parse(merchant_id));
         let id = v.check("entry_id", EntryId::parse(entry_id));
-        let (merchant, id) = v
-            .finish(|| Some((merchant?, id?)))
-            .map_err(LedgerError::Invalid)?;
-        self.store
-            .get(&merchant, id)
-            .await?
-            .ok_or(LedgerError::NotFound { entry_id: id })
+        let (merchant, id) = v.finish(|| Some((merchant?, id?))).map_err(LedgerError::Invalid)?;
+        self.store.get(&merchant, id).await?.ok_or(LedgerError::NotFound { entry_id: id })
     }
 
     /// One page of a merchant's entries.
@@ -88,9 +80,7 @@ impl Ledger {
         let (entries, next) = self.store.list(&merchant, &range, &page).await?;
         Ok(EntryPage {
             entries,
-            next_page_token: next
-                .map(|c| c.encode(&merchant, &range))
-                .unwrap_or_default(),
+            next_page_token: next.map(|c| c.encode(&merchant, &range)).unwrap_or_default(),
         })
     }
 }

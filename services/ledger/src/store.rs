@@ -24,8 +24,8 @@ use schema::{entry, idempotency_key, outbox};
 
 use crate::{
     domain::{
-        BookingDate, Currency, DateRange, Description, Entry, EntryId, EntryKind, Fingerprint,
-        MerchantId, Money, NewEntry, PageCursor, PageRequest, RequestId,
+        BookingDate, Currency, DateRange, Description, Entry, EntryId, EntryKind, Fingerprint, MerchantId,
+        Money, NewEntry, PageCursor, PageRequest, RequestId,
     },
     error::LedgerError,
     wire,
@@ -88,10 +88,7 @@ pub struct LedgerStore {
 impl LedgerStore {
     /// Wraps an open database; the schema must be current (see [`Migrator`]).
     pub fn new(db: Db) -> Self {
-        Self {
-            db,
-            committed: Arc::new(Notify::new()),
-        }
+        Self { db, committed: Arc::new(Notify::new()) }
     }
 
     /// Notified after every commit that adds outbox events (for the relay).
@@ -106,23 +103,15 @@ impl LedgerStore {
 
     /// True when every migration this build knows has been applied.
     pub async fn schema_is_current(db: &Db) -> Result<bool, DbErr> {
-        Ok(Migrator::get_pending_migrations(db.conn())
-            .await?
-            .is_empty())
+        Ok(Migrator::get_pending_migrations(db.conn()).await?.is_empty())
     }
 
     /// Books `new` under its idempotency key: the entry, the key and the outbox
     /// event commit together. A key already used returns the original entry
     /// when `fingerprint` matches, and [`LedgerError::KeyReused`] otherwise.
-    pub async fn record(
-        &self,
-        new: NewEntry,
-        fingerprint: &Fingerprint,
-    ) -> Result<Booked, LedgerError> {
+    pub async fn record(&self, new: NewEntry, fingerprint: &Fingerprint) -> Result<Booked, LedgerError> {
         let Some(key) = new.request_id.clone() else {
-            return Err(LedgerError::Internal(
-                "record without an idempotency key".into(),
-            ));
+            return Err(LedgerError::Internal("record without an idempotency key".into()));
         };
         {
             let _writer = self.db.write_guard().await;
@@ -157,9 +146,8 @@ impl LedgerStore {
         let outcome = {
             let _writer = self.db.write_guard().await;
             let txn = self.db.conn().begin().await.map_err(StoreError::from)?;
-            let original = load_entry(&txn, merchant, entry_id)
-                .await?
-                .ok_or(LedgerError::NotFound { entry_id })?;
+            let original =
+                load_entry(&txn, merchant, entry_id).await?.ok_or(LedgerError::NotFound { entry_id })?;
             let reversal = decide(&original)?;
             if let Some((key, fingerprint)) = idempotency {
                 if !claim_key(&txn, merchant, key, fingerprint, reversal.id).await? {
@@ -176,9 +164,7 @@ impl LedgerStore {
             (Some(result), _) => result,
             // Lost a race for the key to an identical or different request.
             (None, Some((key, fingerprint))) => self.replay(merchant, key, fingerprint).await,
-            (None, None) => Err(LedgerError::Internal(
-                "reversal neither booked nor replayed".into(),
-            )),
+            (None, None) => Err(LedgerError::Internal("reversal neither booked nor replayed".into())),
         }
     }
 
@@ -199,26 +185,21 @@ impl LedgerStore {
             {
                 // A concurrent reversal of the same entry committed first.
                 txn.rollback().await.map_err(StoreError::from)?;
-                let by = self.reversal_of(original).await?.ok_or_else(|| {
-                    LedgerError::Internal("reversal conflict without a reversal".into())
-                })?;
-                Err(LedgerError::Refused(
-                    crate::domain::ReversalRefused::AlreadyReversed {
-                        entry: original,
-                        by,
-                    },
-                ))
+                let by = self
+                    .reversal_of(original)
+                    .await?
+                    .ok_or_else(|| LedgerError::Internal("reversal conflict without a reversal".into()))?;
+                Err(LedgerError::Refused(crate::domain::ReversalRefused::AlreadyReversed {
+                    entry: original,
+                    by,
+                }))
             }
             Err(other) => Err(other),
         }
     }
 
     /// One entry of a merchant, with the reversal that cancels it, if any.
-    pub async fn get(
-        &self,
-        merchant: &MerchantId,
-        id: EntryId,
-    ) -> Result<Option<Entry>, LedgerError> {
+    pub async fn get(&self, merchant: &MerchantId, id: EntryId) -> Result<Option<Entry>, LedgerError> {
         load_entry(self.db.conn(), merchant, id).await
     }
 
@@ -230,8 +211,7 @@ impl LedgerStore {
         range: &DateRange,
         page: &PageRequest,
     ) -> Result<(Vec<Entry>, Option<PageCursor>), LedgerError> {
-        let mut query =
-            entry::Entity::find().filter(entry::Column::MerchantId.eq(merchant.as_str()));
+        let mut query = entry::Entity::find().filter(entry::Column::MerchantId.eq(merchant.as_str()));
         if let Some(start) = range.start {
             query = query.filter(entry::Column::BookingDate.gte(start));
         }
@@ -240,13 +220,11 @@ impl LedgerStore {
         }
         if let Some(after) = page.after {
             query = query.filter(
-                Condition::any()
-                    .add(entry::Column::BookingDate.gt(after.booking_date))
-                    .add(
-                        Condition::all()
-                            .add(entry::Column::BookingDate.eq(after.booking_date))
-                            .add(entry::Column::Id.gt(after.id.to_string())),
-                    ),
+                Condition::any().add(entry::Column::BookingDate.gt(after.booking_date)).add(
+                    Condition::all()
+                        .add(entry::Column::BookingDate.eq(after.booking_date))
+                        .add(entry::Column::Id.gt(after.id.to_string())),
+                ),
             );
         }
         // One row beyond the page tells whether another page follows.
@@ -282,10 +260,7 @@ impl LedgerStore {
         let next = more
             .then(|| entries.last())
             .flatten()
-            .map(|last| PageCursor {
-                booking_date: last.booked.booking_date.date(),
-                id: last.booked.id,
-            });
+            .map(|last| PageCursor { booking_date: last.booked.booking_date.date(), id: last.booked.id });
         Ok((entries, next))
     }
 
@@ -313,9 +288,7 @@ impl LedgerStore {
             .all(self.db.conn())
             .await
             .map_err(StoreError::from)?;
-        rows.into_iter()
-            .map(|row| Ok(to_domain(row, None)?))
-            .collect()
+        rows.into_iter().map(|row| Ok(to_domain(row, None)?)).collect()
     }
 
     async fn find_key(
@@ -323,12 +296,9 @@ impl LedgerStore {
         merchant: &MerchantId,
         key: &RequestId,
     ) -> Result<Option<idempotency_key::Model>, StoreError> {
-        Ok(idempotency_key::Entity::find_by_id((
-            merchant.as_str().to_owned(),
-            key.as_str().to_owned(),
-        ))
-        .one(self.db.conn())
-        .await?)
+        Ok(idempotency_key::Entity::find_by_id((merchant.as_str().to_owned(), key.as_str().to_owned()))
+            .one(self.db.conn())
+            .await?)
     }
 
     async fn replay(
@@ -342,18 +312,14 @@ impl LedgerStore {
             LedgerError::Contention("the idempotency key was released concurrently; retry".into())
         })?;
         if claimed.fingerprint != fingerprint.to_hex() {
-            return Err(LedgerError::KeyReused {
-                request_id: key.clone(),
-                entry_id: claimed.entry_id,
-            });
+            return Err(LedgerError::KeyReused { request_id: key.clone(), entry_id: claimed.entry_id });
         }
-        let id = EntryId::parse(&claimed.entry_id).map_err(|e| StoreError::Corrupt {
-            id: claimed.entry_id.clone(),
-            reason: e.to_string(),
-        })?;
-        let entry = self.get(merchant, id).await?.ok_or_else(|| {
-            LedgerError::Internal(format!("idempotency key points at missing entry {id}"))
-        })?;
+        let id = EntryId::parse(&claimed.entry_id)
+            .map_err(|e| StoreError::Corrupt { id: claimed.entry_id.clone(), reason: e.to_string() })?;
+        let entry = self
+            .get(merchant, id)
+            .await?
+            .ok_or_else(|| LedgerError::Internal(format!("idempotency key points at missing entry {id}")))?;
         Ok(Booked::Replayed(entry))
     }
 
@@ -381,12 +347,9 @@ async fn claim_key(
     // other transaction ends, then does nothing if it committed.
     let inserted = idempotency_key::Entity::insert(row)
         .on_conflict(
-            OnConflict::columns([
-                idempotency_key::Column::MerchantId,
-                idempotency_key::Column::RequestId,
-            ])
-            .do_nothing()
-            .to_owned(),
+            OnConflict::columns([idempotency_key::Column::MerchantId, idempotency_key::Column::RequestId])
+                .do_nothing()
+                .to_owned(),
         )
         .exec_without_returning(txn)
         .await?;
@@ -408,15 +371,8 @@ async fn insert_entry(txn: &DatabaseTransaction, new: NewEntry) -> Result<Entry,
         reverses_entry_id: Set(new.reverses.map(|id| id.to_string())),
         created_at: Set(created_at),
     };
-    entry::Entity::insert(row)
-        .exec_without_returning(txn)
-        .await
-        .map_err(StoreError::Failed)?;
-    let entry = Entry {
-        booked: new,
-        created_at,
-        reversed_by: None,
-    };
+    entry::Entity::insert(row).exec_without_returning(txn).await.map_err(StoreError::Failed)?;
+    let entry = Entry { booked: new, created_at, reversed_by: None };
     let event_id = ulid::Ulid::new().to_string();
     let (traceparent, tracestate) = fluxo_telemetry::current_trace_context();
     let event = outbox::ActiveModel {
@@ -430,10 +386,7 @@ async fn insert_entry(txn: &DatabaseTransaction, new: NewEntry) -> Result<Entry,
         created_at: Set(created_at),
         published_at: Set(None),
     };
-    outbox::Entity::insert(event)
-        .exec_without_returning(txn)
-        .await
-        .map_err(StoreError::from)?;
+    outbox::Entity::insert(event).exec_without_returning(txn).await.map_err(StoreError::from)?;
     Ok(entry)
 }
 
@@ -454,10 +407,7 @@ async fn load_entry(
     Ok(Some(to_domain(row, by)?))
 }
 
-async fn reversal_of(
-    conn: &impl ConnectionTrait,
-    id: EntryId,
-) -> Result<Option<EntryId>, StoreError> {
+async fn reversal_of(conn: &impl ConnectionTrait, id: EntryId) -> Result<Option<EntryId>, StoreError> {
     let found: Option<String> = entry::Entity::find()
         .select_only()
         .column(entry::Column::Id)
@@ -466,12 +416,7 @@ async fn reversal_of(
         .one(conn)
         .await?;
     found
-        .map(|s| {
-            EntryId::parse(&s).map_err(|e| StoreError::Corrupt {
-                id: s.clone(),
-                reason: e.to_string(),
-            })
-        })
+        .map(|s| EntryId::parse(&s).map_err(|e| StoreError::Corrupt { id: s.clone(), reason: e.to_string() }))
         .transpose()
 }
 
@@ -482,17 +427,13 @@ fn now() -> DateTime<Utc> {
 }
 
 fn to_domain(row: entry::Model, reversed_by: Option<String>) -> Result<Entry, StoreError> {
-    let corrupt = |reason: String| StoreError::Corrupt {
-        id: row.id.clone(),
-        reason,
-    };
+    let corrupt = |reason: String| StoreError::Corrupt { id: row.id.clone(), reason };
     let parse_id = |s: &str| EntryId::parse(s).map_err(|e| corrupt(e.to_string()));
     let currency = Currency::parse(&row.currency_code).map_err(|e| corrupt(e.to_string()))?;
     let booked = NewEntry {
         id: parse_id(&row.id)?,
         merchant_id: MerchantId::parse(&row.merchant_id).map_err(|e| corrupt(e.to_string()))?,
-        kind: EntryKind::from_stored(&row.kind)
-            .ok_or_else(|| corrupt(format!("kind {}", row.kind)))?,
+        kind: EntryKind::from_stored(&row.kind).ok_or_else(|| corrupt(format!("kind {}", row.kind)))?,
         amount: Money::positive(currency, row.amount_minor).map_err(|e| corrupt(e.to_string()))?,
         booking_date: BookingDate::from_stored(row.booking_date),
         description: Description::parse(&row.description).map_err(|e| corrupt(e.to_string()))?,

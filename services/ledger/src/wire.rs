@@ -31,29 +31,14 @@ pub(crate) fn entry(entry: &Entry) -> pb::Entry {
         }),
         booking_date: booked.booking_date.to_string(),
         description: booked.description.as_str().to_owned(),
-        request_id: booked
-            .request_id
-            .as_ref()
-            .map(|k| k.as_str().to_owned())
-            .unwrap_or_default(),
+        request_id: booked.request_id.as_ref().map(|k| k.as_str().to_owned()).unwrap_or_default(),
         created_at: Some(timestamp(entry.created_at)),
         reverses_entry_id: booked.reverses.map(|id| id.to_string()).unwrap_or_default(),
-        reversed_by_entry_id: entry
-            .reversed_by
-            .map(|id| id.to_string())
-            .unwrap_or_default(),
+        reversed_by_entry_id: entry.reversed_by.map(|id| id.to_string()).unwrap_or_default(),
     }
 }
 
 /// The outbox event for a newly committed entry.
-pub(crate) fn entry_recorded(
-    committed: &Entry,
-    event_id: String,
-    at: DateTime<Utc>,
-) -> pb::EntryRecorded {
-    pb::EntryRecorded {
-        event_id,
-        entry: Some(entry(committed)),
-        occurred_at: Some(timestamp(at)),
-    }
+pub(crate) fn entry_recorded(committed: &Entry, event_id: String, at: DateTime<Utc>) -> pb::EntryRecorded {
+    pb::EntryRecorded { event_id, entry: Some(entry(committed)), occurred_at: Some(timestamp(at)) }
 }

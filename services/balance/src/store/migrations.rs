@@ -79,9 +79,7 @@ impl MigrationTrait for CreateReadModel {
             DbBackend::Postgres => POSTGRES_UP,
             DbBackend::Sqlite => SQLITE_UP,
             other => {
-                return Err(DbErr::Migration(format!(
-                    "unsupported database backend {other:?}"
-                )));
+                return Err(DbErr::Migration(format!("unsupported database backend {other:?}")));
             }
         };
         manager.get_connection().execute_unprepared(sql).await?;

@@ -58,25 +58,11 @@ async fn spawn(backend: Backend, cached: bool) -> App {
     .await
     .unwrap();
     let addr = server.local_addr().unwrap();
-    server
-        .add_service(fluxo_balance::grpc::server(
-            Balances::new(store),
-            cache.clone(),
-            1 << 20,
-        ))
-        .await;
+    server.add_service(fluxo_balance::grpc::server(Balances::new(store), cache.clone(), 1 << 20)).await;
     let readiness = Arc::new(fluxo_balance::Readiness::new(db.clone()));
     tokio::spawn(server.serve(readiness, futures::future::pending()));
-    let client = BalanceServiceClient::connect(format!("http://{addr}"))
-        .await
-        .unwrap();
-    App {
-        client,
-        consolidator,
-        cache,
-        db,
-        _test_db: test_db,
-    }
+    let client = BalanceServiceClient::connect(format!("http://{addr}")).await.unwrap();
+    App { client, consolidator, cache, db, _test_db: test_db }
 }
 
 fn merchant() -> String {
@@ -90,21 +76,10 @@ fn event(merchant: &str, date: &str, credit: bool, amount: i64) -> StreamEvent {
         entry: Some(lpb::Entry {
             id: ulid::Ulid::new().to_string(),
             merchant_id: merchant.into(),
-            r#type: if credit {
-                lpb::EntryType::Credit
-            } else {
-                lpb::EntryType::Debit
-            }
-            .into(),
-            amount: Some(lpb::Money {
-                currency_code: "BRL".into(),
-                minor_units: amount,
-            }),
+            r#type: if credit { lpb::EntryType::Credit } else { lpb::EntryType::Debit }.into(),
+            amount: Some(lpb::Money { currency_code: "BRL".into(), minor_units: amount }),
             booking_date: date.into(),
-            created_at: Some(prost_types::Timestamp {
-                seconds: 1_790_000_000,
-                nanos: 0,
-            }),
+            created_at: Some(prost_types::Timestamp { seconds: 1_790_000_000, nanos: 0 }),
             ..Default::default()
         }),
         occurred_at: None,
@@ -169,35 +144,18 @@ async fn a_backdated_entry_changes_that_day_and_every_later_closing_balance(back
     for cached in [false, true] {
         let app = spawn(backend, cached).await;
         let m = merchant();
-        app.apply(&[
-            event(&m, "2026-11-10", true, 100),
-            event(&m, "2026-11-12", true, 50),
-        ])
-        .await;
-        assert_eq!(
-            app.closings(&m, "2026-11-09", "2026-11-13").await,
-            [0, 100, 100, 150, 150]
-        );
+        app.apply(&[event(&m, "2026-11-10", true, 100), event(&m, "2026-11-12", true, 50)]).await;
+        assert_eq!(app.closings(&m, "2026-11-09", "2026-11-13").await, [0, 100, 100, 150, 150]);
         // Booked today for the 5th: that day and every later day move.
         app.apply(&[event(&m, "2026-11-05", false, 30)]).await;
-        assert_eq!(
-            app.closings(&m, "2026-11-09", "2026-11-13").await,
-            [-30, 70, 70, 120, 120]
-        );
+        assert_eq!(app.closings(&m, "2026-11-09", "2026-11-13").await, [-30, 70, 70, 120, 120]);
         let fifth = app.day(&m, "2026-11-05").await;
         assert_eq!(
-            (
-                fifth.opening_balance_minor,
-                fifth.total_debits_minor,
-                fifth.closing_balance_minor
-            ),
+            (fifth.opening_balance_minor, fifth.total_debits_minor, fifth.closing_balance_minor),
             (0, 30, -30)
         );
         let twelfth = app.day(&m, "2026-11-12").await;
-        assert_eq!(
-            (twelfth.opening_balance_minor, twelfth.closing_balance_minor),
-            (70, 120)
-        );
+        assert_eq!((twelfth.opening_balance_minor, twelfth.closing_balance_minor), (70, 120));
         assert!(twelfth.as_of.is_some());
     }
 }
@@ -213,10 +171,7 @@ async fn redelivered_and_out_of_order_events_count_once(backend: Backend) {
     app.apply(&[events[2].clone(), events[0].clone()]).await;
     app.apply(&events).await; // a redelivery of two, plus a late one
     app.apply(&[events[1].clone(), events[1].clone()]).await; // the same event twice in a batch
-    assert_eq!(
-        app.closings(&m, "2026-11-01", "2026-11-03").await,
-        [-200, -193, 307]
-    );
+    assert_eq!(app.closings(&m, "2026-11-01", "2026-11-03").await, [-200, -193, 307]);
     let third = app.day(&m, "2026-11-03").await;
     assert_eq!(third.entry_count, 1);
 }
@@ -244,26 +199,12 @@ async fn the_cache_never_serves_a_balance_older_than_the_committed_read_model(ba
     let mut expected = 0;
     for i in 1..=40 {
         // Alternate backdated and current entries.
-        let date = if i % 2 == 0 {
-            "2026-11-01"
-        } else {
-            "2026-11-20"
-        };
+        let date = if i % 2 == 0 { "2026-11-01" } else { "2026-11-20" };
         app.apply(&[event(&m, date, true, i)]).await;
         expected += i;
         // Once apply returned (committed and invalidated), no read may be older.
-        assert_eq!(
-            app.day(&m, "2026-11-20").await.closing_balance_minor,
-            expected,
-            "after entry {i}"
-        );
-        assert_eq!(
-            *app.closings(&m, "2026-11-19", "2026-11-20")
-                .await
-                .last()
-                .unwrap(),
-            expected
-        );
+        assert_eq!(app.day(&m, "2026-11-20").await.closing_balance_minor, expected, "after entry {i}");
+        assert_eq!(*app.closings(&m, "2026-11-19", "2026-11-20").await.last().unwrap(), expected);
     }
     reader.await.unwrap();
     assert!(app.cache.as_ref().unwrap().loads() > 0);
@@ -293,12 +234,7 @@ async fn serves_the_last_known_balance_marked_stale_when_the_database_is_down(ba
         .unwrap_err();
     assert_eq!(unknown.code(), Code::Unavailable);
     // Drop the live cache entry: the last known answer is served, marked stale.
-    app.cache
-        .as_ref()
-        .unwrap()
-        .invalidate([(m.clone(), "BRL".to_owned())])
-        .await
-        .unwrap();
+    app.cache.as_ref().unwrap().invalidate([(m.clone(), "BRL".to_owned())]).await.unwrap();
     let last = app.day(&m, "2026-11-10").await;
     assert!(last.possibly_stale);
     assert_eq!(last.closing_balance_minor, 100);
@@ -350,14 +286,7 @@ async fn reports_bad_requests_by_field(backend: Backend) {
     let m = merchant();
     let mut usd = event(&m, "2026-11-01", true, 5);
     let mut recorded = lpb::EntryRecorded::decode(usd.payload.as_ref()).unwrap();
-    recorded
-        .entry
-        .as_mut()
-        .unwrap()
-        .amount
-        .as_mut()
-        .unwrap()
-        .currency_code = "USD".into();
+    recorded.entry.as_mut().unwrap().amount.as_mut().unwrap().currency_code = "USD".into();
     usd.payload = Bytes::from(recorded.encode_to_vec());
     app.apply(&[event(&m, "2026-11-01", true, 5), usd]).await;
     let ambiguous = c
@@ -380,9 +309,7 @@ async fn concurrent_misses_for_one_key_load_once() {
     // Hold reads of the read model until every caller has missed.
     let blocker_db = app._test_db.connect().await;
     let txn = blocker_db.conn().begin().await.unwrap();
-    txn.execute_unprepared("LOCK TABLE balance_daily IN ACCESS EXCLUSIVE MODE")
-        .await
-        .unwrap();
+    txn.execute_unprepared("LOCK TABLE balance_daily IN ACCESS EXCLUSIVE MODE").await.unwrap();
     let before = app.cache.as_ref().unwrap().loads();
     let calls: Vec<_> = (0..50)
         .map(|_| {
@@ -406,9 +333,5 @@ async fn concurrent_misses_for_one_key_load_once() {
     for call in calls {
         assert_eq!(call.await.unwrap(), 100);
     }
-    assert_eq!(
-        app.cache.as_ref().unwrap().loads() - before,
-        1,
-        "50 concurrent misses, one database load"
-    );
+    assert_eq!(app.cache.as_ref().unwrap().loads() - before, 1, "50 concurrent misses, one database load");
 }

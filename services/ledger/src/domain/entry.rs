@@ -3,9 +3,7 @@ use std::fmt;
 use chrono::{DateTime, NaiveDate, Utc};
 use sha2::{Digest, Sha256};
 
-use super::{
-    BookingDate, Currency, Description, EntryId, MerchantId, Money, RequestId, Violations,
-};
+use super::{BookingDate, Currency, Description, EntryId, MerchantId, Money, RequestId, Violations};
 
 /// Whether an entry brings money in or takes it out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -144,8 +142,7 @@ impl RecordCommand<'_> {
             }
             Some((code, units)) => {
                 let currency = v.check("amount.currency_code", Currency::parse(code));
-                let money =
-                    currency.and_then(|c| v.check("amount.minor_units", Money::positive(c, units)));
+                let money = currency.and_then(|c| v.check("amount.minor_units", Money::positive(c, units)));
                 if currency.is_none() {
                     // Still report a bad amount when the currency is also wrong.
                     if let Some(reason) = positive_reason(units) {
@@ -155,10 +152,7 @@ impl RecordCommand<'_> {
                 money
             }
         };
-        let booking_date = v.check(
-            "booking_date",
-            BookingDate::parse_or_today(self.booking_date, today),
-        );
+        let booking_date = v.check("booking_date", BookingDate::parse_or_today(self.booking_date, today));
         let description = v.check("description", Description::parse(self.description));
         let request_id = v.check("request_id", RequestId::parse(self.request_id));
         v.finish(|| {
@@ -230,23 +224,15 @@ impl ReverseCommand<'_> {
         let request_id = if self.request_id.is_empty() {
             Some(None)
         } else {
-            v.check("request_id", RequestId::parse(self.request_id))
-                .map(Some)
+            v.check("request_id", RequestId::parse(self.request_id)).map(Some)
         };
-        let booking_date = v.check(
-            "booking_date",
-            BookingDate::parse_or_today(self.booking_date, today),
-        );
+        let booking_date = v.check("booking_date", BookingDate::parse_or_today(self.booking_date, today));
         let description = v.check("description", Description::parse(self.description));
         v.finish(|| {
             let entry_id = entry_id?;
             let idempotency = request_id?.map(|key| {
-                let fp = Fingerprint::of(&[
-                    "reverse",
-                    &entry_id.to_string(),
-                    self.booking_date,
-                    self.description,
-                ]);
+                let fp =
+                    Fingerprint::of(&["reverse", &entry_id.to_string(), self.booking_date, self.description]);
                 (key, fp)
             });
             let description = description?;
@@ -273,9 +259,7 @@ pub enum ReversalRefused {
         by: EntryId,
     },
     /// The entry is itself a reversal; book a new entry instead.
-    #[error(
-        "entry {entry} is a reversal (of entry {of}) and cannot be reversed; record a new entry instead"
-    )]
+    #[error("entry {entry} is a reversal (of entry {of}) and cannot be reversed; record a new entry instead")]
     IsAReversal {
         /// The entry the caller asked to reverse.
         entry: EntryId,
@@ -286,22 +270,13 @@ pub enum ReversalRefused {
 
 /// Decides the reversal of `original`: the opposite entry for the same amount,
 /// referencing it. Refused when `original` is a reversal or already reversed.
-pub fn decide_reversal(
-    original: &Entry,
-    request: &ParsedReversal,
-) -> Result<NewEntry, ReversalRefused> {
+pub fn decide_reversal(original: &Entry, request: &ParsedReversal) -> Result<NewEntry, ReversalRefused> {
     let booked = &original.booked;
     if let Some(of) = booked.reverses {
-        return Err(ReversalRefused::IsAReversal {
-            entry: booked.id,
-            of,
-        });
+        return Err(ReversalRefused::IsAReversal { entry: booked.id, of });
     }
     if let Some(by) = original.reversed_by {
-        return Err(ReversalRefused::AlreadyReversed {
-            entry: booked.id,
-            by,
-        });
+        return Err(ReversalRefused::AlreadyReversed { entry: booked.id, by });
     }
     let description = request.description.clone().unwrap_or_else(|| {
         // The generated text is short and control-free, so it always parses.
@@ -339,11 +314,7 @@ mod tests {
     }
 
     fn committed(entry: NewEntry) -> Entry {
-        Entry {
-            booked: entry,
-            created_at: Utc::now(),
-            reversed_by: None,
-        }
+        Entry { booked: entry, created_at: Utc::now(), reversed_by: None }
     }
 
     #[test]
@@ -366,13 +337,7 @@ mod tests {
             description: "a\u{0}b",
             request_id: "",
         };
-        let fields: Vec<_> = cmd
-            .parse(today())
-            .unwrap_err()
-            .list()
-            .iter()
-            .map(|v| v.field.clone())
-            .collect();
+        let fields: Vec<_> = cmd.parse(today()).unwrap_err().list().iter().map(|v| v.field.clone()).collect();
         assert_eq!(
             fields,
             [
@@ -389,10 +354,7 @@ mod tests {
 
     #[test]
     fn given_no_amount_when_parsed_then_amount_is_required() {
-        let cmd = RecordCommand {
-            amount: None,
-            ..credit()
-        };
+        let cmd = RecordCommand { amount: None, ..credit() };
         assert_eq!(cmd.parse(today()).unwrap_err().list()[0].field, "amount");
     }
 
@@ -401,24 +363,11 @@ mod tests {
         let (_, a) = credit().parse(today()).unwrap();
         let (_, b) = credit().parse(today()).unwrap();
         assert_eq!(a, b);
-        let (_, other_amount) = RecordCommand {
-            amount: Some(("BRL", 1051)),
-            ..credit()
-        }
-        .parse(today())
-        .unwrap();
-        let (_, other_text) = RecordCommand {
-            description: "sale 2",
-            ..credit()
-        }
-        .parse(today())
-        .unwrap();
-        let (_, other_kind) = RecordCommand {
-            kind: Ok(EntryKind::Debit),
-            ..credit()
-        }
-        .parse(today())
-        .unwrap();
+        let (_, other_amount) =
+            RecordCommand { amount: Some(("BRL", 1051)), ..credit() }.parse(today()).unwrap();
+        let (_, other_text) = RecordCommand { description: "sale 2", ..credit() }.parse(today()).unwrap();
+        let (_, other_kind) =
+            RecordCommand { kind: Ok(EntryKind::Debit), ..credit() }.parse(today()).unwrap();
         assert_ne!(a, other_amount);
         assert_ne!(a, other_text);
         assert_ne!(a, other_kind);
@@ -444,10 +393,7 @@ mod tests {
         assert_eq!(reversal.amount, original.booked.amount);
         assert_eq!(reversal.reverses, Some(original.booked.id));
         assert_eq!(reversal.booking_date.date(), today());
-        assert_eq!(
-            reversal.description.as_str(),
-            format!("reversal of {}", original.booked.id)
-        );
+        assert_eq!(reversal.description.as_str(), format!("reversal of {}", original.booked.id));
     }
 
     #[test]
@@ -456,13 +402,7 @@ mod tests {
         let by = EntryId::generate();
         original.reversed_by = Some(by);
         let refused = decide_reversal(&original, &reversal_of(&original)).unwrap_err();
-        assert_eq!(
-            refused,
-            ReversalRefused::AlreadyReversed {
-                entry: original.booked.id,
-                by
-            }
-        );
+        assert_eq!(refused, ReversalRefused::AlreadyReversed { entry: original.booked.id, by });
     }
 
     #[test]

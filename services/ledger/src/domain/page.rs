@@ -44,10 +44,7 @@ impl PageRequest {
                 Self::DEFAULT_SIZE
             }
             n if i64::from(n) > Self::MAX_SIZE as i64 => {
-                v.add(
-                    "page_size",
-                    format!("must be at most {}, got {n}", Self::MAX_SIZE),
-                );
+                v.add("page_size", format!("must be at most {}, got {n}", Self::MAX_SIZE));
                 Self::DEFAULT_SIZE
             }
             n => u64::from(n.unsigned_abs()),
@@ -55,8 +52,7 @@ impl PageRequest {
         let after = if page_token.is_empty() {
             None
         } else {
-            let decoded =
-                merchant.and_then(|m| PageCursor::decode(page_token, &query_tag(m, range)));
+            let decoded = merchant.and_then(|m| PageCursor::decode(page_token, &query_tag(m, range)));
             if decoded.is_none() {
                 v.add(
                     "page_token",
@@ -89,20 +85,14 @@ impl PageCursor {
         if tag != expected_tag || parts.next().is_some() {
             return None;
         }
-        Some(Self {
-            booking_date: BookingDate::parse_date(date).ok()?,
-            id: EntryId::parse(id).ok()?,
-        })
+        Some(Self { booking_date: BookingDate::parse_date(date).ok()?, id: EntryId::parse(id).ok()? })
     }
 }
 
 /// A short digest of the query a token belongs to.
 fn query_tag(merchant: &MerchantId, range: &DateRange) -> String {
     let text = format!("{}|{:?}|{:?}", merchant.as_str(), range.start, range.end);
-    Sha256::digest(text.as_bytes())[..8]
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    Sha256::digest(text.as_bytes())[..8].iter().map(|b| format!("{b:02x}")).collect()
 }
 
 #[cfg(test)]
@@ -121,10 +111,7 @@ mod tests {
         let token = cursor.encode(&m, &range);
 
         let mut v = Violations::default();
-        assert_eq!(
-            PageRequest::parse(10, &token, Some(&m), &range, &mut v).after,
-            Some(cursor)
-        );
+        assert_eq!(PageRequest::parse(10, &token, Some(&m), &range, &mut v).after, Some(cursor));
         assert!(v.is_empty());
 
         let mut v = Violations::default();
@@ -140,14 +127,8 @@ mod tests {
     fn page_sizes_default_and_are_bounded() {
         let m = MerchantId::parse("m").unwrap();
         let mut v = Violations::default();
-        assert_eq!(
-            PageRequest::parse(0, "", Some(&m), &DateRange::default(), &mut v).size,
-            100
-        );
-        assert_eq!(
-            PageRequest::parse(1000, "", Some(&m), &DateRange::default(), &mut v).size,
-            1000
-        );
+        assert_eq!(PageRequest::parse(0, "", Some(&m), &DateRange::default(), &mut v).size, 100);
+        assert_eq!(PageRequest::parse(1000, "", Some(&m), &DateRange::default(), &mut v).size, 1000);
         assert!(v.is_empty());
         PageRequest::parse(1001, "", Some(&m), &DateRange::default(), &mut v);
         PageRequest::parse(-1, "", Some(&m), &DateRange::default(), &mut v);

@@ -47,10 +47,7 @@ impl From<LedgerError> for Status {
                     ),
                 )
             }
-            LedgerError::KeyReused {
-                request_id,
-                entry_id,
-            } => Status::with_error_details(
+            LedgerError::KeyReused { request_id, entry_id } => Status::with_error_details(
                 Code::AlreadyExists,
                 message,
                 ErrorDetails::with_error_info(

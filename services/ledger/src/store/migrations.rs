@@ -134,9 +134,7 @@ impl MigrationTrait for CreateLedger {
             DbBackend::Postgres => POSTGRES_UP,
             DbBackend::Sqlite => SQLITE_UP,
             other => {
-                return Err(DbErr::Migration(format!(
-                    "unsupported database backend {other:?}"
-                )));
+                return Err(DbErr::Migration(format!("unsupported database backend {other:?}")));
             }
         };
         manager.get_connection().execute_unprepared(sql).await?;
@@ -147,8 +145,7 @@ impl MigrationTrait for CreateLedger {
         let conn = manager.get_connection();
         conn.execute_unprepared(DOWN).await?;
         if manager.get_database_backend() == DbBackend::Postgres {
-            conn.execute_unprepared("DROP FUNCTION ledger_entries_are_immutable();")
-                .await?;
+            conn.execute_unprepared("DROP FUNCTION ledger_entries_are_immutable();").await?;
         }
         Ok(())
     }

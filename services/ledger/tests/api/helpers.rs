@@ -32,11 +32,7 @@ pub(crate) struct Options {
 
 impl Default for Options {
     fn default() -> Self {
-        Self {
-            migrate: true,
-            max_concurrent_requests: 256,
-            shutdown_delay: Duration::ZERO,
-        }
+        Self { migrate: true, max_concurrent_requests: 256, shutdown_delay: Duration::ZERO }
     }
 }
 
@@ -61,22 +57,14 @@ pub(crate) async fn spawn_with(test_db: TestDb, options: Options) -> TestApp {
     .expect("bind");
     let addr = server.local_addr().unwrap();
     let ledger = Ledger::new(LedgerStore::new(db.clone()), chrono_tz::UTC);
-    server
-        .add_service(fluxo_ledger::grpc::server(ledger, 64 * 1024))
-        .await;
-    server
-        .add_reflection(fluxo_proto::FILE_DESCRIPTOR_SET)
-        .unwrap();
+    server.add_service(fluxo_ledger::grpc::server(ledger, 64 * 1024)).await;
+    server.add_reflection(fluxo_proto::FILE_DESCRIPTOR_SET).unwrap();
     let (tx, rx) = oneshot::channel::<()>();
     let readiness = Arc::new(Readiness::new(db.clone()));
     let handle = tokio::spawn(server.serve(readiness, async {
         let _ = rx.await;
     }));
-    let channel = Channel::from_shared(format!("http://{addr}"))
-        .unwrap()
-        .connect()
-        .await
-        .expect("connect");
+    let channel = Channel::from_shared(format!("http://{addr}")).unwrap().connect().await.expect("connect");
     TestApp {
         client: LedgerServiceClient::new(channel.clone()),
         health: HealthClient::new(channel),
@@ -109,21 +97,14 @@ impl TestApp {
         let response = self
             .health
             .clone()
-            .check(HealthCheckRequest {
-                service: service.into(),
-            })
+            .check(HealthCheckRequest { service: service.into() })
             .await
             .expect("health check");
         response.into_inner().status()
     }
 
     /// Waits up to `within` for `service` to report `status`.
-    pub(crate) async fn wait_health(
-        &self,
-        service: &str,
-        status: ServingStatus,
-        within: Duration,
-    ) -> bool {
+    pub(crate) async fn wait_health(&self, service: &str, status: ServingStatus, within: Duration) -> bool {
         let deadline = tokio::time::Instant::now() + within;
         while tokio::time::Instant::now() < deadline {
             if self.health(service).await == status {
@@ -134,15 +115,8 @@ impl TestApp {
         false
     }
 
-    pub(crate) async fn record(
-        &self,
-        request: pb::RecordEntryRequest,
-    ) -> Result<pb::Entry, tonic::Status> {
-        self.client
-            .clone()
-            .record_entry(request)
-            .await
-            .map(tonic::Response::into_inner)
+    pub(crate) async fn record(&self, request: pb::RecordEntryRequest) -> Result<pb::Entry, tonic::Status> {
+        self.client.clone().record_entry(request).await.map(tonic::Response::into_inner)
     }
 
     pub(crate) async fn count(&self, sql: &str) -> i64 {
@@ -161,10 +135,7 @@ pub(crate) fn credit(merchant: &str, key: &str, minor_units: i64) -> pb::RecordE
     pb::RecordEntryRequest {
         merchant_id: merchant.into(),
         r#type: pb::EntryType::Credit.into(),
-        amount: Some(pb::Money {
-            currency_code: "BRL".into(),
-            minor_units,
-        }),
+        amount: Some(pb::Money { currency_code: "BRL".into(), minor_units }),
         booking_date: "2026-11-20".into(),
         description: "sale".into(),
         request_id: key.into(),

@@ -43,10 +43,7 @@ async fn records_reads_lists_and_reverses(backend: Backend) {
     assert!(entry.created_at.is_some());
 
     let read = client
-        .get_entry(pb::GetEntryRequest {
-            merchant_id: "m-1".into(),
-            entry_id: entry.id.clone(),
-        })
+        .get_entry(pb::GetEntryRequest { merchant_id: "m-1".into(), entry_id: entry.id.clone() })
         .await
         .unwrap()
         .into_inner();
@@ -54,10 +51,7 @@ async fn records_reads_lists_and_reverses(backend: Backend) {
 
     // Another merchant cannot see it.
     let other = client
-        .get_entry(pb::GetEntryRequest {
-            merchant_id: "m-2".into(),
-            entry_id: entry.id.clone(),
-        })
+        .get_entry(pb::GetEntryRequest { merchant_id: "m-2".into(), entry_id: entry.id.clone() })
         .await
         .unwrap_err();
     assert_eq!(other.code(), Code::NotFound);
@@ -76,10 +70,7 @@ async fn records_reads_lists_and_reverses(backend: Backend) {
     assert_eq!(reversal.reverses_entry_id, entry.id);
 
     let listed = client
-        .list_entries(pb::ListEntriesRequest {
-            merchant_id: "m-1".into(),
-            ..Default::default()
-        })
+        .list_entries(pb::ListEntriesRequest { merchant_id: "m-1".into(), ..Default::default() })
         .await
         .unwrap()
         .into_inner();
@@ -90,37 +81,17 @@ async fn records_reads_lists_and_reverses(backend: Backend) {
 
     // A booking date left out defaults to today.
     let today = app
-        .record(pb::RecordEntryRequest {
-            booking_date: String::new(),
-            ..credit("m-1", "k-2", 1)
-        })
+        .record(pb::RecordEntryRequest { booking_date: String::new(), ..credit("m-1", "k-2", 1) })
         .await
         .unwrap();
-    assert_eq!(
-        today.booking_date,
-        chrono::Utc::now()
-            .date_naive()
-            .format("%Y-%m-%d")
-            .to_string()
-    );
+    assert_eq!(today.booking_date, chrono::Utc::now().date_naive().format("%Y-%m-%d").to_string());
 }
 
 async fn replays_the_original_entry_even_after_a_restart(backend: Backend) {
     let app = spawn_app(backend).await;
     let first = app.record(credit("m-1", "k-1", 1050)).await.unwrap();
-    let replay = app
-        .client
-        .clone()
-        .record_entry(credit("m-1", "k-1", 1050))
-        .await
-        .unwrap();
-    assert_eq!(
-        replay
-            .metadata()
-            .get(fluxo_ledger::grpc::REPLAYED_HEADER)
-            .unwrap(),
-        "true"
-    );
+    let replay = app.client.clone().record_entry(credit("m-1", "k-1", 1050)).await.unwrap();
+    assert_eq!(replay.metadata().get(fluxo_ledger::grpc::REPLAYED_HEADER).unwrap(), "true");
     assert_eq!(replay.into_inner(), first);
 
     // Restart: a new server and a new pool over the same database.
@@ -155,15 +126,8 @@ async fn fifty_concurrent_duplicates_book_exactly_one_entry(backend: Backend) {
         tokio::spawn(async move { client.record_entry(credit("m-1", "same-key", 777)).await })
     });
     let results = futures::future::join_all(calls).await;
-    let ids: HashSet<String> = results
-        .into_iter()
-        .map(|r| {
-            r.unwrap()
-                .expect("every duplicate succeeds")
-                .into_inner()
-                .id
-        })
-        .collect();
+    let ids: HashSet<String> =
+        results.into_iter().map(|r| r.unwrap().expect("every duplicate succeeds").into_inner().id).collect();
     assert_eq!(ids.len(), 1, "all callers see the same entry");
     assert_eq!(app.count("SELECT COUNT(*) FROM ledger_entries").await, 1);
     assert_eq!(app.count("SELECT COUNT(*) FROM ledger_outbox").await, 1);
@@ -172,175 +136,76 @@ async fn fifty_concurrent_duplicates_book_exactly_one_entry(backend: Backend) {
 async fn names_every_invalid_field(backend: Backend) {
     let app = spawn_app(backend).await;
     let base = || credit("m-1", "k-1", 100);
-    let money = |code: &str, units: i64| {
-        Some(pb::Money {
-            currency_code: code.into(),
-            minor_units: units,
-        })
-    };
+    let money = |code: &str, units: i64| Some(pb::Money { currency_code: code.into(), minor_units: units });
     let cases: Vec<(&str, pb::RecordEntryRequest, &str)> = vec![
-        (
-            "zero amount",
-            pb::RecordEntryRequest {
-                amount: money("BRL", 0),
-                ..base()
-            },
-            "amount.minor_units",
-        ),
+        ("zero amount", pb::RecordEntryRequest { amount: money("BRL", 0), ..base() }, "amount.minor_units"),
         (
             "negative amount",
-            pb::RecordEntryRequest {
-                amount: money("BRL", -5),
-                ..base()
-            },
+            pb::RecordEntryRequest { amount: money("BRL", -5), ..base() },
             "amount.minor_units",
         ),
         (
             "overflowing amount",
-            pb::RecordEntryRequest {
-                amount: money("BRL", i64::MAX),
-                ..base()
-            },
+            pb::RecordEntryRequest { amount: money("BRL", i64::MAX), ..base() },
             "amount.minor_units",
         ),
-        (
-            "missing amount",
-            pb::RecordEntryRequest {
-                amount: None,
-                ..base()
-            },
-            "amount",
-        ),
+        ("missing amount", pb::RecordEntryRequest { amount: None, ..base() }, "amount"),
         (
             "unknown currency",
-            pb::RecordEntryRequest {
-                amount: money("ZZZ", 1),
-                ..base()
-            },
+            pb::RecordEntryRequest { amount: money("ZZZ", 1), ..base() },
             "amount.currency_code",
         ),
         (
             "lower-case currency",
-            pb::RecordEntryRequest {
-                amount: money("brl", 1),
-                ..base()
-            },
+            pb::RecordEntryRequest { amount: money("brl", 1), ..base() },
             "amount.currency_code",
         ),
         (
             "currency without minor units",
-            pb::RecordEntryRequest {
-                amount: money("XAU", 1),
-                ..base()
-            },
+            pb::RecordEntryRequest { amount: money("XAU", 1), ..base() },
             "amount.currency_code",
         ),
         (
             "impossible date",
-            pb::RecordEntryRequest {
-                booking_date: "2026-02-30".into(),
-                ..base()
-            },
+            pb::RecordEntryRequest { booking_date: "2026-02-30".into(), ..base() },
             "booking_date",
         ),
         (
             "badly formed date",
-            pb::RecordEntryRequest {
-                booking_date: "20/11/2026".into(),
-                ..base()
-            },
+            pb::RecordEntryRequest { booking_date: "20/11/2026".into(), ..base() },
             "booking_date",
         ),
         (
             "date too far ahead",
-            pb::RecordEntryRequest {
-                booking_date: "2999-01-01".into(),
-                ..base()
-            },
+            pb::RecordEntryRequest { booking_date: "2999-01-01".into(), ..base() },
             "booking_date",
         ),
-        (
-            "empty merchant",
-            pb::RecordEntryRequest {
-                merchant_id: String::new(),
-                ..base()
-            },
-            "merchant_id",
-        ),
-        (
-            "long merchant",
-            pb::RecordEntryRequest {
-                merchant_id: "m".repeat(65),
-                ..base()
-            },
-            "merchant_id",
-        ),
+        ("empty merchant", pb::RecordEntryRequest { merchant_id: String::new(), ..base() }, "merchant_id"),
+        ("long merchant", pb::RecordEntryRequest { merchant_id: "m".repeat(65), ..base() }, "merchant_id"),
         (
             "merchant with spaces",
-            pb::RecordEntryRequest {
-                merchant_id: "m 1".into(),
-                ..base()
-            },
+            pb::RecordEntryRequest { merchant_id: "m 1".into(), ..base() },
             "merchant_id",
         ),
-        (
-            "missing key",
-            pb::RecordEntryRequest {
-                request_id: String::new(),
-                ..base()
-            },
-            "request_id",
-        ),
-        (
-            "long key",
-            pb::RecordEntryRequest {
-                request_id: "k".repeat(129),
-                ..base()
-            },
-            "request_id",
-        ),
+        ("missing key", pb::RecordEntryRequest { request_id: String::new(), ..base() }, "request_id"),
+        ("long key", pb::RecordEntryRequest { request_id: "k".repeat(129), ..base() }, "request_id"),
         (
             "long description",
-            pb::RecordEntryRequest {
-                description: "d".repeat(501),
-                ..base()
-            },
+            pb::RecordEntryRequest { description: "d".repeat(501), ..base() },
             "description",
         ),
         (
             "control characters",
-            pb::RecordEntryRequest {
-                description: "a\u{7}b".into(),
-                ..base()
-            },
+            pb::RecordEntryRequest { description: "a\u{7}b".into(), ..base() },
             "description",
         ),
-        (
-            "unspecified type",
-            pb::RecordEntryRequest {
-                r#type: 0,
-                ..base()
-            },
-            "type",
-        ),
-        (
-            "unknown enum value",
-            pb::RecordEntryRequest {
-                r#type: 9,
-                ..base()
-            },
-            "type",
-        ),
+        ("unspecified type", pb::RecordEntryRequest { r#type: 0, ..base() }, "type"),
+        ("unknown enum value", pb::RecordEntryRequest { r#type: 9, ..base() }, "type"),
     ];
     for (case, request, field) in cases {
         let status = app.record(request).await.unwrap_err();
         assert_eq!(status.code(), Code::InvalidArgument, "{case}");
-        assert_eq!(
-            violated_fields(&status),
-            vec![field.to_owned()],
-            "{case}: {}",
-            status.message()
-        );
+        assert_eq!(violated_fields(&status), vec![field.to_owned()], "{case}: {}", status.message());
     }
     // Several bad fields are all reported at once.
     let status = app
@@ -352,18 +217,12 @@ async fn names_every_invalid_field(backend: Backend) {
         })
         .await
         .unwrap_err();
-    assert_eq!(
-        violated_fields(&status),
-        ["merchant_id", "amount.minor_units", "request_id"]
-    );
+    assert_eq!(violated_fields(&status), ["merchant_id", "amount.minor_units", "request_id"]);
     assert_eq!(app.count("SELECT COUNT(*) FROM ledger_entries").await, 0);
 
     let mut client = app.client.clone();
     let get = client
-        .get_entry(pb::GetEntryRequest {
-            merchant_id: "m-1".into(),
-            entry_id: "nope".into(),
-        })
+        .get_entry(pb::GetEntryRequest { merchant_id: "m-1".into(), entry_id: "nope".into() })
         .await
         .unwrap_err();
     assert_eq!(violated_fields(&get), ["entry_id"]);
@@ -371,38 +230,14 @@ async fn names_every_invalid_field(backend: Backend) {
         let mut client = app.client.clone();
         async move { client.list_entries(r).await.unwrap_err() }
     };
-    let m = || pb::ListEntriesRequest {
-        merchant_id: "m-1".into(),
-        ..Default::default()
-    };
+    let m = || pb::ListEntriesRequest { merchant_id: "m-1".into(), ..Default::default() };
     assert_eq!(
-        violated_fields(
-            &list(pb::ListEntriesRequest {
-                page_size: 1001,
-                ..m()
-            })
-            .await
-        ),
+        violated_fields(&list(pb::ListEntriesRequest { page_size: 1001, ..m() }).await),
         ["page_size"]
     );
+    assert_eq!(violated_fields(&list(pb::ListEntriesRequest { page_size: -1, ..m() }).await), ["page_size"]);
     assert_eq!(
-        violated_fields(
-            &list(pb::ListEntriesRequest {
-                page_size: -1,
-                ..m()
-            })
-            .await
-        ),
-        ["page_size"]
-    );
-    assert_eq!(
-        violated_fields(
-            &list(pb::ListEntriesRequest {
-                page_token: "forged".into(),
-                ..m()
-            })
-            .await
-        ),
+        violated_fields(&list(pb::ListEntriesRequest { page_token: "forged".into(), ..m() }).await),
         ["page_token"]
     );
     assert_eq!(
@@ -447,10 +282,8 @@ async fn paginates_without_skips_or_repeats_while_writing(backend: Backend) {
         tokio::spawn(async move {
             for i in 0..60 {
                 let date = format!("2026-11-{:02}", 1 + (i * 7) % 20);
-                let request = pb::RecordEntryRequest {
-                    booking_date: date,
-                    ..credit("m-1", &format!("live-{i}"), 5)
-                };
+                let request =
+                    pb::RecordEntryRequest { booking_date: date, ..credit("m-1", &format!("live-{i}"), 5) };
                 client.record_entry(request).await.unwrap();
                 tokio::time::sleep(Duration::from_millis(2)).await;
             }
@@ -502,12 +335,7 @@ async fn paginates_without_skips_or_repeats_while_writing(backend: Backend) {
         .unwrap()
         .into_inner();
     assert!(!narrow.entries.is_empty());
-    assert!(
-        narrow
-            .entries
-            .iter()
-            .all(|e| e.booking_date == "2026-11-05")
-    );
+    assert!(narrow.entries.iter().all(|e| e.booking_date == "2026-11-05"));
 }
 
 async fn enforces_the_reversal_rules(backend: Backend) {
@@ -522,78 +350,42 @@ async fn enforces_the_reversal_rules(backend: Backend) {
         description: "customer refund".into(),
     };
 
-    let reversal = client
-        .reverse_entry(reverse(&original.id, "r-1"))
-        .await
-        .unwrap()
-        .into_inner();
+    let reversal = client.reverse_entry(reverse(&original.id, "r-1")).await.unwrap().into_inner();
     assert_eq!(reversal.booking_date, "2026-11-21");
     assert_eq!(reversal.description, "customer refund");
     assert_eq!(reversal.request_id, "r-1");
 
     // The same reversal with the same key replays.
-    let replay = client
-        .reverse_entry(reverse(&original.id, "r-1"))
-        .await
-        .unwrap()
-        .into_inner();
+    let replay = client.reverse_entry(reverse(&original.id, "r-1")).await.unwrap().into_inner();
     assert_eq!(replay, reversal);
 
     // A second reversal is refused, saying which reversal exists.
-    let second = client
-        .reverse_entry(reverse(&original.id, "r-2"))
-        .await
-        .unwrap_err();
+    let second = client.reverse_entry(reverse(&original.id, "r-2")).await.unwrap_err();
     assert_eq!(second.code(), Code::FailedPrecondition);
-    let failure = second
-        .get_error_details()
-        .precondition_failure()
-        .cloned()
-        .expect("PreconditionFailure");
+    let failure = second.get_error_details().precondition_failure().cloned().expect("PreconditionFailure");
     assert_eq!(failure.violations[0].r#type, "ALREADY_REVERSED");
     assert!(second.message().contains(&reversal.id));
-    let without_key = client
-        .reverse_entry(reverse(&original.id, ""))
-        .await
-        .unwrap_err();
+    let without_key = client.reverse_entry(reverse(&original.id, "")).await.unwrap_err();
     assert_eq!(without_key.code(), Code::FailedPrecondition);
 
     // A reversal cannot be reversed.
-    let of_reversal = client
-        .reverse_entry(reverse(&reversal.id, "r-3"))
-        .await
-        .unwrap_err();
+    let of_reversal = client.reverse_entry(reverse(&reversal.id, "r-3")).await.unwrap_err();
     assert_eq!(of_reversal.code(), Code::FailedPrecondition);
     assert_eq!(
-        of_reversal
-            .get_error_details()
-            .precondition_failure()
-            .unwrap()
-            .violations[0]
-            .r#type,
+        of_reversal.get_error_details().precondition_failure().unwrap().violations[0].r#type,
         "IS_A_REVERSAL"
     );
 
     // Unknown entries are not found.
-    let unknown = client
-        .reverse_entry(reverse("01JD0000000000000000000000", "r-4"))
-        .await
-        .unwrap_err();
+    let unknown = client.reverse_entry(reverse("01JD0000000000000000000000", "r-4")).await.unwrap_err();
     assert_eq!(unknown.code(), Code::NotFound);
 
     // Nothing beyond the one reversal was booked, and failed attempts left their keys free.
     assert_eq!(app.count("SELECT COUNT(*) FROM ledger_entries").await, 2);
     assert_eq!(app.count("SELECT COUNT(*) FROM ledger_outbox").await, 2);
-    assert_eq!(
-        app.count("SELECT COUNT(*) FROM ledger_idempotency_keys WHERE request_id = 'r-2'")
-            .await,
-        0
-    );
+    assert_eq!(app.count("SELECT COUNT(*) FROM ledger_idempotency_keys WHERE request_id = 'r-2'").await, 0);
     let read = client
-        .get_entry(pb::GetEntryRequest {
-            merchant_id: "m-1".into(),
-            entry_id: original.id.clone(),
-        })
+        .get_entry(pb::GetEntryRequest { merchant_id: "m-1".into(), entry_id: original.id.clone() })
         .await
         .unwrap()
         .into_inner();
@@ -614,21 +406,10 @@ async fn concurrent_reversals_book_at_most_one(backend: Backend) {
         tokio::spawn(async move { client.reverse_entry(request).await })
     });
     let results = futures::future::join_all(calls).await;
-    let (ok, refused): (Vec<_>, Vec<_>) = results
-        .into_iter()
-        .map(|r| r.unwrap())
-        .partition(Result::is_ok);
+    let (ok, refused): (Vec<_>, Vec<_>) = results.into_iter().map(|r| r.unwrap()).partition(Result::is_ok);
     assert_eq!(ok.len(), 1);
-    assert!(
-        refused
-            .iter()
-            .all(|r| r.as_ref().unwrap_err().code() == Code::FailedPrecondition)
-    );
-    assert_eq!(
-        app.count("SELECT COUNT(*) FROM ledger_entries WHERE reverses_entry_id IS NOT NULL")
-            .await,
-        1
-    );
+    assert!(refused.iter().all(|r| r.as_ref().unwrap_err().code() == Code::FailedPrecondition));
+    assert_eq!(app.count("SELECT COUNT(*) FROM ledger_entries WHERE reverses_entry_id IS NOT NULL").await, 1);
 }
 
 async fn commits_entry_and_outbox_event_together_or_not_at_all(backend: Backend) {
@@ -642,10 +423,7 @@ async fn commits_entry_and_outbox_event_together_or_not_at_all(backend: Backend)
         .conn()
         .query_one_raw(sea_orm::Statement::from_string(
             app.db.backend(),
-            format!(
-                "SELECT payload FROM ledger_outbox WHERE entry_id = '{}'",
-                entry.id
-            ),
+            format!("SELECT payload FROM ledger_outbox WHERE entry_id = '{}'", entry.id),
         ))
         .await
         .unwrap()
@@ -672,19 +450,10 @@ async fn commits_entry_and_outbox_event_together_or_not_at_all(backend: Backend)
     app.db.conn().execute_unprepared(create).await.unwrap();
     let failed = app.record(credit("poison", "k-p", 500)).await.unwrap_err();
     assert_eq!(failed.code(), Code::Internal);
-    assert!(
-        !failed.message().contains("outbox refused"),
-        "internals stay hidden: {}",
-        failed.message()
-    );
+    assert!(!failed.message().contains("outbox refused"), "internals stay hidden: {}", failed.message());
+    assert_eq!(app.count("SELECT COUNT(*) FROM ledger_entries WHERE merchant_id = 'poison'").await, 0);
     assert_eq!(
-        app.count("SELECT COUNT(*) FROM ledger_entries WHERE merchant_id = 'poison'")
-            .await,
-        0
-    );
-    assert_eq!(
-        app.count("SELECT COUNT(*) FROM ledger_idempotency_keys WHERE merchant_id = 'poison'")
-            .await,
+        app.count("SELECT COUNT(*) FROM ledger_idempotency_keys WHERE merchant_id = 'poison'").await,
         0
     );
 
@@ -692,11 +461,7 @@ async fn commits_entry_and_outbox_event_together_or_not_at_all(backend: Backend)
     app.db.conn().execute_unprepared(drop).await.unwrap();
     let retried = app.record(credit("poison", "k-p", 500)).await.unwrap();
     assert_eq!(
-        app.count(&format!(
-            "SELECT COUNT(*) FROM ledger_outbox WHERE entry_id = '{}'",
-            retried.id
-        ))
-        .await,
+        app.count(&format!("SELECT COUNT(*) FROM ledger_outbox WHERE entry_id = '{}'", retried.id)).await,
         1
     );
 }
@@ -705,11 +470,7 @@ async fn is_not_serving_until_the_schema_is_current_and_after_shutdown_begins(ba
     let test_db = TestDb::new(backend).await;
     let mut app = spawn_with(
         test_db,
-        Options {
-            migrate: false,
-            shutdown_delay: Duration::from_secs(2),
-            ..Options::default()
-        },
+        Options { migrate: false, shutdown_delay: Duration::from_secs(2), ..Options::default() },
     )
     .await;
     let service = "fluxo.ledger.v1.LedgerService";
@@ -718,17 +479,11 @@ async fn is_not_serving_until_the_schema_is_current_and_after_shutdown_begins(ba
     assert_eq!(app.health(service).await, ServingStatus::NotServing);
 
     fluxo_ledger::LedgerStore::migrate(&app.db).await.unwrap();
-    assert!(
-        app.wait_health(service, ServingStatus::Serving, Duration::from_secs(5))
-            .await
-    );
+    assert!(app.wait_health(service, ServingStatus::Serving, Duration::from_secs(5)).await);
     assert_eq!(app.health("").await, ServingStatus::Serving);
 
     app.begin_shutdown();
-    assert!(
-        app.wait_health("", ServingStatus::NotServing, Duration::from_secs(1))
-            .await
-    );
+    assert!(app.wait_health("", ServingStatus::NotServing, Duration::from_secs(1)).await);
     assert_eq!(app.health(service).await, ServingStatus::NotServing);
     app.stop().await;
 }
@@ -755,27 +510,16 @@ async fn finishes_in_flight_calls_during_graceful_shutdown(backend: Backend) {
         tokio::spawn(async move { client.record_entry(credit("m-1", "k-slow", 900)).await })
     };
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(
-        !in_flight.is_finished(),
-        "the call is waiting on the held key"
-    );
+    assert!(!in_flight.is_finished(), "the call is waiting on the held key");
 
     app.begin_shutdown();
     tokio::time::sleep(Duration::from_millis(300)).await;
     blocker.rollback().await.unwrap();
 
-    let entry = in_flight
-        .await
-        .unwrap()
-        .expect("the in-flight call completes")
-        .into_inner();
+    let entry = in_flight.await.unwrap().expect("the in-flight call completes").into_inner();
     assert_eq!(entry.request_id, "k-slow");
     let server = app.server.take().unwrap();
-    tokio::time::timeout(Duration::from_secs(5), server)
-        .await
-        .expect("server exits")
-        .unwrap()
-        .unwrap();
+    tokio::time::timeout(Duration::from_secs(5), server).await.expect("server exits").unwrap().unwrap();
     assert_eq!(app.count("SELECT COUNT(*) FROM ledger_entries").await, 1);
 }
 
@@ -785,36 +529,21 @@ async fn a_cancelled_deadline_writes_nothing(backend: Backend) {
     let mut request = tonic::Request::new(credit("m-1", "k-late", 900));
     request.set_timeout(Duration::from_millis(300));
     let status = app.client.clone().record_entry(request).await.unwrap_err();
-    assert!(
-        matches!(status.code(), Code::Cancelled | Code::DeadlineExceeded),
-        "{status:?}"
-    );
+    assert!(matches!(status.code(), Code::Cancelled | Code::DeadlineExceeded), "{status:?}");
     blocker.rollback().await.unwrap();
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(app.count("SELECT COUNT(*) FROM ledger_entries").await, 0);
-    assert_eq!(
-        app.count("SELECT COUNT(*) FROM ledger_idempotency_keys")
-            .await,
-        0
-    );
+    assert_eq!(app.count("SELECT COUNT(*) FROM ledger_idempotency_keys").await, 0);
     // The caller's retry with the same key books it once.
     app.record(credit("m-1", "k-late", 900)).await.unwrap();
     assert_eq!(app.count("SELECT COUNT(*) FROM ledger_entries").await, 1);
 }
 
 async fn sheds_load_with_resource_exhausted_but_keeps_answering_health(backend: Backend) {
-    let app = spawn_with(
-        TestDb::new(backend).await,
-        Options {
-            max_concurrent_requests: 1,
-            ..Options::default()
-        },
-    )
-    .await;
-    assert!(
-        app.wait_health("", ServingStatus::Serving, Duration::from_secs(5))
-            .await
-    );
+    let app =
+        spawn_with(TestDb::new(backend).await, Options { max_concurrent_requests: 1, ..Options::default() })
+            .await;
+    assert!(app.wait_health("", ServingStatus::Serving, Duration::from_secs(5)).await);
     let blocker = hold_key(&app, "k-busy").await;
     let busy = {
         let mut client = app.client.clone();
@@ -823,11 +552,7 @@ async fn sheds_load_with_resource_exhausted_but_keeps_answering_health(backend: 
     tokio::time::sleep(Duration::from_millis(300)).await;
     let shed = app.record(credit("m-1", "k-other", 1)).await.unwrap_err();
     assert_eq!(shed.code(), Code::ResourceExhausted);
-    assert_eq!(
-        app.health("").await,
-        ServingStatus::Serving,
-        "probes are never shed"
-    );
+    assert_eq!(app.health("").await, ServingStatus::Serving, "probes are never shed");
     blocker.rollback().await.unwrap();
     busy.await.unwrap().unwrap();
     // Capacity is back once the call finished.
@@ -837,10 +562,7 @@ async fn sheds_load_with_resource_exhausted_but_keeps_answering_health(backend: 
 async fn rejects_oversized_messages(backend: Backend) {
     let app = spawn_app(backend).await;
     // The test server accepts 64 KiB messages.
-    let huge = pb::RecordEntryRequest {
-        description: "x".repeat(100 * 1024),
-        ..credit("m-1", "k-1", 1)
-    };
+    let huge = pb::RecordEntryRequest { description: "x".repeat(100 * 1024), ..credit("m-1", "k-1", 1) };
     let status = app.record(huge).await.unwrap_err();
     assert_eq!(status.code(), Code::OutOfRange);
     assert_eq!(app.count("SELECT COUNT(*) FROM ledger_entries").await, 0);
