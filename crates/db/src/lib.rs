@@ -103,6 +103,7 @@ impl Db {
             reason: redact(&e.to_string(), url),
         })?;
         let writer = (backend == DbBackend::Sqlite).then(|| Arc::new(Mutex::new(())));
+        observe_pool(&conn, config.max_connections);
         Ok(Self { conn, writer })
     }
 
@@ -133,6 +134,49 @@ impl Db {
     pub async fn close(self) -> Result<(), DbErr> {
         self.conn.close().await
     }
+}
+
+/// Reports the pool's connections, by state (`idle`, `used`), as
+/// `db.client.connection.count`, and its limit as `db.client.connection.max`
+/// (OpenTelemetry semantic conventions), read from the sqlx pool whenever
+/// metrics are collected. The callbacks stay registered for the life of the
+/// process (after `close` they report an empty pool): a target opens one pool.
+fn observe_pool(conn: &DatabaseConnection, max_connections: u32) {
+    use fluxo_telemetry::opentelemetry::KeyValue;
+    // (open connections, idle connections)
+    type Stats = Box<dyn Fn() -> (u32, usize) + Send + Sync>;
+    let stats: Stats = match conn.get_database_backend() {
+        DbBackend::Postgres => {
+            let pool = conn.get_postgres_connection_pool().clone();
+            Box::new(move || (pool.size(), pool.num_idle()))
+        }
+        DbBackend::Sqlite => {
+            let pool = conn.get_sqlite_connection_pool().clone();
+            Box::new(move || (pool.size(), pool.num_idle()))
+        }
+        _ => return,
+    };
+    let pool = KeyValue::new("db.client.connection.pool.name", "fluxo");
+    let meter = fluxo_telemetry::meter();
+    let attributes = pool.clone();
+    meter
+        .i64_observable_gauge("db.client.connection.count")
+        .with_unit("{connection}")
+        .with_description("Database connections in the pool, by state")
+        .with_callback(move |o| {
+            let (size, idle) = stats();
+            let idle = i64::try_from(idle).unwrap_or(i64::MAX);
+            let used = i64::from(size).saturating_sub(idle).max(0);
+            o.observe(idle, &[attributes.clone(), KeyValue::new("db.client.connection.state", "idle")]);
+            o.observe(used, &[attributes.clone(), KeyValue::new("db.client.connection.state", "used")]);
+        })
+        .build();
+    meter
+        .i64_observable_gauge("db.client.connection.max")
+        .with_unit("{connection}")
+        .with_description("Largest number of connections the pool opens")
+        .with_callback(move |o| o.observe(i64::from(max_connections), std::slice::from_ref(&pool)))
+        .build();
 }
 
 /// A parameterised statement written once with `?` placeholders, numbered

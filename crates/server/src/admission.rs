@@ -4,15 +4,27 @@
 //! `tower::limit` because those cannot exempt health checks: under overload a
 //! kubelet probe would be shed, and Kubernetes would restart a pod that is
 //! merely busy.
+//!
+//! It also measures every call for the golden signals: the
+//! `rpc.server.duration` histogram (seconds) with the OpenTelemetry semantic
+//! convention attributes `rpc.system`, `rpc.service`, `rpc.method` and
+//! `rpc.grpc.status_code`. The status comes from the response headers when
+//! the call failed before any message (trailers-only responses, refusals), or
+//! from the trailers at the end of the body; a body dropped before its
+//! trailers (the caller went away) counts as CANCELLED.
 
 use std::{
     future::Future,
     pin::Pin,
-    sync::Arc,
+    sync::{Arc, LazyLock},
     task::{Context, Poll},
+    time::Instant,
 };
 
-use http::{HeaderValue, Request, Response};
+use bytes::Bytes;
+use fluxo_telemetry::opentelemetry::{KeyValue, metrics::Histogram};
+use http::{HeaderMap, HeaderValue, Request, Response};
+use http_body::Frame;
 use tokio::sync::Semaphore;
 use tonic::{Status, body::Body};
 use tower::{Layer, Service};
@@ -66,6 +78,113 @@ fn request_id(request: &Request<Body>) -> HeaderValue {
         })
 }
 
+/// `rpc.server.duration`, created on first use (after telemetry is installed).
+static DURATION: LazyLock<Histogram<f64>> = LazyLock::new(|| {
+    fluxo_telemetry::meter()
+        .f64_histogram("rpc.server.duration")
+        .with_unit("s")
+        .with_description("Duration of inbound gRPC calls, by service, method and status code")
+        .with_boundaries(fluxo_telemetry::LATENCY_BUCKETS.to_vec())
+        .build()
+});
+
+/// gRPC status codes used when no `grpc-status` was seen.
+const UNKNOWN: i64 = 2;
+const CANCELLED: i64 = 1;
+const UNIMPLEMENTED: i64 = 12;
+
+fn grpc_status(headers: &HeaderMap) -> Option<i64> {
+    headers.get("grpc-status").and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok())
+}
+
+/// Records one call's duration and status exactly once: when its status is
+/// known, or when it is dropped without one.
+struct CallRecord {
+    start: Instant,
+    attributes: Vec<KeyValue>,
+    done: bool,
+}
+
+impl CallRecord {
+    fn new(service: &str, method: &str) -> Self {
+        let attributes = vec![
+            KeyValue::new("rpc.system", "grpc"),
+            KeyValue::new("rpc.service", service.to_owned()),
+            KeyValue::new("rpc.method", method.to_owned()),
+        ];
+        Self { start: Instant::now(), attributes, done: false }
+    }
+
+    fn finish(&mut self, status: i64) {
+        if self.done {
+            return;
+        }
+        self.done = true;
+        let mut attributes = std::mem::take(&mut self.attributes);
+        if status == UNIMPLEMENTED {
+            // Any path can be called: unknown ones must not mint label values.
+            attributes.truncate(1);
+            attributes.push(KeyValue::new("rpc.service", "_OTHER"));
+            attributes.push(KeyValue::new("rpc.method", "_OTHER"));
+        }
+        attributes.push(KeyValue::new("rpc.grpc.status_code", status));
+        DURATION.record(fluxo_telemetry::seconds(self.start.elapsed()), &attributes);
+    }
+}
+
+impl Drop for CallRecord {
+    fn drop(&mut self) {
+        self.finish(CANCELLED);
+    }
+}
+
+/// A response body that reports the call's status when its trailers pass.
+struct MeteredBody {
+    inner: Body,
+    record: CallRecord,
+}
+
+impl http_body::Body for MeteredBody {
+    type Data = Bytes;
+    type Error = Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let this = &mut *self;
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(trailers) = frame.trailers_ref() {
+                    this.record.finish(grpc_status(trailers).unwrap_or(UNKNOWN));
+                }
+            }
+            Poll::Ready(Some(Err(_))) | Poll::Ready(None) => this.record.finish(UNKNOWN),
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Wraps `response` so its status is recorded: at once when the headers carry
+/// it (trailers-only), else from the trailers.
+fn metered(response: Response<Body>, mut record: CallRecord) -> Response<Body> {
+    if let Some(status) = grpc_status(response.headers()) {
+        record.finish(status);
+        return response;
+    }
+    response.map(|inner| Body::new(MeteredBody { inner, record }))
+}
+
 impl<S> Service<Request<Body>> for Admission<S>
 where
     S: Service<Request<Body>, Response = Response<Body>> + Clone + Send + 'static,
@@ -93,6 +212,8 @@ where
             request_id = %id.to_str().unwrap_or_default(),
         );
         fluxo_telemetry::continue_trace(&span, request.headers());
+        // Probes and reflection are not traffic: they would drown the signals.
+        let record = (!exempt(&path)).then(|| CallRecord::new(service, method));
 
         let permit = if exempt(&path) {
             None
@@ -106,6 +227,10 @@ where
                     )
                     .into_http();
                     response.headers_mut().insert(REQUEST_ID_HEADER, id);
+                    let response = match record {
+                        Some(record) => metered(response, record),
+                        None => response,
+                    };
                     return Box::pin(async move { Ok(response) });
                 }
             }
@@ -118,7 +243,10 @@ where
                 let mut response = inner.call(request).await?;
                 drop(permit);
                 response.headers_mut().insert(REQUEST_ID_HEADER, id);
-                Ok(response)
+                Ok(match record {
+                    Some(record) => metered(response, record),
+                    None => response,
+                })
             }
             .instrument(span),
         )

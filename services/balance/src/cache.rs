@@ -9,17 +9,22 @@
 //!
 //! Availability: the last answer per key is also kept, longer, beside the
 //! cache; when PostgreSQL is down it is served marked `possibly_stale`.
+//!
+//! Metrics: `fluxo.balance.cache.hits` and `fluxo.balance.cache.misses`
+//! (lookups), whose ratio is the hit ratio; the invalidation after a commit is
+//! the `balance.cache.invalidate` span, a child of the consolidator's span.
 
 use std::{
     collections::HashMap,
     future::Future,
     sync::{
-        Arc, Mutex,
+        Arc, LazyLock, Mutex,
         atomic::{AtomicU64, Ordering},
     },
 };
 
 use bytes::Bytes;
+use fluxo_telemetry::opentelemetry::metrics::Counter;
 use fred::{
     prelude::{Client, KeysInterface, LuaInterface, TransactionInterface},
     types::Value,
@@ -28,6 +33,7 @@ use futures::{
     FutureExt,
     future::{BoxFuture, Shared},
 };
+use tracing::Instrument;
 
 use crate::{consolidator::OnApplied, store::Applied};
 
@@ -59,6 +65,18 @@ const GET: &str = "return {redis.call('HGET', KEYS[1], ARGV[1]), redis.call('GET
 const PUT: &str = "if (redis.call('GET', KEYS[2]) or '0') ~= ARGV[1] then return 0 end \
     redis.call('HSET', KEYS[1], ARGV[2], ARGV[3]) redis.call('PEXPIRE', KEYS[1], ARGV[4]) \
     redis.call('HSET', KEYS[3], ARGV[2], ARGV[3]) redis.call('PEXPIRE', KEYS[3], ARGV[5]) return 1";
+
+/// Lookups that found a fresh answer, and those that did not.
+static LOOKUPS: LazyLock<(Counter<u64>, Counter<u64>)> = LazyLock::new(|| {
+    let meter = fluxo_telemetry::meter();
+    let counter = |name: &'static str, description: &'static str| {
+        meter.u64_counter(name).with_unit("{lookup}").with_description(description).build()
+    };
+    (
+        counter("fluxo.balance.cache.hits", "Balance cache lookups answered from Redis"),
+        counter("fluxo.balance.cache.misses", "Balance cache lookups that went to the database"),
+    )
+});
 
 /// What a cache lookup found.
 #[derive(Debug, Clone)]
@@ -109,8 +127,14 @@ impl BalanceCache {
         let (value, generation): (Option<Bytes>, String) =
             self.client.eval(GET, vec![key.answers(), key.generation()], vec![key.field.clone()]).await?;
         Ok(match value {
-            Some(bytes) => Lookup::Hit(bytes),
-            None => Lookup::Miss(generation),
+            Some(bytes) => {
+                LOOKUPS.0.add(1, &[]);
+                Lookup::Hit(bytes)
+            }
+            None => {
+                LOOKUPS.1.add(1, &[]);
+                Lookup::Miss(generation)
+            }
         })
     }
 
@@ -204,7 +228,8 @@ pub struct Invalidator(pub BalanceCache);
 #[async_trait::async_trait]
 impl OnApplied for Invalidator {
     async fn applied(&self, applied: &Applied) {
-        if let Err(error) = self.0.invalidate(applied.touched.iter().cloned()).await {
+        let span = tracing::info_span!("balance.cache.invalidate", balances = applied.touched.len());
+        if let Err(error) = self.0.invalidate(applied.touched.iter().cloned()).instrument(span).await {
             // The TTL bounds how long a cached answer can outlive this failure.
             tracing::warn!(%error, "could not invalidate cached balances");
         }

@@ -1,13 +1,29 @@
 //! Applying ledger events to the read model: decode, apply a batch in one
 //! transaction, and when a batch fails, apply its events one by one so a
 //! single bad event cannot hold the others back.
+//!
+//! Tracing: each batch gets one `consolidate` span (kind consumer) with a span
+//! link to the trace of every event in it (the `traceparent` the ledger stored
+//! with the event), so the trace of a RecordEntry call leads to the batch that
+//! applied it, and the cache invalidation that followed is a child of that span.
+//!
+//! Metrics: `fluxo.consolidation.delay` (ledger commit → applied, seconds) and
+//! `fluxo.consolidator.events` by outcome.
 
-use std::sync::Arc;
+use std::{
+    sync::{Arc, LazyLock},
+    time::Duration,
+};
 
 use chrono::NaiveDate;
 use fluxo_proto::ledger_v1 as pb;
 use fluxo_queue::{EventSink, PublishError, StreamEvent};
+use fluxo_telemetry::opentelemetry::{
+    KeyValue,
+    metrics::{Counter, Histogram},
+};
 use prost::Message;
+use tracing::Instrument;
 
 use crate::{
     domain::{Direction, Posting},
@@ -33,6 +49,66 @@ pub enum ApplyError {
     /// The database is unreachable: retry later.
     #[error("read model unavailable: {0}")]
     Unavailable(String),
+}
+
+struct Metrics {
+    delay: Histogram<f64>,
+    events: Counter<u64>,
+}
+
+static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
+    let meter = fluxo_telemetry::meter();
+    Metrics {
+        delay: meter
+            .f64_histogram("fluxo.consolidation.delay")
+            .with_unit("s")
+            .with_description("Time from the ledger commit of an entry to its commit in the daily balances")
+            .with_boundaries(fluxo_telemetry::LATENCY_BUCKETS.to_vec())
+            .build(),
+        events: meter
+            .u64_counter("fluxo.consolidator.events")
+            .with_unit("{event}")
+            .with_description(
+                "Ledger events handled by consolidators, by outcome (applied, duplicate, failed)",
+            )
+            .build(),
+    }
+});
+
+/// Records what a committed batch did: one delay sample per posting applied now.
+fn observe(applied: &Applied) {
+    let now = crate::store::now_micros();
+    for committed in &applied.committed_at_micros {
+        let micros = u64::try_from(now.saturating_sub(*committed)).unwrap_or(0);
+        METRICS.delay.record(fluxo_telemetry::seconds(Duration::from_micros(micros)), &[]);
+    }
+    let count = |n: usize| u64::try_from(n).unwrap_or(u64::MAX);
+    METRICS.events.add(count(applied.applied), &[KeyValue::new("outcome", "applied")]);
+    METRICS.events.add(count(applied.duplicates), &[KeyValue::new("outcome", "duplicate")]);
+}
+
+/// The span of one batch, linked to the trace each event was produced in.
+fn batch_span(events: &[StreamEvent]) -> tracing::Span {
+    let span = tracing::info_span!(
+        "consolidate",
+        otel.kind = "consumer",
+        messaging.operation.type = "process",
+        messaging.batch.message_count = events.len(),
+        applied = tracing::field::Empty,
+        duplicates = tracing::field::Empty,
+    );
+    for event in events {
+        fluxo_telemetry::link_to(
+            &span,
+            event.traceparent.as_deref(),
+            event.tracestate.as_deref(),
+            vec![
+                KeyValue::new("messaging.message.id", event.event_id.clone()),
+                KeyValue::new("fluxo.outbox.position", event.position),
+            ],
+        );
+    }
+    span
 }
 
 /// Applies events to the read model.
@@ -114,6 +190,18 @@ impl Consolidator {
     /// Applies `events`; one result per event, in order. `Ok` means the event
     /// is in the read model (now or from an earlier delivery) and may be acknowledged.
     pub async fn apply(&self, events: &[StreamEvent]) -> Vec<Result<(), ApplyError>> {
+        let span = batch_span(events);
+        let results = self.apply_batch(events).instrument(span.clone()).await;
+        let failed = results.iter().filter(|r| r.is_err()).count();
+        if failed > 0 {
+            METRICS
+                .events
+                .add(u64::try_from(failed).unwrap_or(u64::MAX), &[KeyValue::new("outcome", "failed")]);
+        }
+        results
+    }
+
+    async fn apply_batch(&self, events: &[StreamEvent]) -> Vec<Result<(), ApplyError>> {
         let decoded: Vec<Result<Posting, ApplyError>> = events.iter().map(decode).collect();
         let postings: Vec<Posting> = decoded.iter().filter_map(|d| d.as_ref().ok().cloned()).collect();
         match self.store.apply(&postings).await {
@@ -146,6 +234,10 @@ impl Consolidator {
     }
 
     async fn notify(&self, applied: &Applied) {
+        observe(applied);
+        let span = tracing::Span::current();
+        span.record("applied", applied.applied);
+        span.record("duplicates", applied.duplicates);
         if let Some(listener) = &self.listener
             && !applied.touched.is_empty()
         {

@@ -11,8 +11,17 @@
 //! - a message that keeps failing moves to a dead-letter stream, with its
 //!   reason, after `max_deliveries`, without blocking the rest;
 //! - on shutdown the consumer stops reading, finishes the batch in hand, and exits.
+//!
+//! Every consumer also keeps the stream gauges current, from XINFO GROUPS and
+//! XLEN: `fluxo.stream.lag` and `fluxo.stream.pending` per consumer group, and
+//! `fluxo.stream.dead_letters`.
 
-use std::{collections::HashMap, future::Future, time::Duration};
+use std::{
+    collections::HashMap,
+    future::Future,
+    sync::{Arc, LazyLock, Mutex},
+    time::Duration,
+};
 
 use fluxo_queue::{StreamEvent, StreamNames};
 use fred::{
@@ -20,7 +29,73 @@ use fred::{
     types::{Value, streams::XPendingArgs},
 };
 
+use fluxo_telemetry::opentelemetry::{KeyValue, metrics::ObservableGauge};
+
 use crate::consolidator::{ApplyError, Consolidator};
+
+/// How often a consumer measures the stream for its gauges.
+const GAUGE_INTERVAL: Duration = Duration::from_secs(5);
+
+/// The stream as last measured.
+#[derive(Debug, Clone, Default)]
+struct StreamState {
+    /// (stream, group, lag, pending) for every group of the stream.
+    groups: Vec<(String, String, i64, i64)>,
+    /// (dead-letter stream, length).
+    dead_letters: Option<(String, i64)>,
+}
+
+struct StreamGauges {
+    state: Arc<Mutex<StreamState>>,
+    _instruments: [ObservableGauge<i64>; 3],
+}
+
+fn group_attributes(stream: &str, group: &str) -> [KeyValue; 2] {
+    [
+        KeyValue::new("messaging.destination.name", stream.to_owned()),
+        KeyValue::new("messaging.consumer.group.name", group.to_owned()),
+    ]
+}
+
+static GAUGES: LazyLock<StreamGauges> = LazyLock::new(|| {
+    let meter = fluxo_telemetry::meter();
+    let state = Arc::new(Mutex::new(StreamState::default()));
+    let read = |state: &Arc<Mutex<StreamState>>| {
+        state.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    };
+    let (s1, s2, s3) = (state.clone(), state.clone(), state.clone());
+    let lag = meter
+        .i64_observable_gauge("fluxo.stream.lag")
+        .with_unit("{message}")
+        .with_description("Stream entries not yet delivered to the consumer group (XINFO GROUPS lag)")
+        .with_callback(move |o| {
+            for (stream, group, lag, _) in read(&s1).groups {
+                o.observe(lag, &group_attributes(&stream, &group));
+            }
+        })
+        .build();
+    let pending = meter
+        .i64_observable_gauge("fluxo.stream.pending")
+        .with_unit("{message}")
+        .with_description("Messages delivered to the consumer group but not yet acknowledged")
+        .with_callback(move |o| {
+            for (stream, group, _, pending) in read(&s2).groups {
+                o.observe(pending, &group_attributes(&stream, &group));
+            }
+        })
+        .build();
+    let dead = meter
+        .i64_observable_gauge("fluxo.stream.dead_letters")
+        .with_unit("{message}")
+        .with_description("Messages parked in the dead-letter stream")
+        .with_callback(move |o| {
+            if let Some((stream, len)) = read(&s3).dead_letters {
+                o.observe(len, &[KeyValue::new("messaging.destination.name", stream)]);
+            }
+        })
+        .build();
+    StreamGauges { state, _instruments: [lag, pending, dead] }
+});
 
 /// Settings of one consumer.
 #[derive(Debug, Clone)]
@@ -99,8 +174,15 @@ impl StreamConsumer {
         tokio::pin!(stop);
         let mut last_claim = tokio::time::Instant::now();
         let mut last_trim = tokio::time::Instant::now();
+        let mut last_gauges: Option<tokio::time::Instant> = None;
         let mut failures = 0u32;
         loop {
+            if last_gauges.is_none_or(|t| t.elapsed() >= GAUGE_INTERVAL) {
+                last_gauges = Some(tokio::time::Instant::now());
+                if let Err(error) = self.measure().await {
+                    tracing::debug!(%error, "cannot measure the stream");
+                }
+            }
             if last_claim.elapsed() >= self.claim_interval() {
                 last_claim = tokio::time::Instant::now();
                 if let Err(error) = self.reclaim().await {
@@ -150,6 +232,28 @@ impl StreamConsumer {
             }
         }
         tracing::info!(consumer = %self.config.consumer, "consumer stopped");
+    }
+
+    /// Updates the stream gauges from XINFO GROUPS and XLEN.
+    pub async fn measure(&self) -> Result<(), ConsumerError> {
+        let names = &self.config.names;
+        let groups: Vec<HashMap<String, Value>> = self.client.xinfo_groups(&names.stream).await?;
+        let number = |g: &HashMap<String, Value>, key: &str| g.get(key).and_then(Value::as_i64);
+        let groups = groups
+            .iter()
+            .filter_map(|g| {
+                let name = g.get("name").and_then(Value::as_string)?;
+                // `lag` is unknown (nil) for a while after some XDEL/XTRIM; report 0 then
+                // rather than dropping the series.
+                let lag = number(g, "lag").unwrap_or(0);
+                Some((names.stream.clone(), name, lag, number(g, "pending").unwrap_or(0)))
+            })
+            .collect();
+        let dead: u64 = self.client.xlen(&names.dead_letters).await?;
+        let mut state = GAUGES.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        state.groups = groups;
+        state.dead_letters = Some((names.dead_letters.clone(), i64::try_from(dead).unwrap_or(i64::MAX)));
+        Ok(())
     }
 
     fn claim_interval(&self) -> Duration {

@@ -46,6 +46,9 @@ pub struct Applied {
     pub duplicates: usize,
     /// The (merchant, currency) balances that changed, for cache invalidation.
     pub touched: BTreeSet<(String, String)>,
+    /// Ledger commit times (µs since the epoch) of the postings applied now,
+    /// for the end-to-end consolidation delay.
+    pub committed_at_micros: Vec<i64>,
 }
 
 /// The read model tables.
@@ -109,6 +112,7 @@ impl BalanceStore {
             applied: to_apply.len(),
             duplicates: unique.len() - to_apply.len(),
             touched: deltas.keys().map(|k| (k.merchant_id.clone(), k.currency.clone())).collect(),
+            committed_at_micros: to_apply.iter().map(|p| p.committed_at_micros).collect(),
         })
     }
 

@@ -4,15 +4,82 @@
 //! `FOR UPDATE SKIP LOCKED`, so any number of relays run side by side without
 //! publishing the same event twice; if a relay dies after publishing but
 //! before marking, the events go out again and consumers deduplicate them.
+//!
+//! Each non-empty batch is an `outbox.publish` span (kind producer) with a
+//! span link to the trace of every event in it. The relay also keeps the
+//! `fluxo.outbox.backlog` and `fluxo.outbox.oldest_age` gauges current.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::{
+        Arc, LazyLock,
+        atomic::{AtomicI64, AtomicU64, Ordering},
+    },
+    time::Duration,
+};
 
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use fluxo_db::{Db, statement};
 use fluxo_queue::{EventSink, StreamEvent};
+use fluxo_telemetry::opentelemetry::{KeyValue, metrics::ObservableGauge};
 use sea_orm::{ConnectionTrait, DbBackend, DbErr, TransactionTrait, Value};
 use tokio::sync::Notify;
+use tracing::Instrument;
+
+/// How often the relay measures the backlog for its gauges.
+const BACKLOG_INTERVAL: Duration = Duration::from_secs(5);
+
+/// The last measured backlog, read by the gauges whenever metrics are collected.
+struct BacklogGauges {
+    events: Arc<AtomicI64>,
+    oldest_micros: Arc<AtomicU64>,
+    _instruments: (ObservableGauge<i64>, ObservableGauge<f64>),
+}
+
+static BACKLOG: LazyLock<BacklogGauges> = LazyLock::new(|| {
+    let meter = fluxo_telemetry::meter();
+    let events = Arc::new(AtomicI64::new(0));
+    let oldest_micros = Arc::new(AtomicU64::new(0));
+    let (e, o) = (events.clone(), oldest_micros.clone());
+    let count = meter
+        .i64_observable_gauge("fluxo.outbox.backlog")
+        .with_unit("{event}")
+        .with_description("Ledger events committed but not yet published to the stream")
+        .with_callback(move |observer| observer.observe(e.load(Ordering::Relaxed), &[]))
+        .build();
+    let age = meter
+        .f64_observable_gauge("fluxo.outbox.oldest_age")
+        .with_unit("s")
+        .with_description("Age of the oldest unpublished ledger event (0 when none)")
+        .with_callback(move |observer| {
+            let age = Duration::from_micros(o.load(Ordering::Relaxed));
+            observer.observe(fluxo_telemetry::seconds(age), &[]);
+        })
+        .build();
+    BacklogGauges { events, oldest_micros, _instruments: (count, age) }
+});
+
+/// The span of one batch, linked to the trace each event was produced in.
+fn batch_span(events: &[StreamEvent]) -> tracing::Span {
+    let span = tracing::info_span!(
+        "outbox.publish",
+        otel.kind = "producer",
+        messaging.operation.type = "send",
+        messaging.batch.message_count = events.len(),
+    );
+    for event in events {
+        fluxo_telemetry::link_to(
+            &span,
+            event.traceparent.as_deref(),
+            event.tracestate.as_deref(),
+            vec![
+                KeyValue::new("messaging.message.id", event.event_id.clone()),
+                KeyValue::new("fluxo.outbox.position", event.position),
+            ],
+        );
+    }
+    span
+}
 
 /// Settings of the relay loop.
 #[derive(Debug, Clone)]
@@ -82,6 +149,7 @@ impl Relay {
         let mut idle = Duration::from_millis(5);
         let mut failures = 0u32;
         let mut last_cleanup = tokio::time::Instant::now();
+        let mut last_backlog: Option<tokio::time::Instant> = None;
         loop {
             match self.publish_batch().await {
                 Ok(n) if n >= self.config.batch_size as usize => {
@@ -105,6 +173,10 @@ impl Relay {
                     idle = Duration::from_millis(100 * u64::from(failures.min(50)));
                 }
             }
+            if last_backlog.is_none_or(|t| t.elapsed() >= BACKLOG_INTERVAL) {
+                last_backlog = Some(tokio::time::Instant::now());
+                self.measure_backlog().await;
+            }
             if last_cleanup.elapsed() > Duration::from_secs(60) {
                 last_cleanup = tokio::time::Instant::now();
                 if let Err(error) = self.delete_published().await {
@@ -116,6 +188,18 @@ impl Relay {
                 () = self.wake.notified() => {}
                 () = tokio::time::sleep(idle) => {}
             }
+        }
+    }
+
+    /// Updates the backlog gauges; on failure they keep their last value.
+    async fn measure_backlog(&self) {
+        match backlog(&self.db).await {
+            Ok(b) => {
+                BACKLOG.events.store(b.events, Ordering::Relaxed);
+                let micros = u64::try_from(b.oldest_age.as_micros()).unwrap_or(u64::MAX);
+                BACKLOG.oldest_micros.store(micros, Ordering::Relaxed);
+            }
+            Err(error) => tracing::debug!(%error, "cannot measure the outbox backlog"),
         }
     }
 
@@ -142,10 +226,14 @@ impl Relay {
             txn.commit().await?;
             return Ok(0);
         }
-        self.sink.publish(&events).await?;
-        mark_published(&txn, DbBackend::Postgres, &events).await?;
-        txn.commit().await?;
-        Ok(events.len())
+        async {
+            self.sink.publish(&events).await?;
+            mark_published(&txn, DbBackend::Postgres, &events).await?;
+            txn.commit().await?;
+            Ok(events.len())
+        }
+        .instrument(batch_span(&events))
+        .await
     }
 
     async fn publish_sqlite(&self) -> Result<usize, RelayError> {
@@ -166,12 +254,16 @@ impl Relay {
         if events.is_empty() {
             return Ok(0);
         }
-        self.sink.publish(&events).await?;
-        let _writer = self.db.write_guard().await;
-        let txn = self.db.conn().begin().await?;
-        mark_published(&txn, DbBackend::Sqlite, &events).await?;
-        txn.commit().await?;
-        Ok(events.len())
+        async {
+            self.sink.publish(&events).await?;
+            let _writer = self.db.write_guard().await;
+            let txn = self.db.conn().begin().await?;
+            mark_published(&txn, DbBackend::Sqlite, &events).await?;
+            txn.commit().await?;
+            Ok(events.len())
+        }
+        .instrument(batch_span(&events))
+        .await
     }
 
     async fn delete_published(&self) -> Result<u64, DbErr> {
