@@ -27,6 +27,104 @@ pub(crate) struct Config {
     pub relay: RelaySettings,
     pub consolidator: ConsolidatorSettings,
     pub balance: BalanceSettings,
+    pub gateway: GatewaySettings,
+    pub auth: AuthSettings,
+    pub rate_limit: RateLimitSettings,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(crate) struct GatewaySettings {
+    /// Where the REST/JSON API listens.
+    pub listen: SocketAddr,
+    /// The ledger's gRPC URL; unset under `--target all`: this process.
+    pub ledger_url: Option<String>,
+    /// The balance service's gRPC URL; unset under `--target all`: this process.
+    pub balance_url: Option<String>,
+    pub max_body_bytes: usize,
+    pub request_timeout_ms: u64,
+    /// Origins allowed by CORS; empty: no CORS headers.
+    pub cors_allowed_origins: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(crate) struct AuthSettings {
+    pub issuer: String,
+    pub audience: String,
+    /// A JWKS document with the RS256/ES256 public keys tokens are signed with.
+    pub jwks_file: Option<PathBuf>,
+    /// An HS256 secret (development). Unset with no JWKS on the embedded
+    /// default: a development secret is generated in `data_dir`.
+    #[serde(serialize_with = "skip_secret")]
+    pub hs256_secret: Option<SecretString>,
+    pub leeway_secs: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct TierSettings {
+    pub per_second: u32,
+    pub burst: u32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(crate) struct RateLimitSettings {
+    pub enabled: bool,
+    pub tiers: std::collections::BTreeMap<String, TierSettings>,
+    pub default_tier: String,
+    /// Tiers whose share is reserved: they do not draw from the shared pool.
+    pub priority_tiers: Vec<String>,
+    /// The pool every non-priority client draws from together.
+    pub shared_per_second: u32,
+    pub shared_burst: u32,
+    /// When Redis is unreachable: `local` (per-process limits), `allow` or `deny`.
+    pub on_redis_error: String,
+}
+
+impl Default for GatewaySettings {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            ledger_url: None,
+            balance_url: None,
+            max_body_bytes: 64 * 1024,
+            request_timeout_ms: 10_000,
+            cors_allowed_origins: Vec::new(),
+        }
+    }
+}
+
+impl Default for AuthSettings {
+    fn default() -> Self {
+        Self {
+            issuer: "fluxo".into(),
+            audience: "fluxo-api".into(),
+            jwks_file: None,
+            hs256_secret: None,
+            leeway_secs: 30,
+        }
+    }
+}
+
+impl Default for RateLimitSettings {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            tiers: [
+                ("standard".to_owned(), TierSettings { per_second: 100, burst: 200 }),
+                ("priority".to_owned(), TierSettings { per_second: 500, burst: 1000 }),
+            ]
+            .into_iter()
+            .collect(),
+            default_tier: "standard".into(),
+            priority_tiers: vec!["priority".into()],
+            shared_per_second: 1000,
+            shared_burst: 2000,
+            on_redis_error: "local".into(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -167,6 +265,9 @@ impl Default for Config {
             relay: RelaySettings::default(),
             consolidator: ConsolidatorSettings::default(),
             balance: BalanceSettings::default(),
+            gateway: GatewaySettings::default(),
+            auth: AuthSettings::default(),
+            rate_limit: RateLimitSettings::default(),
         }
     }
 }
@@ -276,6 +377,26 @@ impl Config {
         }
         if c.batch_size == 0 || self.relay.batch_size == 0 {
             problems.push("consolidator.batch_size and relay.batch_size must be at least 1".to_owned());
+        }
+        if !["local", "allow", "deny"].contains(&self.rate_limit.on_redis_error.as_str()) {
+            problems.push(format!(
+                "rate_limit.on_redis_error must be local, allow or deny, got {:?}",
+                self.rate_limit.on_redis_error
+            ));
+        }
+        if !self.rate_limit.tiers.contains_key(&self.rate_limit.default_tier) {
+            problems.push(format!(
+                "rate_limit.default_tier {:?} is not a configured tier",
+                self.rate_limit.default_tier
+            ));
+        }
+        if self.rate_limit.tiers.values().any(|t| t.per_second == 0 || t.burst == 0) {
+            problems.push("rate_limit.tiers: per_second and burst must be at least 1".to_owned());
+        }
+        if let Some(file) = &self.auth.jwks_file
+            && !file.is_file()
+        {
+            problems.push(format!("auth.jwks_file {} does not exist", file.display()));
         }
         if c.max_deliveries == 0 {
             problems.push("consolidator.max_deliveries must be at least 1".to_owned());

@@ -57,6 +57,8 @@ enum Command {
         #[command(subcommand)]
         command: ops::DlqCommand,
     },
+    /// Print the OpenAPI document of the REST API (the one served at /openapi.json).
+    Openapi,
     /// Rebuild or reconcile the daily balances from the ledger.
     Balances {
         #[command(subcommand)]
@@ -127,6 +129,7 @@ fn main() -> ExitCode {
             Command::Queue { command: QueueCommand::Init } => ops::queue_init(&config).await,
             Command::Queue { command: QueueCommand::Status } => ops::queue_status(&config).await,
             Command::Dlq { command } => ops::dlq(&config, command).await,
+            Command::Openapi => ops::openapi(),
             Command::Balances { command: BalancesCommand::Rebuild { scope } } => {
                 ops::rebuild(&config, &scope).await
             }

@@ -28,6 +28,12 @@ fn redis(config: &Config) -> anyhow::Result<fred::prelude::Client> {
     Ok(fluxo_queue::client(&settings)?)
 }
 
+/// `fluxo openapi`: the REST API's OpenAPI document, as committed in `docs/openapi.json`.
+pub(crate) fn openapi() -> anyhow::Result<()> {
+    print!("{}", fluxo_gateway::openapi_json()?);
+    Ok(())
+}
+
 /// `fluxo queue init`: creates the stream and its consumer group.
 pub(crate) async fn queue_init(config: &Config) -> anyhow::Result<()> {
     let client = redis(config)?;

@@ -55,10 +55,7 @@ async fn stopped(mut stop: watch::Receiver<bool>) {
 
 /// Runs `target` until SIGTERM or Ctrl-C.
 pub(crate) async fn serve(config: Config, target: Target) -> anyhow::Result<()> {
-    let name = match target {
-        Target::Gateway => bail!("target `gateway` is not built yet in this version of fluxo"),
-        other => format!("{other:?}").to_lowercase(),
-    };
+    let name = format!("{target:?}").to_lowercase();
     let runs = |t: Target| target == Target::All || target == t;
     let telemetry = telemetry(&config, &name)?;
     let db = Db::connect(&config.db_config()).await?;
@@ -169,9 +166,24 @@ pub(crate) async fn serve(config: Config, target: Target) -> anyhow::Result<()> 
             consumer.run(stopped(stop)).await;
         }));
     }
+    let mut rest = None;
+    if runs(Target::Gateway) {
+        let (router, token) = gateway(&config, &db, redis.clone(), addr)?;
+        let listener = tokio::net::TcpListener::bind(config.gateway.listen)
+            .await
+            .with_context(|| format!("cannot listen on {} (gateway.listen)", config.gateway.listen))?;
+        let rest_addr = listener.local_addr()?;
+        let stop = stop_rx.clone();
+        tasks.push(tokio::spawn(async move {
+            if let Err(error) = fluxo_gateway::serve(listener, router, stopped(stop)).await {
+                tracing::error!(%error, "the REST gateway stopped");
+            }
+        }));
+        rest = Some((rest_addr, token));
+    }
     server.add_reflection(fluxo_proto::FILE_DESCRIPTOR_SET)?;
     tracing::info!(%addr, targets = %name, otlp = telemetry.exporting(), redis = redis.is_some(), "listening");
-    banner(&config, &db, &name, addr, redis.is_some());
+    banner(&config, &db, &name, addr, redis.is_some(), rest.as_ref());
 
     let signal = async move {
         fluxo_server::shutdown_signal().await;
@@ -190,6 +202,93 @@ pub(crate) async fn serve(config: Config, target: Target) -> anyhow::Result<()> 
     }
     telemetry.shutdown();
     Ok(result?)
+}
+
+/// The REST gateway, and the development token to print when one was minted.
+fn gateway(
+    config: &Config,
+    db: &Db,
+    redis: Option<fred::prelude::Client>,
+    grpc: std::net::SocketAddr,
+) -> anyhow::Result<(axum::Router, Option<String>)> {
+    use fluxo_gateway::{
+        auth::{Keys, Verifier, dev_secret, mint_hs256, read_jwks},
+        ratelimit::{Fallback, Limits, Rate, RateLimiter},
+    };
+    let g = &config.gateway;
+    // Under --target all the services are in this process: call them on loopback.
+    let local = format!("http://127.0.0.1:{}", grpc.port());
+    let channel = |url: &Option<String>, setting: &str| -> anyhow::Result<tonic::transport::Channel> {
+        let url = url.clone().unwrap_or_else(|| local.clone());
+        Ok(tonic::transport::Channel::from_shared(url)
+            .with_context(|| format!("{setting} is not a URL"))?
+            .connect_timeout(Duration::from_secs(2))
+            .connect_lazy())
+    };
+    let a = &config.auth;
+    let mut token = None;
+    let keys = if let Some(secret) = &a.hs256_secret {
+        Keys::Hs256(secret.clone())
+    } else if let Some(file) = &a.jwks_file {
+        Keys::Jwks(read_jwks(file).map_err(|e| anyhow::anyhow!("auth.jwks_file: {e}"))?)
+    } else if db.backend() == DbBackend::Sqlite {
+        // The embedded default is never an open API: a development key and a token for it.
+        let secret = dev_secret(&config.data_dir).context("creating the development JWT secret")?;
+        token = Some(mint_hs256(&secret, &a.issuer, &a.audience, "developer", &[], true, 30 * 24 * 3600)?);
+        Keys::Hs256(secret)
+    } else {
+        bail!("the gateway needs keys to verify tokens: set auth.jwks_file or auth.hs256_secret")
+    };
+    let verifier = Verifier::new(keys, &a.issuer, &a.audience, a.leeway_secs);
+    let r = &config.rate_limit;
+    let limiter = r.enabled.then(|| {
+        RateLimiter::new(
+            redis,
+            Limits {
+                tiers: r
+                    .tiers
+                    .iter()
+                    .map(|(name, t)| (name.clone(), Rate { per_second: t.per_second, burst: t.burst }))
+                    .collect(),
+                default_tier: r.default_tier.clone(),
+                priority_tiers: r.priority_tiers.clone(),
+                shared: Rate { per_second: r.shared_per_second, burst: r.shared_burst },
+                fallback: match r.on_redis_error.as_str() {
+                    "allow" => Fallback::Allow,
+                    "deny" => Fallback::Deny,
+                    _ => Fallback::Local,
+                },
+            },
+        )
+    });
+    let backends = fluxo_gateway::Backends {
+        ledger: channel(&g.ledger_url, "gateway.ledger_url")?,
+        balance: channel(&g.balance_url, "gateway.balance_url")?,
+        timeout: Duration::from_millis(g.request_timeout_ms),
+    };
+    let gateway = fluxo_gateway::Gateway::new(backends, verifier, limiter, g.max_body_bytes)?;
+    let cors = (!g.cors_allowed_origins.is_empty())
+        .then(|| -> anyhow::Result<_> {
+            let origins = g
+                .cors_allowed_origins
+                .iter()
+                .map(|o| {
+                    o.parse::<http::HeaderValue>()
+                        .with_context(|| format!("gateway.cors_allowed_origins: {o}"))
+                })
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            Ok(tower_http::cors::CorsLayer::new()
+                .allow_origin(origins)
+                .allow_methods([http::Method::GET, http::Method::POST])
+                .allow_headers([
+                    http::header::AUTHORIZATION,
+                    http::header::CONTENT_TYPE,
+                    http::HeaderName::from_static("idempotency-key"),
+                    http::HeaderName::from_static("x-request-id"),
+                ]))
+        })
+        .transpose()?;
+    Ok((gateway.router(cors), token))
 }
 
 /// Applies every pending migration, retrying while the database is unreachable.
@@ -226,13 +325,30 @@ pub(crate) async fn connect_waiting(config: &Config, wait_secs: u64) -> anyhow::
 
 /// Tells a newcomer where fluxo is and how to call it. On stderr: stdout
 /// carries the JSON log lines.
-fn banner(config: &Config, db: &Db, target: &str, addr: std::net::SocketAddr, redis: bool) {
+fn banner(
+    config: &Config,
+    db: &Db,
+    target: &str,
+    addr: std::net::SocketAddr,
+    redis: bool,
+    rest: Option<&(std::net::SocketAddr, Option<String>)>,
+) {
     let version = env!("CARGO_PKG_VERSION");
     let database = crate::config::context_for(config);
     let backend = backend_name(db.backend());
     let delivery = if redis { "Redis stream" } else { "in process (no Redis configured)" };
+    let rest_lines = match rest {
+        Some((rest, Some(token))) => format!(
+            "\x20 REST      http://{rest}  (OpenAPI at /openapi.json)\n\
+             \x20 token     a development token (admin, 30 days), for Authorization: Bearer …\n\
+             \x20           export FLUXO_TOKEN={token}\n\
+             \x20   curl -H \"Authorization: Bearer $FLUXO_TOKEN\" http://{rest}/v1/merchants/m-1/entries\n"
+        ),
+        Some((rest, None)) => format!("\x20 REST      http://{rest}  (OpenAPI at /openapi.json)\n"),
+        None => String::new(),
+    };
     eprintln!(
-        "\nfluxo {version} is ready (target: {target}; the gateway target is not built yet)\n\
+        "\nfluxo {version} is ready (target: {target})\n{rest_lines}\
          \x20 gRPC      {addr}  (server reflection on)\n\
          \x20 database  {backend} {database}\n\
          \x20 events    {delivery}\n\

@@ -2,6 +2,7 @@
 //! it, called with grpcurl over server reflection only, stopped with SIGTERM.
 
 mod pipeline;
+mod rest;
 mod support;
 
 use std::time::Duration;
@@ -173,11 +174,8 @@ fn a_config_file_is_read_and_the_environment_overrides_it() {
 }
 
 #[test]
-fn targets_not_built_yet_say_so() {
+fn help_names_the_commands_and_the_environment() {
     let data = tempfile::tempdir().unwrap();
-    let output = fluxo_command(data.path(), &[]).args(["serve", "--target", "gateway"]).output().unwrap();
-    assert!(!output.status.success());
-    assert!(String::from_utf8_lossy(&output.stderr).contains("not built yet"));
     let help = fluxo_command(data.path(), &[]).arg("--help").output().unwrap();
     let help = String::from_utf8_lossy(&help.stdout);
     assert!(help.contains("serve") && help.contains("migrate") && help.contains("FLUXO_"), "{help}");
@@ -274,6 +272,22 @@ async fn writes_never_wait_on_consolidation_and_the_backlog_drains() {
     // No consolidator at all during the write phase: every write must still succeed.
     let expected = pipeline::record_many(&ledger.addr, "backlog", 5_000, 20, 16).await;
     let consolidators: Vec<_> = (0..2).map(|_| install.start("consolidator", &[])).collect();
+    pipeline::assert_exact(&install, &balance.addr, &expected, THREE_MINUTES).await;
+    // Rebuilding from the ledger while everything serves changes nothing that was right.
+    let one = install.run(&[
+        "balances",
+        "rebuild",
+        "--merchant",
+        "m-1",
+        "--from",
+        "2026-11-02",
+        "--to",
+        "2026-11-04",
+    ]);
+    assert!(one.status.success(), "{}", String::from_utf8_lossy(&one.stderr));
+    let all = install.run(&["balances", "rebuild"]);
+    assert!(all.status.success(), "{}", String::from_utf8_lossy(&all.stderr));
+    assert!(String::from_utf8_lossy(&all.stdout).contains("from 5000 ledger entries"));
     pipeline::assert_exact(&install, &balance.addr, &expected, THREE_MINUTES).await;
     for c in consolidators {
         c.stop();
@@ -432,4 +446,118 @@ async fn sigterm_mid_batch_commits_acknowledges_and_exits_in_time() {
     next.stop();
     ledger.stop();
     balance.stop();
+}
+
+#[test]
+fn the_rest_api_serves_every_route_with_grpc_gateway_errors_and_authorization() {
+    let data = tempfile::tempdir().unwrap();
+    let fluxo = Fluxo::start(data.path(), &[]);
+    rest::every_route_and_error_mapping(&fluxo);
+    rest::authorization_matrix(&fluxo, data.path());
+    fluxo.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_forwarded_identity_is_kept_to_its_merchants_on_grpc_too() {
+    let data = tempfile::tempdir().unwrap();
+    let fluxo = Fluxo::start(data.path(), &[]);
+    let mut client = pipeline::ledger_client(&fluxo.addr).await;
+    let mut request =
+        tonic::Request::new(lpb::ListEntriesRequest { merchant_id: "m-2".into(), ..Default::default() });
+    request.metadata_mut().insert("x-fluxo-subject", "shop".parse().unwrap());
+    request.metadata_mut().insert("x-fluxo-merchants", "m-1".parse().unwrap());
+    let denied = client.list_entries(request).await.unwrap_err();
+    assert_eq!(denied.code(), tonic::Code::PermissionDenied);
+    fluxo.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_gateways_share_one_rate_limit_and_priority_keeps_its_share() {
+    let install =
+        pipeline::Install::new(std::env::var("FLUXO_TEST_REDIS_URL").expect("FLUXO_TEST_REDIS_URL")).await;
+    let secret = "a-shared-test-secret-of-32-bytes";
+    let backends =
+        install.start("all", &[("FLUXO_AUTH__HS256_SECRET", secret), ("FLUXO_RATE_LIMIT__ENABLED", "false")]);
+    let grpc = format!("http://{}", backends.addr);
+    let env = [
+        ("FLUXO_AUTH__HS256_SECRET", secret),
+        ("FLUXO_GATEWAY__LEDGER_URL", grpc.as_str()),
+        ("FLUXO_GATEWAY__BALANCE_URL", grpc.as_str()),
+        ("FLUXO_RATE_LIMIT__TIERS__STANDARD__PER_SECOND", "20"),
+        ("FLUXO_RATE_LIMIT__TIERS__STANDARD__BURST", "20"),
+        ("FLUXO_RATE_LIMIT__TIERS__PRIORITY__PER_SECOND", "20"),
+        ("FLUXO_RATE_LIMIT__TIERS__PRIORITY__BURST", "20"),
+        ("FLUXO_RATE_LIMIT__SHARED_PER_SECOND", "40"),
+        ("FLUXO_RATE_LIMIT__SHARED_BURST", "40"),
+    ];
+    let gateways = [install.start("gateway", &env), install.start("gateway", &env)];
+    let secret = secrecy::SecretString::from(secret.to_owned());
+    let mint = |sub: &str, tier: Option<&str>| {
+        fluxo_gateway::auth::mint_hs256_tier(&secret, "fluxo", "fluxo-api", sub, &[], true, 600, tier)
+            .unwrap()
+    };
+    let clients: Vec<rest::Client> =
+        gateways.iter().map(|g| rest::Client::new(g.rest.as_deref().unwrap())).collect();
+    let path = "/v1/merchants/m-1/balances/2026-11-21?currencyCode=BRL";
+
+    // One client alternating between both gateways for two seconds: the limit is combined.
+    let single = mint("single", None);
+    let started = std::time::Instant::now();
+    let (mut ok, mut limited) = (0u32, 0u32);
+    while started.elapsed() < Duration::from_secs(2) {
+        for c in &clients {
+            match c.get(path, Some(&single)).status {
+                200 => ok += 1,
+                429 => limited += 1,
+                other => panic!("unexpected status {other}"),
+            }
+        }
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let expected = 20.0 + 20.0 * elapsed; // burst + rate × time, across both gateways together
+    eprintln!(
+        "combined limit: {ok} allowed, {limited} refused in {elapsed:.2}s; expected about {expected:.0}"
+    );
+    assert!(limited > 0, "the limit was never reached");
+    assert!(f64::from(ok) <= expected * 1.15 + 2.0, "{ok} allowed: more than one combined limit");
+    assert!(f64::from(ok) >= expected * 0.7, "{ok} allowed: far below the limit");
+    let refused = clients[0].get(path, Some(&single));
+    if refused.status == 429 {
+        assert!(refused.header("retry-after").is_some());
+        assert_eq!(refused.header("ratelimit-remaining"), Some("0"));
+    }
+
+    // Standard clients flood the shared pool; a priority client keeps its share.
+    let flooders: Vec<String> = (0..6).map(|i| mint(&format!("flood-{i}"), None)).collect();
+    let vip = mint("vip", Some("priority"));
+    let started = std::time::Instant::now();
+    let (mut vip_ok, mut vip_total, mut flood_limited) = (0u32, 0u32, 0u32);
+    let mut i = 0usize;
+    let mut last_vip = std::time::Instant::now();
+    while started.elapsed() < Duration::from_secs(2) {
+        for f in &flooders {
+            if clients[i % 2].get(path, Some(f)).status == 429 {
+                flood_limited += 1;
+            }
+            i += 1;
+        }
+        // The priority client asks at half its own rate (10/s of its 20/s).
+        if last_vip.elapsed() >= Duration::from_millis(100) {
+            last_vip = std::time::Instant::now();
+            vip_total += 1;
+            if clients[i % 2].get(path, Some(&vip)).status == 200 {
+                vip_ok += 1;
+            }
+        }
+    }
+    eprintln!("priority: {vip_ok}/{vip_total} served while flooders were refused {flood_limited} times");
+    assert!(flood_limited > 0);
+    assert!(
+        vip_total > 0 && f64::from(vip_ok) >= 0.9 * f64::from(vip_total),
+        "priority lost its share: {vip_ok}/{vip_total}"
+    );
+    for g in gateways {
+        g.stop();
+    }
+    backends.stop();
 }

@@ -16,6 +16,7 @@ pub(crate) fn fluxo_command(data_dir: &Path, env: &[(&str, &str)]) -> Command {
         .env_remove("RUST_LOG")
         .env("FLUXO_DATA_DIR", data_dir.join("data"))
         .env("FLUXO_GRPC__LISTEN", "127.0.0.1:0")
+        .env("FLUXO_GATEWAY__LISTEN", "127.0.0.1:0")
         .env("FLUXO_LOG__FORMAT", "json")
         .stdin(Stdio::null());
     for (key, value) in env {
@@ -28,6 +29,10 @@ pub(crate) fn fluxo_command(data_dir: &Path, env: &[(&str, &str)]) -> Command {
 pub(crate) struct Fluxo {
     child: Option<Child>,
     pub(crate) addr: String,
+    /// `host:port` of the REST gateway, when this process runs one.
+    pub(crate) rest: Option<String>,
+    /// The development token the banner printed, if any.
+    pub(crate) token: Option<String>,
     stderr: mpsc::Receiver<String>,
 }
 
@@ -54,16 +59,24 @@ impl Fluxo {
         });
         let deadline = Instant::now() + Duration::from_secs(20);
         let mut seen = Vec::new();
+        let (mut rest, mut token) = (None, None);
         let addr = loop {
             let line = rx
                 .recv_timeout(deadline.saturating_duration_since(Instant::now()))
                 .unwrap_or_else(|_| panic!("no ready banner; stderr so far:\n{}", seen.join("\n")));
-            if let Some(addr) = line.trim().strip_prefix("gRPC") {
+            let trimmed = line.trim();
+            if let Some(addr) = trimmed.strip_prefix("gRPC") {
                 break addr.split_whitespace().next().unwrap().to_owned();
+            }
+            if let Some(url) = trimmed.strip_prefix("REST") {
+                rest = url.split_whitespace().next().map(|u| u.trim_start_matches("http://").to_owned());
+            }
+            if let Some(t) = trimmed.strip_prefix("export FLUXO_TOKEN=") {
+                token = Some(t.to_owned());
             }
             seen.push(line);
         };
-        Self { child: Some(child), addr, stderr: rx }
+        Self { child: Some(child), addr, rest, token, stderr: rx }
     }
 
     /// Calls `method` with a JSON request: the JSON response, or grpcurl's error text.

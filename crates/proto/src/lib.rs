@@ -13,6 +13,10 @@ pub mod google {
     pub mod api {
         include!(concat!(env!("OUT_DIR"), "/google.api.rs"));
     }
+    /// `google.rpc.Status` and the error details fluxo sends.
+    pub mod rpc {
+        include!(concat!(env!("OUT_DIR"), "/google.rpc.rs"));
+    }
 }
 
 /// fluxo packages.

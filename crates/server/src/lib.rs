@@ -13,6 +13,7 @@
 //!   the pod, then draining in-flight calls within a deadline.
 
 mod admission;
+pub mod identity;
 
 use std::{convert::Infallible, future::Future, net::SocketAddr, sync::Arc, time::Duration};
 

@@ -140,6 +140,7 @@ impl BalanceService for BalanceGrpc {
         &self,
         request: Request<pb::GetDailyBalanceRequest>,
     ) -> Result<Response<pb::DailyBalance>, Status> {
+        fluxo_server::identity::authorize(request.metadata(), &request.get_ref().merchant_id)?;
         let r = request.into_inner();
         let key = cache_key(&r.merchant_id, &r.currency_code, &[&r.date], format!("d:{}", r.date));
         let balances = self.balances.clone();
@@ -158,6 +159,7 @@ impl BalanceService for BalanceGrpc {
         &self,
         request: Request<pb::ListDailyBalancesRequest>,
     ) -> Result<Response<pb::ListDailyBalancesResponse>, Status> {
+        fluxo_server::identity::authorize(request.metadata(), &request.get_ref().merchant_id)?;
         let r = request.into_inner();
         let field = format!("r:{}:{}", r.start_date, r.end_date);
         let key = cache_key(&r.merchant_id, &r.currency_code, &[&r.start_date, &r.end_date], field);

@@ -222,32 +222,6 @@ impl BalanceStore {
             .collect()
     }
 
-    /// Overwrites one day with totals recomputed from the ledger (repair,
-    /// rebuild); a day with no entries is removed.
-    pub async fn set_day(
-        &self,
-        key: &DayKey,
-        totals: DayTotals,
-        as_of_micros: i64,
-    ) -> Result<(), StoreError> {
-        let backend = self.db.backend();
-        let _writer = self.db.write_guard().await;
-        let txn = self.db.conn().begin().await?;
-        txn.execute_raw(statement(
-            backend,
-            "DELETE FROM balance_daily WHERE merchant_id = ? AND currency_code = ? AND booking_date = ?",
-            vec![key.merchant_id.clone().into(), key.currency.clone().into(), key.date.into()],
-        ))
-        .await?;
-        if totals.count > 0 {
-            let delta =
-                Delta { credits: totals.credits, debits: totals.debits, count: totals.count, as_of_micros };
-            add_to_day(&txn, backend, key, &delta).await?;
-        }
-        txn.commit().await?;
-        Ok(())
-    }
-
     /// Recomputes a merchant's days from `start` to `end` from `postings`
     /// (every ledger entry of that merchant in that range), in one
     /// transaction: the days and their applied-entry records are replaced.

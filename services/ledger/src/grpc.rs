@@ -57,6 +57,7 @@ impl LedgerService for LedgerGrpc {
         request: Request<pb::RecordEntryRequest>,
     ) -> Result<Response<pb::Entry>, Status> {
         let r = request.get_ref();
+        fluxo_server::identity::authorize(request.metadata(), &r.merchant_id)?;
         let command = RecordCommand {
             merchant_id: &r.merchant_id,
             kind: kind(r.r#type),
@@ -71,6 +72,7 @@ impl LedgerService for LedgerGrpc {
     #[tracing::instrument(name = "ledger.GetEntry", skip_all, fields(merchant_id = %request.get_ref().merchant_id))]
     async fn get_entry(&self, request: Request<pb::GetEntryRequest>) -> Result<Response<pb::Entry>, Status> {
         let r = request.get_ref();
+        fluxo_server::identity::authorize(request.metadata(), &r.merchant_id)?;
         let entry = self.ledger.get(&r.merchant_id, &r.entry_id).await?;
         Ok(Response::new(wire::entry(&entry)))
     }
@@ -81,6 +83,7 @@ impl LedgerService for LedgerGrpc {
         request: Request<pb::ListEntriesRequest>,
     ) -> Result<Response<pb::ListEntriesResponse>, Status> {
         let r = request.get_ref();
+        fluxo_server::identity::authorize(request.metadata(), &r.merchant_id)?;
         let page =
             self.ledger.list(&r.merchant_id, &r.start_date, &r.end_date, r.page_size, &r.page_token).await?;
         Ok(Response::new(pb::ListEntriesResponse {
@@ -95,6 +98,7 @@ impl LedgerService for LedgerGrpc {
         request: Request<pb::ReverseEntryRequest>,
     ) -> Result<Response<pb::Entry>, Status> {
         let r = request.get_ref();
+        fluxo_server::identity::authorize(request.metadata(), &r.merchant_id)?;
         let command = ReverseCommand {
             merchant_id: &r.merchant_id,
             entry_id: &r.entry_id,

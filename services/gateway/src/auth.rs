@@ -1,0 +1,251 @@
+//! Bearer JWT authentication and per-merchant authorization.
+//!
+//! A token names the merchants it may act for (`merchants` claim) or carries
+//! the admin scope (`scope` containing `fluxo:admin`). Issuer, audience and
+//! expiry are always checked; keys come from a JWKS file (RS256/ES256, chosen
+//! by `kid`) or, for development, an HS256 secret.
+
+use std::path::Path;
+
+use http::HeaderValue;
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation, jwk::JwkSet};
+use secrecy::{ExposeSecret, SecretString};
+use serde::{Deserialize, Serialize};
+
+/// Scope that lets a token act for every merchant.
+pub const ADMIN_SCOPE: &str = "fluxo:admin";
+
+/// Who is calling, once their token is verified.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    /// The token's subject.
+    pub subject: String,
+    /// Merchants it may act for.
+    pub merchants: Vec<String>,
+    /// Whether it may act for every merchant.
+    pub admin: bool,
+    /// Rate-limit tier named by the token, if any.
+    pub tier: Option<String>,
+}
+
+impl Identity {
+    /// Whether this caller may act for `merchant`.
+    pub fn may_act_for(&self, merchant: &str) -> bool {
+        self.admin || self.merchants.iter().any(|m| m == merchant)
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Claims {
+    sub: String,
+    #[serde(default)]
+    merchants: Vec<String>,
+    #[serde(default)]
+    scope: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    tier: Option<String>,
+    exp: u64,
+    iss: String,
+    aud: String,
+}
+
+/// Why a request is not authenticated. Deliberately vague towards the caller.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AuthError {
+    /// No `Authorization: Bearer` header.
+    #[error("missing bearer token")]
+    Missing,
+    /// Signature, issuer, audience, expiry or format rejected.
+    #[error("invalid token: {0}")]
+    Invalid(String),
+}
+
+/// Where verification keys come from.
+#[derive(Debug, Clone)]
+pub enum Keys {
+    /// A shared secret (development; HS256).
+    Hs256(SecretString),
+    /// Public keys (RS256/ES256) from a JWKS document.
+    Jwks(JwkSet),
+}
+
+/// Verifies bearer tokens.
+#[derive(Clone)]
+pub struct Verifier {
+    keys: Keys,
+    issuer: String,
+    audience: String,
+    leeway_secs: u64,
+}
+
+impl std::fmt::Debug for Verifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Verifier")
+            .field("issuer", &self.issuer)
+            .field("audience", &self.audience)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Loads a JWKS document from a file.
+pub fn read_jwks(path: &Path) -> Result<JwkSet, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    serde_json::from_str(&text).map_err(|e| format!("{} is not a JWKS document: {e}", path.display()))
+}
+
+impl Verifier {
+    /// A verifier for tokens from `issuer` for `audience`.
+    pub fn new(keys: Keys, issuer: &str, audience: &str, leeway_secs: u64) -> Self {
+        Self { keys, issuer: issuer.to_owned(), audience: audience.to_owned(), leeway_secs }
+    }
+
+    /// Verifies the `Authorization` header.
+    pub fn verify(&self, authorization: Option<&HeaderValue>) -> Result<Identity, AuthError> {
+        let header = authorization.ok_or(AuthError::Missing)?;
+        let token = header
+            .to_str()
+            .ok()
+            .and_then(|h| h.strip_prefix("Bearer ").or_else(|| h.strip_prefix("bearer ")))
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .ok_or(AuthError::Missing)?;
+        let invalid = |e: jsonwebtoken::errors::Error| AuthError::Invalid(e.to_string());
+        let head = jsonwebtoken::decode_header(token).map_err(invalid)?;
+        let (key, algorithm) = match &self.keys {
+            Keys::Hs256(secret) => {
+                (DecodingKey::from_secret(secret.expose_secret().as_bytes()), Algorithm::HS256)
+            }
+            Keys::Jwks(set) => {
+                if !matches!(head.alg, Algorithm::RS256 | Algorithm::ES256) {
+                    return Err(AuthError::Invalid(format!("algorithm {:?} is not accepted", head.alg)));
+                }
+                let jwk = match &head.kid {
+                    Some(kid) => set.find(kid),
+                    None if set.keys.len() == 1 => set.keys.first(),
+                    None => None,
+                }
+                .ok_or_else(|| AuthError::Invalid("no key matches the token's kid".into()))?;
+                (DecodingKey::from_jwk(jwk).map_err(invalid)?, head.alg)
+            }
+        };
+        let mut validation = Validation::new(algorithm);
+        validation.set_issuer(&[&self.issuer]);
+        validation.set_audience(&[&self.audience]);
+        validation.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
+        validation.leeway = self.leeway_secs;
+        let claims = jsonwebtoken::decode::<Claims>(token, &key, &validation).map_err(invalid)?.claims;
+        Ok(Identity {
+            subject: claims.sub,
+            merchants: claims.merchants,
+            admin: claims.scope.split_whitespace().any(|s| s == ADMIN_SCOPE),
+            tier: claims.tier,
+        })
+    }
+}
+
+/// Mints an HS256 token (development and tests).
+pub fn mint_hs256(
+    secret: &SecretString,
+    issuer: &str,
+    audience: &str,
+    subject: &str,
+    merchants: &[&str],
+    admin: bool,
+    valid_for_secs: i64,
+) -> Result<String, jsonwebtoken::errors::Error> {
+    mint_hs256_tier(secret, issuer, audience, subject, merchants, admin, valid_for_secs, None)
+}
+
+/// Mints an HS256 token naming a rate-limit tier.
+#[allow(clippy::too_many_arguments)]
+pub fn mint_hs256_tier(
+    secret: &SecretString,
+    issuer: &str,
+    audience: &str,
+    subject: &str,
+    merchants: &[&str],
+    admin: bool,
+    valid_for_secs: i64,
+    tier: Option<&str>,
+) -> Result<String, jsonwebtoken::errors::Error> {
+    let now =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let claims = Claims {
+        sub: subject.to_owned(),
+        merchants: merchants.iter().map(|m| (*m).to_owned()).collect(),
+        scope: if admin { ADMIN_SCOPE.to_owned() } else { String::new() },
+        tier: tier.map(str::to_owned),
+        // A negative validity mints an already expired token (for tests).
+        exp: u64::try_from(i64::try_from(now).unwrap_or(i64::MAX).saturating_add(valid_for_secs))
+            .unwrap_or(0),
+        iss: issuer.to_owned(),
+        aud: audience.to_owned(),
+    };
+    jsonwebtoken::encode(
+        &Header::new(Algorithm::HS256),
+        &claims,
+        &EncodingKey::from_secret(secret.expose_secret().as_bytes()),
+    )
+}
+
+/// The development secret in `data_dir`, created on first use (mode 0600),
+/// so a laptop install is never an open API.
+pub fn dev_secret(data_dir: &Path) -> std::io::Result<SecretString> {
+    let path = data_dir.join("dev-jwt-secret");
+    if let Ok(existing) = std::fs::read_to_string(&path)
+        && existing.trim().len() >= 32
+    {
+        return Ok(SecretString::from(existing.trim().to_owned()));
+    }
+    std::fs::create_dir_all(data_dir)?;
+    let bytes: [u8; 32] = rand::random();
+    let secret: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    std::fs::write(&path, &secret)?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+    }
+    Ok(SecretString::from(secret))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn secret() -> SecretString {
+        SecretString::from("a-development-secret-of-32-bytes!".to_owned())
+    }
+
+    fn bearer(token: &str) -> HeaderValue {
+        HeaderValue::from_str(&format!("Bearer {token}")).unwrap()
+    }
+
+    #[test]
+    fn a_valid_token_names_its_merchants() {
+        let v = Verifier::new(Keys::Hs256(secret()), "fluxo", "fluxo-api", 0);
+        let t = mint_hs256(&secret(), "fluxo", "fluxo-api", "shop", &["m-1"], false, 60).unwrap();
+        let id = v.verify(Some(&bearer(&t))).unwrap();
+        assert!(id.may_act_for("m-1"));
+        assert!(!id.may_act_for("m-2"));
+        let admin = mint_hs256(&secret(), "fluxo", "fluxo-api", "ops", &[], true, 60).unwrap();
+        assert!(v.verify(Some(&bearer(&admin))).unwrap().may_act_for("anyone"));
+    }
+
+    #[test]
+    fn wrong_signature_audience_issuer_and_expiry_are_refused() {
+        let v = Verifier::new(Keys::Hs256(secret()), "fluxo", "fluxo-api", 0);
+        let other = SecretString::from("another-secret-another-secret-xx".to_owned());
+        let cases = [
+            mint_hs256(&other, "fluxo", "fluxo-api", "s", &["m"], false, 60).unwrap(),
+            mint_hs256(&secret(), "fluxo", "elsewhere", "s", &["m"], false, 60).unwrap(),
+            mint_hs256(&secret(), "intruder", "fluxo-api", "s", &["m"], false, 60).unwrap(),
+            mint_hs256(&secret(), "fluxo", "fluxo-api", "s", &["m"], false, -120).unwrap(),
+        ];
+        for token in cases {
+            assert!(matches!(v.verify(Some(&bearer(&token))), Err(AuthError::Invalid(_))));
+        }
+        assert_eq!(v.verify(None), Err(AuthError::Missing));
+        assert_eq!(v.verify(Some(&HeaderValue::from_static("Basic abc"))), Err(AuthError::Missing));
+    }
+}

@@ -1,0 +1,262 @@
+//! Rate limiting shared by every gateway replica: GCRA (the generic cell rate
+//! algorithm) evaluated in Redis by one Lua script, one round trip per request.
+//!
+//! Each client has its own allowance from its tier. Clients of non-priority
+//! tiers also draw from one shared pool, so a flood by any of them is capped
+//! as a whole while priority clients keep the capacity reserved for them.
+//! When Redis is unreachable the configured fallback applies (by default a
+//! per-process limiter with the same algorithm, and a log line).
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use fred::prelude::{Client, LuaInterface};
+
+/// A rate: `per_second` sustained, bursts of up to `burst`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rate {
+    /// Sustained requests per second.
+    pub per_second: u32,
+    /// Requests allowed at once after a quiet period.
+    pub burst: u32,
+}
+
+impl Rate {
+    fn interval_micros(self) -> i64 {
+        1_000_000 / i64::from(self.per_second.max(1))
+    }
+    fn tolerance_micros(self) -> i64 {
+        self.interval_micros() * i64::from(self.burst.max(1))
+    }
+}
+
+/// What to do when Redis cannot be asked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fallback {
+    /// Limit per process with the same rates (the default), and log it.
+    Local,
+    /// Let requests through.
+    Allow,
+    /// Refuse requests.
+    Deny,
+}
+
+/// Limits for a deployment.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Rates by tier name.
+    pub tiers: HashMap<String, Rate>,
+    /// Tier of clients whose token names none.
+    pub default_tier: String,
+    /// Tiers exempt from the shared pool (their share is reserved).
+    pub priority_tiers: Vec<String>,
+    /// The shared pool of every non-priority client together.
+    pub shared: Rate,
+    /// When Redis is unreachable.
+    pub fallback: Fallback,
+}
+
+/// A decision with what the RateLimit headers report.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Decision {
+    /// Whether the request may proceed.
+    pub allowed: bool,
+    /// The client's limit (its burst).
+    pub limit: u32,
+    /// Requests left right now.
+    pub remaining: u32,
+    /// When the allowance is whole again.
+    pub reset: Duration,
+    /// When to retry, if refused.
+    pub retry_after: Duration,
+}
+
+// KEYS[1]: the client's bucket; KEYS[2]: the shared pool ('' for priority).
+// ARGV: client interval µs, client tolerance µs, pool interval µs, pool tolerance µs.
+// Returns {allowed, remaining, reset µs, retry µs}. TIME comes from Redis so
+// every replica shares one clock.
+const GCRA: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local function check(key, interval, tolerance)
+  local tat = tonumber(redis.call('GET', key) or now)
+  if tat < now then tat = now end
+  local new_tat = tat + interval
+  local allow_at = new_tat - tolerance
+  if now < allow_at then return false, tat, allow_at - now end
+  return true, new_tat, 0
+end
+local ok, tat, retry = check(KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2]))
+if not ok then
+  return {0, 0, tat - now, retry}
+end
+if KEYS[2] ~= '' then
+  local pool_ok, pool_tat, pool_retry = check(KEYS[2], tonumber(ARGV[3]), tonumber(ARGV[4]))
+  if not pool_ok then return {0, 0, tat - now, pool_retry} end
+  redis.call('SET', KEYS[2], pool_tat, 'PX', math.ceil(tonumber(ARGV[4]) / 1000) + 1000)
+end
+redis.call('SET', KEYS[1], tat, 'PX', math.ceil(tonumber(ARGV[2]) / 1000) + 1000)
+local remaining = math.floor((now + tonumber(ARGV[2]) - tat) / tonumber(ARGV[1]))
+return {1, remaining, tat - now, 0}
+"#;
+
+/// The limiter.
+#[derive(Clone)]
+pub struct RateLimiter {
+    client: Option<Client>,
+    limits: Arc<Limits>,
+    local: Arc<Mutex<HashMap<String, i64>>>,
+    started: Instant,
+    warned: Arc<Mutex<Option<Instant>>>,
+}
+
+impl std::fmt::Debug for RateLimiter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RateLimiter").field("limits", &self.limits).finish_non_exhaustive()
+    }
+}
+
+impl RateLimiter {
+    /// Limits shared through Redis (`client`), or per process when `None`.
+    pub fn new(client: Option<Client>, limits: Limits) -> Self {
+        Self {
+            client,
+            limits: Arc::new(limits),
+            local: Arc::default(),
+            started: Instant::now(),
+            warned: Arc::default(),
+        }
+    }
+
+    fn rate(&self, tier: &str) -> Rate {
+        self.limits
+            .tiers
+            .get(tier)
+            .or_else(|| self.limits.tiers.get(&self.limits.default_tier))
+            .copied()
+            .unwrap_or(Rate { per_second: 100, burst: 100 })
+    }
+
+    /// Decides for `client` in `tier` (None: the default tier).
+    pub async fn check(&self, client_id: &str, tier: Option<&str>) -> Decision {
+        let tier = tier.unwrap_or(&self.limits.default_tier).to_owned();
+        let rate = self.rate(&tier);
+        let priority = self.limits.priority_tiers.contains(&tier);
+        let bucket = format!("fluxo:rl:{{all}}:client:{client_id}");
+        let pool = if priority { String::new() } else { "fluxo:rl:{all}:shared".to_owned() };
+        if let Some(redis) = &self.client {
+            let args = vec![
+                rate.interval_micros(),
+                rate.tolerance_micros(),
+                self.limits.shared.interval_micros(),
+                self.limits.shared.tolerance_micros(),
+            ];
+            let answer: Result<Vec<i64>, _> =
+                redis.eval(GCRA, vec![bucket.clone(), pool.clone()], args).await;
+            match answer {
+                Ok(v) if v.len() == 4 => return decision(rate, v[0] == 1, v[1], v[2], v[3]),
+                Ok(_) => self.warn("unexpected answer from the rate-limit script"),
+                Err(error) => self.warn(&error.to_string()),
+            }
+            match self.limits.fallback {
+                Fallback::Allow => return decision(rate, true, i64::from(rate.burst), 0, 0),
+                Fallback::Deny => return decision(rate, false, 0, 0, 1_000_000),
+                Fallback::Local => {}
+            }
+        }
+        self.check_local(&bucket, &pool, rate)
+    }
+
+    fn warn(&self, reason: &str) {
+        let mut last = self.warned.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if last.is_none_or(|t| t.elapsed() > Duration::from_secs(30)) {
+            tracing::warn!(%reason, fallback = ?self.limits.fallback, "rate limiter cannot reach Redis; using the fallback");
+            *last = Some(Instant::now());
+        }
+    }
+
+    /// The same algorithm in this process's memory.
+    fn check_local(&self, bucket: &str, pool: &str, rate: Rate) -> Decision {
+        let now = i64::try_from(self.started.elapsed().as_micros()).unwrap_or(i64::MAX);
+        let mut state = self.local.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let step = |state: &HashMap<String, i64>, key: &str, r: Rate| {
+            let tat = state.get(key).copied().unwrap_or(now).max(now);
+            let new_tat = tat + r.interval_micros();
+            let allow_at = new_tat - r.tolerance_micros();
+            if now < allow_at { Err((tat, allow_at - now)) } else { Ok(new_tat) }
+        };
+        match step(&state, bucket, rate) {
+            Err((tat, retry)) => decision(rate, false, 0, tat - now, retry),
+            Ok(tat) => {
+                if !pool.is_empty() {
+                    match step(&state, pool, self.limits.shared) {
+                        Err((_, retry)) => return decision(rate, false, 0, tat - now, retry),
+                        Ok(pool_tat) => {
+                            state.insert(pool.to_owned(), pool_tat);
+                        }
+                    }
+                }
+                state.insert(bucket.to_owned(), tat);
+                let remaining = (now + rate.tolerance_micros() - tat) / rate.interval_micros();
+                decision(rate, true, remaining, tat - now, 0)
+            }
+        }
+    }
+}
+
+fn decision(rate: Rate, allowed: bool, remaining: i64, reset_micros: i64, retry_micros: i64) -> Decision {
+    let micros = |v: i64| Duration::from_micros(u64::try_from(v.max(0)).unwrap_or(0));
+    Decision {
+        allowed,
+        limit: rate.burst,
+        remaining: u32::try_from(remaining.max(0)).unwrap_or(u32::MAX),
+        reset: micros(reset_micros),
+        retry_after: micros(retry_micros),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits() -> Limits {
+        Limits {
+            tiers: HashMap::from([
+                ("standard".into(), Rate { per_second: 10, burst: 5 }),
+                ("priority".into(), Rate { per_second: 10, burst: 5 }),
+            ]),
+            default_tier: "standard".into(),
+            priority_tiers: vec!["priority".into()],
+            shared: Rate { per_second: 10, burst: 8 },
+            fallback: Fallback::Local,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_burst_is_allowed_then_refused_with_a_retry_time() {
+        let limiter = RateLimiter::new(None, limits());
+        let allowed = futures::future::join_all((0..5).map(|_| limiter.check("a", None))).await;
+        assert!(allowed.iter().all(|d| d.allowed));
+        let refused = limiter.check("a", None).await;
+        assert!(!refused.allowed);
+        assert!(refused.retry_after > Duration::ZERO && refused.retry_after <= Duration::from_millis(100));
+    }
+
+    #[tokio::test]
+    async fn the_shared_pool_caps_standard_clients_but_not_priority_ones() {
+        let limiter = RateLimiter::new(None, limits());
+        // Two standard clients together exhaust the pool of 8 before their own bursts of 5.
+        let mut allowed = 0;
+        for i in 0..10 {
+            if limiter.check(if i % 2 == 0 { "a" } else { "b" }, None).await.allowed {
+                allowed += 1;
+            }
+        }
+        assert_eq!(allowed, 8);
+        assert!(!limiter.check("c", None).await.allowed, "the pool is empty for standard clients");
+        assert!(limiter.check("vip", Some("priority")).await.allowed, "priority keeps its reserve");
+    }
+}

@@ -1,0 +1,201 @@
+//! Proto3 JSON ⇄ protobuf, driven by descriptors: the request message is built
+//! from the path, the query string and the body as the route's annotation
+//! binds them, and the reply is rendered the way grpc-gateway v2 renders it
+//! (lowerCamelCase names, enums by name, 64-bit integers as strings, RFC 3339
+//! timestamps, unpopulated fields included).
+
+use bytes::Buf;
+use prost::Message;
+use prost_reflect::{
+    DeserializeOptions, DynamicMessage, FieldDescriptor, Kind, MessageDescriptor, SerializeOptions, Value,
+};
+use tonic::{
+    Status,
+    codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder},
+};
+
+use crate::routes::Route;
+
+/// A request the gateway cannot turn into a message: a 400 naming the field.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {reason}")]
+pub struct BindError {
+    /// The path, query parameter or body field at fault.
+    pub field: String,
+    /// What is wrong.
+    pub reason: String,
+}
+
+fn bind_error(field: &str, reason: impl Into<String>) -> BindError {
+    BindError { field: field.to_owned(), reason: reason.into() }
+}
+
+/// Builds the request message for `route` from its bindings.
+pub fn request(
+    route: &Route,
+    path: &[(String, String)],
+    query: Option<&str>,
+    body: &[u8],
+) -> Result<DynamicMessage, BindError> {
+    let input = route.rpc.input();
+    let mut message = if route.body == "*" {
+        parse_json(&input, body, "body")?
+    } else {
+        DynamicMessage::new(input.clone())
+    };
+    if !route.body.is_empty() && route.body != "*" {
+        let field =
+            field_named(&input, &route.body).ok_or_else(|| bind_error(&route.body, "unknown body field"))?;
+        let Kind::Message(kind) = field.kind() else {
+            return Err(bind_error(&route.body, "body field is not a message"));
+        };
+        message.set_field(&field, Value::Message(parse_json(&kind, body, &route.body)?));
+    }
+    // Query parameters bind only fields that neither the path nor the body binds.
+    if route.body != "*" {
+        for (key, value) in url::form_urlencoded::parse(query.unwrap_or_default().as_bytes()) {
+            // Unknown parameters are ignored, as grpc-gateway does.
+            let Some(field) = field_named(&input, &key) else { continue };
+            if route.template.fields().any(|f| f == field.name()) {
+                continue;
+            }
+            set_scalar(&mut message, &field, &key, &value)?;
+        }
+    }
+    for (name, value) in path {
+        let field = field_named(&input, name).ok_or_else(|| bind_error(name, "unknown path field"))?;
+        set_scalar(&mut message, &field, name, value)?;
+    }
+    Ok(message)
+}
+
+fn field_named(message: &MessageDescriptor, name: &str) -> Option<FieldDescriptor> {
+    message.get_field_by_name(name).or_else(|| message.get_field_by_json_name(name))
+}
+
+fn parse_json(descriptor: &MessageDescriptor, body: &[u8], what: &str) -> Result<DynamicMessage, BindError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(DynamicMessage::new(descriptor.clone()));
+    }
+    let mut deserializer = serde_json::Deserializer::from_slice(body);
+    // Unknown fields are ignored, as grpc-gateway does; both JSON and proto names are accepted.
+    let options = DeserializeOptions::new().deny_unknown_fields(false);
+    let message = DynamicMessage::deserialize_with_options(descriptor.clone(), &mut deserializer, &options)
+        .map_err(|e| bind_error(what, format!("invalid JSON: {e}")))?;
+    deserializer.end().map_err(|e| bind_error(what, format!("invalid JSON: {e}")))?;
+    Ok(message)
+}
+
+fn set_scalar(
+    message: &mut DynamicMessage,
+    field: &FieldDescriptor,
+    name: &str,
+    raw: &str,
+) -> Result<(), BindError> {
+    let bad = |what: &str| bind_error(name, format!("{raw:?} is not {what}"));
+    let value = match field.kind() {
+        Kind::String => Value::String(raw.to_owned()),
+        Kind::Bool => Value::Bool(raw.parse().map_err(|_| bad("true or false"))?),
+        Kind::Int32 | Kind::Sint32 | Kind::Sfixed32 => {
+            Value::I32(raw.parse().map_err(|_| bad("a 32-bit integer"))?)
+        }
+        Kind::Int64 | Kind::Sint64 | Kind::Sfixed64 => {
+            Value::I64(raw.parse().map_err(|_| bad("a 64-bit integer"))?)
+        }
+        Kind::Uint32 | Kind::Fixed32 => {
+            Value::U32(raw.parse().map_err(|_| bad("an unsigned 32-bit integer"))?)
+        }
+        Kind::Uint64 | Kind::Fixed64 => {
+            Value::U64(raw.parse().map_err(|_| bad("an unsigned 64-bit integer"))?)
+        }
+        Kind::Enum(e) => match e.get_value_by_name(raw) {
+            Some(v) => Value::EnumNumber(v.number()),
+            None => Value::EnumNumber(raw.parse().map_err(|_| bad("a known enum value"))?),
+        },
+        _ => return Err(bind_error(name, "cannot be set from the URL")),
+    };
+    if field.is_list() {
+        let mut list = match message.get_field(field).into_owned() {
+            Value::List(l) => l,
+            _ => Vec::new(),
+        };
+        list.push(value);
+        message.set_field(field, Value::List(list));
+    } else {
+        message.set_field(field, value);
+    }
+    Ok(())
+}
+
+/// Renders a reply as proto3 JSON.
+pub fn to_json(message: &DynamicMessage) -> Vec<u8> {
+    let options = SerializeOptions::new()
+        .stringify_64_bit_integers(true)
+        .use_proto_field_name(false)
+        .use_enum_numbers(false)
+        .skip_default_fields(false);
+    let mut out = Vec::with_capacity(256);
+    let mut serializer = serde_json::Serializer::new(&mut out);
+    if message.serialize_with_options(&mut serializer, &options).is_err() {
+        out.clear();
+        out.extend_from_slice(b"{}");
+    }
+    out
+}
+
+/// A tonic codec for messages known only by their descriptors.
+#[derive(Debug, Clone)]
+pub struct DynamicCodec {
+    reply: MessageDescriptor,
+}
+
+impl DynamicCodec {
+    /// Decodes replies as `reply`.
+    pub fn new(reply: MessageDescriptor) -> Self {
+        Self { reply }
+    }
+}
+
+/// Encodes requests.
+#[derive(Debug)]
+pub struct DynamicEncoder;
+
+/// Decodes replies.
+#[derive(Debug)]
+pub struct DynamicDecoder(MessageDescriptor);
+
+impl Codec for DynamicCodec {
+    type Encode = DynamicMessage;
+    type Decode = DynamicMessage;
+    type Encoder = DynamicEncoder;
+    type Decoder = DynamicDecoder;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        DynamicEncoder
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        DynamicDecoder(self.reply.clone())
+    }
+}
+
+impl Encoder for DynamicEncoder {
+    type Item = DynamicMessage;
+    type Error = Status;
+
+    fn encode(&mut self, item: Self::Item, dst: &mut EncodeBuf<'_>) -> Result<(), Self::Error> {
+        item.encode(dst).map_err(|e| Status::internal(format!("encoding the request: {e}")))
+    }
+}
+
+impl Decoder for DynamicDecoder {
+    type Item = DynamicMessage;
+    type Error = Status;
+
+    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Self::Item>, Self::Error> {
+        let bytes = src.copy_to_bytes(src.remaining());
+        DynamicMessage::decode(self.0.clone(), bytes)
+            .map(Some)
+            .map_err(|e| Status::internal(format!("decoding the reply: {e}")))
+    }
+}

@@ -1,0 +1,260 @@
+//! The REST API over real HTTP: every route, grpc-gateway's error mapping,
+//! idempotent replay through the Idempotency-Key header, pagination, the
+//! authorization matrix, and a rate limit shared by two gateway processes.
+
+use std::time::Duration;
+
+use secrecy::SecretString;
+use serde_json::{Value, json};
+
+use crate::support::Fluxo;
+
+pub(crate) struct Client {
+    agent: ureq::Agent,
+    base: String,
+}
+
+pub(crate) struct Reply {
+    pub(crate) status: u16,
+    pub(crate) headers: Vec<(String, String)>,
+    pub(crate) body: Value,
+}
+
+impl Reply {
+    pub(crate) fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+    }
+}
+
+impl Client {
+    pub(crate) fn new(addr: &str) -> Self {
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(Duration::from_secs(10)))
+            .build()
+            .into();
+        Self { agent, base: format!("http://{addr}") }
+    }
+
+    pub(crate) fn call(
+        &self,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        body: Option<(&str, &str)>,
+        extra: &[(&str, &str)],
+    ) -> Reply {
+        let url = format!("{}{path}", self.base);
+        let auth = token.map(|t| format!("Bearer {t}"));
+        let response = match method {
+            "GET" | "DELETE" => {
+                let mut r = if method == "GET" { self.agent.get(&url) } else { self.agent.delete(&url) };
+                if let Some(a) = &auth {
+                    r = r.header("Authorization", a);
+                }
+                for (k, v) in extra {
+                    r = r.header(*k, *v);
+                }
+                r.call()
+            }
+            _ => {
+                let mut r = if method == "POST" { self.agent.post(&url) } else { self.agent.put(&url) };
+                if let Some(a) = &auth {
+                    r = r.header("Authorization", a);
+                }
+                for (k, v) in extra {
+                    r = r.header(*k, *v);
+                }
+                let (content_type, text) = body.unwrap_or(("application/json", ""));
+                r.header("Content-Type", content_type).send(text)
+            }
+        };
+        let mut response = response.expect("HTTP exchange");
+        let status = response.status().as_u16();
+        let headers = response
+            .headers()
+            .iter()
+            .map(|(k, v)| (k.as_str().to_owned(), v.to_str().unwrap_or_default().to_owned()))
+            .collect();
+        let text = response.body_mut().read_to_string().unwrap_or_default();
+        let body = serde_json::from_str(&text).unwrap_or(Value::String(text));
+        Reply { status, headers, body }
+    }
+
+    pub(crate) fn get(&self, path: &str, token: Option<&str>) -> Reply {
+        self.call("GET", path, token, None, &[])
+    }
+
+    pub(crate) fn post(&self, path: &str, token: Option<&str>, body: &Value) -> Reply {
+        self.call("POST", path, token, Some(("application/json", &body.to_string())), &[])
+    }
+}
+
+/// The development secret the embedded default generated, to mint test tokens.
+pub(crate) fn dev_secret(data: &std::path::Path) -> SecretString {
+    SecretString::from(std::fs::read_to_string(data.join("data/dev-jwt-secret")).unwrap().trim().to_owned())
+}
+
+pub(crate) fn token(secret: &SecretString, merchants: &[&str], valid_for: i64, audience: &str) -> String {
+    fluxo_gateway::auth::mint_hs256(secret, "fluxo", audience, "tester", merchants, false, valid_for).unwrap()
+}
+
+fn entry(key: &str, minor: &str) -> Value {
+    json!({"type":"CREDIT","amount":{"currencyCode":"BRL","minorUnits":minor},"bookingDate":"2026-11-21","description":"sale","requestId":key})
+}
+
+pub(crate) fn every_route_and_error_mapping(fluxo: &Fluxo) {
+    let rest = Client::new(fluxo.rest.as_deref().expect("a REST address in the banner"));
+    let token = fluxo.token.clone().expect("a development token in the banner");
+    let t = Some(token.as_str());
+
+    // RecordEntry: the JSON external callers send; int64 as strings, enums by name, RFC 3339 Z.
+    let created = rest.post("/v1/merchants/m-1/entries", t, &entry("k-1", "1050"));
+    assert_eq!(created.status, 200, "{:?}", created.body);
+    let id = created.body["id"].as_str().unwrap().to_owned();
+    assert_eq!(created.body["amount"]["minorUnits"], "1050");
+    assert_eq!(created.body["type"], "CREDIT");
+    assert!(created.body["createdAt"].as_str().unwrap().ends_with('Z'));
+    assert!(created.header("x-request-id").is_some());
+    assert!(created.header("ratelimit-remaining").is_some());
+
+    // Idempotent replay through the header; proto field names are accepted too; unknown fields ignored.
+    let body = json!({"type":"CREDIT","amount":{"currency_code":"BRL","minor_units":"1050"},"booking_date":"2026-11-21","description":"sale","surprise":1});
+    let replay = rest.call(
+        "POST",
+        "/v1/merchants/m-1/entries",
+        t,
+        Some(("application/json", &body.to_string())),
+        &[("Idempotency-Key", "k-1")],
+    );
+    assert_eq!(replay.status, 200, "{:?}", replay.body);
+    assert_eq!(replay.body["id"], id.as_str());
+    assert_eq!(replay.header("idempotent-replayed"), Some("true"));
+    // Same key, different request: 409 with ErrorInfo.
+    let reused = rest.post("/v1/merchants/m-1/entries", t, &entry("k-1", "9"));
+    assert_eq!(reused.status, 409);
+    assert_eq!(reused.body["code"], 6);
+    assert_eq!(reused.body["details"][0]["@type"], "type.googleapis.com/google.rpc.ErrorInfo");
+    // Invalid: 400 with BadRequest naming the field.
+    let invalid = rest.post("/v1/merchants/m-1/entries", t, &entry("k-2", "0"));
+    assert_eq!(invalid.status, 400);
+    assert_eq!(invalid.body["code"], 3);
+    assert_eq!(invalid.body["details"][0]["fieldViolations"][0]["field"], "amount.minor_units");
+    let not_json =
+        rest.call("POST", "/v1/merchants/m-1/entries", t, Some(("application/json", "{not json")), &[]);
+    assert_eq!(not_json.status, 400);
+
+    // GetEntry, 404 for an unknown one.
+    let read = rest.get(&format!("/v1/merchants/m-1/entries/{id}"), t);
+    assert_eq!(read.status, 200);
+    assert_eq!(read.body["id"], id.as_str());
+    let missing = rest.get("/v1/merchants/m-1/entries/01JD0000000000000000000000", t);
+    assert_eq!((missing.status, missing.body["code"].clone()), (404, json!(5)));
+
+    // ListEntries with pagination through query parameters.
+    rest.post("/v1/merchants/m-1/entries", t, &entry("k-3", "5"));
+    let first = rest.get("/v1/merchants/m-1/entries?pageSize=1&startDate=2026-11-01", t);
+    assert_eq!(first.status, 200, "{:?}", first.body);
+    assert_eq!(first.body["entries"].as_array().unwrap().len(), 1);
+    let next = first.body["nextPageToken"].as_str().unwrap();
+    assert!(!next.is_empty());
+    let second =
+        rest.get(&format!("/v1/merchants/m-1/entries?pageSize=1&startDate=2026-11-01&pageToken={next}"), t);
+    assert_eq!(second.body["entries"].as_array().unwrap().len(), 1);
+    assert_ne!(second.body["entries"][0]["id"], first.body["entries"][0]["id"]);
+    let bad_query = rest.get("/v1/merchants/m-1/entries?pageSize=lots", t);
+    assert_eq!(bad_query.status, 400);
+
+    // ReverseEntry (custom verb), then FAILED_PRECONDITION → 400 on a second one.
+    let reversed = rest.post(&format!("/v1/merchants/m-1/entries/{id}:reverse"), t, &json!({}));
+    assert_eq!(reversed.status, 200, "{:?}", reversed.body);
+    assert_eq!(reversed.body["reversesEntryId"], id.as_str());
+    let again = rest.post(&format!("/v1/merchants/m-1/entries/{id}:reverse"), t, &json!({}));
+    assert_eq!((again.status, again.body["code"].clone()), (400, json!(9)));
+
+    // Balances: one day and a range.
+    std::thread::sleep(Duration::from_millis(500));
+    let day = rest.get("/v1/merchants/m-1/balances/2026-11-21", t);
+    assert_eq!(day.status, 200, "{:?}", day.body);
+    assert_eq!(day.body["closingBalanceMinor"], "5");
+    let range =
+        rest.get("/v1/merchants/m-1/balances?startDate=2026-11-20&endDate=2026-11-21&currencyCode=BRL", t);
+    assert_eq!(range.body["balances"].as_array().unwrap().len(), 2);
+
+    // The edge's own answers.
+    assert_eq!(rest.get("/v1/nowhere", t).status, 404);
+    let wrong_method = rest.call("DELETE", "/v1/merchants/m-1/entries", t, None, &[]);
+    assert_eq!(wrong_method.status, 405);
+    assert!(wrong_method.header("allow").unwrap().contains("POST"));
+    let wrong_type = rest.call("POST", "/v1/merchants/m-1/entries", t, Some(("text/plain", "hello")), &[]);
+    assert_eq!(wrong_type.status, 415);
+    // Just over the 64 KiB default, so the whole body is sent before the answer.
+    let huge = json!({"description": "x".repeat(70_000)});
+    assert_eq!(rest.post("/v1/merchants/m-1/entries", t, &huge).status, 413);
+    assert_eq!(rest.get("/healthz", None).status, 200);
+    assert_eq!(rest.get("/readyz", None).status, 200);
+    let openapi = rest.get("/openapi.json", None);
+    assert_eq!(openapi.body["openapi"], "3.1.0");
+    assert_eq!(openapi.body, serde_json::from_str::<Value>(include_str!("../../docs/openapi.json")).unwrap());
+}
+
+pub(crate) fn authorization_matrix(fluxo: &Fluxo, data: &std::path::Path) {
+    let rest = Client::new(fluxo.rest.as_deref().unwrap());
+    let secret = dev_secret(data);
+    let admin = fluxo.token.clone().unwrap();
+    let own = token(&secret, &["m-own"], 300, "fluxo-api");
+    let entry_id = rest.post("/v1/merchants/m-own/entries", Some(&own), &entry("a-1", "10")).body["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let forged = token(
+        &SecretString::from("not-the-secret-not-the-secret-xx".to_owned()),
+        &["m-own"],
+        300,
+        "fluxo-api",
+    );
+    let expired = token(&secret, &["m-own"], -300, "fluxo-api");
+    let wrong_audience = token(&secret, &["m-own"], 300, "another-api");
+    let other = token(&secret, &["m-other"], 300, "fluxo-api");
+    let routes: Vec<(&str, String, Option<Value>)> = vec![
+        ("POST", "/v1/merchants/m-own/entries".into(), Some(entry("a-2", "3"))),
+        ("GET", format!("/v1/merchants/m-own/entries/{entry_id}"), None),
+        ("GET", "/v1/merchants/m-own/entries".into(), None),
+        (
+            "POST",
+            format!("/v1/merchants/m-own/entries/{entry_id}:reverse"),
+            Some(json!({"requestId": "r-1"})),
+        ),
+        ("GET", "/v1/merchants/m-own/balances/2026-11-21?currencyCode=BRL".into(), None),
+        (
+            "GET",
+            "/v1/merchants/m-own/balances?startDate=2026-11-01&endDate=2026-11-30&currencyCode=BRL".into(),
+            None,
+        ),
+    ];
+    for (method, path, body) in &routes {
+        let send = |t: Option<&str>| {
+            let text = body.as_ref().map(Value::to_string).unwrap_or_default();
+            rest.call(method, path, t, body.as_ref().map(|_| ("application/json", text.as_str())), &[])
+        };
+        assert_eq!(send(None).status, 401, "{method} {path} without a token");
+        assert_eq!(send(Some(&forged)).status, 401, "{method} {path} bad signature");
+        assert_eq!(send(Some(&expired)).status, 401, "{method} {path} expired");
+        assert_eq!(send(Some(&wrong_audience)).status, 401, "{method} {path} wrong audience");
+        let denied = send(Some(&other));
+        assert_eq!(
+            (denied.status, denied.body["code"].clone()),
+            (403, json!(7)),
+            "{method} {path} other merchant"
+        );
+        let allowed = send(Some(&own));
+        assert!(
+            (200..300).contains(&allowed.status),
+            "{method} {path} own merchant: {} {:?}",
+            allowed.status,
+            allowed.body
+        );
+        let admin_reply = send(Some(&admin));
+        assert!(admin_reply.status < 500, "{method} {path} admin");
+    }
+}
