@@ -269,8 +269,13 @@ if [ -n "${FLUXO_TEST_CMD:-}" ]; then
     bash -c "$FLUXO_TEST_CMD"' "$@"' fluxo-test "$@" || status=$?
 else
     cargo test --workspace --locked "$@" || status=$?
-    # The whole suite also validates the Kubernetes packaging offline; a run
-    # narrowed by cargo test arguments skips it.
+    # The whole suite also fuzzes the REST API and validates the Kubernetes
+    # packaging offline; a run narrowed by cargo test arguments skips both.
+    if [ "$status" -eq 0 ] && [ "$#" -eq 0 ]; then
+        # The REST API fuzzed from its own OpenAPI document.
+        echo "==> REST API fuzzing (scripts/schemathesis.sh)"
+        ./scripts/schemathesis.sh || status=$?
+    fi
     if [ "$status" -eq 0 ] && [ "$#" -eq 0 ] && [ -z "${FLUXO_TEST_SKIP_K8S:-}" ]; then
         echo "==> Kubernetes packaging (scripts/validate-k8s.sh)"
         ./scripts/validate-k8s.sh || status=$?
