@@ -213,7 +213,9 @@ def main():
             c.check(((eff("seccompProfile") or {}).get("type")) == "RuntimeDefault", f"{cid}: seccompProfile RuntimeDefault")
             c.check(not sc.get("privileged"), f"{cid}: not privileged")
             for env in ctr.get("env", []) or []:
-                if SECRETISH.search(env["name"]) and not env["name"].endswith("_FILE"):
+                # Service URLs inside the cluster carry no credentials; any URL with one must come from a Secret.
+                plain_url = env["name"].endswith("_URL") and "value" in env and "@" not in str(env.get("value"))
+                if SECRETISH.search(env["name"]) and not env["name"].endswith("_FILE") and not plain_url:
                     c.check("valueFrom" in env and "secretKeyRef" in env["valueFrom"],
                             f"{cid}: env {env['name']} comes from a Secret, not a literal")
         # Completes / drains inside the mesh.
