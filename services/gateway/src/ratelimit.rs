@@ -245,6 +245,30 @@ mod tests {
         assert!(refused.retry_after > Duration::ZERO && refused.retry_after <= Duration::from_millis(100));
     }
 
+    fn unreachable_redis() -> Client {
+        // Nothing listens on port 1: every command fails fast.
+        fluxo_queue::client(&fluxo_queue::RedisConfig {
+            url: "redis://127.0.0.1:1".to_owned().into(),
+            command_timeout: Duration::from_millis(200),
+        })
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn without_redis_the_configured_fallback_applies() {
+        let local = RateLimiter::new(Some(unreachable_redis()), limits());
+        let decisions = futures::future::join_all((0..6).map(|_| local.check("a", None))).await;
+        assert_eq!(decisions.iter().filter(|d| d.allowed).count(), 5, "per-process limits still hold");
+        let open =
+            RateLimiter::new(Some(unreachable_redis()), Limits { fallback: Fallback::Allow, ..limits() });
+        assert!(
+            futures::future::join_all((0..20).map(|_| open.check("a", None))).await.iter().all(|d| d.allowed)
+        );
+        let closed =
+            RateLimiter::new(Some(unreachable_redis()), Limits { fallback: Fallback::Deny, ..limits() });
+        assert!(!closed.check("a", None).await.allowed);
+    }
+
     #[tokio::test]
     async fn the_shared_pool_caps_standard_clients_but_not_priority_ones() {
         let limiter = RateLimiter::new(None, limits());
