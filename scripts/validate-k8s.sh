@@ -13,6 +13,9 @@
 #  3. helm lint --strict, then helm template over a matrix of values files, each rendering
 #     validated by kubeconform -strict, by istioctl validate (Istio objects) and by
 #     scripts/k8s/check_manifests.py (invariants);
+#     and scripts/k8s/monitoring.py (Grafana dashboards are valid JSON, every dashboard query and
+#     PrometheusRule parses with Prometheus' own PromQL and rule-file parser, built from
+#     scripts/k8s/promql, and reads only metrics fluxo exports);
 #  4. validates the standalone manifests under istio/ and karpenter/ the same way;
 #  5. self-tests: deliberately broken manifests must be rejected, or the validators are toothless.
 # Prints "N passed, M failed" last; exits non-zero on any failure.
@@ -34,6 +37,8 @@ KUBE_VERSION=v1.35.4            # k8s.io/kubernetes (OpenAPI) and helm --kube-ve
 KEDA_VERSION=v2.21.0            # github.com/kedacore/keda/v2 (CRDs, redis-streams scaler source)
 ISTIO_API_VERSION=v1.31.1       # istio.io/api (CRDs)
 KARPENTER_VERSION=v1.15.1       # github.com/aws/karpenter-provider-aws (NodePool, EC2NodeClass CRDs)
+PROMETHEUS_OPERATOR_VERSION=v0.90.1 # github.com/prometheus-operator/prometheus-operator (PrometheusRule CRD)
+# The PromQL checker (scripts/k8s/promql) pins github.com/prometheus/prometheus in its go.mod.
 # istio.io/istio publishes no semver tags; istioctl is built from a pinned commit through the
 # module in scripts/k8s/istioctl (see its go.mod for why it carries replace directives).
 ISTIO_VERSION=v0.0.0-20260827124520-eed52ebb66ad
@@ -128,6 +133,24 @@ if [ "${FLUXO_K8S_ISTIOCTL:-1}" != 0 ]; then
     fi
 fi
 
+# PromQL and rule files are checked with Prometheus' own parser: a small program over its
+# packages (seconds to build) rather than promtool (its discovery dependencies take many minutes).
+PROMQL_CHECK=""
+promql_module_version="$(awk '$1 == "github.com/prometheus/prometheus" { print $2 }' "$K8S_SCRIPTS/promql/go.mod")"
+if [ "$(built_version "$TOOLS/promql-check" github.com/prometheus/prometheus || true)" = "$promql_module_version" ]; then
+    pass "promql-check (Prometheus $promql_module_version parser, cached in target/tools)"
+    PROMQL_CHECK="$TOOLS/promql-check"
+else
+    start=$SECONDS
+    if (cd "$K8S_SCRIPTS/promql" && GOFLAGS="${GOFLAGS:-} -mod=readonly" go build -o "$TOOLS/promql-check" .) >"$log" 2>&1; then
+        pass "promql-check built from scripts/k8s/promql (Prometheus $promql_module_version, $((SECONDS - start))s)"
+        PROMQL_CHECK="$TOOLS/promql-check"
+    else
+        fail "build promql-check (scripts/k8s/promql)"
+        sed 's/^/        /' "$log"
+    fi
+fi
+
 if python3 -c 'import yaml' 2>/dev/null; then
     pass "PyYAML available"
 elif PYTHONPATH="$WORK/pylib" python3 -c 'import yaml' 2>/dev/null; then
@@ -172,7 +195,8 @@ section "CRDs and OpenAPI through the Go module proxy"
 declare -A ZIP
 for spec in "k8s=k8s.io/kubernetes@$KUBE_VERSION" "keda=github.com/kedacore/keda/v2@$KEDA_VERSION" \
     "istioapi=istio.io/api@$ISTIO_API_VERSION" "karpenter=github.com/aws/karpenter-provider-aws@$KARPENTER_VERSION" \
-    "istio=istio.io/istio@$ISTIO_VERSION"; do
+    "istio=istio.io/istio@$ISTIO_VERSION" \
+    "promop=github.com/prometheus-operator/prometheus-operator@$PROMETHEUS_OPERATOR_VERSION"; do
     key=${spec%%=*}
     mod=${spec#*=}
     if ZIP[$key]="$(module_zip "$mod" 2>"$log")"; then
@@ -185,7 +209,7 @@ done
 [ "$failed" -eq 0 ] || { echo "validate-k8s: cannot continue without tools and schemas"; echo "$passed passed, $failed failed"; exit 1; }
 
 SCHEMAS="$WORK/schemas"
-stamp="k8s=$KUBE_VERSION keda=$KEDA_VERSION istio=$ISTIO_API_VERSION karpenter=$KARPENTER_VERSION $(cksum <"$K8S_SCRIPTS/schemas.py")"
+stamp="k8s=$KUBE_VERSION keda=$KEDA_VERSION istio=$ISTIO_API_VERSION karpenter=$KARPENTER_VERSION prometheus-operator=$PROMETHEUS_OPERATOR_VERSION $(cksum <"$K8S_SCRIPTS/schemas.py")"
 if [ -f "$SCHEMAS/.stamp" ] && [ "$(cat "$SCHEMAS/.stamp")" = "$stamp" ]; then
     pass "strict JSON schemas (cached: $(find "$SCHEMAS" -name '*.json' | wc -l) kinds)"
 else
@@ -194,7 +218,8 @@ else
         --k8s "${ZIP[k8s]}" \
         --crds "${ZIP[keda]}::*/config/crd/bases/*.yaml" \
         --crds "${ZIP[istioapi]}::*/kubernetes/customresourcedefinitions.gen.yaml" \
-        --crds "${ZIP[karpenter]}::*/pkg/apis/crds/*.yaml"
+        --crds "${ZIP[karpenter]}::*/pkg/apis/crds/*.yaml" \
+        --crds "${ZIP[promop]}::*/example/prometheus-operator-crd/monitoring.coreos.com_prometheusrules.yaml"
     echo "$stamp" >"$SCHEMAS/.stamp"
 fi
 LOCATION="$SCHEMAS/{{ .Group }}/{{ .ResourceKind }}_{{ .ResourceAPIVersion }}.json"
@@ -250,6 +275,18 @@ invariants() { # manifests label
     fi
 }
 
+monitoring() { # manifests label
+    if [ -z "$PROMQL_CHECK" ]; then
+        fail "dashboards and rules [$2]: no promql-check"
+        return
+    fi
+    if ! grep -qE '^kind: PrometheusRule|grafana_dashboard:' "$1"; then
+        return 0
+    fi
+    check "dashboards (JSON) and PrometheusRule (rule files, PromQL, metric names) [$2]" \
+        python3 "$K8S_SCRIPTS/monitoring.py" --manifests "$1" --promql-check "$PROMQL_CHECK" --work "$WORK/monitoring/$2"
+}
+
 # ---- 3. the chart ----------------------------------------------------------------------------
 section "helm lint --strict"
 HELM_KUBE="--kube-version=${KUBE_VERSION#v}"
@@ -278,6 +315,7 @@ for case in "${CASES[@]}"; do
         kubeconform_strict "$out"
     [ -z "$ISTIOCTL" ] || check "istioctl validate [$case]" istioctl_validate "$out"
     invariants "$out" "$case"
+    monitoring "$out" "$case"
 done
 
 section "values.schema.json rejects bad values"
@@ -401,6 +439,17 @@ leak_check() {
         python3 "$K8S_SCRIPTS/check_manifests.py" --manifests "$WORK/broken/leak.yaml" --namespace "$NAMESPACE" --keda-zip "${ZIP[keda]}"
 }
 expect_failure "invariants: a password rendered in plain text (credentials in a ConfigMap URL)" leak_check
+production="$WORK/rendered/production.yaml"
+if [ -f "$production" ] && [ -n "$PROMQL_CHECK" ]; then
+    sed 's/max(fluxo_outbox_oldest_age_seconds) >/max(fluxo_outbox_oldest_age_seconds) > >/' "$production" >"$WORK/broken/rule-promql.yaml"
+    expect_failure "monitoring: an alert expression that is not PromQL" \
+        python3 "$K8S_SCRIPTS/monitoring.py" --manifests "$WORK/broken/rule-promql.yaml" --promql-check "$PROMQL_CHECK" --work "$WORK/broken/monitoring-1"
+    sed 's/fluxo_stream_dead_letters/fluxo_stream_deadletters/' "$production" >"$WORK/broken/metric-name.yaml"
+    expect_failure "monitoring: a dashboard and an alert reading a metric fluxo does not export" \
+        python3 "$K8S_SCRIPTS/monitoring.py" --manifests "$WORK/broken/metric-name.yaml" --promql-check "$PROMQL_CHECK" --work "$WORK/broken/monitoring-2"
+    sed 's/^    - name: fluxo.api.alerts$/    - name: fluxo.api.alerts\n      interval_typo: 1m/' "$production" >"$WORK/broken/rule-field.yaml"
+    expect_failure "kubeconform: misspelled PrometheusRule group field (interval_typo)" kubeconform_strict "$WORK/broken/rule-field.yaml"
+fi
 if [ -n "$ISTIOCTL" ]; then
     sed 's/retryOn: connect-failure,refused-stream,unavailable,resource-exhausted$/retryOn: connect-failure,unavailble/' \
         "$defaults" >"$WORK/broken/retry-typo.yaml"

@@ -181,6 +181,9 @@ OTEL_TRACES_SAMPLER: {{ . | quote }}
 {{- with $c.otel.tracesSamplerArg }}
 OTEL_TRACES_SAMPLER_ARG: {{ . | quote }}
 {{- end }}
+{{- with $c.otel.metricExportIntervalMs }}
+OTEL_METRIC_EXPORT_INTERVAL: {{ . | quote }}
+{{- end }}
 {{- range $k, $v := $c.extraEnv }}
 {{ $k }}: {{ $v | quote }}
 {{- end }}
