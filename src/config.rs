@@ -54,6 +54,9 @@ pub(crate) struct AuthSettings {
     pub audience: String,
     /// A JWKS document with the RS256/ES256 public keys tokens are signed with.
     pub jwks_file: Option<PathBuf>,
+    /// Or the identity provider's JWKS URL, fetched at start and refreshed.
+    pub jwks_url: Option<String>,
+    pub jwks_refresh_secs: u64,
     /// An HS256 secret (development). Unset with no JWKS on the embedded
     /// default: a development secret is generated in `data_dir`.
     #[serde(serialize_with = "skip_secret")]
@@ -102,6 +105,8 @@ impl Default for AuthSettings {
             issuer: "fluxo".into(),
             audience: "fluxo-api".into(),
             jwks_file: None,
+            jwks_url: None,
+            jwks_refresh_secs: 300,
             hs256_secret: None,
             leeway_secs: 30,
         }

@@ -168,7 +168,7 @@ pub(crate) async fn serve(config: Config, target: Target) -> anyhow::Result<()> 
     }
     let mut rest = None;
     if runs(Target::Gateway) {
-        let (router, token) = gateway(&config, &db, redis.clone(), addr)?;
+        let (router, token) = gateway(&config, &db, redis.clone(), addr).await?;
         let listener = tokio::net::TcpListener::bind(config.gateway.listen)
             .await
             .with_context(|| format!("cannot listen on {} (gateway.listen)", config.gateway.listen))?;
@@ -205,14 +205,14 @@ pub(crate) async fn serve(config: Config, target: Target) -> anyhow::Result<()> 
 }
 
 /// The REST gateway, and the development token to print when one was minted.
-fn gateway(
+async fn gateway(
     config: &Config,
     db: &Db,
     redis: Option<fred::prelude::Client>,
     grpc: std::net::SocketAddr,
 ) -> anyhow::Result<(axum::Router, Option<String>)> {
     use fluxo_gateway::{
-        auth::{Keys, Verifier, dev_secret, mint_hs256, read_jwks},
+        auth::{Keys, Verifier, dev_secret, fetch_jwks, mint_hs256, read_jwks, refresh_jwks},
         ratelimit::{Fallback, Limits, Rate, RateLimiter},
     };
     let g = &config.gateway;
@@ -230,14 +230,20 @@ fn gateway(
     let keys = if let Some(secret) = &a.hs256_secret {
         Keys::Hs256(secret.clone())
     } else if let Some(file) = &a.jwks_file {
-        Keys::Jwks(read_jwks(file).map_err(|e| anyhow::anyhow!("auth.jwks_file: {e}"))?)
+        Keys::jwks(read_jwks(file).map_err(|e| anyhow::anyhow!("auth.jwks_file: {e}"))?)
+    } else if let Some(url) = &a.jwks_url {
+        let keys = Keys::jwks(fetch_jwks(url).await.map_err(|e| anyhow::anyhow!("auth.jwks_url: {e}"))?);
+        refresh_jwks(url.clone(), &keys, Duration::from_secs(a.jwks_refresh_secs.max(10)));
+        keys
     } else if db.backend() == DbBackend::Sqlite {
         // The embedded default is never an open API: a development key and a token for it.
         let secret = dev_secret(&config.data_dir).context("creating the development JWT secret")?;
         token = Some(mint_hs256(&secret, &a.issuer, &a.audience, "developer", &[], true, 30 * 24 * 3600)?);
         Keys::Hs256(secret)
     } else {
-        bail!("the gateway needs keys to verify tokens: set auth.jwks_file or auth.hs256_secret")
+        bail!(
+            "the gateway needs keys to verify tokens: set auth.jwks_url, auth.jwks_file or auth.hs256_secret"
+        )
     };
     let verifier = Verifier::new(keys, &a.issuer, &a.audience, a.leeway_secs);
     let r = &config.rate_limit;

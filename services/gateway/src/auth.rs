@@ -5,7 +5,11 @@
 //! expiry are always checked; keys come from a JWKS file (RS256/ES256, chosen
 //! by `kid`) or, for development, an HS256 secret.
 
-use std::path::Path;
+use std::{
+    path::Path,
+    sync::{Arc, RwLock},
+    time::Duration,
+};
 
 use http::HeaderValue;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation, jwk::JwkSet};
@@ -65,8 +69,16 @@ pub enum AuthError {
 pub enum Keys {
     /// A shared secret (development; HS256).
     Hs256(SecretString),
-    /// Public keys (RS256/ES256) from a JWKS document.
-    Jwks(JwkSet),
+    /// Public keys (RS256/ES256) from a JWKS document; shared so a refresh
+    /// from the identity provider's URL replaces them in place.
+    Jwks(Arc<RwLock<JwkSet>>),
+}
+
+impl Keys {
+    /// Keys from a JWKS document.
+    pub fn jwks(set: JwkSet) -> Self {
+        Self::Jwks(Arc::new(RwLock::new(set)))
+    }
 }
 
 /// Verifies bearer tokens.
@@ -93,6 +105,35 @@ pub fn read_jwks(path: &Path) -> Result<JwkSet, String> {
     serde_json::from_str(&text).map_err(|e| format!("{} is not a JWKS document: {e}", path.display()))
 }
 
+/// Fetches a JWKS document from the identity provider.
+pub async fn fetch_jwks(url: &str) -> Result<JwkSet, String> {
+    let url = url.to_owned();
+    tokio::task::spawn_blocking(move || {
+        let agent: ureq::Agent =
+            ureq::Agent::config_builder().timeout_global(Some(Duration::from_secs(5))).build().into();
+        let mut response = agent.get(&url).call().map_err(|e| format!("fetching {url}: {e}"))?;
+        response.body_mut().read_json::<JwkSet>().map_err(|e| format!("{url} is not a JWKS document: {e}"))
+    })
+    .await
+    .map_err(|e| e.to_string())?
+}
+
+/// Refreshes `keys` from `url` every `every`, keeping the last good set when a
+/// fetch fails (the provider rotates keys with overlap, so this is safe).
+pub fn refresh_jwks(url: String, keys: &Keys, every: Duration) -> Option<tokio::task::JoinHandle<()>> {
+    let Keys::Jwks(shared) = keys else { return None };
+    let shared = shared.clone();
+    Some(tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(every).await;
+            match fetch_jwks(&url).await {
+                Ok(set) => *shared.write().unwrap_or_else(std::sync::PoisonError::into_inner) = set,
+                Err(error) => tracing::warn!(%error, "JWKS refresh failed; keeping the current keys"),
+            }
+        }
+    }))
+}
+
 impl Verifier {
     /// A verifier for tokens from `issuer` for `audience`.
     pub fn new(keys: Keys, issuer: &str, audience: &str, leeway_secs: u64) -> Self {
@@ -115,10 +156,11 @@ impl Verifier {
             Keys::Hs256(secret) => {
                 (DecodingKey::from_secret(secret.expose_secret().as_bytes()), Algorithm::HS256)
             }
-            Keys::Jwks(set) => {
+            Keys::Jwks(shared) => {
                 if !matches!(head.alg, Algorithm::RS256 | Algorithm::ES256) {
                     return Err(AuthError::Invalid(format!("algorithm {:?} is not accepted", head.alg)));
                 }
+                let set = shared.read().unwrap_or_else(std::sync::PoisonError::into_inner);
                 let jwk = match &head.kid {
                     Some(kid) => set.find(kid),
                     None if set.keys.len() == 1 => set.keys.first(),
@@ -230,6 +272,61 @@ mod tests {
         assert!(!id.may_act_for("m-2"));
         let admin = mint_hs256(&secret(), "fluxo", "fluxo-api", "ops", &[], true, 60).unwrap();
         assert!(v.verify(Some(&bearer(&admin))).unwrap().may_act_for("anyone"));
+    }
+
+    /// An ES256 key pair: the JWKS (with `kid`) and the private key to sign with.
+    fn es256() -> (String, EncodingKey) {
+        use p256::pkcs8::{EncodePrivateKey, LineEnding};
+        let secret = p256::SecretKey::random(&mut p256::elliptic_curve::rand_core::OsRng);
+        let mut jwk: serde_json::Value = serde_json::from_str(&secret.public_key().to_jwk_string()).unwrap();
+        jwk["kid"] = "key-1".into();
+        jwk["alg"] = "ES256".into();
+        jwk["use"] = "sig".into();
+        let pem = secret.to_pkcs8_pem(LineEnding::LF).unwrap();
+        (serde_json::json!({ "keys": [jwk] }).to_string(), EncodingKey::from_ec_pem(pem.as_bytes()).unwrap())
+    }
+
+    fn es256_token(key: &EncodingKey, kid: &str) -> String {
+        let mut header = Header::new(Algorithm::ES256);
+        header.kid = Some(kid.into());
+        let claims = Claims {
+            sub: "shop".into(),
+            merchants: vec!["m-1".into()],
+            scope: String::new(),
+            tier: None,
+            exp: u64::MAX / 2,
+            iss: "idp".into(),
+            aud: "fluxo-api".into(),
+        };
+        jsonwebtoken::encode(&header, &claims, key).unwrap()
+    }
+
+    #[test]
+    fn es256_tokens_verify_against_a_jwks_file() {
+        let (jwks, key) = es256();
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("jwks.json");
+        std::fs::write(&file, jwks).unwrap();
+        let v = Verifier::new(Keys::jwks(read_jwks(&file).unwrap()), "idp", "fluxo-api", 0);
+        let id = v.verify(Some(&bearer(&es256_token(&key, "key-1")))).unwrap();
+        assert!(id.may_act_for("m-1"));
+        assert!(v.verify(Some(&bearer(&es256_token(&key, "unknown-kid")))).is_err());
+        // An HS256 token signed with the public key material must never pass.
+        let hs = mint_hs256(&secret(), "idp", "fluxo-api", "s", &["m-1"], true, 60).unwrap();
+        assert!(v.verify(Some(&bearer(&hs))).is_err());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn jwks_are_fetched_from_a_url() {
+        let (jwks, key) = es256();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let app = axum::Router::new().route("/jwks.json", axum::routing::get(move || async move { jwks }));
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        let set = fetch_jwks(&format!("http://{addr}/jwks.json")).await.unwrap();
+        let v = Verifier::new(Keys::jwks(set), "idp", "fluxo-api", 0);
+        assert!(v.verify(Some(&bearer(&es256_token(&key, "key-1")))).is_ok());
+        assert!(fetch_jwks(&format!("http://{addr}/missing")).await.is_err());
     }
 
     #[test]
