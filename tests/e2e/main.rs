@@ -4,6 +4,7 @@
 mod pipeline;
 mod rest;
 mod support;
+mod telemetry;
 
 use std::time::Duration;
 

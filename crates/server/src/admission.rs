@@ -98,21 +98,23 @@ fn grpc_status(headers: &HeaderMap) -> Option<i64> {
 }
 
 /// Records one call's duration and status exactly once: when its status is
-/// known, or when it is dropped without one.
+/// known, or when it is dropped without one. Also writes the call's access log
+/// line, in the call's span (so it carries the trace id).
 struct CallRecord {
     start: Instant,
     attributes: Vec<KeyValue>,
+    span: tracing::Span,
     done: bool,
 }
 
 impl CallRecord {
-    fn new(service: &str, method: &str) -> Self {
+    fn new(service: &str, method: &str, span: tracing::Span) -> Self {
         let attributes = vec![
             KeyValue::new("rpc.system", "grpc"),
             KeyValue::new("rpc.service", service.to_owned()),
             KeyValue::new("rpc.method", method.to_owned()),
         ];
-        Self { start: Instant::now(), attributes, done: false }
+        Self { start: Instant::now(), attributes, span, done: false }
     }
 
     fn finish(&mut self, status: i64) {
@@ -128,7 +130,10 @@ impl CallRecord {
             attributes.push(KeyValue::new("rpc.method", "_OTHER"));
         }
         attributes.push(KeyValue::new("rpc.grpc.status_code", status));
-        DURATION.record(fluxo_telemetry::seconds(self.start.elapsed()), &attributes);
+        let elapsed = self.start.elapsed();
+        DURATION.record(fluxo_telemetry::seconds(elapsed), &attributes);
+        let micros = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX);
+        tracing::info!(parent: &self.span, grpc_status = status, duration_us = micros, "call finished");
     }
 }
 
@@ -213,7 +218,7 @@ where
         );
         fluxo_telemetry::continue_trace(&span, request.headers());
         // Probes and reflection are not traffic: they would drown the signals.
-        let record = (!exempt(&path)).then(|| CallRecord::new(service, method));
+        let record = (!exempt(&path)).then(|| CallRecord::new(service, method, span.clone()));
 
         let permit = if exempt(&path) {
             None
