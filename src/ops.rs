@@ -141,6 +141,10 @@ pub(crate) async fn dlq(config: &Config, command: DlqCommand) -> anyhow::Result<
                 Some(e) => {
                     println!("event id:     {}", e.event_id);
                     println!("position:     {}", e.position);
+                    // The trace of the call that booked the entry: search it in the tracing backend.
+                    if let Some(tp) = &e.traceparent {
+                        println!("traceparent:  {tp}");
+                    }
                     match fluxo_balance::consolidator::decode(e) {
                         Ok(p) => println!(
                             "entry:        {} {} {:?} {} {} on {}",
