@@ -48,6 +48,7 @@ use crate::{pipeline::Install, support::fluxo_command};
 const PG_PASSWORD: &str = "pg-Secret-7f3a91";
 const REDIS_PASSWORD: &str = "redis-Secret-c20e55";
 const COLLECTOR_TOKEN: &str = "otlp-Token-9b14d2";
+const JWT_SECRET: &str = "jwt-Secret-for-the-telemetry-test-7c1e";
 
 // ---------------------------------------------------------------------------
 // The receiver: keeps every export request it is sent.
@@ -259,9 +260,14 @@ struct Hop {
 
 const JOURNEY: &[Hop] = &[
     Hop {
+        service: "fluxo-gateway",
+        span: "POST /v1/merchants/{merchant_id}/entries",
+        relation: Relation::ChildOf(None),
+    },
+    Hop {
         service: "fluxo-ledger",
         span: "fluxo.ledger.v1.LedgerService/RecordEntry",
-        relation: Relation::ChildOf(None),
+        relation: Relation::ChildOf(Some("POST /v1/merchants/{merchant_id}/entries")),
     },
     Hop {
         service: "fluxo-ledger",
@@ -459,6 +465,7 @@ async fn one_entry_is_traced_across_the_asynchronous_hop_and_metrics_and_logs_ar
             ("OTEL_METRIC_EXPORT_INTERVAL", "500".into()),
             ("OTEL_BSP_SCHEDULE_DELAY", "100".into()),
             ("OTEL_RESOURCE_ATTRIBUTES", "deployment.environment.name=e2e".into()),
+            ("FLUXO_AUTH__HS256_SECRET", JWT_SECRET.into()),
         ]
         .map(|(k, v)| (k.to_owned(), v)),
     );
@@ -466,19 +473,47 @@ async fn one_entry_is_traced_across_the_asynchronous_hop_and_metrics_and_logs_ar
     let consolidator = Proc::start(&install, "consolidator", &env, logs.path());
     let balance = Proc::start(&install, "balance", &env, logs.path());
 
-    // The caller's own trace, continued by the ledger.
+    // The REST gateway in front of the ledger and balance targets.
+    let mut gateway_env = env.clone();
+    gateway_env.push(("FLUXO_GATEWAY__LEDGER_URL".into(), format!("http://{}", ledger.addr)));
+    gateway_env.push(("FLUXO_GATEWAY__BALANCE_URL".into(), format!("http://{}", balance.addr)));
+    let gateway = Proc::start(&install, "gateway", &gateway_env, logs.path());
+    let rest_addr = std::fs::read_to_string(&gateway.stderr)
+        .unwrap()
+        .lines()
+        .find_map(|l| {
+            l.trim().strip_prefix("REST").and_then(|r| r.split_whitespace().next()).map(str::to_owned)
+        })
+        .expect("the gateway prints its REST address");
+    let bearer = fluxo_gateway::auth::mint_hs256(
+        &secrecy::SecretString::from(JWT_SECRET.to_owned()),
+        "fluxo",
+        "fluxo-api",
+        "otel-test",
+        &["m-otel"],
+        false,
+        600,
+    )
+    .unwrap();
+
+    // The caller's own trace, continued by the gateway and then the ledger.
     let (trace_id, caller_span) = (random_hex(32), random_hex(16));
     let mut ledger_client = LedgerServiceClient::connect(format!("http://{}", ledger.addr)).await.unwrap();
-    let mut request = tonic::Request::new(lpb::RecordEntryRequest {
-        merchant_id: "m-otel".into(),
-        r#type: lpb::EntryType::Credit.into(),
-        amount: Some(lpb::Money { currency_code: "BRL".into(), minor_units: 1050 }),
-        booking_date: "2026-11-21".into(),
-        description: "traced".into(),
-        request_id: "otel-1".into(),
-    });
-    request.metadata_mut().insert("traceparent", format!("00-{trace_id}-{caller_span}-01").parse().unwrap());
-    let entry = ledger_client.record_entry(request).await.unwrap().into_inner();
+    let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
+    let mut reply = agent
+        .post(&format!("{rest_addr}/v1/merchants/m-otel/entries"))
+        .header("Authorization", &format!("Bearer {bearer}"))
+        .header("traceparent", &format!("00-{trace_id}-{caller_span}-01"))
+        .header("Content-Type", "application/json")
+        .send(
+            r#"{"type":"CREDIT","amount":{"currencyCode":"BRL","minorUnits":"1050"},"bookingDate":"2026-11-21","description":"traced","requestId":"otel-1"}"#,
+        )
+        .unwrap();
+    assert_eq!(reply.status().as_u16(), 200);
+    let entry: lpb::Entry = {
+        let body: serde_json::Value = reply.body_mut().read_json().unwrap();
+        lpb::Entry { id: body["id"].as_str().unwrap().to_owned(), ..Default::default() }
+    };
     // One refused call, so errors show up by code.
     let invalid = ledger_client
         .record_entry(lpb::RecordEntryRequest { merchant_id: "m-otel".into(), ..Default::default() })
@@ -521,7 +556,12 @@ async fn one_entry_is_traced_across_the_asynchronous_hop_and_metrics_and_logs_ar
     })
     .await;
     let journey = wait_for("the entry's journey", Duration::from_secs(20), || {
-        follow(&spans(&received), JOURNEY, &trace_id, &caller_span, &event_id)
+        let all = spans(&received);
+        follow(&all, JOURNEY, &trace_id, &caller_span, &event_id).map_err(|e| {
+            let seen: Vec<String> =
+                all.iter().map(|s| format!("{}:{} parent {}", s.service, s.name, s.parent_span_id)).collect();
+            format!("{e}; spans seen: {seen:?}")
+        })
     })
     .await;
     let server = &journey["fluxo.ledger.v1.LedgerService/RecordEntry"];
@@ -627,7 +667,7 @@ async fn one_entry_is_traced_across_the_asynchronous_hop_and_metrics_and_logs_ar
         ("queue status stdout".into(), String::from_utf8_lossy(&status.stdout).into_owned()),
         ("queue status stderr".into(), String::from_utf8_lossy(&status.stderr).into_owned()),
     ];
-    for process in [ledger, consolidator, balance] {
+    for process in [gateway, ledger, consolidator, balance] {
         let (name, out, err) = process.stop();
         for line in out.lines() {
             serde_json::from_str::<serde_json::Value>(line)
@@ -656,7 +696,7 @@ async fn one_entry_is_traced_across_the_asynchronous_hop_and_metrics_and_logs_ar
         "the collector token was sent to the collector (as a header, not in the data)"
     );
     for (source, text) in &printed {
-        for secret in [PG_PASSWORD, REDIS_PASSWORD, COLLECTOR_TOKEN] {
+        for secret in [PG_PASSWORD, REDIS_PASSWORD, COLLECTOR_TOKEN, JWT_SECRET, bearer.as_str()] {
             assert!(!text.contains(secret), "{source} leaks a secret ({secret})");
         }
     }

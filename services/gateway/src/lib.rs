@@ -139,12 +139,17 @@ fn request_id(headers: &HeaderMap) -> HeaderValue {
 
 async fn handle(State(gateway): State<Gateway>, request: Request) -> Response {
     let id = request_id(request.headers());
+    // The span is named by its route template (bounded cardinality), known before it starts.
+    let route = match gateway.inner.routes.lookup(request.method(), request.uri().path()) {
+        Lookup::Found(route, _) => route.template.as_str().to_owned(),
+        _ => "unmatched".to_owned(),
+    };
     let span = tracing::info_span!(
         "http.server",
         otel.kind = "server",
-        otel.name = tracing::field::Empty,
+        otel.name = %format!("{} {route}", request.method()),
         http.request.method = %request.method(),
-        http.route = tracing::field::Empty,
+        http.route = %route,
         http.response.status_code = tracing::field::Empty,
         request_id = %id.to_str().unwrap_or_default(),
     );
@@ -189,8 +194,6 @@ impl Gateway {
             }
             Lookup::NotFound => return ApiError::new(Code::NotFound, "no such route").into_response(),
         };
-        tracing::Span::current().record("http.route", route.template.as_str());
-        tracing::Span::current().record("otel.name", format!("{} {}", route.method, route.template.as_str()));
 
         let identity = match inner.verifier.verify(request.headers().get(header::AUTHORIZATION)) {
             Ok(identity) => identity,
@@ -207,6 +210,12 @@ impl Gateway {
         };
         if let Some(d) = decision.filter(|d| !d.allowed) {
             tracing::info!(subject = %identity.subject, "rate limited");
+            let tier = identity.tier.clone().unwrap_or_else(|| "default".to_owned());
+            fluxo_telemetry::meter()
+                .u64_counter("fluxo.gateway.rate_limited")
+                .with_description("Requests refused with 429 by the shared rate limit")
+                .build()
+                .add(1, &[fluxo_telemetry::opentelemetry::KeyValue::new("fluxo.rate_limit.tier", tier)]);
             let mut e = ApiError::new(Code::ResourceExhausted, "rate limit exceeded; retry later")
                 .with_header(header::RETRY_AFTER, HeaderValue::from(ceil_secs(d.retry_after).max(1)));
             for (name, value) in rate_headers(&d) {
