@@ -286,6 +286,20 @@ pub(crate) async fn run(args: RunArgs) -> anyhow::Result<()> {
     let mut report = result?;
     report.fact("wall time of the whole run", format!("{:.0} s", wall.elapsed().as_secs_f64()));
 
+    if args.smoke {
+        // A smoke run asserts no timing, only that every phase worked.
+        let broken: Vec<String> = report
+            .runs
+            .iter()
+            .filter(|r| r.stats.ok == 0 || (r.stats.errors > 0 && !r.stats.label.starts_with("overload")))
+            .map(|r| r.stats.line())
+            .collect();
+        anyhow::ensure!(
+            broken.is_empty(),
+            "smoke run: phases without success or with errors:\n{}",
+            broken.join("\n")
+        );
+    }
     let md = report.markdown();
     println_out(&format!("\n{md}"));
     if !args.smoke {
