@@ -591,7 +591,8 @@ async fn run_in(
     // pipeline: end-to-end delay at a steady write rate.
     let delays = Arc::new(Mutex::new(Histogram::<u64>::new_with_bounds(1, 120_000_000, 3)?));
     let probes = Arc::new(Mutex::new((0u64, 0u64))); // (started, timed out)
-    let probe_every = ((args.pipeline_rate / 20.0).round() as u64).max(1);
+    // Few probes, polled gently: the probes must not become the load they measure.
+    let probe_every = ((args.pipeline_rate / 5.0).round() as u64).max(1);
     let pipe = {
         let (ledgers, balances, delays, probes) =
             (ledgers.clone(), balances.clone(), delays.clone(), probes.clone());
@@ -622,7 +623,7 @@ async fn run_in(
                                 delays.lock().expect("lock").saturating_record(us.max(1));
                                 return;
                             }
-                            tokio::time::sleep(Duration::from_millis(2)).await;
+                            tokio::time::sleep(Duration::from_millis(10)).await;
                         }
                         probes.lock().expect("lock").1 += 1;
                     });
@@ -645,16 +646,45 @@ async fn run_in(
     };
     let (started, lost) = *probes.lock().expect("lock");
     b.report.fact(
-        "end-to-end delay, commit → visible in GetDailyBalance",
+        "end-to-end delay, commit → visible in GetDailyBalance (probes)",
         format!(
-            "p50 {delay_p50:.1} ms, p99 {delay_p99:.1} ms, max {delay_max:.1} ms over {seen} probes ({started} started, {lost} never seen) at {:.0} writes/s (polled every 2 ms)",
+            "p50 {delay_p50:.1} ms, p99 {delay_p99:.1} ms, max {delay_max:.1} ms over {seen} probes ({started} started, {lost} never seen) at {:.0} writes/s (5 probes/s, polled every 10 ms)",
             pipe.throughput()
         ),
     );
+    // Every entry of the phase: the ledger's commit time to the read model's apply time.
+    let row = db
+        .query_one_raw(Statement::from_string(
+            DbBackend::Postgres,
+            "SELECT COUNT(*)::BIGINT, \
+             (percentile_cont(0.5) WITHIN GROUP (ORDER BY d))::FLOAT8, \
+             (percentile_cont(0.99) WITHIN GROUP (ORDER BY d))::FLOAT8, \
+             (percentile_cont(0.999) WITHIN GROUP (ORDER BY d))::FLOAT8, MAX(d)::FLOAT8 FROM ( \
+             SELECT (a.applied_at_micros - (EXTRACT(EPOCH FROM e.created_at) * 1000000)::BIGINT) / 1000.0 AS d \
+             FROM ledger_entries e JOIN balance_applied_events a ON a.entry_id = e.id \
+             WHERE e.request_id LIKE 'pipe-%') t"
+                .to_owned(),
+        ))
+        .await?
+        .context("no row")?;
+    let all_n: i64 = row.try_get_by_index(0)?;
+    let all_p50: f64 = row.try_get_by_index(1).unwrap_or(0.0);
+    let all_p99: f64 = row.try_get_by_index(2).unwrap_or(0.0);
+    let all_p999: f64 = row.try_get_by_index(3).unwrap_or(0.0);
+    let all_max: f64 = row.try_get_by_index(4).unwrap_or(0.0);
+    b.report.fact(
+        "end-to-end delay, every entry: ledger created_at → balance applied_at",
+        format!("p50 {all_p50:.1} ms, p99 {all_p99:.1} ms, p999 {all_p999:.1} ms, max {all_max:.1} ms over {all_n} entries"),
+    );
     b.report.verdict(
         &format!("pipeline e2e delay p99 ≤ 250 ms at {:.0} entries/s", args.pipeline_rate),
-        format!("p99 {delay_p99:.1} ms ({} write errors)", pipe.failed()),
-        delay_p99 <= 250.0 && lost == 0 && pipe.failed() == 0 && seen > 0,
+        format!(
+            "every entry: p99 {all_p99:.1} ms; probes through GetDailyBalance: p99 {delay_p99:.1} ms; writes served {:.0}/s, p99 {:.1} ms, {} failed",
+            pipe.throughput(),
+            pipe.ms(0.99),
+            pipe.failed()
+        ),
+        all_p99 <= 250.0 && delay_p99 <= 250.0 && lost == 0 && pipe.failed() == 0 && seen > 0,
     );
 
     // mixed while the consolidator is stopped, then its catching up.
