@@ -268,8 +268,9 @@ pub(crate) async fn rebuild(config: &Config, scope: &Scope) -> anyhow::Result<()
     if let Some(m) = &scope.merchant {
         by_merchant.entry(m.clone()).or_default();
     }
-    let start = range.start.unwrap_or(NaiveDate::MIN);
-    let end = range.end.unwrap_or(NaiveDate::MAX);
+    // Bounds every database stores as a date (PostgreSQL refuses chrono's MIN/MAX).
+    let start = range.start.unwrap_or(fluxo_ledger::domain::BookingDate::EARLIEST);
+    let end = range.end.or_else(|| NaiveDate::from_ymd_opt(9999, 12, 31)).unwrap_or(start);
     let total = by_merchant.len();
     for (i, (merchant, postings)) in by_merchant.iter().enumerate() {
         store.rebuild(merchant, start, end, postings).await?;
