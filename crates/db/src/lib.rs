@@ -202,6 +202,21 @@ pub fn statement(backend: DbBackend, sql: &str, values: Vec<sea_orm::Value>) -> 
     sea_orm::Statement::from_sql_and_values(backend, sql, values)
 }
 
+/// A service's readiness: `db` answers and `schema_current` (the service's
+/// own migrator) says its schema is up to date. `Err` says why not.
+pub async fn readiness(
+    db: &Db,
+    component: &str,
+    schema_current: impl Future<Output = Result<bool, DbErr>>,
+) -> Result<(), String> {
+    db.ping().await.map_err(|e| format!("database unreachable: {e}"))?;
+    match schema_current.await {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(format!("the {component} schema is not current: run `fluxo migrate`")),
+        Err(e) => Err(format!("cannot read the {component} schema version: {e}")),
+    }
+}
+
 /// `PostgreSQL` or `SQLite`, for messages.
 pub fn backend_name(backend: DbBackend) -> &'static str {
     match backend {

@@ -79,6 +79,23 @@ impl StreamEvent {
     }
 }
 
+/// Links `span` (a relay or consolidator batch) to the trace of every event
+/// in it, so each entry's journey continues across the asynchronous hop.
+pub fn link_to_events(span: &tracing::Span, events: &[StreamEvent]) {
+    use fluxo_telemetry::opentelemetry::KeyValue;
+    for event in events {
+        fluxo_telemetry::link_to(
+            span,
+            event.traceparent.as_deref(),
+            event.tracestate.as_deref(),
+            vec![
+                KeyValue::new("messaging.message.id", event.event_id.clone()),
+                KeyValue::new("fluxo.outbox.position", event.position),
+            ],
+        );
+    }
+}
+
 /// Where the events flow.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StreamNames {

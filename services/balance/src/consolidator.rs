@@ -97,17 +97,7 @@ fn batch_span(events: &[StreamEvent]) -> tracing::Span {
         applied = tracing::field::Empty,
         duplicates = tracing::field::Empty,
     );
-    for event in events {
-        fluxo_telemetry::link_to(
-            &span,
-            event.traceparent.as_deref(),
-            event.tracestate.as_deref(),
-            vec![
-                KeyValue::new("messaging.message.id", event.event_id.clone()),
-                KeyValue::new("fluxo.outbox.position", event.position),
-            ],
-        );
-    }
+    fluxo_queue::link_to_events(&span, events);
     span
 }
 

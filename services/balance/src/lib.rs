@@ -36,11 +36,6 @@ impl Readiness {
 #[async_trait::async_trait]
 impl fluxo_server::Readiness for Readiness {
     async fn check(&self) -> Result<(), String> {
-        self.db.ping().await.map_err(|e| format!("database unreachable: {e}"))?;
-        match BalanceStore::schema_is_current(&self.db).await {
-            Ok(true) => Ok(()),
-            Ok(false) => Err("the balance schema is not current: run `fluxo migrate`".into()),
-            Err(e) => Err(format!("cannot read the balance schema version: {e}")),
-        }
+        fluxo_db::readiness(&self.db, "balance", BalanceStore::schema_is_current(&self.db)).await
     }
 }

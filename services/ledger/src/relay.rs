@@ -21,7 +21,7 @@ use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use fluxo_db::{Db, statement};
 use fluxo_queue::{EventSink, StreamEvent};
-use fluxo_telemetry::opentelemetry::{KeyValue, metrics::ObservableGauge};
+use fluxo_telemetry::opentelemetry::metrics::ObservableGauge;
 use sea_orm::{ConnectionTrait, DbBackend, DbErr, TransactionTrait, Value};
 use tokio::sync::Notify;
 use tracing::Instrument;
@@ -67,17 +67,7 @@ fn batch_span(events: &[StreamEvent]) -> tracing::Span {
         messaging.operation.type = "send",
         messaging.batch.message_count = events.len(),
     );
-    for event in events {
-        fluxo_telemetry::link_to(
-            &span,
-            event.traceparent.as_deref(),
-            event.tracestate.as_deref(),
-            vec![
-                KeyValue::new("messaging.message.id", event.event_id.clone()),
-                KeyValue::new("fluxo.outbox.position", event.position),
-            ],
-        );
-    }
+    fluxo_queue::link_to_events(&span, events);
     span
 }
 
