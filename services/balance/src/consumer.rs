@@ -35,6 +35,9 @@ use crate::consolidator::{ApplyError, Consolidator};
 
 /// How often a consumer measures the stream for its gauges.
 const GAUGE_INTERVAL: Duration = Duration::from_secs(5);
+/// How long past its `block` time a read in flight at shutdown is awaited
+/// before the consumer gives up on Redis and exits.
+const READ_GRACE: Duration = Duration::from_secs(2);
 
 /// The stream as last measured.
 #[derive(Debug, Clone, Default)]
@@ -195,10 +198,32 @@ impl StreamConsumer {
                     tracing::warn!(%error, "trimming the stream failed");
                 }
             }
+            // A read is never abandoned: once XREADGROUP is sent, Redis may already
+            // have delivered a batch to this consumer, and dropping the reply would
+            // leave that batch pending until another consumer claims it. On stop the
+            // read in flight (bounded by `block`) is awaited and its batch finished.
+            let read = self.read_new();
+            tokio::pin!(read);
+            let mut stopping = false;
             let read = tokio::select! {
-                () = &mut stop => break,
-                read = self.read_new() => read,
+                () = &mut stop => {
+                    stopping = true;
+                    let bound = self.config.block + READ_GRACE;
+                    match tokio::time::timeout(bound, &mut read).await {
+                        Ok(read) => read,
+                        Err(_) => break,
+                    }
+                }
+                read = &mut read => read,
             };
+            if stopping {
+                if let Ok(batch) = read
+                    && !batch.is_empty()
+                {
+                    self.process(batch).await;
+                }
+                break;
+            }
             match read {
                 Ok(batch) => {
                     failures = 0;
