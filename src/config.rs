@@ -239,6 +239,10 @@ pub(crate) struct GrpcConfig {
 pub(crate) struct LedgerConfig {
     /// IANA time zone that decides "today" for entries booked without a date.
     pub time_zone: String,
+    /// Transactions booking entries at once (group commit); 1 on SQLite.
+    pub writers: usize,
+    /// Most entries booked in one transaction (1 to 1000).
+    pub max_batch: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -299,7 +303,8 @@ impl Default for GrpcConfig {
 
 impl Default for LedgerConfig {
     fn default() -> Self {
-        Self { time_zone: "UTC".into() }
+        let commit = fluxo_ledger::GroupCommit::default();
+        Self { time_zone: "UTC".into(), writers: commit.writers, max_batch: commit.max_batch }
     }
 }
 
@@ -353,6 +358,16 @@ impl Config {
         }
         if g.readiness_interval_ms == 0 {
             problems.push("grpc.readiness_interval_ms must be greater than 0".to_owned());
+        }
+        if self.ledger.writers == 0 || self.ledger.writers > self.database.max_connections as usize {
+            problems.push(format!(
+                "ledger.writers must be between 1 and database.max_connections ({}), got {}",
+                self.database.max_connections, self.ledger.writers
+            ));
+        }
+        if !(1..=1000).contains(&self.ledger.max_batch) {
+            problems
+                .push(format!("ledger.max_batch must be between 1 and 1000, got {}", self.ledger.max_batch));
         }
         if self.time_zone().is_err() {
             problems.push(format!(

@@ -10,7 +10,7 @@ use fluxo_balance::{
 };
 use fluxo_db::{Db, backend_name};
 use fluxo_ledger::{
-    Ledger, LedgerStore,
+    GroupCommit, Ledger, LedgerStore,
     relay::{Relay, RelayConfig},
 };
 use fluxo_queue::{EventSink, RedisSink};
@@ -88,7 +88,10 @@ pub(crate) async fn serve(config: Config, target: Target) -> anyhow::Result<()> 
     }
 
     if runs(Target::Ledger) {
-        let store = LedgerStore::new(db.clone());
+        let store = LedgerStore::with_group_commit(
+            db.clone(),
+            GroupCommit { writers: config.ledger.writers, max_batch: config.ledger.max_batch },
+        );
         let commits = store.commits();
         let ledger = Ledger::new(store, config.time_zone()?);
         server.add_service(fluxo_ledger::grpc::server(ledger, config.grpc.max_message_bytes)).await;

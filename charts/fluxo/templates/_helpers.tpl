@@ -168,6 +168,8 @@ FLUXO_GRPC__REQUEST_TIMEOUT_MS: {{ $c.grpc.requestTimeoutMs | quote }}
 FLUXO_GRPC__SHUTDOWN_DELAY_MS: {{ $c.grpc.shutdownDelayMs | quote }}
 FLUXO_GRPC__SHUTDOWN_TIMEOUT_MS: {{ $c.grpc.shutdownTimeoutMs | quote }}
 FLUXO_LEDGER__TIME_ZONE: {{ $c.ledger.timeZone | quote }}
+FLUXO_LEDGER__WRITERS: {{ $c.ledger.writers | quote }}
+FLUXO_LEDGER__MAX_BATCH: {{ $c.ledger.maxBatch | quote }}
 FLUXO_LOG__FORMAT: {{ $c.log.format | quote }}
 FLUXO_LOG__LEVEL: {{ $c.log.level | quote }}
 FLUXO_CONSOLIDATOR__STREAM: {{ $c.consolidator.stream | quote }}

@@ -104,9 +104,7 @@ impl BalanceStore {
             unique.iter().filter(|p| fresh.contains(&p.entry_id)).map(|p| (*p).clone()).collect();
 
         let deltas = fold(&to_apply)?;
-        for (key, delta) in &deltas {
-            add_to_day(&txn, backend, key, delta).await?;
-        }
+        add_to_days(&txn, backend, &deltas).await?;
         txn.commit().await?;
         Ok(Applied {
             applied: to_apply.len(),
@@ -257,9 +255,7 @@ impl BalanceStore {
             insert_applied(&txn, backend, chunk).await?;
         }
         let deltas = fold(postings)?;
-        for (key, delta) in &deltas {
-            add_to_day(&txn, backend, key, delta).await?;
-        }
+        add_to_days(&txn, backend, &deltas).await?;
         txn.commit().await?;
         Ok(postings.len())
     }
@@ -305,26 +301,35 @@ async fn insert_applied<P: std::borrow::Borrow<Posting>>(
     rows.iter().map(|r| r.try_get_by_index::<String>(0)).collect()
 }
 
-/// Adds `delta` to a day, creating it when absent. The database does the
-/// addition, so concurrent consolidators never lose an update; an overflow
-/// fails the statement (PostgreSQL's bigint range, SQLite's integer checks).
-async fn add_to_day(
+/// Adds each delta to its day, creating the days that are absent, in one
+/// statement. The database does the addition, so concurrent consolidators
+/// never lose an update; an overflow fails the statement (PostgreSQL's bigint
+/// range, SQLite's integer checks). `deltas` comes sorted by day key, so
+/// concurrent consolidators lock rows in the same order and cannot deadlock.
+async fn add_to_days(
     conn: &impl ConnectionTrait,
     backend: sea_orm::DbBackend,
-    key: &DayKey,
-    delta: &Delta,
+    deltas: &BTreeMap<DayKey, Delta>,
 ) -> Result<(), DbErr> {
-    conn.execute_raw(statement(
-        backend,
-        "INSERT INTO balance_daily (merchant_id, currency_code, booking_date, credits_minor, debits_minor, entry_count, as_of_micros) \
-         VALUES (?, ?, ?, ?, ?, ?, ?) \
-         ON CONFLICT (merchant_id, currency_code, booking_date) DO UPDATE SET \
-           credits_minor = balance_daily.credits_minor + excluded.credits_minor, \
-           debits_minor = balance_daily.debits_minor + excluded.debits_minor, \
-           entry_count = balance_daily.entry_count + excluded.entry_count, \
-           as_of_micros = CASE WHEN excluded.as_of_micros > balance_daily.as_of_micros \
-                               THEN excluded.as_of_micros ELSE balance_daily.as_of_micros END",
-        vec![
+    let sorted: Vec<(&DayKey, &Delta)> = deltas.iter().collect();
+    for chunk in sorted.chunks(500) {
+        upsert_days(conn, backend, chunk).await?;
+    }
+    Ok(())
+}
+
+async fn upsert_days(
+    conn: &impl ConnectionTrait,
+    backend: sea_orm::DbBackend,
+    deltas: &[(&DayKey, &Delta)],
+) -> Result<(), DbErr> {
+    let mut sql = String::from(
+        "INSERT INTO balance_daily (merchant_id, currency_code, booking_date, credits_minor, debits_minor, entry_count, as_of_micros) VALUES ",
+    );
+    let mut values: Vec<Value> = Vec::with_capacity(deltas.len() * 7);
+    for (i, (key, delta)) in deltas.iter().enumerate() {
+        sql.push_str(if i == 0 { "(?, ?, ?, ?, ?, ?, ?)" } else { ", (?, ?, ?, ?, ?, ?, ?)" });
+        values.extend([
             key.merchant_id.clone().into(),
             key.currency.clone().into(),
             key.date.into(),
@@ -332,8 +337,16 @@ async fn add_to_day(
             delta.debits.into(),
             delta.count.into(),
             delta.as_of_micros.into(),
-        ],
-    ))
-    .await?;
+        ]);
+    }
+    sql.push_str(
+        " ON CONFLICT (merchant_id, currency_code, booking_date) DO UPDATE SET \
+           credits_minor = balance_daily.credits_minor + excluded.credits_minor, \
+           debits_minor = balance_daily.debits_minor + excluded.debits_minor, \
+           entry_count = balance_daily.entry_count + excluded.entry_count, \
+           as_of_micros = CASE WHEN excluded.as_of_micros > balance_daily.as_of_micros \
+                               THEN excluded.as_of_micros ELSE balance_daily.as_of_micros END",
+    );
+    conn.execute_raw(statement(backend, &sql, values)).await?;
     Ok(())
 }

@@ -18,7 +18,7 @@ use fluxo_db::Db;
 
 pub use error::LedgerError;
 pub use service::{EntryPage, Ledger};
-pub use store::{LedgerStore, Migrator};
+pub use store::{GroupCommit, LedgerStore, Migrator};
 
 /// The ledger's readiness: the database answers and its schema is current.
 #[derive(Debug, Clone)]

@@ -2,6 +2,7 @@
 //! SQLite through sea-orm. Every write is one transaction that either books the
 //! entry, claims its key and queues its event together, or does nothing.
 
+mod group;
 mod migrations;
 mod schema;
 
@@ -19,6 +20,7 @@ use sea_orm::{
 use sea_orm_migration::MigratorTrait;
 use tokio::sync::Notify;
 
+pub use group::GroupCommit;
 pub use migrations::Migrator;
 use schema::{entry, idempotency_key, outbox};
 
@@ -32,7 +34,7 @@ use crate::{
 };
 
 /// Why the store failed, in terms a caller can act on.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
     /// The database cannot be reached right now; the call may be retried.
     #[error("database unavailable: {0}")]
@@ -83,12 +85,20 @@ pub struct LedgerStore {
     db: Db,
     // Woken after every commit so the outbox relay publishes at once.
     committed: Arc<Notify>,
+    writers: Arc<group::Writers>,
 }
 
 impl LedgerStore {
     /// Wraps an open database; the schema must be current (see [`Migrator`]).
     pub fn new(db: Db) -> Self {
-        Self { db, committed: Arc::new(Notify::new()) }
+        Self::with_group_commit(db, GroupCommit::default())
+    }
+
+    /// Like [`LedgerStore::new`], with the batching of concurrent bookings set.
+    pub fn with_group_commit(db: Db, config: GroupCommit) -> Self {
+        let committed = Arc::new(Notify::new());
+        let writers = Arc::new(group::Writers::new(db.clone(), committed.clone(), config));
+        Self { db, committed, writers }
     }
 
     /// Notified after every commit that adds outbox events (for the relay).
@@ -113,18 +123,11 @@ impl LedgerStore {
         let Some(key) = new.request_id.clone() else {
             return Err(LedgerError::Internal("record without an idempotency key".into()));
         };
-        {
-            let _writer = self.db.write_guard().await;
-            let txn = self.db.conn().begin().await.map_err(StoreError::from)?;
-            if claim_key(&txn, &new.merchant_id, &key, fingerprint, new.id).await? {
-                let entry = insert_entry(&txn, new).await?;
-                txn.commit().await.map_err(StoreError::from)?;
-                self.committed.notify_one();
-                return Ok(Booked::New(entry));
-            }
-            txn.rollback().await.map_err(StoreError::from)?;
+        let merchant = new.merchant_id.clone();
+        match self.writers.book(new, fingerprint).await? {
+            group::Outcome::Booked(entry) => Ok(Booked::New(entry)),
+            group::Outcome::KeyTaken => self.replay(&merchant, &key, fingerprint).await,
         }
-        self.replay(&new.merchant_id, &key, fingerprint).await
     }
 
     /// Books the reversal of `entry_id` as `decide` rules it, atomically with
@@ -358,7 +361,20 @@ async fn claim_key(
 
 /// Inserts the entry and its `EntryRecorded` event.
 async fn insert_entry(txn: &DatabaseTransaction, new: NewEntry) -> Result<Entry, LedgerError> {
-    let created_at = now();
+    let (row, event, entry) = entry_rows(new, now(), fluxo_telemetry::current_trace_context());
+    entry::Entity::insert(row).exec_without_returning(txn).await.map_err(StoreError::Failed)?;
+    outbox::Entity::insert(event).exec_without_returning(txn).await.map_err(StoreError::from)?;
+    Ok(entry)
+}
+
+/// The rows that book `new` at `created_at`: the entry, its `EntryRecorded`
+/// event carrying `trace` (W3C traceparent and tracestate), and the entry as
+/// it now reads.
+fn entry_rows(
+    new: NewEntry,
+    created_at: DateTime<Utc>,
+    (traceparent, tracestate): (Option<String>, Option<String>),
+) -> (entry::ActiveModel, outbox::ActiveModel, Entry) {
     let row = entry::ActiveModel {
         id: Set(new.id.to_string()),
         merchant_id: Set(new.merchant_id.as_str().to_owned()),
@@ -371,10 +387,8 @@ async fn insert_entry(txn: &DatabaseTransaction, new: NewEntry) -> Result<Entry,
         reverses_entry_id: Set(new.reverses.map(|id| id.to_string())),
         created_at: Set(created_at),
     };
-    entry::Entity::insert(row).exec_without_returning(txn).await.map_err(StoreError::Failed)?;
     let entry = Entry { booked: new, created_at, reversed_by: None };
     let event_id = ulid::Ulid::new().to_string();
-    let (traceparent, tracestate) = fluxo_telemetry::current_trace_context();
     let event = outbox::ActiveModel {
         position: NotSet,
         event_id: Set(event_id.clone()),
@@ -386,8 +400,7 @@ async fn insert_entry(txn: &DatabaseTransaction, new: NewEntry) -> Result<Entry,
         created_at: Set(created_at),
         published_at: Set(None),
     };
-    outbox::Entity::insert(event).exec_without_returning(txn).await.map_err(StoreError::from)?;
-    Ok(entry)
+    (row, event, entry)
 }
 
 async fn load_entry(

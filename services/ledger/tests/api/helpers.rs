@@ -4,7 +4,7 @@
 use std::{sync::Arc, time::Duration};
 
 use fluxo_db::Db;
-use fluxo_ledger::{Ledger, LedgerStore, Readiness};
+use fluxo_ledger::{GroupCommit, Ledger, LedgerStore, Readiness};
 use fluxo_proto::ledger_v1::{self as pb, ledger_service_client::LedgerServiceClient};
 use fluxo_server::{GrpcServer, ServerConfig};
 use fluxo_testing::{Backend, TestDb};
@@ -28,11 +28,17 @@ pub(crate) struct Options {
     pub(crate) migrate: bool,
     pub(crate) max_concurrent_requests: usize,
     pub(crate) shutdown_delay: Duration,
+    pub(crate) group_commit: GroupCommit,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Self { migrate: true, max_concurrent_requests: 256, shutdown_delay: Duration::ZERO }
+        Self {
+            migrate: true,
+            max_concurrent_requests: 256,
+            shutdown_delay: Duration::ZERO,
+            group_commit: GroupCommit::default(),
+        }
     }
 }
 
@@ -56,7 +62,8 @@ pub(crate) async fn spawn_with(test_db: TestDb, options: Options) -> TestApp {
     .await
     .expect("bind");
     let addr = server.local_addr().unwrap();
-    let ledger = Ledger::new(LedgerStore::new(db.clone()), chrono_tz::UTC);
+    let ledger =
+        Ledger::new(LedgerStore::with_group_commit(db.clone(), options.group_commit), chrono_tz::UTC);
     server.add_service(fluxo_ledger::grpc::server(ledger, 64 * 1024)).await;
     server.add_reflection(fluxo_proto::FILE_DESCRIPTOR_SET).unwrap();
     let (tx, rx) = oneshot::channel::<()>();

@@ -18,6 +18,7 @@ backend_suite!(
     replays_the_original_entry_even_after_a_restart,
     refuses_a_reused_key_with_a_different_request,
     fifty_concurrent_duplicates_book_exactly_one_entry,
+    concurrent_records_share_commits_and_a_refused_one_fails_alone,
     names_every_invalid_field,
     paginates_without_skips_or_repeats_while_writing,
     enforces_the_reversal_rules,
@@ -131,6 +132,59 @@ async fn fifty_concurrent_duplicates_book_exactly_one_entry(backend: Backend) {
     assert_eq!(ids.len(), 1, "all callers see the same entry");
     assert_eq!(app.count("SELECT COUNT(*) FROM ledger_entries").await, 1);
     assert_eq!(app.count("SELECT COUNT(*) FROM ledger_outbox").await, 1);
+}
+
+async fn concurrent_records_share_commits_and_a_refused_one_fails_alone(backend: Backend) {
+    let app = spawn_with(
+        TestDb::new(backend).await,
+        Options {
+            group_commit: fluxo_ledger::GroupCommit { writers: 1, max_batch: 64 },
+            ..Options::default()
+        },
+    )
+    .await;
+    refuse_outbox_events_of(&app, backend, "poison").await;
+    let record = |merchant: String, key: String| {
+        let mut client = app.client.clone();
+        tokio::spawn(async move { client.record_entry(credit(&merchant, &key, 100)).await })
+    };
+    let mut calls: Vec<_> = (0..200).map(|i| record(format!("m-{}", i % 7), format!("k-{i}"))).collect();
+    calls.insert(100, record("poison".into(), "k-poison".into()));
+    let mut booked = HashSet::new();
+    let mut refused = Vec::new();
+    for call in futures::future::join_all(calls).await {
+        match call.unwrap() {
+            Ok(entry) => assert!(booked.insert(entry.into_inner().id)),
+            Err(status) => refused.push(status),
+        }
+    }
+    assert_eq!(booked.len(), 200, "every other entry is booked: {refused:?}");
+    assert_eq!(refused.len(), 1);
+    assert_eq!(refused[0].code(), Code::Internal);
+    assert_eq!(app.count("SELECT COUNT(*) FROM ledger_entries").await, 200);
+    assert_eq!(app.count("SELECT COUNT(*) FROM ledger_outbox").await, 200);
+    assert_eq!(app.count("SELECT COUNT(*) FROM ledger_idempotency_keys").await, 200);
+    assert_eq!(app.count("SELECT COUNT(*) FROM ledger_entries WHERE merchant_id = 'poison'").await, 0);
+    // Entries booked in one transaction share its commit timestamp: with one
+    // writer and 201 callers at once, they were booked in far fewer commits.
+    let commits = app.count("SELECT COUNT(DISTINCT created_at) FROM ledger_entries").await;
+    assert!(commits < 100, "{commits} commits for 200 entries");
+}
+
+/// Makes the outbox refuse `merchant`'s events (so booking them fails).
+async fn refuse_outbox_events_of(app: &helpers::TestApp, backend: Backend, merchant: &str) {
+    let create = match backend {
+        Backend::Sqlite => format!(
+            "CREATE TRIGGER refuse_poison BEFORE INSERT ON ledger_outbox WHEN NEW.merchant_id = '{merchant}' \
+             BEGIN SELECT RAISE(ABORT, 'outbox refused'); END;"
+        ),
+        Backend::Postgres => format!(
+            "CREATE FUNCTION refuse_poison() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
+             IF NEW.merchant_id = '{merchant}' THEN RAISE EXCEPTION 'outbox refused'; END IF; RETURN NEW; END $$; \
+             CREATE TRIGGER refuse_poison BEFORE INSERT ON ledger_outbox FOR EACH ROW EXECUTE FUNCTION refuse_poison();"
+        ),
+    };
+    app.db.conn().execute_unprepared(&create).await.unwrap();
 }
 
 async fn names_every_invalid_field(backend: Backend) {
@@ -434,20 +488,7 @@ async fn commits_entry_and_outbox_event_together_or_not_at_all(backend: Backend)
     assert_eq!(event.event_id.len(), 26);
 
     // Make the outbox refuse one merchant's events: the entry must not land either.
-    let (create, drop) = match backend {
-        Backend::Sqlite => (
-            "CREATE TRIGGER refuse_poison BEFORE INSERT ON ledger_outbox WHEN NEW.merchant_id = 'poison' \
-             BEGIN SELECT RAISE(ABORT, 'outbox refused'); END;",
-            "DROP TRIGGER refuse_poison;",
-        ),
-        Backend::Postgres => (
-            "CREATE FUNCTION refuse_poison() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
-             IF NEW.merchant_id = 'poison' THEN RAISE EXCEPTION 'outbox refused'; END IF; RETURN NEW; END $$; \
-             CREATE TRIGGER refuse_poison BEFORE INSERT ON ledger_outbox FOR EACH ROW EXECUTE FUNCTION refuse_poison();",
-            "DROP TRIGGER refuse_poison ON ledger_outbox; DROP FUNCTION refuse_poison();",
-        ),
-    };
-    app.db.conn().execute_unprepared(create).await.unwrap();
+    refuse_outbox_events_of(&app, backend, "poison").await;
     let failed = app.record(credit("poison", "k-p", 500)).await.unwrap_err();
     assert_eq!(failed.code(), Code::Internal);
     assert!(!failed.message().contains("outbox refused"), "internals stay hidden: {}", failed.message());
@@ -458,6 +499,10 @@ async fn commits_entry_and_outbox_event_together_or_not_at_all(backend: Backend)
     );
 
     // Once the cause is gone, the same key books normally: nothing was half-written.
+    let drop = match backend {
+        Backend::Sqlite => "DROP TRIGGER refuse_poison;",
+        Backend::Postgres => "DROP TRIGGER refuse_poison ON ledger_outbox; DROP FUNCTION refuse_poison();",
+    };
     app.db.conn().execute_unprepared(drop).await.unwrap();
     let retried = app.record(credit("poison", "k-p", 500)).await.unwrap();
     assert_eq!(
