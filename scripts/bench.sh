@@ -32,6 +32,8 @@ if [ -n "$smoke" ]; then
 else
     profile=release
     cargo build --locked --release -p fluxo -p fluxo-bench --bins
+    # Every acknowledged write durable, as in production: fsync on.
+    export FLUXO_TEST_PG_DURABLE=1
     limit="${FLUXO_BENCH_TIMEOUT:-3600}"
 fi
 
@@ -41,5 +43,8 @@ fi
 export FLUXO_TEST_GRPCURL="${FLUXO_TEST_GRPCURL:-unused}"
 export FLUXO_BENCH_COMMAND="./scripts/bench.sh $*"
 # fluxo-bench stops the processes it started on SIGTERM; -k kills it if it cannot.
-export FLUXO_TEST_CMD="timeout -k 15 $limit target/$profile/fluxo-bench run --fluxo target/$profile/fluxo"
+# A full run also records where the CPU went (perf, when it can run here).
+profile_flag=""
+[ -z "$smoke" ] && profile_flag="--profile"
+export FLUXO_TEST_CMD="timeout -k 15 $limit target/$profile/fluxo-bench run --fluxo target/$profile/fluxo $profile_flag"
 exec ./scripts/test.sh "$@"

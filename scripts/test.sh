@@ -11,6 +11,8 @@
 #   FLUXO_TEST_REDIS_URL         use this Redis instead of starting one
 #   FLUXO_TEST_PG_BINDIR         PostgreSQL bin dir (found automatically if unset)
 #   FLUXO_TEST_REDIS_SERVER_BIN  redis-server binary (found automatically if unset)
+#   FLUXO_TEST_PG_DURABLE        set to run PostgreSQL with fsync and full-page
+#                                writes on (the benchmark does; tests do not need it)
 #   FLUXO_TEST_SKIP_K8S          set to skip the offline Kubernetes validation that
 #                                follows a full cargo test run
 #   FLUXO_TEST_CMD               run this shell command instead of `cargo test ...`
@@ -177,8 +179,8 @@ if [ -z "${FLUXO_TEST_POSTGRES_URL:-}" ]; then
     mkdir "$pg_data"
     is_root && chown -R postgres: "$tmp_dir"
 
-    # Trust auth and no durability: a throwaway server for tests that create
-    # and drop many short-lived databases.
+    # Trust auth and (unless FLUXO_TEST_PG_DURABLE) no durability: a throwaway
+    # server for tests that create and drop many short-lived databases.
     (cd "$tmp_dir" && as_pg_user "$pg_bindir/initdb" -D "$pg_data" -U postgres \
         --auth=trust -E UTF8 --locale=C >"$tmp_dir/initdb.log" 2>&1) ||
         { cat "$tmp_dir/initdb.log" >&2; die "initdb failed"; }
@@ -187,9 +189,10 @@ listen_addresses = '127.0.0.1'
 port = $pg_port
 unix_socket_directories = '$tmp_dir'
 max_connections = 300
-fsync = off
-full_page_writes = off
 EOF
+    if [ -z "${FLUXO_TEST_PG_DURABLE:-}" ]; then
+        printf 'fsync = off\nfull_page_writes = off\n' >>"$pg_data/postgresql.conf"
+    fi
     # pg_ctl -w notices a server that dies on startup; pg_isready below
     # confirms it really answers on TCP.
     (cd "$tmp_dir" && as_pg_user "$pg_bindir/pg_ctl" -D "$pg_data" -l "$tmp_dir/postgres.log" \

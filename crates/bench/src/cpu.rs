@@ -64,9 +64,22 @@ pub(crate) fn snapshot(named: &[(String, u32)]) -> Snapshot {
     Snapshot { at: Instant::now(), ticks }
 }
 
-/// Cores used by each group between two snapshots, busiest first, e.g.
-/// `postgres 1.21, ledger 0.52, fluxo-bench 0.20`.
-pub(crate) fn between(before: &Snapshot, after: &Snapshot) -> String {
+/// Cores used by each group between two snapshots, busiest first.
+#[derive(Debug, Clone)]
+pub(crate) struct Usage {
+    pub(crate) by_group: Vec<(String, f64)>,
+}
+
+impl std::fmt::Display for Usage {
+    /// e.g. `1.93 cores: postgres 1.21, ledger 0.52, fluxo-bench 0.20`
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let total: f64 = self.by_group.iter().map(|u| u.1).sum();
+        let parts: Vec<String> = self.by_group.iter().map(|(k, c)| format!("{k} {c:.2}")).collect();
+        write!(f, "{total:.2} cores: {}", parts.join(", "))
+    }
+}
+
+pub(crate) fn between(before: &Snapshot, after: &Snapshot) -> Usage {
     let secs = after.at.duration_since(before.at).as_secs_f64().max(1e-3);
     let tck = clk_tck();
     let mut used: Vec<(String, f64)> = after
@@ -79,7 +92,5 @@ pub(crate) fn between(before: &Snapshot, after: &Snapshot) -> String {
         .filter(|(_, c)| *c >= 0.01)
         .collect();
     used.sort_by(|a, b| b.1.total_cmp(&a.1));
-    let total: f64 = used.iter().map(|u| u.1).sum();
-    let parts: Vec<String> = used.iter().map(|(k, c)| format!("{k} {c:.2}")).collect();
-    format!("{total:.2} cores: {}", parts.join(", "))
+    Usage { by_group: used }
 }

@@ -20,6 +20,7 @@ mod bare;
 mod cpu;
 mod load;
 mod procs;
+mod profile;
 mod report;
 mod scenarios;
 
@@ -69,6 +70,11 @@ pub(crate) struct RunArgs {
     /// Request rate of the mixed scenario (20% writes, 80% reads).
     #[arg(long, default_value_t = 5_000.0)]
     mixed_rate: f64,
+    /// Sample every CPU with `perf record` during each phase and add the hottest
+    /// symbols of each busy process to the report (needs perf and the right to
+    /// use it; skipped with a warning otherwise).
+    #[arg(long)]
+    profile: bool,
     /// Where to write the report (never in smoke runs).
     #[arg(long, default_value = "BENCHMARKS.md")]
     report: PathBuf,

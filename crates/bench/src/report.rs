@@ -38,6 +38,7 @@ pub(crate) struct Report {
     pub(crate) verdicts: Vec<Verdict>,
     pub(crate) procs: Vec<ProcRow>,
     pub(crate) facts: Vec<(String, String)>,
+    pub(crate) profiles: Vec<crate::profile::Profile>,
 }
 
 impl Report {
@@ -105,6 +106,22 @@ impl Report {
         let _ = writeln!(s, "\n| target | start to SERVING | idle RSS |\n|---|---:|---:|");
         for p in &self.procs {
             let _ = writeln!(s, "| {} | {:.0} ms | {:.1} MB |", p.target, p.ready_ms, p.idle_rss_mb);
+        }
+        if !self.profiles.is_empty() {
+            let _ = writeln!(
+                s,
+                "\n### CPU profiles\n\n`perf record -a -F 499` during each phase; per process that used at least 0.2 cores, \
+                 first where its samples fell by object (`[kernel.kallsyms]` is the kernel: syscalls, TCP on loopback, \
+                 scheduling; `libc.so.6` is mostly malloc and memmove), then its hottest symbols by self time \
+                 (shares of that process's samples; `[k]` kernel, `[.]` user space).\n"
+            );
+            for profile in &self.profiles {
+                let _ = writeln!(s, "<details><summary>{}</summary>\n", profile.label);
+                for (process, lines) in &profile.processes {
+                    let _ = writeln!(s, "- **{process}**: {}", lines.join("; "));
+                }
+                let _ = writeln!(s, "\n</details>\n");
+            }
         }
         s
     }

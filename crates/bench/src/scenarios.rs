@@ -166,6 +166,8 @@ struct Bench {
     duration: Duration,
     report: Report,
     pids: Vec<(String, u32)>,
+    /// Where `perf` recordings go, when profiling.
+    profile_dir: Option<std::path::PathBuf>,
 }
 
 impl Bench {
@@ -183,11 +185,33 @@ impl Bench {
         Fut: Future<Output = Outcome> + Send + 'static,
     {
         eprintln!("==> {label}");
+        let n = self.report.runs.len();
+        let recording = self.profile_dir.as_deref().and_then(|dir| crate::profile::start(dir, n, duration));
         let before = cpu::snapshot(&self.pids);
         let stats = load::run(label, mode, duration, op).await;
         let cpu = cpu::between(&before, &cpu::snapshot(&self.pids));
         eprintln!("  {}\n  CPU {cpu}", stats.line());
-        self.report.runs.push(Run { stats: stats.clone(), cpu });
+        if let Some(recording) = recording {
+            // Only processes that used a fifth of a core or more are worth a look.
+            let busy: Vec<(String, String)> = cpu
+                .by_group
+                .iter()
+                .filter(|(_, cores)| *cores >= 0.2)
+                .filter_map(|(group, _)| {
+                    let filter = match group.as_str() {
+                        "postgres" => "--comm=postgres".to_owned(),
+                        "redis" => "--comm=redis-server".to_owned(),
+                        "fluxo-bench" => format!("--pid={}", std::process::id()),
+                        name => format!("--pid={}", self.pids.iter().find(|(n, _)| n == name)?.1),
+                    };
+                    Some((group.clone(), filter))
+                })
+                .collect();
+            if let Some(profile) = crate::profile::finish(recording, label, &busy, 8) {
+                self.report.profiles.push(profile);
+            }
+        }
+        self.report.runs.push(Run { stats: stats.clone(), cpu: cpu.to_string() });
         stats
     }
 
@@ -278,7 +302,9 @@ pub(crate) async fn run(args: RunArgs) -> anyhow::Result<()> {
     let data_dir = std::env::temp_dir().join(format!("fluxo-bench-{run_id}"));
     std::fs::create_dir_all(&data_dir)?;
 
-    let result = run_in(&args, duration, &run_id, &db_url, &redis_url, fluxo_bin, &data_dir).await;
+    let durability = pg_durability(&admin).await?;
+    let result =
+        run_in(&args, duration, &run_id, &db_url, &redis_url, fluxo_bin, &data_dir, &durability).await;
 
     std::fs::remove_dir_all(&data_dir).ok();
     admin.execute_unprepared(&format!("DROP DATABASE IF EXISTS {db_name} WITH (FORCE)")).await.ok();
@@ -318,7 +344,20 @@ fn println_out(s: &str) {
     let _ = writeln!(out, "{s}");
 }
 
-#[allow(clippy::too_many_lines)]
+/// PostgreSQL's durability settings, as the report states them.
+async fn pg_durability(admin: &DatabaseConnection) -> anyhow::Result<String> {
+    let mut settings = Vec::new();
+    for name in ["fsync", "synchronous_commit", "full_page_writes"] {
+        let row = admin
+            .query_one_raw(Statement::from_string(DbBackend::Postgres, format!("SHOW {name}")))
+            .await?
+            .context("SHOW returned nothing")?;
+        settings.push(format!("{name}={}", row.try_get_by_index::<String>(0)?));
+    }
+    Ok(settings.join(", "))
+}
+
+#[allow(clippy::too_many_lines, clippy::too_many_arguments)]
 async fn run_in(
     args: &RunArgs,
     duration: Duration,
@@ -327,6 +366,7 @@ async fn run_in(
     redis_url: &str,
     fluxo_bin: std::path::PathBuf,
     data_dir: &std::path::Path,
+    durability: &str,
 ) -> anyhow::Result<Report> {
     let stream = format!("fluxo:bench:{run_id}");
     let fluxo = Fluxo {
@@ -359,7 +399,7 @@ async fn run_in(
                 .filter(|s| !s.is_empty())
                 .unwrap_or_else(|| "unknown".into()),
             settings: format!(
-                "{}{:.0} s per phase, {} callers over {} connections for maximum runs, backlog {}, pipeline at {:.0}/s, mixed at {:.0}/s; PostgreSQL with fsync=off (scripts/test.sh), fluxo database pool 16 (default)",
+                "{}{:.0} s per phase, {} callers over {} connections for maximum runs, backlog {}, pipeline at {:.0}/s, mixed at {:.0}/s; PostgreSQL {durability}, fluxo database pool 16 (default), ledger group commit 4 writers × 256 (default)",
                 if args.smoke { "SMOKE (figures mean nothing), " } else { "" },
                 duration.as_secs_f64(),
                 args.concurrency,
@@ -371,7 +411,15 @@ async fn run_in(
             ..Report::default()
         },
         pids: Vec::new(),
+        profile_dir: None,
     };
+    if args.profile && !args.smoke {
+        if crate::profile::available(data_dir) {
+            b.profile_dir = Some(data_dir.to_path_buf());
+        } else {
+            eprintln!("fluxo-bench: warning: `perf record -a` does not work here; running without profiles");
+        }
+    }
     eprintln!("fluxo-bench: {}", b.report.machine);
     eprintln!("fluxo-bench: {}", b.report.settings);
     fluxo.run(&["migrate"])?;
