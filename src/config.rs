@@ -174,6 +174,8 @@ pub(crate) struct BalanceSettings {
     pub cache_ttl_ms: u64,
     /// How long the last known balance is kept to answer while PostgreSQL is down.
     pub stale_ttl_ms: u64,
+    /// Prefix of every cache key in Redis (installations sharing a Redis need their own).
+    pub cache_prefix: String,
 }
 
 impl Default for RedisSettings {
@@ -205,7 +207,11 @@ impl Default for ConsolidatorSettings {
 
 impl Default for BalanceSettings {
     fn default() -> Self {
-        Self { cache_ttl_ms: 60_000, stale_ttl_ms: 24 * 3600 * 1000 }
+        Self {
+            cache_ttl_ms: 60_000,
+            stale_ttl_ms: 24 * 3600 * 1000,
+            cache_prefix: fluxo_balance::cache::DEFAULT_PREFIX.to_owned(),
+        }
     }
 }
 

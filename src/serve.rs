@@ -80,6 +80,7 @@ pub(crate) async fn serve(config: Config, target: Target) -> anyhow::Result<()> 
     let balance_store = BalanceStore::new(db.clone());
     let cache = redis.as_ref().map(|client| {
         BalanceCache::new(client.clone(), config.balance.cache_ttl_ms, config.balance.stale_ttl_ms)
+            .with_prefix(&config.balance.cache_prefix)
     });
     let mut consolidator = Consolidator::new(balance_store.clone());
     if let Some(cache) = &cache {

@@ -118,6 +118,8 @@ impl Install {
             ("FLUXO_DATABASE__URL".into(), self.db.url.clone()),
             ("FLUXO_REDIS__URL".into(), self.redis_url.clone()),
             ("FLUXO_CONSOLIDATOR__STREAM".into(), self.stream.clone()),
+            // Tests share one Redis: each installation keeps its cache apart.
+            ("FLUXO_BALANCE__CACHE_PREFIX".into(), format!("{}:balance", self.stream)),
             ("FLUXO_CONSOLIDATOR__CLAIM_IDLE_MS".into(), "1500".into()),
             ("FLUXO_CONSOLIDATOR__MAX_DELIVERIES".into(), "3".into()),
             ("FLUXO_CONSOLIDATOR__TRIM_INTERVAL_MS".into(), "1000".into()),

@@ -79,6 +79,8 @@ pub struct Telemetry {
     tracer: SdkTracerProvider,
     meter: Option<SdkMeterProvider>,
     exporting: bool,
+    // Flushes the log lines still queued for stdout when dropped.
+    _log_writer: tracing_appender::non_blocking::WorkerGuard,
 }
 
 impl Telemetry {
@@ -95,7 +97,7 @@ impl Telemetry {
     /// Flushes buffered spans and a last round of metrics to the collector,
     /// then stops the exporters.
     pub fn shutdown(self) {
-        let Self { tracer, meter, .. } = self;
+        let Self { tracer, meter, _log_writer, .. } = self;
         let work = move || {
             if let Some(meter) = meter
                 && let Err(error) = meter.shutdown()
@@ -225,14 +227,22 @@ pub fn init(config: &TelemetryConfig) -> Result<Telemetry, TelemetryError> {
     let (tracer, exporting) = tracer_provider(&config.service_name)?;
     let meter = meter_provider(&config.service_name)?;
     let terminal = std::io::stdout().is_terminal();
-    let subscriber = subscriber(config, &tracer, std::io::stdout, terminal)?;
+    // Log lines are written to stdout by a thread of their own, in batches,
+    // instead of one write(2) per line on the thread serving a request. Never
+    // lossy: when stdout cannot keep up, callers wait as they would writing
+    // directly, and no line is dropped.
+    let (writer, log_writer) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(false)
+        .thread_name("fluxo-log")
+        .finish(std::io::stdout());
+    let subscriber = subscriber(config, &tracer, writer, terminal)?;
     tracing::subscriber::set_global_default(subscriber).map_err(|_| TelemetryError::AlreadyInstalled)?;
     global::set_text_map_propagator(TraceContextPropagator::new());
     global::set_tracer_provider(tracer.clone());
     if let Some(meter) = &meter {
         global::set_meter_provider(meter.clone());
     }
-    Ok(Telemetry { tracer, meter, exporting })
+    Ok(Telemetry { tracer, meter, exporting, _log_writer: log_writer })
 }
 
 /// The meter every fluxo instrument is created from. Create instruments after

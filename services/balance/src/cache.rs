@@ -50,16 +50,19 @@ pub struct CacheKey {
 
 impl CacheKey {
     // The merchant is a hash tag so a script's keys share one cluster slot.
-    fn answers(&self) -> String {
-        format!("fluxo:balance:{{{}}}:{}", self.merchant, self.currency)
+    fn answers(&self, prefix: &str) -> String {
+        format!("{prefix}:{{{}}}:{}", self.merchant, self.currency)
     }
-    fn generation(&self) -> String {
-        format!("fluxo:balance:{{{}}}:{}:gen", self.merchant, self.currency)
+    fn generation(&self, prefix: &str) -> String {
+        format!("{prefix}:{{{}}}:{}:gen", self.merchant, self.currency)
     }
-    fn last_known(&self) -> String {
-        format!("fluxo:balance:{{{}}}:{}:last", self.merchant, self.currency)
+    fn last_known(&self, prefix: &str) -> String {
+        format!("{prefix}:{{{}}}:{}:last", self.merchant, self.currency)
     }
 }
+
+/// The key prefix of the cache unless configured otherwise.
+pub const DEFAULT_PREFIX: &str = "fluxo:balance";
 
 const GET: &str = "return {redis.call('HGET', KEYS[1], ARGV[1]), redis.call('GET', KEYS[2]) or '0'}";
 const PUT: &str = "if (redis.call('GET', KEYS[2]) or '0') ~= ARGV[1] then return 0 end \
@@ -91,6 +94,8 @@ pub enum Lookup {
 #[derive(Clone)]
 pub struct BalanceCache {
     client: Client,
+    // Namespace of every key, so installations sharing a Redis stay apart.
+    prefix: Arc<str>,
     ttl_ms: u64,
     stale_ttl_ms: u64,
     // Keyed by the generation too: a caller that saw a newer generation never
@@ -114,7 +119,20 @@ impl std::fmt::Debug for BalanceCache {
 impl BalanceCache {
     /// A cache in Redis through `client`.
     pub fn new(client: Client, ttl_ms: u64, stale_ttl_ms: u64) -> Self {
-        Self { client, ttl_ms, stale_ttl_ms, flights: Arc::default(), loads: Arc::default() }
+        Self {
+            client,
+            prefix: Arc::from(DEFAULT_PREFIX),
+            ttl_ms,
+            stale_ttl_ms,
+            flights: Arc::default(),
+            loads: Arc::default(),
+        }
+    }
+
+    /// Puts every key under `prefix` instead of [`DEFAULT_PREFIX`].
+    pub fn with_prefix(mut self, prefix: &str) -> Self {
+        self.prefix = Arc::from(prefix);
+        self
     }
 
     /// Database loads performed on misses (concurrent misses of one key count once).
@@ -124,8 +142,10 @@ impl BalanceCache {
 
     /// The cached answer, or the generation to store a new one under.
     pub async fn get(&self, key: &CacheKey) -> Result<Lookup, fred::error::Error> {
-        let (value, generation): (Option<Bytes>, String) =
-            self.client.eval(GET, vec![key.answers(), key.generation()], vec![key.field.clone()]).await?;
+        let (value, generation): (Option<Bytes>, String) = self
+            .client
+            .eval(GET, vec![key.answers(&self.prefix), key.generation(&self.prefix)], vec![key.field.clone()])
+            .await?;
         Ok(match value {
             Some(bytes) => {
                 LOOKUPS.0.add(1, &[]);
@@ -149,7 +169,7 @@ impl BalanceCache {
             .client
             .eval(
                 PUT,
-                vec![key.answers(), key.generation(), key.last_known()],
+                vec![key.answers(&self.prefix), key.generation(&self.prefix), key.last_known(&self.prefix)],
                 vec![
                     Value::from(generation),
                     Value::from(key.field.as_str()),
@@ -164,7 +184,8 @@ impl BalanceCache {
 
     /// The last answer ever stored for `key`, for when the database is down.
     pub async fn last_known(&self, key: &CacheKey) -> Result<Option<Bytes>, fred::error::Error> {
-        fred::prelude::HashesInterface::hget(&self.client, key.last_known(), key.field.as_str()).await
+        fred::prelude::HashesInterface::hget(&self.client, key.last_known(&self.prefix), key.field.as_str())
+            .await
     }
 
     /// Drops every cached answer about these balances and bumps their generations.
@@ -177,8 +198,8 @@ impl BalanceCache {
             for c in [currency.as_str(), "*"] {
                 let key =
                     CacheKey { merchant: merchant.clone(), currency: c.to_owned(), field: String::new() };
-                let _: () = tx.incr(key.generation()).await?;
-                let _: () = tx.del(key.answers()).await?;
+                let _: () = tx.incr(key.generation(&self.prefix)).await?;
+                let _: () = tx.del(key.answers(&self.prefix)).await?;
             }
         }
         let _: Value = tx.exec(true).await?;

@@ -6,15 +6,23 @@
 //! by `kid`) or, for development, an HS256 secret.
 
 use std::{
+    collections::HashMap,
     path::Path,
-    sync::{Arc, RwLock},
-    time::Duration,
+    sync::{Arc, Mutex, RwLock},
+    time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
 use http::HeaderValue;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation, jwk::JwkSet};
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+/// Tokens remembered as verified, at most; the cache is emptied when full.
+const VERIFIED_CAPACITY: usize = 10_000;
+/// The longest a verification is reused, whatever the token's expiry: a key
+/// removed from the JWKS stops being honoured within this time.
+const VERIFIED_FOR_SECS: u64 = 60;
 
 /// Scope that lets a token act for every merchant.
 pub const ADMIN_SCOPE: &str = "fluxo:admin";
@@ -88,7 +96,13 @@ pub struct Verifier {
     issuer: String,
     audience: String,
     leeway_secs: u64,
+    // Tokens verified lately, by SHA-256 of the token (the token itself is not
+    // kept), with the Unix second until which the verification is reused.
+    verified: Arc<Mutex<Verified>>,
 }
+
+/// Identity and reuse deadline (Unix seconds) by SHA-256 of a token.
+type Verified = HashMap<[u8; 32], (Identity, u64)>;
 
 impl std::fmt::Debug for Verifier {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -137,7 +151,13 @@ pub fn refresh_jwks(url: String, keys: &Keys, every: Duration) -> Option<tokio::
 impl Verifier {
     /// A verifier for tokens from `issuer` for `audience`.
     pub fn new(keys: Keys, issuer: &str, audience: &str, leeway_secs: u64) -> Self {
-        Self { keys, issuer: issuer.to_owned(), audience: audience.to_owned(), leeway_secs }
+        Self {
+            keys,
+            issuer: issuer.to_owned(),
+            audience: audience.to_owned(),
+            leeway_secs,
+            verified: Arc::default(),
+        }
     }
 
     /// Verifies the `Authorization` header.
@@ -150,6 +170,31 @@ impl Verifier {
             .map(str::trim)
             .filter(|t| !t.is_empty())
             .ok_or(AuthError::Missing)?;
+        // A token seen lately is not verified again (signature checks, RSA ones
+        // above all, cost more than the rest of a request) until its expiry or
+        // VERIFIED_FOR_SECS, whichever comes first.
+        let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        let mut verified = self.verified.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some((identity, until)) = verified.get(&digest) {
+            if now < *until {
+                return Ok(identity.clone());
+            }
+            verified.remove(&digest);
+        }
+        drop(verified);
+        let (identity, exp) = self.verify_token(token)?;
+        let until = exp.saturating_add(self.leeway_secs).min(now.saturating_add(VERIFIED_FOR_SECS));
+        let mut verified = self.verified.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if verified.len() >= VERIFIED_CAPACITY {
+            verified.clear();
+        }
+        verified.insert(digest, (identity.clone(), until));
+        Ok(identity)
+    }
+
+    /// Checks a token's signature and claims; the identity and the expiry (Unix seconds).
+    fn verify_token(&self, token: &str) -> Result<(Identity, u64), AuthError> {
         let invalid = |e: jsonwebtoken::errors::Error| AuthError::Invalid(e.to_string());
         let head = jsonwebtoken::decode_header(token).map_err(invalid)?;
         let (key, algorithm) = match &self.keys {
@@ -176,12 +221,13 @@ impl Verifier {
         validation.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
         validation.leeway = self.leeway_secs;
         let claims = jsonwebtoken::decode::<Claims>(token, &key, &validation).map_err(invalid)?.claims;
-        Ok(Identity {
+        let identity = Identity {
             subject: claims.sub,
             merchants: claims.merchants,
             admin: claims.scope.split_whitespace().any(|s| s == ADMIN_SCOPE),
             tier: claims.tier,
-        })
+        };
+        Ok((identity, claims.exp))
     }
 }
 
@@ -210,8 +256,7 @@ pub fn mint_hs256_tier(
     valid_for_secs: i64,
     tier: Option<&str>,
 ) -> Result<String, jsonwebtoken::errors::Error> {
-    let now =
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
     let claims = Claims {
         sub: subject.to_owned(),
         merchants: merchants.iter().map(|m| (*m).to_owned()).collect(),
@@ -344,5 +389,19 @@ mod tests {
         }
         assert_eq!(v.verify(None), Err(AuthError::Missing));
         assert_eq!(v.verify(Some(&HeaderValue::from_static("Basic abc"))), Err(AuthError::Missing));
+    }
+
+    #[test]
+    fn a_remembered_token_is_refused_once_it_expires() {
+        let v = Verifier::new(Keys::Hs256(secret()), "fluxo", "fluxo-api", 0);
+        let t = mint_hs256(&secret(), "fluxo", "fluxo-api", "shop", &["m-1"], false, 2).unwrap();
+        // Verified, then answered from memory...
+        assert!(v.verify(Some(&bearer(&t))).unwrap().may_act_for("m-1"));
+        assert!(v.verify(Some(&bearer(&t))).unwrap().may_act_for("m-1"));
+        // ...but never past its expiry, and a forged twin is not taken for it.
+        let forged = format!("{t}x");
+        assert!(matches!(v.verify(Some(&bearer(&forged))), Err(AuthError::Invalid(_))));
+        std::thread::sleep(Duration::from_millis(3_100));
+        assert!(matches!(v.verify(Some(&bearer(&t))), Err(AuthError::Invalid(_))));
     }
 }
