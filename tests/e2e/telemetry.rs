@@ -459,7 +459,8 @@ async fn one_entry_is_traced_across_the_asynchronous_hop_and_metrics_and_logs_ar
         [
             ("FLUXO_DATABASE__URL", with_password(&install.db.url)),
             ("FLUXO_REDIS__URL", redis_url.clone()),
-            ("FLUXO_LOG__LEVEL", "info".into()),
+            // Every call's access line too, so a successful call is found in the logs.
+            ("FLUXO_LOG__LEVEL", "info,fluxo::access=debug".into()),
             ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.clone()),
             ("OTEL_EXPORTER_OTLP_HEADERS", format!("authorization=Bearer {COLLECTOR_TOKEN}")),
             ("OTEL_METRIC_EXPORT_INTERVAL", "500".into()),

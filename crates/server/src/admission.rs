@@ -33,6 +33,11 @@ use tracing::Instrument;
 /// Header carrying the request id, accepted from the caller or minted here.
 pub const REQUEST_ID_HEADER: &str = "x-request-id";
 
+/// Log target of the access log: one `call finished` line per call, at DEBUG
+/// for OK calls and INFO otherwise (`FLUXO_LOG__LEVEL=info,fluxo::access=debug`
+/// logs every call).
+pub const ACCESS: &str = "fluxo::access";
+
 /// Adds admission control, a request span and a request id to a service.
 #[derive(Debug, Clone)]
 pub struct AdmissionLayer {
@@ -89,6 +94,7 @@ static DURATION: LazyLock<Histogram<f64>> = LazyLock::new(|| {
 });
 
 /// gRPC status codes used when no `grpc-status` was seen.
+const OK: i64 = 0;
 const UNKNOWN: i64 = 2;
 const CANCELLED: i64 = 1;
 const UNIMPLEMENTED: i64 = 12;
@@ -133,7 +139,13 @@ impl CallRecord {
         let elapsed = self.start.elapsed();
         DURATION.record(fluxo_telemetry::seconds(elapsed), &attributes);
         let micros = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX);
-        tracing::info!(parent: &self.span, grpc_status = status, duration_us = micros, "call finished");
+        // Every call is counted and timed in the metrics above; the log keeps the
+        // calls that went wrong, and every call when `fluxo::access=debug` is enabled.
+        if status == OK {
+            tracing::debug!(target: ACCESS, parent: &self.span, grpc_status = status, duration_us = micros, "call finished");
+        } else {
+            tracing::info!(target: ACCESS, parent: &self.span, grpc_status = status, duration_us = micros, "call finished");
+        }
     }
 }
 
@@ -226,7 +238,8 @@ where
             match self.permits.clone().try_acquire_owned() {
                 Ok(permit) => Some(permit),
                 Err(_) => {
-                    span.in_scope(|| tracing::warn!("overloaded: call refused"));
+                    // Logged by its `call finished` line (RESOURCE_EXHAUSTED); not twice under a flood.
+                    span.in_scope(|| tracing::debug!("overloaded: call refused"));
                     let mut response: Response<Body> = Status::resource_exhausted(
                         "server overloaded: too many concurrent calls, retry with backoff",
                     )

@@ -22,7 +22,7 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tonic::{body::Body, server::NamedService, service::RoutesBuilder};
 use tonic_health::{ServingStatus, server::HealthReporter};
 
-pub use admission::{AdmissionLayer, REQUEST_ID_HEADER};
+pub use admission::{ACCESS, AdmissionLayer, REQUEST_ID_HEADER};
 
 /// Health service name that reports the process alive (for liveness and
 /// startup probes), independent of readiness.

@@ -234,7 +234,9 @@ pub fn init(config: &TelemetryConfig) -> Result<Telemetry, TelemetryError> {
     let (writer, log_writer) = tracing_appender::non_blocking::NonBlockingBuilder::default()
         .lossy(false)
         .thread_name("fluxo-log")
-        .finish(std::io::stdout());
+        // Buffered: lines queued together leave in one write; the worker flushes
+        // whenever the queue is empty, so nothing waits in the buffer.
+        .finish(std::io::BufWriter::with_capacity(64 * 1024, std::io::stdout()));
     let subscriber = subscriber(config, &tracer, writer, terminal)?;
     tracing::subscriber::set_global_default(subscriber).map_err(|_| TelemetryError::AlreadyInstalled)?;
     global::set_text_map_propagator(TraceContextPropagator::new());

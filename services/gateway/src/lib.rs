@@ -162,8 +162,14 @@ async fn handle(State(gateway): State<Gateway>, request: Request) -> Response {
     let status = response.status().as_u16();
     span.record("http.response.status_code", status);
     // The access log: never the Authorization header, never a body.
+    // OK answers at DEBUG, the rest at INFO (see fluxo_server::ACCESS).
+    let elapsed_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
     span.in_scope(|| {
-        tracing::info!(%method, %path, status, elapsed_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX), "request");
+        if status < 400 {
+            tracing::debug!(target: fluxo_server::ACCESS, %method, %path, status, elapsed_ms, "request");
+        } else {
+            tracing::info!(target: fluxo_server::ACCESS, %method, %path, status, elapsed_ms, "request");
+        }
     });
     response
 }
@@ -198,7 +204,7 @@ impl Gateway {
         let identity = match inner.verifier.verify(request.headers().get(header::AUTHORIZATION)) {
             Ok(identity) => identity,
             Err(error) => {
-                tracing::info!(%error, "unauthenticated");
+                tracing::debug!(%error, "unauthenticated");
                 return ApiError::new(Code::Unauthenticated, "a valid bearer token is required")
                     .with_header(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"))
                     .into_response();
@@ -209,7 +215,7 @@ impl Gateway {
             None => None,
         };
         if let Some(d) = decision.filter(|d| !d.allowed) {
-            tracing::info!(subject = %identity.subject, "rate limited");
+            tracing::debug!(subject = %identity.subject, "rate limited");
             let tier = identity.tier.clone().unwrap_or_else(|| "default".to_owned());
             fluxo_telemetry::meter()
                 .u64_counter("fluxo.gateway.rate_limited")
