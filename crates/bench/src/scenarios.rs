@@ -724,6 +724,27 @@ async fn run_in(
         "end-to-end delay, every entry: ledger created_at → balance applied_at",
         format!("p50 {all_p50:.1} ms, p99 {all_p99:.1} ms, p999 {all_p999:.1} ms, max {all_max:.1} ms over {all_n} entries"),
     );
+    // When in the phase the slow ones were committed: the worst seconds.
+    let rows = db
+        .query_all_raw(Statement::from_string(
+            DbBackend::Postgres,
+            "SELECT to_char(date_trunc('second', e.created_at), 'HH24:MI:SS'), COUNT(*)::BIGINT, \
+             MAX((a.applied_at_micros - (EXTRACT(EPOCH FROM e.created_at) * 1000000)::BIGINT) / 1000.0)::FLOAT8 AS worst \
+             FROM ledger_entries e JOIN balance_applied_events a ON a.entry_id = e.id \
+             WHERE e.request_id LIKE 'pipe-%' GROUP BY 1 ORDER BY 1"
+                .to_owned(),
+        ))
+        .await?;
+    let seconds: Vec<String> = rows
+        .iter()
+        .filter_map(|r| {
+            let at: String = r.try_get_by_index(0).ok()?;
+            let n: i64 = r.try_get_by_index(1).ok()?;
+            let worst: f64 = r.try_get_by_index(2).ok()?;
+            Some(format!("{at} {n} entries, worst {worst:.0} ms"))
+        })
+        .collect();
+    b.report.fact("end-to-end delay by second of commit (UTC)", seconds.join("; "));
     b.report.verdict(
         &format!("pipeline e2e delay p99 ≤ 250 ms at {:.0} entries/s", args.pipeline_rate),
         format!(
