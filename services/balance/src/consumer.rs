@@ -28,6 +28,7 @@ use fred::{
     prelude::{Client, HashesInterface, StreamsInterface, TransactionInterface},
     types::{Value, streams::XPendingArgs},
 };
+use futures::{StreamExt, stream::FuturesUnordered};
 
 use fluxo_telemetry::opentelemetry::{KeyValue, metrics::ObservableGauge};
 
@@ -35,6 +36,8 @@ use crate::consolidator::{ApplyError, Consolidator};
 
 /// How often a consumer measures the stream for its gauges.
 const GAUGE_INTERVAL: Duration = Duration::from_secs(5);
+/// Batches a consumer applies at once (see [`StreamConsumer::run`]).
+pub const BATCHES_IN_FLIGHT: usize = 2;
 /// How long past its `block` time a read in flight at shutdown is awaited
 /// before the consumer gives up on Redis and exits.
 const READ_GRACE: Duration = Duration::from_secs(2);
@@ -172,13 +175,19 @@ impl StreamConsumer {
         format!("{}:failures", self.config.names.stream)
     }
 
-    /// Consumes until `stop` resolves; the batch in hand is always finished.
+    /// Consumes until `stop` resolves; the batches in hand are always finished.
+    ///
+    /// Up to [`BATCHES_IN_FLIGHT`] batches are applied at once: the next batch
+    /// is read while the last one commits, so a commit's wait for the disk does
+    /// not stall the stream. Order between batches does not matter to the read
+    /// model (it adds; every entry is applied once whichever commits first).
     pub async fn run(&self, stop: impl Future<Output = ()>) {
         tokio::pin!(stop);
         let mut last_claim = tokio::time::Instant::now();
         let mut last_trim = tokio::time::Instant::now();
         let mut last_gauges: Option<tokio::time::Instant> = None;
         let mut failures = 0u32;
+        let mut in_flight = FuturesUnordered::new();
         loop {
             if last_gauges.is_none_or(|t| t.elapsed() >= GAUGE_INTERVAL) {
                 last_gauges = Some(tokio::time::Instant::now());
@@ -198,6 +207,9 @@ impl StreamConsumer {
                     tracing::warn!(%error, "trimming the stream failed");
                 }
             }
+            while in_flight.len() >= BATCHES_IN_FLIGHT {
+                in_flight.next().await;
+            }
             // A read is never abandoned: once XREADGROUP is sent, Redis may already
             // have delivered a batch to this consumer, and dropping the reply would
             // leave that batch pending until another consumer claims it. On stop the
@@ -205,30 +217,27 @@ impl StreamConsumer {
             let read = self.read_new();
             tokio::pin!(read);
             let mut stopping = false;
-            let read = tokio::select! {
-                () = &mut stop => {
-                    stopping = true;
-                    let bound = self.config.block + READ_GRACE;
-                    match tokio::time::timeout(bound, &mut read).await {
-                        Ok(read) => read,
-                        Err(_) => break,
+            let read = loop {
+                tokio::select! {
+                    () = &mut stop, if !stopping => {
+                        stopping = true;
+                        let bound = self.config.block + READ_GRACE;
+                        match tokio::time::timeout(bound, &mut read).await {
+                            Ok(read) => break Some(read),
+                            Err(_) => break None,
+                        }
                     }
+                    read = &mut read => break Some(read),
+                    // Batches in flight keep committing while the read waits.
+                    Some(()) = in_flight.next(), if !in_flight.is_empty() => {}
                 }
-                read = &mut read => read,
             };
-            if stopping {
-                if let Ok(batch) = read
-                    && !batch.is_empty()
-                {
-                    self.process(batch).await;
-                }
-                break;
-            }
+            let Some(read) = read else { break };
             match read {
                 Ok(batch) => {
                     failures = 0;
                     if !batch.is_empty() {
-                        self.process(batch).await;
+                        in_flight.push(self.process(batch));
                     }
                 }
                 Err(error) => {
@@ -248,14 +257,21 @@ impl StreamConsumer {
                             }
                         }
                     }
-                    let pause = Duration::from_millis(100 * u64::from(failures.min(30)));
-                    tokio::select! {
-                        () = &mut stop => break,
-                        () = tokio::time::sleep(pause) => {}
+                    if !stopping {
+                        let pause = Duration::from_millis(100 * u64::from(failures.min(30)));
+                        tokio::select! {
+                            () = &mut stop => stopping = true,
+                            () = tokio::time::sleep(pause) => {}
+                        }
                     }
                 }
             }
+            if stopping {
+                break;
+            }
         }
+        // Whatever was read is applied and acknowledged before the consumer stops.
+        while in_flight.next().await.is_some() {}
         tracing::info!(consumer = %self.config.consumer, "consumer stopped");
     }
 

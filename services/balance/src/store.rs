@@ -88,7 +88,11 @@ impl BalanceStore {
     /// before — skipped. Either the whole batch commits or none of it.
     pub async fn apply(&self, postings: &[Posting]) -> Result<Applied, StoreError> {
         let mut seen = HashSet::new();
-        let unique: Vec<&Posting> = postings.iter().filter(|p| seen.insert(p.entry_id.as_str())).collect();
+        let mut unique: Vec<&Posting> =
+            postings.iter().filter(|p| seen.insert(p.entry_id.as_str())).collect();
+        // Rows are locked in entry order, so consolidators (and one consolidator's
+        // batches in flight) claiming the same entries cannot deadlock.
+        unique.sort_unstable_by(|a, b| a.entry_id.cmp(&b.entry_id));
         if unique.is_empty() {
             return Ok(Applied::default());
         }
