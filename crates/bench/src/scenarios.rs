@@ -161,6 +161,9 @@ async fn wait_consolidated(
 }
 
 /// Bookkeeping shared by every phase.
+/// How long a phase waits after starting `perf record` before its load begins.
+const PROFILER_SETTLE: Duration = Duration::from_millis(1_500);
+
 struct Bench {
     args: RunArgs,
     duration: Duration,
@@ -186,7 +189,14 @@ impl Bench {
     {
         eprintln!("==> {label}");
         let n = self.report.runs.len();
-        let recording = self.profile_dir.as_deref().and_then(|dir| crate::profile::start(dir, n, duration));
+        let recording = self.profile_dir.as_deref().and_then(|dir| {
+            crate::profile::start(dir, n, PROFILER_SETTLE + duration + Duration::from_millis(500))
+        });
+        if recording.is_some() {
+            // perf's start (it reads every process's memory map) takes CPU for a
+            // moment; the load starts once that is over, so it is not measured.
+            tokio::time::sleep(PROFILER_SETTLE).await;
+        }
         let before = cpu::snapshot(&self.pids);
         let stats = load::run(label, mode, duration, op).await;
         let cpu = cpu::between(&before, &cpu::snapshot(&self.pids));
