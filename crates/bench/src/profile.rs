@@ -54,9 +54,7 @@ pub(crate) fn finish(
     recording.child.wait().ok()?;
     let mut out = Vec::new();
     for (name, filter) in processes {
-        // Where the time went by object (kernel, libc, the program itself), then by symbol.
-        let mut lines = top_of(&recording.data, filter, "dso", 4);
-        lines.extend(top_of(&recording.data, filter, "sym", top));
+        let lines = top_of(&recording.data, filter, top);
         if !lines.is_empty() {
             out.push((name.clone(), lines));
         }
@@ -65,10 +63,11 @@ pub(crate) fn finish(
     Some(Profile { label: label.to_owned(), processes: out })
 }
 
-/// The `top` biggest entries of a `perf report` sorted by `key`, for one process.
-fn top_of(data: &Path, filter: &str, key: &str, top: usize) -> Vec<String> {
+/// For one process: the share of its samples spent in the kernel (syscalls,
+/// loopback TCP, scheduling), then its `top` hottest symbols.
+fn top_of(data: &Path, filter: &str, top: usize) -> Vec<String> {
     let Ok(report) = Command::new("perf")
-        .args(["report", "--stdio", "--no-children", "--percentage", "relative", "-q", "--sort", key])
+        .args(["report", "--stdio", "--no-children", "--percentage", "relative", "-q", "--sort", "sym"])
         .arg("-i")
         .arg(data)
         .arg(filter)
@@ -77,18 +76,21 @@ fn top_of(data: &Path, filter: &str, key: &str, top: usize) -> Vec<String> {
     else {
         return Vec::new();
     };
-    String::from_utf8_lossy(&report.stdout)
+    let symbols: Vec<(f64, String)> = String::from_utf8_lossy(&report.stdout)
         .lines()
         .filter_map(|line| {
             let (share, rest) = line.trim().split_once('%')?;
-            let share: f64 = share.trim().parse().ok()?;
-            // "[.] symbol" (user) or "[k] symbol" (kernel); a dso is its file name
-            let what = rest.trim();
-            let what = if key == "dso" { format!("in {what}") } else { shorten(what) };
-            Some(format!("{share:.1}% {what}"))
+            // "[.] symbol" (user space) or "[k] symbol" (kernel)
+            Some((share.trim().parse().ok()?, rest.trim().to_owned()))
         })
-        .take(top)
-        .collect()
+        .collect();
+    if symbols.is_empty() {
+        return Vec::new();
+    }
+    let kernel: f64 = symbols.iter().filter(|(_, s)| s.starts_with("[k]")).map(|(share, _)| share).sum();
+    let mut lines = vec![format!("{kernel:.0}% in the kernel")];
+    lines.extend(symbols.iter().take(top).map(|(share, symbol)| format!("{share:.1}% {}", shorten(symbol))));
+    lines
 }
 
 /// Whether `perf record` works here (installed, and allowed to sample).

@@ -111,9 +111,8 @@ impl Report {
             let _ = writeln!(
                 s,
                 "\n### CPU profiles\n\n`perf record -a -F 499` during each phase; per process that used at least 0.2 cores, \
-                 first where its samples fell by object (`[kernel.kallsyms]` is the kernel: syscalls, TCP on loopback, \
-                 scheduling; `libc.so.6` is mostly malloc and memmove), then its hottest symbols by self time \
-                 (shares of that process's samples; `[k]` kernel, `[.]` user space).\n"
+                 first the share of its samples in the kernel (syscalls, TCP on loopback, scheduling), then its hottest \
+                 symbols by self time (shares of that process's samples; `[k]` kernel, `[.]` user space).\n"
             );
             for profile in &self.profiles {
                 let _ = writeln!(s, "<details><summary>{}</summary>\n", profile.label);
