@@ -41,7 +41,7 @@ fi
 # and FLUXO_TEST_REDIS_URL), runs our command with the URLs exported and tears the
 # servers down afterwards. grpcurl is not needed here.
 export FLUXO_TEST_GRPCURL="${FLUXO_TEST_GRPCURL:-unused}"
-export FLUXO_BENCH_COMMAND="./scripts/bench.sh $*"
+export FLUXO_BENCH_COMMAND="./scripts/bench.sh${*:+ $*}"
 # fluxo-bench stops the processes it started on SIGTERM; -k kills it if it cannot.
 # A full run also records where the CPU went (perf, when it can run here).
 profile_flag=""
