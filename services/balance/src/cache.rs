@@ -26,8 +26,8 @@ use std::{
 use bytes::Bytes;
 use fluxo_telemetry::opentelemetry::metrics::Counter;
 use fred::{
-    prelude::{Client, KeysInterface, LuaInterface, TransactionInterface},
-    types::Value,
+    prelude::{Client, KeysInterface, TransactionInterface},
+    types::{Value, scripts::Script},
 };
 use futures::{
     FutureExt,
@@ -68,6 +68,11 @@ const GET: &str = "return {redis.call('HGET', KEYS[1], ARGV[1]), redis.call('GET
 const PUT: &str = "if (redis.call('GET', KEYS[2]) or '0') ~= ARGV[1] then return 0 end \
     redis.call('HSET', KEYS[1], ARGV[2], ARGV[3]) redis.call('PEXPIRE', KEYS[1], ARGV[4]) \
     redis.call('HSET', KEYS[3], ARGV[2], ARGV[3]) redis.call('PEXPIRE', KEYS[3], ARGV[5]) return 1";
+
+// Run with EVALSHA: Redis executes its cached copy instead of receiving and
+// hashing the script's text on every lookup (reloaded if Redis lost it).
+static GET_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::from_lua(GET));
+static PUT_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::from_lua(PUT));
 
 /// Lookups that found a fresh answer, and those that did not.
 static LOOKUPS: LazyLock<(Counter<u64>, Counter<u64>)> = LazyLock::new(|| {
@@ -142,10 +147,9 @@ impl BalanceCache {
 
     /// The cached answer, or the generation to store a new one under.
     pub async fn get(&self, key: &CacheKey) -> Result<Lookup, fred::error::Error> {
-        let (value, generation): (Option<Bytes>, String) = self
-            .client
-            .eval(GET, vec![key.answers(&self.prefix), key.generation(&self.prefix)], vec![key.field.clone()])
-            .await?;
+        let keys = vec![key.answers(&self.prefix), key.generation(&self.prefix)];
+        let (value, generation): (Option<Bytes>, String) =
+            GET_SCRIPT.evalsha_with_reload(&self.client, keys, vec![key.field.clone()]).await?;
         Ok(match value {
             Some(bytes) => {
                 LOOKUPS.0.add(1, &[]);
@@ -165,10 +169,9 @@ impl BalanceCache {
         generation: &str,
         answer: Bytes,
     ) -> Result<bool, fred::error::Error> {
-        let stored: i64 = self
-            .client
-            .eval(
-                PUT,
+        let stored: i64 = PUT_SCRIPT
+            .evalsha_with_reload(
+                &self.client,
                 vec![key.answers(&self.prefix), key.generation(&self.prefix), key.last_known(&self.prefix)],
                 vec![
                     Value::from(generation),

@@ -13,7 +13,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use fred::prelude::{Client, LuaInterface};
+use fred::{prelude::Client, types::scripts::Script};
 
 /// A rate: `per_second` sustained, bursts of up to `burst`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -103,6 +103,8 @@ local remaining = math.floor((now + tonumber(ARGV[2]) - tat) / tonumber(ARGV[1])
 return {1, remaining, tat - now, 0}
 "#;
 
+static GCRA_SCRIPT: std::sync::LazyLock<Script> = std::sync::LazyLock::new(|| Script::from_lua(GCRA));
+
 /// The limiter.
 #[derive(Clone)]
 pub struct RateLimiter {
@@ -154,8 +156,10 @@ impl RateLimiter {
                 self.limits.shared.interval_micros(),
                 self.limits.shared.tolerance_micros(),
             ];
+            // EVALSHA: Redis runs the cached script without receiving and hashing
+            // its text on every request (loaded again if Redis lost it).
             let answer: Result<Vec<i64>, _> =
-                redis.eval(GCRA, vec![bucket.clone(), pool.clone()], args).await;
+                GCRA_SCRIPT.evalsha_with_reload(redis, vec![bucket.clone(), pool.clone()], args).await;
             match answer {
                 Ok(v) if v.len() == 4 => return decision(rate, v[0] == 1, v[1], v[2], v[3]),
                 Ok(_) => self.warn("unexpected answer from the rate-limit script"),

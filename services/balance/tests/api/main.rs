@@ -207,7 +207,21 @@ async fn the_cache_never_serves_a_balance_older_than_the_committed_read_model(ba
         assert_eq!(*app.closings(&m, "2026-11-19", "2026-11-20").await.last().unwrap(), expected);
     }
     reader.await.unwrap();
-    assert!(app.cache.as_ref().unwrap().loads() > 0);
+    let cache = app.cache.as_ref().unwrap();
+    assert!(cache.loads() > 0);
+
+    // Redis forgets its scripts (SCRIPT FLUSH, as after a restart): the cache
+    // loads them again and keeps caching — one load, then a hit.
+    use fred::prelude::{ClientLike, LuaInterface};
+    let admin = redis();
+    admin.wait_for_connect().await.unwrap();
+    app.apply(&[event(&m, "2026-11-20", true, 1)]).await;
+    admin.script_flush(false).await.unwrap();
+    let before = cache.loads();
+    for _ in 0..2 {
+        assert_eq!(app.day(&m, "2026-11-20").await.closing_balance_minor, expected + 1);
+    }
+    assert_eq!(cache.loads() - before, 1, "answered from the cache again after the scripts were flushed");
 }
 
 async fn serves_the_last_known_balance_marked_stale_when_the_database_is_down(backend: Backend) {
