@@ -371,6 +371,12 @@ impl Config {
                 self.database.max_connections, self.ledger.writers
             ));
         }
+        let prefix = &self.balance.cache_prefix;
+        if prefix.is_empty() || prefix.chars().any(char::is_whitespace) {
+            problems.push(format!(
+                "balance.cache_prefix must be a non-empty Redis key prefix without spaces, got {prefix:?}"
+            ));
+        }
         if !(1..=1000).contains(&self.ledger.max_batch) {
             problems
                 .push(format!("ledger.max_batch must be between 1 and 1000, got {}", self.ledger.max_batch));

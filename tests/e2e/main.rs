@@ -145,6 +145,10 @@ fn bad_configuration_exits_with_a_message_naming_the_setting() {
         ("FLUXO_DATABSE__URL", "postgres://x", "databse"),
         ("FLUXO_GRPC__LISTEN", "not-an-address", "listen"),
         ("FLUXO_DATABASE__URL", "mysql://root:hunter2@db/x", "database.url"),
+        ("FLUXO_LEDGER__WRITERS", "0", "ledger.writers"),
+        ("FLUXO_LEDGER__WRITERS", "64", "ledger.writers"),
+        ("FLUXO_LEDGER__MAX_BATCH", "5000", "ledger.max_batch"),
+        ("FLUXO_BALANCE__CACHE_PREFIX", "", "balance.cache_prefix"),
     ];
     for (key, value, named) in cases {
         let output = fluxo_command(data.path(), &[(key, value)]).arg("serve").output().unwrap();

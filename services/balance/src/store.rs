@@ -175,18 +175,7 @@ impl BalanceStore {
                 vec![merchant_id.into(), currency.into(), start.into(), end.into()],
             ))
             .await?;
-        rows.iter()
-            .map(|r| {
-                Ok((
-                    r.try_get_by_index::<NaiveDate>(0)?,
-                    DayTotals {
-                        credits: r.try_get_by_index(1)?,
-                        debits: r.try_get_by_index(2)?,
-                        count: r.try_get_by_index(3)?,
-                    },
-                ))
-            })
-            .collect()
+        rows.iter().map(|r| Ok((r.try_get_by_index::<NaiveDate>(0)?, day_totals(r, 1)?))).collect()
     }
 
     /// Every stored day, for reconciliation.
@@ -214,11 +203,7 @@ impl BalanceStore {
                         currency: r.try_get_by_index(1)?,
                         date: r.try_get_by_index(2)?,
                     },
-                    DayTotals {
-                        credits: r.try_get_by_index(3)?,
-                        debits: r.try_get_by_index(4)?,
-                        count: r.try_get_by_index(5)?,
-                    },
+                    day_totals(r, 3)?,
                 ))
             })
             .collect()
@@ -303,6 +288,15 @@ async fn insert_applied<P: std::borrow::Borrow<Posting>>(
     sql.push_str(" ON CONFLICT (entry_id) DO NOTHING RETURNING entry_id");
     let rows = conn.query_all_raw(statement(backend, &sql, values)).await?;
     rows.iter().map(|r| r.try_get_by_index::<String>(0)).collect()
+}
+
+/// A day's credits, debits and entry count from columns `first`, `first + 1`, `first + 2`.
+fn day_totals(row: &sea_orm::QueryResult, first: usize) -> Result<DayTotals, DbErr> {
+    Ok(DayTotals {
+        credits: row.try_get_by_index(first)?,
+        debits: row.try_get_by_index(first + 1)?,
+        count: row.try_get_by_index(first + 2)?,
+    })
 }
 
 /// Adds each delta to its day, creating the days that are absent, in one

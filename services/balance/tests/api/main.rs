@@ -349,3 +349,20 @@ async fn concurrent_misses_for_one_key_load_once() {
     }
     assert_eq!(app.cache.as_ref().unwrap().loads() - before, 1, "50 concurrent misses, one database load");
 }
+
+#[tokio::test]
+async fn installations_sharing_a_redis_never_read_each_others_answers() {
+    use fluxo_balance::cache::{CacheKey, Lookup};
+    let key = CacheKey { merchant: merchant(), currency: "BRL".into(), field: "d:2026-11-10".into() };
+    let prefix = |name: &str| format!("fluxo-test:{}:{name}", ulid::Ulid::new());
+    let first = BalanceCache::new(redis(), 60_000, 600_000).with_prefix(&prefix("first"));
+    let second = BalanceCache::new(redis(), 60_000, 600_000).with_prefix(&prefix("second"));
+    let Lookup::Miss(generation) = first.get(&key).await.unwrap() else { panic!("a fresh cache hit") };
+    assert!(first.put(&key, &generation, Bytes::from_static(b"first's answer")).await.unwrap());
+    assert!(matches!(first.get(&key).await.unwrap(), Lookup::Hit(b) if b.as_ref() == b"first's answer"));
+    // The same merchant, currency and question under the other prefix: nothing there.
+    assert!(matches!(second.get(&key).await.unwrap(), Lookup::Miss(_)));
+    // Nor does the other installation's invalidation drop the first one's answer.
+    second.invalidate([(key.merchant.clone(), "BRL".to_owned())]).await.unwrap();
+    assert!(matches!(first.get(&key).await.unwrap(), Lookup::Hit(_)));
+}
