@@ -46,5 +46,6 @@ export FLUXO_BENCH_COMMAND="./scripts/bench.sh${*:+ $*}"
 # A full run also records where the CPU went (perf, when it can run here).
 profile_flag=""
 [ -z "$smoke" ] && profile_flag="--profile"
-export FLUXO_TEST_CMD="timeout -k 15 $limit target/$profile/fluxo-bench run --fluxo target/$profile/fluxo $profile_flag"
+# FLUXO_BENCH_FLUXO runs another fluxo binary (say, a build of an earlier revision) against the same bench.
+export FLUXO_TEST_CMD="timeout -k 15 $limit target/$profile/fluxo-bench run --fluxo ${FLUXO_BENCH_FLUXO:-target/$profile/fluxo} $profile_flag"
 exec ./scripts/test.sh "$@"

@@ -31,11 +31,26 @@ pub(crate) struct Proc {
 
 impl Proc {
     /// Spawns `command`, reads its ready banner and waits for health SERVING.
+    ///
+    /// Its log (stdout) is dropped, or appended to `<dir>/<name>.log` when
+    /// `FLUXO_BENCH_LOGS=<dir>` is set — to look into a run after the fact.
     pub(crate) async fn start(name: &str, mut command: Command) -> anyhow::Result<Self> {
+        let log = match std::env::var_os("FLUXO_BENCH_LOGS") {
+            Some(dir) => {
+                let path = PathBuf::from(dir).join(format!("{name}.log"));
+                let file = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&path)
+                    .with_context(|| format!("opening {}", path.display()))?;
+                Stdio::from(file)
+            }
+            None => Stdio::null(),
+        };
         let spawned = Instant::now();
         let mut child = command
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
+            .stdout(log)
             .stderr(Stdio::piped())
             .spawn()
             .with_context(|| format!("starting {name}"))?;

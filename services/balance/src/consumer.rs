@@ -304,9 +304,9 @@ impl StreamConsumer {
     async fn read_new(&self) -> Result<Vec<Message>, fred::error::Error> {
         let names = &self.config.names;
         let block = u64::try_from(self.config.block.as_millis()).unwrap_or(u64::MAX);
-        let response: HashMap<String, Vec<Message>> = self
+        let reply: Value = self
             .reader
-            .xreadgroup_map(
+            .xreadgroup(
                 &names.group,
                 &self.config.consumer,
                 Some(self.config.batch_size),
@@ -316,7 +316,7 @@ impl StreamConsumer {
                 ">",
             )
             .await?;
-        Ok(response.into_values().flatten().collect())
+        messages(reply)
     }
 
     /// Applies a batch, acknowledges what is in the read model, and records
@@ -560,5 +560,54 @@ fn to_dead_letter((id, fields): Message) -> DeadLetter {
         deliveries: text("dlq_deliveries"),
         event: StreamEvent::from_fields(&fields).ok(),
         id,
+    }
+}
+
+/// The messages of an XREADGROUP reply. A read that waited its `block` time
+/// without news is answered with nil: no messages, not an error (treated as
+/// one, every idle wait would count as a failure and lengthen the pause before
+/// the next read, delaying the first events after a quiet spell by seconds).
+fn messages(reply: Value) -> Result<Vec<Message>, fred::error::Error> {
+    if reply.is_null() {
+        return Ok(Vec::new());
+    }
+    let streams: HashMap<String, Vec<Message>> = reply.into_xread_response()?;
+    Ok(streams.into_values().flatten().collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use fred::prelude::*;
+
+    use super::*;
+
+    /// Real XREADGROUP replies from the suite's Redis, read as the consumer reads them.
+    #[tokio::test]
+    async fn a_read_that_waited_in_vain_is_an_empty_batch_and_news_are_read() {
+        let url = std::env::var("FLUXO_TEST_REDIS_URL")
+            .expect("FLUXO_TEST_REDIS_URL is not set: run the suite with ./scripts/test.sh");
+        let redis = fluxo_queue::client(&fluxo_queue::RedisConfig {
+            url: url.into(),
+            command_timeout: Duration::from_secs(5),
+        })
+        .unwrap();
+        redis.wait_for_connect().await.unwrap();
+        let stream = format!("test:idle-read:{}", ulid::Ulid::new());
+        let _: () = redis.xgroup_create(&stream, "g", "$", true).await.unwrap();
+        let read = || async {
+            let reply: Value =
+                redis.xreadgroup("g", "c", Some(10), Some(50), false, &stream, ">").await.unwrap();
+            messages(reply)
+        };
+
+        let idle = read().await.expect("waiting without news is not a failure");
+        assert!(idle.is_empty());
+
+        let id: String = redis.xadd(&stream, false, None, "*", vec![("event_id", "e-1")]).await.unwrap();
+        let batch = read().await.unwrap();
+        assert_eq!(batch.len(), 1);
+        assert_eq!(batch[0].0, id);
+        assert_eq!(batch[0].1.get("event_id").and_then(Value::as_string).as_deref(), Some("e-1"));
+        let _: () = redis.del(&stream).await.unwrap();
     }
 }

@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, BTreeSet, HashSet};
 
 use chrono::NaiveDate;
 use fluxo_db::{Db, statement};
-use sea_orm::{ConnectionTrait, DbErr, TransactionTrait, Value};
+use sea_orm::{ConnectionTrait, DbErr, Statement, TransactionTrait, Value};
 use sea_orm_migration::MigratorTrait;
 
 pub use migrations::Migrator;
@@ -271,22 +271,39 @@ async fn insert_applied<P: std::borrow::Borrow<Posting>>(
     postings: &[P],
 ) -> Result<Vec<String>, DbErr> {
     let now = now_micros();
-    let mut sql = String::from(
-        "INSERT INTO balance_applied_events (event_id, entry_id, merchant_id, applied_at_micros) VALUES ",
-    );
-    let mut values: Vec<Value> = Vec::with_capacity(postings.len() * 4);
-    for (i, p) in postings.iter().enumerate() {
-        let p = p.borrow();
-        sql.push_str(if i == 0 { "(?, ?, ?, ?)" } else { ", (?, ?, ?, ?)" });
-        values.extend([
-            p.event_id.clone().into(),
-            p.entry_id.clone().into(),
-            p.merchant_id.clone().into(),
-            now.into(),
-        ]);
-    }
-    sql.push_str(" ON CONFLICT (entry_id) DO NOTHING RETURNING entry_id");
-    let rows = conn.query_all_raw(statement(backend, &sql, values)).await?;
+    let insert = if backend == sea_orm::DbBackend::Postgres {
+        // One statement shape whatever the batch size (one array per column),
+        // so PostgreSQL parses and plans it once per connection.
+        let column = |f: fn(&Posting) -> &String| {
+            Value::from(postings.iter().map(|p| f(p.borrow()).clone()).collect::<Vec<_>>())
+        };
+        Statement::from_sql_and_values(
+            backend,
+            "INSERT INTO balance_applied_events (event_id, entry_id, merchant_id, applied_at_micros) \
+             SELECT e, i, m, $4::int8 FROM unnest($1::text[], $2::text[], $3::text[]) \
+                  WITH ORDINALITY AS u(e, i, m, n) ORDER BY n \
+             ON CONFLICT (entry_id) DO NOTHING RETURNING entry_id",
+            vec![column(|p| &p.event_id), column(|p| &p.entry_id), column(|p| &p.merchant_id), now.into()],
+        )
+    } else {
+        let mut sql = String::from(
+            "INSERT INTO balance_applied_events (event_id, entry_id, merchant_id, applied_at_micros) VALUES ",
+        );
+        let mut values: Vec<Value> = Vec::with_capacity(postings.len() * 4);
+        for (i, p) in postings.iter().enumerate() {
+            let p = p.borrow();
+            sql.push_str(if i == 0 { "(?, ?, ?, ?)" } else { ", (?, ?, ?, ?)" });
+            values.extend([
+                p.event_id.clone().into(),
+                p.entry_id.clone().into(),
+                p.merchant_id.clone().into(),
+                now.into(),
+            ]);
+        }
+        sql.push_str(" ON CONFLICT (entry_id) DO NOTHING RETURNING entry_id");
+        statement(backend, &sql, values)
+    };
+    let rows = conn.query_all_raw(insert).await?;
     rows.iter().map(|r| r.try_get_by_index::<String>(0)).collect()
 }
 
@@ -316,35 +333,62 @@ async fn add_to_days(
     Ok(())
 }
 
+/// Adds to an existing day; the database does the addition.
+const ADD_TO_EXISTING_DAY: &str = " ON CONFLICT (merchant_id, currency_code, booking_date) DO UPDATE SET \
+       credits_minor = balance_daily.credits_minor + excluded.credits_minor, \
+       debits_minor = balance_daily.debits_minor + excluded.debits_minor, \
+       entry_count = balance_daily.entry_count + excluded.entry_count, \
+       as_of_micros = CASE WHEN excluded.as_of_micros > balance_daily.as_of_micros \
+                           THEN excluded.as_of_micros ELSE balance_daily.as_of_micros END";
+
 async fn upsert_days(
     conn: &impl ConnectionTrait,
     backend: sea_orm::DbBackend,
     deltas: &[(&DayKey, &Delta)],
 ) -> Result<(), DbErr> {
-    let mut sql = String::from(
-        "INSERT INTO balance_daily (merchant_id, currency_code, booking_date, credits_minor, debits_minor, entry_count, as_of_micros) VALUES ",
-    );
-    let mut values: Vec<Value> = Vec::with_capacity(deltas.len() * 7);
-    for (i, (key, delta)) in deltas.iter().enumerate() {
-        sql.push_str(if i == 0 { "(?, ?, ?, ?, ?, ?, ?)" } else { ", (?, ?, ?, ?, ?, ?, ?)" });
-        values.extend([
-            key.merchant_id.clone().into(),
-            key.currency.clone().into(),
-            key.date.into(),
-            delta.credits.into(),
-            delta.debits.into(),
-            delta.count.into(),
-            delta.as_of_micros.into(),
-        ]);
-    }
-    sql.push_str(
-        " ON CONFLICT (merchant_id, currency_code, booking_date) DO UPDATE SET \
-           credits_minor = balance_daily.credits_minor + excluded.credits_minor, \
-           debits_minor = balance_daily.debits_minor + excluded.debits_minor, \
-           entry_count = balance_daily.entry_count + excluded.entry_count, \
-           as_of_micros = CASE WHEN excluded.as_of_micros > balance_daily.as_of_micros \
-                               THEN excluded.as_of_micros ELSE balance_daily.as_of_micros END",
-    );
-    conn.execute_raw(statement(backend, &sql, values)).await?;
+    let insert = "INSERT INTO balance_daily \
+        (merchant_id, currency_code, booking_date, credits_minor, debits_minor, entry_count, as_of_micros) ";
+    let upsert = if backend == sea_orm::DbBackend::Postgres {
+        // One shape whatever the number of days: parsed and planned once per connection.
+        let text = |f: fn(&DayKey) -> &String| {
+            Value::from(deltas.iter().map(|(k, _)| f(k).clone()).collect::<Vec<_>>())
+        };
+        let number = |f: fn(&Delta) -> i64| Value::from(deltas.iter().map(|(_, d)| f(d)).collect::<Vec<_>>());
+        Statement::from_sql_and_values(
+            backend,
+            format!(
+                "{insert}SELECT m, c, d, cr, de, n, a \
+                 FROM unnest($1::text[], $2::text[], $3::date[], $4::int8[], $5::int8[], $6::int8[], $7::int8[]) \
+                      WITH ORDINALITY AS u(m, c, d, cr, de, n, a, o) ORDER BY o{ADD_TO_EXISTING_DAY}"
+            ),
+            vec![
+                text(|k| &k.merchant_id),
+                text(|k| &k.currency),
+                Value::from(deltas.iter().map(|(k, _)| k.date).collect::<Vec<_>>()),
+                number(|d| d.credits),
+                number(|d| d.debits),
+                number(|d| d.count),
+                number(|d| d.as_of_micros),
+            ],
+        )
+    } else {
+        let mut sql = format!("{insert}VALUES ");
+        let mut values: Vec<Value> = Vec::with_capacity(deltas.len() * 7);
+        for (i, (key, delta)) in deltas.iter().enumerate() {
+            sql.push_str(if i == 0 { "(?, ?, ?, ?, ?, ?, ?)" } else { ", (?, ?, ?, ?, ?, ?, ?)" });
+            values.extend([
+                key.merchant_id.clone().into(),
+                key.currency.clone().into(),
+                key.date.into(),
+                delta.credits.into(),
+                delta.debits.into(),
+                delta.count.into(),
+                delta.as_of_micros.into(),
+            ]);
+        }
+        sql.push_str(ADD_TO_EXISTING_DAY);
+        statement(backend, &sql, values)
+    };
+    conn.execute_raw(upsert).await?;
     Ok(())
 }

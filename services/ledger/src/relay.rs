@@ -309,14 +309,29 @@ async fn mark_published(
     backend: DbBackend,
     events: &[StreamEvent],
 ) -> Result<(), DbErr> {
-    let placeholders = vec!["?"; events.len()].join(", ");
-    let mut values: Vec<Value> = vec![Utc::now().into()];
-    values.extend(events.iter().map(|e| Value::from(e.position)));
-    txn.execute_raw(statement(
-        backend,
-        &format!("UPDATE ledger_outbox SET published_at = ? WHERE position IN ({placeholders})"),
-        values,
-    ))
-    .await?;
+    let now: Value = Utc::now().into();
+    let positions: Vec<i64> = events.iter().map(|e| e.position).collect();
+    let update = if backend == DbBackend::Postgres {
+        // One shape for every batch size: parsed and planned once per connection.
+        // A join with the unnested positions, not `position = ANY($2)`: the plan
+        // kept for the prepared statement may scan the table and compare every
+        // row with every position.
+        sea_orm::Statement::from_sql_and_values(
+            backend,
+            "UPDATE ledger_outbox AS o SET published_at = $1 \
+             FROM unnest($2::int8[]) AS p(position) WHERE o.position = p.position",
+            vec![now, positions.into()],
+        )
+    } else {
+        let placeholders = vec!["?"; events.len()].join(", ");
+        let mut values = vec![now];
+        values.extend(positions.into_iter().map(Value::from));
+        statement(
+            backend,
+            &format!("UPDATE ledger_outbox SET published_at = ? WHERE position IN ({placeholders})"),
+            values,
+        )
+    };
+    txn.execute_raw(update).await?;
     Ok(())
 }

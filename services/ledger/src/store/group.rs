@@ -27,12 +27,19 @@ use std::{
     sync::{Arc, LazyLock, OnceLock},
 };
 
+use chrono::{DateTime, Utc};
 use fluxo_db::{Db, statement};
 use fluxo_telemetry::opentelemetry::metrics::Histogram;
-use sea_orm::{ConnectionTrait, EntityTrait, TransactionTrait, sea_query::Query};
+use sea_orm::{
+    ConnectionTrait, DatabaseTransaction, DbBackend, DbErr, EntityTrait, Statement, TransactionTrait, Value,
+    sea_query::{OnConflict, Query},
+};
 use tokio::sync::{Mutex, Notify, mpsc, oneshot};
 
-use super::{StoreError, entry_rows, now, schema::idempotency_key};
+use super::{
+    StoreError, entry_rows, now,
+    schema::{entry, idempotency_key, outbox},
+};
 use crate::{
     domain::{Entry, Fingerprint, NewEntry},
     error::LedgerError,
@@ -95,7 +102,7 @@ pub(super) struct Writers {
 
 impl Writers {
     pub(super) fn new(db: Db, committed: Arc<Notify>, config: GroupCommit) -> Self {
-        let writers = if db.backend() == sea_orm::DbBackend::Postgres { config.writers.max(1) } else { 1 };
+        let writers = if db.backend() == DbBackend::Postgres { config.writers.max(1) } else { 1 };
         let config = GroupCommit { writers, max_batch: config.max_batch.clamp(1, 1_000) };
         Self { db, committed, config, queue: OnceLock::new() }
     }
@@ -215,43 +222,7 @@ async fn write(db: &Db, batch: &[Pending]) -> Result<Vec<Option<Entry>>, StoreEr
     let _writer = db.write_guard().await;
     let txn = db.conn().begin().await?;
     let created_at = now();
-    let mut keys = Query::insert();
-    keys.into_table(idempotency_key::Entity).columns([
-        idempotency_key::Column::MerchantId,
-        idempotency_key::Column::RequestId,
-        idempotency_key::Column::Fingerprint,
-        idempotency_key::Column::EntryId,
-        idempotency_key::Column::CreatedAt,
-    ]);
-    for p in batch {
-        let (merchant, key) = p.key();
-        keys.values_panic([
-            merchant.into(),
-            key.into(),
-            p.fingerprint.clone().into(),
-            p.new.id.to_string().into(),
-            created_at.into(),
-        ]);
-    }
-    // On PostgreSQL a key claimed by a transaction still open waits here for
-    // it to end, then does nothing if it committed.
-    keys.on_conflict(
-        sea_orm::sea_query::OnConflict::columns([
-            idempotency_key::Column::MerchantId,
-            idempotency_key::Column::RequestId,
-        ])
-        .do_nothing()
-        .to_owned(),
-    )
-    .returning(
-        Query::returning().columns([idempotency_key::Column::MerchantId, idempotency_key::Column::RequestId]),
-    );
-    let mut claimed: HashSet<(String, String)> = txn
-        .query_all(&keys)
-        .await?
-        .iter()
-        .map(|row| Ok((row.try_get_by_index(0)?, row.try_get_by_index(1)?)))
-        .collect::<Result<_, sea_orm::DbErr>>()?;
+    let mut claimed = claim_keys(&txn, db.backend(), batch, created_at).await?;
     // A caller that gave up (deadline, cancellation) while its key was being
     // claimed gets nothing written: its key is released in this transaction.
     let abandoned: Vec<(String, String)> = batch
@@ -290,9 +261,156 @@ async fn write(db: &Db, batch: &[Pending]) -> Result<Vec<Option<Entry>>, StoreEr
         })
         .collect();
     if !entries.is_empty() {
-        super::schema::entry::Entity::insert_many(entries).exec_without_returning(&txn).await?;
-        super::schema::outbox::Entity::insert_many(events).exec_without_returning(&txn).await?;
+        insert_booked(&txn, db.backend(), entries, events).await?;
     }
     txn.commit().await?;
     Ok(booked)
+}
+
+// On PostgreSQL each of the batch's statements has one shape whatever the
+// batch size — the rows travel as one array per column and are `unnest`ed —
+// so a connection parses and plans it once and keeps it prepared. Statements
+// whose text grew with the batch were parsed, planned and prepared anew for
+// nearly every batch (sqlx keeps 100 statements per connection). Empty text
+// stands for NULL in the arrays (`NULLIF`), which bind no NULL elements.
+
+const PG_CLAIM_KEYS: &str = "INSERT INTO ledger_idempotency_keys \
+     (merchant_id, request_id, fingerprint, entry_id, created_at) \
+     SELECT m, k, f, e, $5::timestamptz \
+     FROM unnest($1::text[], $2::text[], $3::text[], $4::text[]) WITH ORDINALITY AS t(m, k, f, e, n) \
+     ORDER BY n \
+     ON CONFLICT (merchant_id, request_id) DO NOTHING RETURNING merchant_id, request_id";
+
+const PG_INSERT_ENTRIES: &str = "INSERT INTO ledger_entries \
+     (id, merchant_id, kind, currency_code, amount_minor, booking_date, description, request_id, \
+      reverses_entry_id, created_at) \
+     SELECT i, m, k, c, a, d, t, NULLIF(r, ''), NULLIF(v, ''), $10::timestamptz \
+     FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::int8[], $6::date[], $7::text[], \
+                 $8::text[], $9::text[]) WITH ORDINALITY AS u(i, m, k, c, a, d, t, r, v, n) \
+     ORDER BY n";
+
+const PG_INSERT_EVENTS: &str = "INSERT INTO ledger_outbox \
+     (event_id, entry_id, merchant_id, payload, traceparent, tracestate, created_at) \
+     SELECT e, i, m, p, NULLIF(tp, ''), NULLIF(ts, ''), $7::timestamptz \
+     FROM unnest($1::text[], $2::text[], $3::text[], $4::bytea[], $5::text[], $6::text[]) \
+          WITH ORDINALITY AS u(e, i, m, p, tp, ts, n) \
+     ORDER BY n";
+
+/// Claims the batch's keys, in the batch's order; returns those claimed now.
+async fn claim_keys(
+    txn: &DatabaseTransaction,
+    backend: DbBackend,
+    batch: &[Pending],
+    created_at: DateTime<Utc>,
+) -> Result<HashSet<(String, String)>, StoreError> {
+    // On PostgreSQL a key claimed by a transaction still open waits here for
+    // it to end, then does nothing if it committed.
+    let rows = if backend == DbBackend::Postgres {
+        let column = |f: &dyn Fn(&Pending) -> String| Value::from(batch.iter().map(f).collect::<Vec<_>>());
+        let values = vec![
+            column(&|p| p.key().0.to_owned()),
+            column(&|p| p.key().1.to_owned()),
+            column(&|p| p.fingerprint.clone()),
+            column(&|p| p.new.id.to_string()),
+            created_at.into(),
+        ];
+        txn.query_all_raw(Statement::from_sql_and_values(backend, PG_CLAIM_KEYS, values)).await?
+    } else {
+        let mut keys = Query::insert();
+        keys.into_table(idempotency_key::Entity).columns([
+            idempotency_key::Column::MerchantId,
+            idempotency_key::Column::RequestId,
+            idempotency_key::Column::Fingerprint,
+            idempotency_key::Column::EntryId,
+            idempotency_key::Column::CreatedAt,
+        ]);
+        for p in batch {
+            let (merchant, key) = p.key();
+            keys.values_panic([
+                merchant.into(),
+                key.into(),
+                p.fingerprint.clone().into(),
+                p.new.id.to_string().into(),
+                created_at.into(),
+            ]);
+        }
+        keys.on_conflict(
+            OnConflict::columns([idempotency_key::Column::MerchantId, idempotency_key::Column::RequestId])
+                .do_nothing()
+                .to_owned(),
+        )
+        .returning(
+            Query::returning()
+                .columns([idempotency_key::Column::MerchantId, idempotency_key::Column::RequestId]),
+        );
+        txn.query_all(&keys).await?
+    };
+    rows.iter()
+        .map(|row| Ok((row.try_get_by_index(0)?, row.try_get_by_index(1)?)))
+        .collect::<Result<_, DbErr>>()
+        .map_err(StoreError::from)
+}
+
+/// Inserts the booked entries and their outbox events (same order, one each).
+async fn insert_booked(
+    txn: &DatabaseTransaction,
+    backend: DbBackend,
+    entries: Vec<entry::ActiveModel>,
+    events: Vec<outbox::ActiveModel>,
+) -> Result<(), DbErr> {
+    if backend != DbBackend::Postgres {
+        entry::Entity::insert_many(entries).exec_without_returning(txn).await?;
+        outbox::Entity::insert_many(events).exec_without_returning(txn).await?;
+        return Ok(());
+    }
+    let created_at = entries.first().map(|e| e.created_at.clone().unwrap()).unwrap_or_else(now);
+    let (mut ids, mut merchants, mut kinds, mut currencies) = (vec![], vec![], vec![], vec![]);
+    let (mut amounts, mut dates, mut descriptions, mut keys, mut reverses) =
+        (vec![], vec![], vec![], vec![], vec![]);
+    for row in entries {
+        ids.push(row.id.unwrap());
+        merchants.push(row.merchant_id.unwrap());
+        kinds.push(row.kind.unwrap());
+        currencies.push(row.currency_code.unwrap());
+        amounts.push(row.amount_minor.unwrap());
+        dates.push(row.booking_date.unwrap());
+        descriptions.push(row.description.unwrap());
+        keys.push(row.request_id.unwrap().unwrap_or_default());
+        reverses.push(row.reverses_entry_id.unwrap().unwrap_or_default());
+    }
+    let values: Vec<Value> = vec![
+        ids.into(),
+        merchants.into(),
+        kinds.into(),
+        currencies.into(),
+        amounts.into(),
+        dates.into(),
+        descriptions.into(),
+        keys.into(),
+        reverses.into(),
+        created_at.into(),
+    ];
+    txn.execute_raw(Statement::from_sql_and_values(backend, PG_INSERT_ENTRIES, values)).await?;
+
+    let (mut event_ids, mut entry_ids, mut merchants, mut payloads) = (vec![], vec![], vec![], vec![]);
+    let (mut parents, mut states) = (vec![], vec![]);
+    for row in events {
+        event_ids.push(row.event_id.unwrap());
+        entry_ids.push(row.entry_id.unwrap());
+        merchants.push(row.merchant_id.unwrap());
+        payloads.push(row.payload.unwrap());
+        parents.push(row.traceparent.unwrap().unwrap_or_default());
+        states.push(row.tracestate.unwrap().unwrap_or_default());
+    }
+    let values: Vec<Value> = vec![
+        event_ids.into(),
+        entry_ids.into(),
+        merchants.into(),
+        payloads.into(),
+        parents.into(),
+        states.into(),
+        created_at.into(),
+    ];
+    txn.execute_raw(Statement::from_sql_and_values(backend, PG_INSERT_EVENTS, values)).await?;
+    Ok(())
 }
