@@ -255,6 +255,15 @@ pub(crate) fn grpc<T>(result: Result<T, tonic::Status>) -> Outcome {
     match result {
         Ok(_) => Outcome::Ok,
         Err(s) if s.code() == tonic::Code::ResourceExhausted => Outcome::Shed,
-        Err(s) => Outcome::Error(format!("{:?}: {}", s.code(), s.message())),
+        Err(s) => {
+            // The causes too: "transport error" alone does not say what closed the connection.
+            let mut text = format!("{:?}: {}", s.code(), s.message());
+            let mut cause = std::error::Error::source(&s);
+            while let Some(error) = cause {
+                text.push_str(&format!(": {error}"));
+                cause = error.source();
+            }
+            Outcome::Error(text)
+        }
     }
 }

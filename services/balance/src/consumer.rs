@@ -42,6 +42,13 @@ pub const BATCHES_IN_FLIGHT: usize = 2;
 /// before the consumer gives up on Redis and exits.
 const READ_GRACE: Duration = Duration::from_secs(2);
 
+/// How long the consumer lets messages gather after a read that found fewer
+/// than a full batch (batches in flight keep committing meanwhile). A read
+/// returns as soon as one message is there, so under a steady trickle every
+/// batch was a message or two — each a transaction, an acknowledgement and a
+/// cache invalidation of its own.
+const LINGER: Duration = Duration::from_millis(5);
+
 /// The stream as last measured.
 #[derive(Debug, Clone, Default)]
 struct StreamState {
@@ -236,8 +243,20 @@ impl StreamConsumer {
             match read {
                 Ok(batch) => {
                     failures = 0;
+                    let full = batch.len() as u64 >= self.config.batch_size;
                     if !batch.is_empty() {
                         in_flight.push(self.process(batch));
+                        if !full && !stopping {
+                            let linger = tokio::time::sleep(LINGER);
+                            tokio::pin!(linger);
+                            loop {
+                                tokio::select! {
+                                    () = &mut stop => { stopping = true; break; }
+                                    () = &mut linger => break,
+                                    Some(()) = in_flight.next(), if !in_flight.is_empty() => {}
+                                }
+                            }
+                        }
                     }
                 }
                 Err(error) => {

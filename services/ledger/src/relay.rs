@@ -29,6 +29,12 @@ use tracing::Instrument;
 /// How often the relay measures the backlog for its gauges.
 const BACKLOG_INTERVAL: Duration = Duration::from_secs(5);
 
+/// How long the relay lets commits gather after it is woken, unless its last
+/// pass found a full batch. Each pass is a transaction (and a WAL flush); on a
+/// busy ledger that commits every millisecond or two, passing at once after
+/// each commit made the relay's transactions as many as the ledger's.
+const LINGER: Duration = Duration::from_millis(5);
+
 /// The last measured backlog, read by the gauges whenever metrics are collected.
 struct BacklogGauges {
     events: Arc<AtomicI64>,
@@ -175,7 +181,12 @@ impl Relay {
             }
             tokio::select! {
                 () = &mut stop => return,
-                () = self.wake.notified() => {}
+                () = self.wake.notified() => {
+                    tokio::select! {
+                        () = &mut stop => return,
+                        () = tokio::time::sleep(LINGER) => {}
+                    }
+                }
                 () = tokio::time::sleep(idle) => {}
             }
         }

@@ -2,11 +2,13 @@
 //!
 //! Each call hands its entry to a queue and waits for its answer. A few writer
 //! tasks (`writers`) each take everything queued (up to `max_batch`) and book
-//! it in one transaction: one multi-row INSERT of the idempotency keys
-//! (`ON CONFLICT DO NOTHING RETURNING` says which were claimed), one of the
-//! entries and one of the outbox events, and one COMMIT — so a busy ledger pays
-//! one commit (and one WAL flush) per batch instead of per entry. An idle
-//! ledger sees batches of one and the latency of a single transaction.
+//! it in one transaction: the idempotency keys are claimed with `ON CONFLICT DO
+//! NOTHING` (what comes back says which were claimed), the entries and outbox
+//! events of the claimed keys inserted, and the whole committed once — so a
+//! busy ledger pays one commit (and one WAL flush) per batch instead of per
+//! entry. An idle ledger sees batches of one and the latency of a single
+//! transaction. On PostgreSQL that is BEGIN, one statement and COMMIT
+//! ([`PG_BOOK`]); on SQLite one statement per table.
 //!
 //! Nothing is answered before its batch committed. Within a batch the keys are
 //! inserted in (merchant, key) order, so two writers claiming the same keys
@@ -16,11 +18,13 @@
 //! unreachable, its entries are booked again one per transaction, so one
 //! refused entry cannot fail the others.
 //!
-//! A caller that goes away (deadline, cancelled RPC) before its key is claimed
-//! gets nothing written: it is dropped from the queue, or its key released in
-//! the same transaction. Past that point it is booked like any other, and the
-//! retry with the same key replays it (the window any RPC has between COMMIT
-//! and its answer reaching the caller).
+//! A caller that goes away (deadline, cancelled RPC) before its batch commits
+//! gets nothing written: it is dropped from the queue, or — when it left while
+//! its key was being claimed — the batch is booked without it (PostgreSQL: the
+//! transaction is rolled back and the batch booked again; SQLite: its key is
+//! released in the same transaction). Past the claim it is booked like any
+//! other, and the retry with the same key replays it (the window any RPC has
+//! between COMMIT and its answer reaching the caller).
 
 use std::{
     collections::HashSet,
@@ -219,10 +223,13 @@ async fn commit(db: &Db, committed: &Notify, mut batch: Vec<Pending>) {
 /// Books `batch` in one transaction; per entry, `Some` when its key was
 /// claimed (and the entry booked), `None` when the key was held already.
 async fn write(db: &Db, batch: &[Pending]) -> Result<Vec<Option<Entry>>, StoreError> {
+    if db.backend() == DbBackend::Postgres {
+        return write_postgres(db, batch).await;
+    }
     let _writer = db.write_guard().await;
     let txn = db.conn().begin().await?;
     let created_at = now();
-    let mut claimed = claim_keys(&txn, db.backend(), batch, created_at).await?;
+    let mut claimed = claim_keys(&txn, batch, created_at).await?;
     // A caller that gave up (deadline, cancellation) while its key was being
     // claimed gets nothing written: its key is released in this transaction.
     let abandoned: Vec<(String, String)> = batch
@@ -261,156 +268,150 @@ async fn write(db: &Db, batch: &[Pending]) -> Result<Vec<Option<Entry>>, StoreEr
         })
         .collect();
     if !entries.is_empty() {
-        insert_booked(&txn, db.backend(), entries, events).await?;
+        entry::Entity::insert_many(entries).exec_without_returning(&txn).await?;
+        outbox::Entity::insert_many(events).exec_without_returning(&txn).await?;
     }
     txn.commit().await?;
     Ok(booked)
 }
 
-// On PostgreSQL each of the batch's statements has one shape whatever the
-// batch size — the rows travel as one array per column and are `unnest`ed —
-// so a connection parses and plans it once and keeps it prepared. Statements
-// whose text grew with the batch were parsed, planned and prepared anew for
-// nearly every batch (sqlx keeps 100 statements per connection). Empty text
-// stands for NULL in the arrays (`NULLIF`), which bind no NULL elements.
-
-const PG_CLAIM_KEYS: &str = "INSERT INTO ledger_idempotency_keys \
-     (merchant_id, request_id, fingerprint, entry_id, created_at) \
-     SELECT m, k, f, e, $5::timestamptz \
-     FROM unnest($1::text[], $2::text[], $3::text[], $4::text[]) WITH ORDINALITY AS t(m, k, f, e, n) \
-     ORDER BY n \
-     ON CONFLICT (merchant_id, request_id) DO NOTHING RETURNING merchant_id, request_id";
-
-const PG_INSERT_ENTRIES: &str = "INSERT INTO ledger_entries \
-     (id, merchant_id, kind, currency_code, amount_minor, booking_date, description, request_id, \
-      reverses_entry_id, created_at) \
-     SELECT i, m, k, c, a, d, t, NULLIF(r, ''), NULLIF(v, ''), $10::timestamptz \
-     FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::int8[], $6::date[], $7::text[], \
-                 $8::text[], $9::text[]) WITH ORDINALITY AS u(i, m, k, c, a, d, t, r, v, n) \
-     ORDER BY n";
-
-const PG_INSERT_EVENTS: &str = "INSERT INTO ledger_outbox \
-     (event_id, entry_id, merchant_id, payload, traceparent, tracestate, created_at) \
-     SELECT e, i, m, p, NULLIF(tp, ''), NULLIF(ts, ''), $7::timestamptz \
-     FROM unnest($1::text[], $2::text[], $3::text[], $4::bytea[], $5::text[], $6::text[]) \
-          WITH ORDINALITY AS u(e, i, m, p, tp, ts, n) \
-     ORDER BY n";
-
 /// Claims the batch's keys, in the batch's order; returns those claimed now.
 async fn claim_keys(
     txn: &DatabaseTransaction,
-    backend: DbBackend,
     batch: &[Pending],
     created_at: DateTime<Utc>,
 ) -> Result<HashSet<(String, String)>, StoreError> {
-    // On PostgreSQL a key claimed by a transaction still open waits here for
-    // it to end, then does nothing if it committed.
-    let rows = if backend == DbBackend::Postgres {
-        let column = |f: &dyn Fn(&Pending) -> String| Value::from(batch.iter().map(f).collect::<Vec<_>>());
-        let values = vec![
-            column(&|p| p.key().0.to_owned()),
-            column(&|p| p.key().1.to_owned()),
-            column(&|p| p.fingerprint.clone()),
-            column(&|p| p.new.id.to_string()),
+    let mut keys = Query::insert();
+    keys.into_table(idempotency_key::Entity).columns([
+        idempotency_key::Column::MerchantId,
+        idempotency_key::Column::RequestId,
+        idempotency_key::Column::Fingerprint,
+        idempotency_key::Column::EntryId,
+        idempotency_key::Column::CreatedAt,
+    ]);
+    for p in batch {
+        let (merchant, key) = p.key();
+        keys.values_panic([
+            merchant.into(),
+            key.into(),
+            p.fingerprint.clone().into(),
+            p.new.id.to_string().into(),
             created_at.into(),
-        ];
-        txn.query_all_raw(Statement::from_sql_and_values(backend, PG_CLAIM_KEYS, values)).await?
-    } else {
-        let mut keys = Query::insert();
-        keys.into_table(idempotency_key::Entity).columns([
-            idempotency_key::Column::MerchantId,
-            idempotency_key::Column::RequestId,
-            idempotency_key::Column::Fingerprint,
-            idempotency_key::Column::EntryId,
-            idempotency_key::Column::CreatedAt,
         ]);
-        for p in batch {
-            let (merchant, key) = p.key();
-            keys.values_panic([
-                merchant.into(),
-                key.into(),
-                p.fingerprint.clone().into(),
-                p.new.id.to_string().into(),
-                created_at.into(),
-            ]);
-        }
-        keys.on_conflict(
-            OnConflict::columns([idempotency_key::Column::MerchantId, idempotency_key::Column::RequestId])
-                .do_nothing()
-                .to_owned(),
-        )
-        .returning(
-            Query::returning()
-                .columns([idempotency_key::Column::MerchantId, idempotency_key::Column::RequestId]),
-        );
-        txn.query_all(&keys).await?
-    };
-    rows.iter()
+    }
+    keys.on_conflict(
+        OnConflict::columns([idempotency_key::Column::MerchantId, idempotency_key::Column::RequestId])
+            .do_nothing()
+            .to_owned(),
+    )
+    .returning(
+        Query::returning().columns([idempotency_key::Column::MerchantId, idempotency_key::Column::RequestId]),
+    );
+    txn.query_all(&keys)
+        .await?
+        .iter()
         .map(|row| Ok((row.try_get_by_index(0)?, row.try_get_by_index(1)?)))
         .collect::<Result<_, DbErr>>()
         .map_err(StoreError::from)
 }
 
-/// Inserts the booked entries and their outbox events (same order, one each).
-async fn insert_booked(
-    txn: &DatabaseTransaction,
-    backend: DbBackend,
-    entries: Vec<entry::ActiveModel>,
-    events: Vec<outbox::ActiveModel>,
-) -> Result<(), DbErr> {
-    if backend != DbBackend::Postgres {
-        entry::Entity::insert_many(entries).exec_without_returning(txn).await?;
-        outbox::Entity::insert_many(events).exec_without_returning(txn).await?;
-        return Ok(());
-    }
-    let created_at = entries.first().map(|e| e.created_at.clone().unwrap()).unwrap_or_else(now);
-    let (mut ids, mut merchants, mut kinds, mut currencies) = (vec![], vec![], vec![], vec![]);
-    let (mut amounts, mut dates, mut descriptions, mut keys, mut reverses) =
-        (vec![], vec![], vec![], vec![], vec![]);
-    for row in entries {
-        ids.push(row.id.unwrap());
-        merchants.push(row.merchant_id.unwrap());
-        kinds.push(row.kind.unwrap());
-        currencies.push(row.currency_code.unwrap());
-        amounts.push(row.amount_minor.unwrap());
-        dates.push(row.booking_date.unwrap());
-        descriptions.push(row.description.unwrap());
-        keys.push(row.request_id.unwrap().unwrap_or_default());
-        reverses.push(row.reverses_entry_id.unwrap().unwrap_or_default());
-    }
-    let values: Vec<Value> = vec![
-        ids.into(),
-        merchants.into(),
-        kinds.into(),
-        currencies.into(),
-        amounts.into(),
-        dates.into(),
-        descriptions.into(),
-        keys.into(),
-        reverses.into(),
-        created_at.into(),
-    ];
-    txn.execute_raw(Statement::from_sql_and_values(backend, PG_INSERT_ENTRIES, values)).await?;
+/// PostgreSQL books a batch with one statement: its keys are claimed (in the
+/// batch's order) and, for each key claimed, the entry and its outbox event
+/// inserted. The rows travel as one array per column, so the statement has one
+/// shape whatever the batch size and each connection parses and plans it once
+/// (statements that grew with the batch were prepared anew for nearly every
+/// batch). Empty text stands for NULL (`NULLIF`): the arrays hold no NULLs.
+const PG_BOOK: &str = "WITH input AS ( \
+       SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], \
+                            $7::int8[], $8::date[], $9::text[], $10::text[], $11::text[], $12::bytea[], \
+                            $13::text[], $14::text[]) \
+         WITH ORDINALITY AS i(merchant, key, fingerprint, id, kind, currency, amount, day, description, \
+                              reverses, event, payload, parent, state, n)), \
+     claimed AS ( \
+       INSERT INTO ledger_idempotency_keys (merchant_id, request_id, fingerprint, entry_id, created_at) \
+       SELECT merchant, key, fingerprint, id, $15::timestamptz FROM input ORDER BY n \
+       ON CONFLICT (merchant_id, request_id) DO NOTHING RETURNING entry_id), \
+     entries AS ( \
+       INSERT INTO ledger_entries (id, merchant_id, kind, currency_code, amount_minor, booking_date, \
+                                   description, request_id, reverses_entry_id, created_at) \
+       SELECT i.id, i.merchant, i.kind, i.currency, i.amount, i.day, i.description, i.key, \
+              NULLIF(i.reverses, ''), $15::timestamptz \
+       FROM input i JOIN claimed c ON c.entry_id = i.id ORDER BY i.n), \
+     events AS ( \
+       INSERT INTO ledger_outbox (event_id, entry_id, merchant_id, payload, traceparent, tracestate, \
+                                  created_at) \
+       SELECT i.event, i.id, i.merchant, i.payload, NULLIF(i.parent, ''), NULLIF(i.state, ''), \
+              $15::timestamptz \
+       FROM input i JOIN claimed c ON c.entry_id = i.id ORDER BY i.n) \
+     SELECT entry_id FROM claimed";
 
-    let (mut event_ids, mut entry_ids, mut merchants, mut payloads) = (vec![], vec![], vec![], vec![]);
-    let (mut parents, mut states) = (vec![], vec![]);
-    for row in events {
-        event_ids.push(row.event_id.unwrap());
-        entry_ids.push(row.entry_id.unwrap());
-        merchants.push(row.merchant_id.unwrap());
-        payloads.push(row.payload.unwrap());
-        parents.push(row.traceparent.unwrap().unwrap_or_default());
-        states.push(row.tracestate.unwrap().unwrap_or_default());
+/// Books `batch` on PostgreSQL: BEGIN, one statement, COMMIT.
+///
+/// A key held by a transaction still open makes the statement wait for it,
+/// then skip the key if it committed. A caller that gave up (deadline,
+/// cancellation) during that wait must get nothing written, and entries are
+/// never deleted: so when one did, the transaction is rolled back and the
+/// batch booked again without it.
+async fn write_postgres(db: &Db, batch: &[Pending]) -> Result<Vec<Option<Entry>>, StoreError> {
+    let created_at = now();
+    let rows: Vec<_> = batch.iter().map(|p| entry_rows(p.new.clone(), created_at, p.trace.clone())).collect();
+    let mut gone: HashSet<usize> = HashSet::new();
+    loop {
+        let live: Vec<usize> = (0..batch.len()).filter(|i| !gone.contains(i)).collect();
+        if live.is_empty() {
+            return Ok(vec![None; batch.len()]);
+        }
+        let txn = db.conn().begin().await?;
+        let claimed: HashSet<String> = txn
+            .query_all_raw(Statement::from_sql_and_values(
+                DbBackend::Postgres,
+                PG_BOOK,
+                book_values(batch, &rows, &live, created_at),
+            ))
+            .await?
+            .iter()
+            .map(|row| row.try_get_by_index::<String>(0))
+            .collect::<Result<_, DbErr>>()?;
+        let is_claimed = |i: usize| claimed.contains(&rows[i].2.booked.id.to_string());
+        let left: Vec<usize> =
+            live.iter().copied().filter(|&i| is_claimed(i) && batch[i].reply.is_closed()).collect();
+        if !left.is_empty() {
+            txn.rollback().await?;
+            gone.extend(left);
+            continue;
+        }
+        txn.commit().await?;
+        return Ok((0..batch.len())
+            .map(|i| (!gone.contains(&i) && is_claimed(i)).then(|| rows[i].2.clone()))
+            .collect());
     }
-    let values: Vec<Value> = vec![
-        event_ids.into(),
-        entry_ids.into(),
-        merchants.into(),
-        payloads.into(),
-        parents.into(),
-        states.into(),
+}
+
+/// The parameters of [`PG_BOOK`] for the rows at `live`.
+fn book_values(
+    batch: &[Pending],
+    rows: &[(entry::ActiveModel, outbox::ActiveModel, Entry)],
+    live: &[usize],
+    created_at: DateTime<Utc>,
+) -> Vec<Value> {
+    let text = |f: &dyn Fn(usize) -> String| Value::from(live.iter().map(|&i| f(i)).collect::<Vec<_>>());
+    let entry = |i: usize| &rows[i].2.booked;
+    let event = |i: usize| &rows[i].1;
+    vec![
+        text(&|i| entry(i).merchant_id.as_str().to_owned()),
+        text(&|i| batch[i].key().1.to_owned()),
+        text(&|i| batch[i].fingerprint.clone()),
+        text(&|i| entry(i).id.to_string()),
+        text(&|i| entry(i).kind.as_str().to_owned()),
+        text(&|i| entry(i).amount.currency().code().to_owned()),
+        Value::from(live.iter().map(|&i| entry(i).amount.minor_units()).collect::<Vec<_>>()),
+        Value::from(live.iter().map(|&i| entry(i).booking_date.date()).collect::<Vec<_>>()),
+        text(&|i| entry(i).description.as_str().to_owned()),
+        text(&|i| entry(i).reverses.map(|id| id.to_string()).unwrap_or_default()),
+        text(&|i| event(i).event_id.clone().unwrap()),
+        Value::from(live.iter().map(|&i| event(i).payload.clone().unwrap()).collect::<Vec<_>>()),
+        text(&|i| event(i).traceparent.clone().unwrap().unwrap_or_default()),
+        text(&|i| event(i).tracestate.clone().unwrap().unwrap_or_default()),
         created_at.into(),
-    ];
-    txn.execute_raw(Statement::from_sql_and_values(backend, PG_INSERT_EVENTS, values)).await?;
-    Ok(())
+    ]
 }
