@@ -3,7 +3,7 @@
 //! to gRPC health SERVING, measured for RSS, and always stopped.
 
 use std::{
-    io::{BufRead, BufReader},
+    io::{BufRead, BufReader, Write},
     path::PathBuf,
     process::{Child, Command, Stdio},
     sync::mpsc,
@@ -35,7 +35,7 @@ impl Proc {
     /// Its log (stdout) is dropped, or appended to `<dir>/<name>.log` when
     /// `FLUXO_BENCH_LOGS=<dir>` is set — to look into a run after the fact.
     pub(crate) async fn start(name: &str, mut command: Command) -> anyhow::Result<Self> {
-        let log = match std::env::var_os("FLUXO_BENCH_LOGS") {
+        let log_file = match std::env::var_os("FLUXO_BENCH_LOGS") {
             Some(dir) => {
                 let path = PathBuf::from(dir).join(format!("{name}.log"));
                 let file = std::fs::OpenOptions::new()
@@ -43,10 +43,13 @@ impl Proc {
                     .append(true)
                     .open(&path)
                     .with_context(|| format!("opening {}", path.display()))?;
-                Stdio::from(file)
+                Some(file)
             }
-            None => Stdio::null(),
+            None => None,
         };
+        // stderr (start-up banner, panics) goes to the same file.
+        let mut stderr_copy = log_file.as_ref().map(std::fs::File::try_clone).transpose()?;
+        let log = log_file.map_or_else(Stdio::null, Stdio::from);
         let spawned = Instant::now();
         let mut child = command
             .stdin(Stdio::null())
@@ -59,7 +62,10 @@ impl Proc {
         // Keeps draining stderr so the process never blocks on a full pipe.
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
+                if let Some(file) = stderr_copy.as_mut() {
+                    let _ = writeln!(file, "{line}");
+                }
+                if tx.send(line).is_err() && stderr_copy.is_none() {
                     break;
                 }
             }
@@ -195,6 +201,13 @@ impl Fluxo {
             .env("FLUXO_GATEWAY__LISTEN", "127.0.0.1:0")
             .env("FLUXO_LOG__FORMAT", "json")
             .env("FLUXO_LOG__LEVEL", "warn");
+        // `FLUXO_BENCH_SET_<VAR>=<value>` sets <VAR> for every fluxo process of
+        // the run (say FLUXO_BENCH_SET_FLUXO_LEDGER__WRITERS=8 to try a setting).
+        for (key, value) in std::env::vars() {
+            if let Some(var) = key.strip_prefix("FLUXO_BENCH_SET_") {
+                command.env(var, value);
+            }
+        }
         for (k, v) in self.env.iter().chain(extra) {
             command.env(k, v);
         }

@@ -417,7 +417,7 @@ async fn run_in(
                 args.backlog,
                 args.pipeline_rate,
                 args.mixed_rate
-            ),
+            ) + &overrides(),
             ..Report::default()
         },
         pids: Vec::new(),
@@ -998,4 +998,13 @@ async fn run_in(
     redis.quit().await.ok();
     db.close().await.ok();
     Ok(b.report)
+}
+
+/// The settings a run changed with `FLUXO_BENCH_SET_<VAR>` (see procs.rs), for the report.
+fn overrides() -> String {
+    let mut set: Vec<String> = std::env::vars()
+        .filter_map(|(key, value)| key.strip_prefix("FLUXO_BENCH_SET_").map(|var| format!("{var}={value}")))
+        .collect();
+    set.sort();
+    if set.is_empty() { String::new() } else { format!("; overridden: {}", set.join(", ")) }
 }
