@@ -196,15 +196,6 @@ impl GrpcServer {
             // Dead peers are noticed instead of holding connections forever.
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
             .http2_keepalive_timeout(Some(Duration::from_secs(10)))
-            // A connection carries at most twice as many open calls as the server
-            // admits (tonic's default is no limit): room for every admitted call and
-            // as many refusals on their way, and beyond that a client queues its calls
-            // instead of opening streams the server would only refuse. Under a flood,
-            // tens of thousands of open streams per connection made every frame dearer
-            // for both sides and served calls fell to half the maximum (BENCHMARKS.md).
-            .max_concurrent_streams(
-                u32::try_from(config.max_concurrent_requests.saturating_mul(2).max(64)).ok(),
-            )
             .layer(AdmissionLayer::new(config.max_concurrent_requests))
             .add_routes(routes.routes())
             .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
