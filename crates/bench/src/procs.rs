@@ -26,7 +26,6 @@ pub(crate) struct Proc {
     pub(crate) rest: Option<String>,
     /// From spawn to gRPC health SERVING.
     pub(crate) ready_after: Duration,
-    _stderr: mpsc::Receiver<String>,
 }
 
 impl Proc {
@@ -65,9 +64,7 @@ impl Proc {
                 if let Some(file) = stderr_copy.as_mut() {
                     let _ = writeln!(file, "{line}");
                 }
-                if tx.send(line).is_err() && stderr_copy.is_none() {
-                    break;
-                }
+                let _ = tx.send(line);
             }
         });
         let mut proc = Self {
@@ -76,7 +73,6 @@ impl Proc {
             grpc: String::new(),
             rest: None,
             ready_after: Duration::ZERO,
-            _stderr: mpsc::channel().1,
         };
         let deadline = Instant::now() + Duration::from_secs(30);
         let mut seen = Vec::new();
@@ -106,7 +102,9 @@ impl Proc {
             }
             seen.push(line);
         }
-        proc._stderr = rx;
+        // Past the banner nobody reads the channel; the thread keeps draining the
+        // pipe (into the log file, if any) so the process never blocks on stderr.
+        drop(rx);
         let mut health = None;
         loop {
             if Instant::now() > deadline {
