@@ -199,12 +199,8 @@ impl Fluxo {
             .env("FLUXO_GATEWAY__LISTEN", "127.0.0.1:0")
             .env("FLUXO_LOG__FORMAT", "json")
             .env("FLUXO_LOG__LEVEL", "warn");
-        // `FLUXO_BENCH_SET_<VAR>=<value>` sets <VAR> for every fluxo process of
-        // the run (say FLUXO_BENCH_SET_FLUXO_LEDGER__WRITERS=8 to try a setting).
-        for (key, value) in std::env::vars() {
-            if let Some(var) = key.strip_prefix("FLUXO_BENCH_SET_") {
-                command.env(var, value);
-            }
+        for (var, value) in overrides() {
+            command.env(var, value);
         }
         for (k, v) in self.env.iter().chain(extra) {
             command.env(k, v);
@@ -245,4 +241,15 @@ pub(crate) fn machine() -> String {
         .and_then(|v| v.parse().ok())
         .unwrap_or(0);
     format!("{cores} cores, {:.1} GiB memory, {model}", mem_kb as f64 / 1024.0 / 1024.0)
+}
+
+/// The variables set for every fluxo process of the run with
+/// `FLUXO_BENCH_SET_<VAR>=<value>` (say FLUXO_BENCH_SET_FLUXO_LEDGER__WRITERS=8
+/// to try a setting), sorted by name.
+pub(crate) fn overrides() -> Vec<(String, String)> {
+    let mut set: Vec<(String, String)> = std::env::vars()
+        .filter_map(|(key, value)| key.strip_prefix("FLUXO_BENCH_SET_").map(|var| (var.to_owned(), value)))
+        .collect();
+    set.sort();
+    set
 }

@@ -417,7 +417,7 @@ async fn run_in(
                 args.backlog,
                 args.pipeline_rate,
                 args.mixed_rate
-            ) + &overrides(),
+            ) + &overridden(),
             ..Report::default()
         },
         pids: Vec::new(),
@@ -1000,11 +1000,9 @@ async fn run_in(
     Ok(b.report)
 }
 
-/// The settings a run changed with `FLUXO_BENCH_SET_<VAR>` (see procs.rs), for the report.
-fn overrides() -> String {
-    let mut set: Vec<String> = std::env::vars()
-        .filter_map(|(key, value)| key.strip_prefix("FLUXO_BENCH_SET_").map(|var| format!("{var}={value}")))
-        .collect();
-    set.sort();
+/// The settings a run changed with `FLUXO_BENCH_SET_<VAR>`, for the report.
+fn overridden() -> String {
+    let set: Vec<String> =
+        crate::procs::overrides().iter().map(|(var, value)| format!("{var}={value}")).collect();
     if set.is_empty() { String::new() } else { format!("; overridden: {}", set.join(", ")) }
 }
