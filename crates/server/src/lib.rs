@@ -196,6 +196,15 @@ impl GrpcServer {
             // Dead peers are noticed instead of holding connections forever.
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
             .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+            // h2 closes a connection (GOAWAY, ENHANCE_YOUR_CALM) once the small DATA
+            // frames it holds unread exceed a budget of half the connection window,
+            // charging 256 bytes minus the payload per frame. Every unary call brings
+            // one such frame, unread until its task first runs, so a flood the CPU
+            // cannot keep up with (tonic's default: no stream limit) cut connections
+            // and failed every call on them with a transport error. Capped streams
+            // keep the held frames within the budget; a client queues the rest.
+            .initial_connection_window_size(CONNECTION_WINDOW)
+            .max_concurrent_streams(Some(streams_per_connection(config.max_concurrent_requests)))
             .layer(AdmissionLayer::new(config.max_concurrent_requests))
             .add_routes(routes.routes())
             .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
@@ -241,6 +250,19 @@ impl GrpcServer {
             }
         }
     }
+}
+
+/// Flow-control window of a connection (hyper's default, set here because the
+/// stream limit below depends on it).
+const CONNECTION_WINDOW: u32 = 1 << 20;
+
+/// Open calls a connection may carry: twice what the server admits (room for
+/// every admitted call and as many refusals on their way out), at least 64, and
+/// never more than h2's small-frame budget holds: half the window at up to 256
+/// bytes a call.
+fn streams_per_connection(max_concurrent_requests: usize) -> u32 {
+    let budget = CONNECTION_WINDOW / 2 / 256;
+    u32::try_from(max_concurrent_requests.saturating_mul(2)).unwrap_or(u32::MAX).clamp(64, budget)
 }
 
 fn joined(
