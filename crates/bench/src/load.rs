@@ -4,6 +4,7 @@
 //! the maximum), both recording into HDR histograms.
 
 use std::{
+    collections::BTreeMap,
     future::Future,
     sync::{
         Arc, Mutex,
@@ -44,7 +45,8 @@ pub(crate) struct Stats {
     pub(crate) ok: u64,
     pub(crate) shed: u64,
     pub(crate) errors: u64,
-    pub(crate) first_error: Option<String>,
+    /// Failed calls by cause.
+    pub(crate) causes: BTreeMap<String, u64>,
     /// Latency of served requests, microseconds.
     pub(crate) latency: Histogram<u64>,
     /// Latency of shed requests, microseconds.
@@ -98,8 +100,16 @@ impl Stats {
             self.shed,
             self.errors
         );
-        if let Some(e) = &self.first_error {
-            s.push_str(&format!("  (first error: {e})"));
+        if !self.causes.is_empty() {
+            let mut causes: Vec<_> = self.causes.iter().collect();
+            causes.sort_by(|a, b| b.1.cmp(a.1));
+            let top: Vec<String> = causes.iter().take(3).map(|(cause, n)| format!("{n}× {cause}")).collect();
+            let more = causes.len().saturating_sub(3);
+            s.push_str(&format!(
+                "  (errors: {}{})",
+                top.join("; "),
+                if more > 0 { format!("; {more} more causes") } else { String::new() }
+            ));
         }
         s
     }
@@ -109,7 +119,7 @@ impl Stats {
 struct Recorder {
     latency: Histogram<u64>,
     shed_latency: Histogram<u64>,
-    first_error: Option<String>,
+    causes: BTreeMap<String, u64>,
 }
 
 #[derive(Debug, Default)]
@@ -146,8 +156,11 @@ where
 {
     let op = Arc::new(op);
     let counters = Arc::new(Counters::default());
-    let recorder =
-        Arc::new(Mutex::new(Recorder { latency: histogram(), shed_latency: histogram(), first_error: None }));
+    let recorder = Arc::new(Mutex::new(Recorder {
+        latency: histogram(),
+        shed_latency: histogram(),
+        causes: BTreeMap::new(),
+    }));
     let record = {
         let recorder = recorder.clone();
         let counters = counters.clone();
@@ -157,11 +170,7 @@ where
             match outcome {
                 Outcome::Ok => r.latency.saturating_record(micros(took)),
                 Outcome::Shed => r.shed_latency.saturating_record(micros(took)),
-                Outcome::Error(e) => {
-                    if r.first_error.is_none() {
-                        r.first_error = Some(e);
-                    }
-                }
+                Outcome::Error(e) => *r.causes.entry(e).or_default() += 1,
             }
         }
     };
@@ -236,7 +245,7 @@ where
         ok: counters.ok.load(Ordering::Relaxed),
         shed: counters.shed.load(Ordering::Relaxed),
         errors: counters.errors.load(Ordering::Relaxed),
-        first_error: r.first_error.clone(),
+        causes: r.causes.clone(),
         latency: r.latency.clone(),
         shed_latency: r.shed_latency.clone(),
         elapsed,

@@ -26,6 +26,7 @@ mod scenarios;
 
 use std::path::PathBuf;
 
+use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 
 #[derive(Debug, Parser)]
@@ -83,8 +84,28 @@ pub(crate) struct RunArgs {
     command_line: Option<String>,
 }
 
+/// With `FLUXO_BENCH_LOGS=<dir>`, the load generator's own log (its gRPC and
+/// HTTP clients: h2, hyper, tonic) goes to `<dir>/fluxo-bench.log`, filtered
+/// by `FLUXO_BENCH_LOG` (default `warn`; say `warn,h2::proto::connection=debug`
+/// to see why a connection closed).
+fn own_log() -> anyhow::Result<()> {
+    let Some(dir) = std::env::var_os("FLUXO_BENCH_LOGS") else { return Ok(()) };
+    let path = PathBuf::from(dir).join("fluxo-bench.log");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    let filter = std::env::var("FLUXO_BENCH_LOG").unwrap_or_else(|_| "warn".to_owned());
+    let filter = tracing_subscriber::EnvFilter::try_new(&filter)
+        .with_context(|| format!("FLUXO_BENCH_LOG is not a valid filter: {filter:?}"))?;
+    tracing_subscriber::fmt().with_env_filter(filter).with_ansi(false).with_writer(file).init();
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    own_log()?;
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     match cli.command {
         Cmd::BareServer => runtime.block_on(bare::serve()),

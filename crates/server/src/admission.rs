@@ -16,9 +16,12 @@
 use std::{
     future::Future,
     pin::Pin,
-    sync::{Arc, LazyLock},
+    sync::{
+        Arc, LazyLock,
+        atomic::{AtomicU64, Ordering},
+    },
     task::{Context, Poll},
-    time::Instant,
+    time::{Duration, Instant},
 };
 
 use bytes::Bytes;
@@ -34,20 +37,27 @@ use tracing::Instrument;
 pub const REQUEST_ID_HEADER: &str = "x-request-id";
 
 /// Log target of the access log: one `call finished` line per call, at DEBUG
-/// for OK calls and INFO otherwise (`FLUXO_LOG__LEVEL=info,fluxo::access=debug`
-/// logs every call).
+/// for OK calls and refusals (RESOURCE_EXHAUSTED) and INFO otherwise
+/// (`FLUXO_LOG__LEVEL=info,fluxo::access=debug` logs every call). Refusals are
+/// summed up instead, in at most one WARN line a second: a line per refused
+/// call would spend the CPU of an overloaded server on its log.
 pub const ACCESS: &str = "fluxo::access";
 
 /// Adds admission control, a request span and a request id to a service.
 #[derive(Debug, Clone)]
 pub struct AdmissionLayer {
     permits: Arc<Semaphore>,
+    refusals: Arc<Refusals>,
 }
 
 impl AdmissionLayer {
     /// Admits at most `max_concurrent` calls at once (health and reflection exempt).
     pub fn new(max_concurrent: usize) -> Self {
-        Self { permits: Arc::new(Semaphore::new(max_concurrent.max(1))) }
+        let max_concurrent = max_concurrent.max(1);
+        Self {
+            permits: Arc::new(Semaphore::new(max_concurrent)),
+            refusals: Arc::new(Refusals::new(max_concurrent)),
+        }
     }
 }
 
@@ -55,7 +65,62 @@ impl<S> Layer<S> for AdmissionLayer {
     type Service = Admission<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        Admission { inner, permits: self.permits.clone() }
+        Admission { inner, permits: self.permits.clone(), refusals: self.refusals.clone() }
+    }
+}
+
+/// Counts refused calls and reports them at most once per [`Refusals::EVERY`].
+#[derive(Debug)]
+struct Refusals {
+    max_concurrent: usize,
+    epoch: Instant,
+    /// Refused since the last report.
+    pending: AtomicU64,
+    /// Milliseconds after `epoch` of the last report; `u64::MAX` before the first.
+    reported_at: AtomicU64,
+}
+
+impl Refusals {
+    const EVERY: Duration = Duration::from_secs(1);
+
+    fn new(max_concurrent: usize) -> Self {
+        Self {
+            max_concurrent,
+            epoch: Instant::now(),
+            pending: AtomicU64::new(0),
+            reported_at: AtomicU64::new(u64::MAX),
+        }
+    }
+
+    /// Counts one refusal and logs the sum when a report is due.
+    fn refused(&self) {
+        let now = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX - 1);
+        if let Some((refused, since)) = self.count_at(now) {
+            let since = since
+                .map_or_else(|| "first report".to_owned(), |ms| format!("{ms} ms since the last report"));
+            tracing::warn!(
+                refused,
+                max_concurrent = self.max_concurrent,
+                "overloaded: refused {refused} calls with RESOURCE_EXHAUSTED ({since}); \
+                 every call is in the rpc.server.duration metric"
+            );
+        }
+    }
+
+    /// Counts one refusal at `now` (ms after `epoch`). The caller that finds the
+    /// last report old enough gets every refusal since, its own included, and
+    /// how long ago that report was (`None` for the first).
+    fn count_at(&self, now: u64) -> Option<(u64, Option<u64>)> {
+        self.pending.fetch_add(1, Ordering::Relaxed);
+        let last = self.reported_at.load(Ordering::Relaxed);
+        let every = u64::try_from(Self::EVERY.as_millis()).unwrap_or(u64::MAX);
+        let first = last == u64::MAX;
+        if !first && now.saturating_sub(last) < every {
+            return None;
+        }
+        self.reported_at.compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed).ok()?;
+        let refused = self.pending.swap(0, Ordering::Relaxed);
+        Some((refused, (!first).then(|| now - last)))
     }
 }
 
@@ -64,6 +129,7 @@ impl<S> Layer<S> for AdmissionLayer {
 pub struct Admission<S> {
     inner: S,
     permits: Arc<Semaphore>,
+    refusals: Arc<Refusals>,
 }
 
 fn exempt(path: &str) -> bool {
@@ -98,6 +164,7 @@ const OK: i64 = 0;
 const UNKNOWN: i64 = 2;
 const CANCELLED: i64 = 1;
 const UNIMPLEMENTED: i64 = 12;
+const RESOURCE_EXHAUSTED: i64 = 8;
 
 fn grpc_status(headers: &HeaderMap) -> Option<i64> {
     headers.get("grpc-status").and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok())
@@ -141,7 +208,7 @@ impl CallRecord {
         let micros = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX);
         // Every call is counted and timed in the metrics above; the log keeps the
         // calls that went wrong, and every call when `fluxo::access=debug` is enabled.
-        if status == OK {
+        if status == OK || status == RESOURCE_EXHAUSTED {
             tracing::debug!(target: ACCESS, parent: &self.span, grpc_status = status, duration_us = micros, "call finished");
         } else {
             tracing::info!(target: ACCESS, parent: &self.span, grpc_status = status, duration_us = micros, "call finished");
@@ -238,8 +305,7 @@ where
             match self.permits.clone().try_acquire_owned() {
                 Ok(permit) => Some(permit),
                 Err(_) => {
-                    // Logged by its `call finished` line (RESOURCE_EXHAUSTED); not twice under a flood.
-                    span.in_scope(|| tracing::debug!("overloaded: call refused"));
+                    self.refusals.refused();
                     let mut response: Response<Body> = Status::resource_exhausted(
                         "server overloaded: too many concurrent calls, retry with backoff",
                     )
@@ -268,5 +334,21 @@ where
             }
             .instrument(span),
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Refusals;
+
+    #[test]
+    fn refusals_are_reported_at_most_once_a_second_and_none_is_left_out() {
+        let r = Refusals::new(8);
+        assert_eq!(r.count_at(0), Some((1, None)), "the first refusal is reported at once");
+        for ms in 1..1_000 {
+            assert_eq!(r.count_at(ms), None, "no second report within a second ({ms} ms)");
+        }
+        assert_eq!(r.count_at(1_000), Some((1_000, Some(1_000))), "999 held back plus this one");
+        assert_eq!(r.count_at(5_000), Some((1, Some(4_000))), "a lone refusal after a quiet spell");
     }
 }
