@@ -95,6 +95,11 @@ pub enum Lookup {
     Miss(String),
 }
 
+// Every fred command is a future of about 5 KB. Awaited in place it makes every
+// enclosing future (down to the one tonic boxes per call) as large, and each is
+// moved — copied — on its way: memmove was ~15% of the balance service's CPU at
+// its maximum. Boxed, it is copied once and its callers stay small.
+
 /// The shared balance cache.
 #[derive(Clone)]
 pub struct BalanceCache {
@@ -149,7 +154,7 @@ impl BalanceCache {
     pub async fn get(&self, key: &CacheKey) -> Result<Lookup, fred::error::Error> {
         let keys = vec![key.answers(&self.prefix), key.generation(&self.prefix)];
         let (value, generation): (Option<Bytes>, String) =
-            GET_SCRIPT.evalsha_with_reload(&self.client, keys, vec![key.field.clone()]).await?;
+            Box::pin(GET_SCRIPT.evalsha_with_reload(&self.client, keys, vec![key.field.clone()])).await?;
         Ok(match value {
             Some(bytes) => {
                 LOOKUPS.0.add(1, &[]);
@@ -169,26 +174,29 @@ impl BalanceCache {
         generation: &str,
         answer: Bytes,
     ) -> Result<bool, fred::error::Error> {
-        let stored: i64 = PUT_SCRIPT
-            .evalsha_with_reload(
-                &self.client,
-                vec![key.answers(&self.prefix), key.generation(&self.prefix), key.last_known(&self.prefix)],
-                vec![
-                    Value::from(generation),
-                    Value::from(key.field.as_str()),
-                    Value::Bytes(answer),
-                    Value::from(i64::try_from(self.ttl_ms).unwrap_or(i64::MAX)),
-                    Value::from(i64::try_from(self.stale_ttl_ms).unwrap_or(i64::MAX)),
-                ],
-            )
-            .await?;
+        let stored: i64 = Box::pin(PUT_SCRIPT.evalsha_with_reload(
+            &self.client,
+            vec![key.answers(&self.prefix), key.generation(&self.prefix), key.last_known(&self.prefix)],
+            vec![
+                Value::from(generation),
+                Value::from(key.field.as_str()),
+                Value::Bytes(answer),
+                Value::from(i64::try_from(self.ttl_ms).unwrap_or(i64::MAX)),
+                Value::from(i64::try_from(self.stale_ttl_ms).unwrap_or(i64::MAX)),
+            ],
+        ))
+        .await?;
         Ok(stored == 1)
     }
 
     /// The last answer ever stored for `key`, for when the database is down.
     pub async fn last_known(&self, key: &CacheKey) -> Result<Option<Bytes>, fred::error::Error> {
-        fred::prelude::HashesInterface::hget(&self.client, key.last_known(&self.prefix), key.field.as_str())
-            .await
+        Box::pin(fred::prelude::HashesInterface::hget(
+            &self.client,
+            key.last_known(&self.prefix),
+            key.field.as_str(),
+        ))
+        .await
     }
 
     /// Drops every cached answer about these balances and bumps their generations.
