@@ -219,9 +219,10 @@ impl BalanceCache {
 
     /// Runs `load` once for all concurrent callers of the same key that saw
     /// the same generation, and caches its answer under that generation.
-    pub async fn load_once<F>(&self, key: &CacheKey, generation: &str, load: F) -> Loaded
+    pub async fn load_once<F, Fut>(&self, key: &CacheKey, generation: &str, load: F) -> Loaded
     where
-        F: Future<Output = Loaded> + Send + 'static,
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: Future<Output = Loaded> + Send + 'static,
     {
         let flight_key = (key.clone(), generation.to_owned());
         let flight = {
@@ -233,7 +234,7 @@ impl BalanceCache {
                 .or_insert_with(|| {
                     self.loads.fetch_add(1, Ordering::Relaxed);
                     async move {
-                        let loaded = load.await;
+                        let loaded = load().await;
                         if let Ok(answer) = &loaded
                             && let Err(error) = cache.put(&key, &generation, answer.clone()).await
                         {

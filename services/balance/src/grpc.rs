@@ -101,19 +101,24 @@ fn cache_key(merchant: &str, currency: &str, dates: &[&str], field: String) -> O
 impl BalanceGrpc {
     /// The answer from the cache, or loaded once and cached; when the
     /// database is down, the last known answer marked stale; else UNAVAILABLE.
-    async fn answer<F>(&self, key: Option<CacheKey>, load: F) -> Result<(Bytes, bool), Status>
+    ///
+    /// `load` makes the database read only when one is needed: a read is a
+    /// future of kilobytes, and one built for every call, hits included, would
+    /// be copied with the call's future on each of its moves.
+    async fn answer<F, Fut>(&self, key: Option<CacheKey>, load: F) -> Result<(Bytes, bool), Status>
     where
-        F: Future<Output = Loaded> + Send + 'static,
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: Future<Output = Loaded> + Send + 'static,
     {
         let (Some(cache), Some(key)) = (&self.cache, key) else {
-            return load.await.map(|b| (b, false)).map_err(|e| status(&e));
+            return Box::pin(load()).await.map(|b| (b, false)).map_err(|e| status(&e));
         };
         let generation = match cache.get(&key).await {
             Ok(Lookup::Hit(answer)) => return Ok((answer, false)),
             Ok(Lookup::Miss(generation)) => generation,
             Err(error) => {
                 tracing::warn!(%error, "balance cache unreachable; reading the database");
-                return load.await.map(|b| (b, false)).map_err(|e| status(&e));
+                return Box::pin(load()).await.map(|b| (b, false)).map_err(|e| status(&e));
             }
         };
         match cache.load_once(&key, &generation, load).await {
@@ -144,7 +149,7 @@ impl BalanceService for BalanceGrpc {
         let r = request.into_inner();
         let key = cache_key(&r.merchant_id, &r.currency_code, &[&r.date], format!("d:{}", r.date));
         let balances = self.balances.clone();
-        let load = async move {
+        let load = move || async move {
             let view = balances.daily(&r.merchant_id, &r.date, &r.currency_code).await.map_err(Arc::new)?;
             Ok(Bytes::from(message(&view).encode_to_vec()))
         };
@@ -164,7 +169,7 @@ impl BalanceService for BalanceGrpc {
         let field = format!("r:{}:{}", r.start_date, r.end_date);
         let key = cache_key(&r.merchant_id, &r.currency_code, &[&r.start_date, &r.end_date], field);
         let balances = self.balances.clone();
-        let load = async move {
+        let load = move || async move {
             let views = balances
                 .report(&r.merchant_id, &r.start_date, &r.end_date, &r.currency_code)
                 .await

@@ -126,7 +126,9 @@ impl LedgerStore {
         let merchant = new.merchant_id.clone();
         match self.writers.book(new, fingerprint).await? {
             group::Outcome::Booked(entry) => Ok(Booked::New(entry)),
-            group::Outcome::KeyTaken => self.replay(&merchant, &key, fingerprint).await,
+            // Boxed: a database read is a future of kilobytes, and in place it would
+            // make every booking's future (copied on each move) as large.
+            group::Outcome::KeyTaken => Box::pin(self.replay(&merchant, &key, fingerprint)).await,
         }
     }
 
