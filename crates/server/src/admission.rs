@@ -283,6 +283,17 @@ where
     }
 
     fn call(&mut self, request: Request<Body>) -> Self::Future {
+        // Probes and reflection are not traffic: never refused, and not measured
+        // (they would drown the signals).
+        let exempt = exempt(request.uri().path());
+        let permit = if exempt {
+            None
+        } else {
+            match self.permits.clone().try_acquire_owned() {
+                Ok(permit) => Some(permit),
+                Err(_) => return self.refuse(&request),
+            }
+        };
         let path = request.uri().path().to_owned();
         let id = request_id(&request);
         let (service, method) = path.trim_start_matches('/').split_once('/').unwrap_or((&path, ""));
@@ -296,29 +307,7 @@ where
             request_id = %id.to_str().unwrap_or_default(),
         );
         fluxo_telemetry::continue_trace(&span, request.headers());
-        // Probes and reflection are not traffic: they would drown the signals.
-        let record = (!exempt(&path)).then(|| CallRecord::new(service, method, span.clone()));
-
-        let permit = if exempt(&path) {
-            None
-        } else {
-            match self.permits.clone().try_acquire_owned() {
-                Ok(permit) => Some(permit),
-                Err(_) => {
-                    self.refusals.refused();
-                    let mut response: Response<Body> = Status::resource_exhausted(
-                        "server overloaded: too many concurrent calls, retry with backoff",
-                    )
-                    .into_http();
-                    response.headers_mut().insert(REQUEST_ID_HEADER, id);
-                    let response = match record {
-                        Some(record) => metered(response, record),
-                        None => response,
-                    };
-                    return Box::pin(async move { Ok(response) });
-                }
-            }
-        };
+        let record = (!exempt).then(|| CallRecord::new(service, method, span.clone()));
         // The clone that was polled ready is the one that must be called.
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
@@ -334,6 +323,28 @@ where
             }
             .instrument(span),
         )
+    }
+}
+
+impl<S> Admission<S> {
+    /// RESOURCE_EXHAUSTED at once. Under a flood refusals are most of the work,
+    /// so they make no span and no log line of their own: they are measured
+    /// like every call, summed up in the log by [`Refusals`], and carry the
+    /// request id.
+    fn refuse<E: 'static>(
+        &self,
+        request: &Request<Body>,
+    ) -> Pin<Box<dyn Future<Output = Result<Response<Body>, E>> + Send>> {
+        self.refusals.refused();
+        let path = request.uri().path().trim_start_matches('/');
+        let (service, method) = path.split_once('/').unwrap_or((path, ""));
+        let record = CallRecord::new(service, method, tracing::Span::none());
+        let mut response: Response<Body> =
+            Status::resource_exhausted("server overloaded: too many concurrent calls, retry with backoff")
+                .into_http();
+        response.headers_mut().insert(REQUEST_ID_HEADER, request_id(request));
+        let response = metered(response, record);
+        Box::pin(async move { Ok(response) })
     }
 }
 
