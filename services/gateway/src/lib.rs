@@ -180,7 +180,10 @@ impl Gateway {
         let path = request.uri().path();
         match (request.method(), path) {
             (&Method::GET, "/healthz") => return (StatusCode::OK, "ok\n").into_response(),
-            (&Method::GET, "/readyz") => return self.ready().await,
+            // Boxed, like the other awaits of client calls below: a gRPC or Redis
+            // call is a future of kilobytes, and in place it would make every
+            // request's future as large, copied on each move.
+            (&Method::GET, "/readyz") => return Box::pin(self.ready()).await,
             (&Method::GET, "/openapi.json") => {
                 return ([(header::CONTENT_TYPE, "application/json")], inner.openapi.clone()).into_response();
             }
@@ -321,7 +324,7 @@ impl Gateway {
             return ApiError::new(Code::Unavailable, "the service is unavailable; retry later")
                 .into_response();
         }
-        match grpc.unary(call, path, DynamicCodec::new(route.rpc.output())).await {
+        match Box::pin(grpc.unary(call, path, DynamicCodec::new(route.rpc.output()))).await {
             Ok(reply) => {
                 let replayed = reply.metadata().get("fluxo-idempotent-replayed").is_some();
                 let mut response =

@@ -158,8 +158,11 @@ impl RateLimiter {
             ];
             // EVALSHA: Redis runs the cached script without receiving and hashing
             // its text on every request (loaded again if Redis lost it).
+            // Boxed: fred's futures are ~5 KB, and in place this one would make every
+            // request's future as large.
             let answer: Result<Vec<i64>, _> =
-                GCRA_SCRIPT.evalsha_with_reload(redis, vec![bucket.clone(), pool.clone()], args).await;
+                Box::pin(GCRA_SCRIPT.evalsha_with_reload(redis, vec![bucket.clone(), pool.clone()], args))
+                    .await;
             match answer {
                 Ok(v) if v.len() == 4 => return decision(rate, v[0] == 1, v[1], v[2], v[3]),
                 Ok(_) => self.warn("unexpected answer from the rate-limit script"),
