@@ -375,20 +375,18 @@ async fn insert_entry(txn: &DatabaseTransaction, new: NewEntry) -> Result<Entry,
 fn entry_rows(
     new: NewEntry,
     created_at: DateTime<Utc>,
-    (traceparent, tracestate): (Option<String>, Option<String>),
+    trace: (Option<String>, Option<String>),
 ) -> (entry::ActiveModel, outbox::ActiveModel, Entry) {
-    let row = entry::ActiveModel {
-        id: Set(new.id.to_string()),
-        merchant_id: Set(new.merchant_id.as_str().to_owned()),
-        kind: Set(new.kind.as_str().to_owned()),
-        currency_code: Set(new.amount.currency().code().to_owned()),
-        amount_minor: Set(new.amount.minor_units()),
-        booking_date: Set(new.booking_date.date()),
-        description: Set(new.description.as_str().to_owned()),
-        request_id: Set(new.request_id.as_ref().map(|k| k.as_str().to_owned())),
-        reverses_entry_id: Set(new.reverses.map(|id| id.to_string())),
-        created_at: Set(created_at),
-    };
+    let (entry, event) = booked_entry(new, created_at, trace);
+    (entry_row(&entry), event, entry)
+}
+
+/// The entry as booked at `created_at`, and its outbox event.
+fn booked_entry(
+    new: NewEntry,
+    created_at: DateTime<Utc>,
+    (traceparent, tracestate): (Option<String>, Option<String>),
+) -> (Entry, outbox::ActiveModel) {
     let entry = Entry { booked: new, created_at, reversed_by: None };
     let event_id = ulid::Ulid::new().to_string();
     let event = outbox::ActiveModel {
@@ -402,7 +400,24 @@ fn entry_rows(
         created_at: Set(created_at),
         published_at: Set(None),
     };
-    (row, event, entry)
+    (entry, event)
+}
+
+/// The `ledger_entries` row of `entry`.
+fn entry_row(entry: &Entry) -> entry::ActiveModel {
+    let new = &entry.booked;
+    entry::ActiveModel {
+        id: Set(new.id.to_string()),
+        merchant_id: Set(new.merchant_id.as_str().to_owned()),
+        kind: Set(new.kind.as_str().to_owned()),
+        currency_code: Set(new.amount.currency().code().to_owned()),
+        amount_minor: Set(new.amount.minor_units()),
+        booking_date: Set(new.booking_date.date()),
+        description: Set(new.description.as_str().to_owned()),
+        request_id: Set(new.request_id.as_ref().map(|k| k.as_str().to_owned())),
+        reverses_entry_id: Set(new.reverses.map(|id| id.to_string())),
+        created_at: Set(entry.created_at),
+    }
 }
 
 async fn load_entry(

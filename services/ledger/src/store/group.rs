@@ -41,7 +41,7 @@ use sea_orm::{
 use tokio::sync::{Mutex, Notify, mpsc, oneshot};
 
 use super::{
-    StoreError, entry_rows, now,
+    StoreError, booked_entry, entry_rows, now,
     schema::{entry, idempotency_key, outbox},
 };
 use crate::{
@@ -354,7 +354,9 @@ const PG_BOOK: &str = "WITH input AS ( \
 /// batch booked again without it.
 async fn write_postgres(db: &Db, batch: &[Pending]) -> Result<Vec<Option<Entry>>, StoreError> {
     let created_at = now();
-    let rows: Vec<_> = batch.iter().map(|p| entry_rows(p.new.clone(), created_at, p.trace.clone())).collect();
+    // The entry and its event (the rows travel as arrays of their fields).
+    let rows: Vec<_> =
+        batch.iter().map(|p| booked_entry(p.new.clone(), created_at, p.trace.clone())).collect();
     let mut gone: HashSet<usize> = HashSet::new();
     loop {
         let live: Vec<usize> = (0..batch.len()).filter(|i| !gone.contains(i)).collect();
@@ -372,7 +374,7 @@ async fn write_postgres(db: &Db, batch: &[Pending]) -> Result<Vec<Option<Entry>>
             .iter()
             .map(|row| row.try_get_by_index::<String>(0))
             .collect::<Result<_, DbErr>>()?;
-        let is_claimed = |i: usize| claimed.contains(&rows[i].2.booked.id.to_string());
+        let is_claimed = |i: usize| claimed.contains(&rows[i].0.booked.id.to_string());
         let left: Vec<usize> =
             live.iter().copied().filter(|&i| is_claimed(i) && batch[i].reply.is_closed()).collect();
         if !left.is_empty() {
@@ -382,7 +384,7 @@ async fn write_postgres(db: &Db, batch: &[Pending]) -> Result<Vec<Option<Entry>>
         }
         txn.commit().await?;
         return Ok((0..batch.len())
-            .map(|i| (!gone.contains(&i) && is_claimed(i)).then(|| rows[i].2.clone()))
+            .map(|i| (!gone.contains(&i) && is_claimed(i)).then(|| rows[i].0.clone()))
             .collect());
     }
 }
@@ -390,12 +392,12 @@ async fn write_postgres(db: &Db, batch: &[Pending]) -> Result<Vec<Option<Entry>>
 /// The parameters of [`PG_BOOK`] for the rows at `live`.
 fn book_values(
     batch: &[Pending],
-    rows: &[(entry::ActiveModel, outbox::ActiveModel, Entry)],
+    rows: &[(Entry, outbox::ActiveModel)],
     live: &[usize],
     created_at: DateTime<Utc>,
 ) -> Vec<Value> {
     let text = |f: &dyn Fn(usize) -> String| Value::from(live.iter().map(|&i| f(i)).collect::<Vec<_>>());
-    let entry = |i: usize| &rows[i].2.booked;
+    let entry = |i: usize| &rows[i].0.booked;
     let event = |i: usize| &rows[i].1;
     vec![
         text(&|i| entry(i).merchant_id.as_str().to_owned()),
