@@ -1,6 +1,9 @@
 //! A burst of calls on one connection, arriving while the server is too busy
-//! to read them, is answered call by call (served or refused with
-//! RESOURCE_EXHAUSTED) and never costs the connection itself.
+//! to read them, is answered call by call and never costs the connection
+//! itself. The calls are health checks, which admission never refuses, so
+//! every one of them must be served: what is under test is the transport (the
+//! per-connection call limit), not admission (the services' API tests cover
+//! RESOURCE_EXHAUSTED).
 
 use std::{sync::Arc, time::Duration};
 
@@ -47,16 +50,15 @@ async fn a_burst_the_server_cannot_read_yet_fails_no_call_on_transport() {
         tokio::spawn(async move { client.check(HealthCheckRequest { service: String::new() }).await })
     });
     let mut served = 0;
-    let mut refused = 0;
+    // A stream refused by HTTP/2 (REFUSED_STREAM) was not processed and is safe to
+    // retry (client and server can briefly disagree on how many streams are open):
+    // tolerated, unlike a lost connection.
+    let mut refused_streams = 0;
     let mut failed = std::collections::BTreeMap::<String, usize>::new();
     for call in futures::future::join_all(calls).await {
         let s = match call.unwrap() {
             Ok(_) => {
                 served += 1;
-                continue;
-            }
-            Err(s) if s.code() == tonic::Code::ResourceExhausted => {
-                refused += 1;
                 continue;
             }
             Err(s) => s,
@@ -67,16 +69,15 @@ async fn a_burst_the_server_cannot_read_yet_fails_no_call_on_transport() {
             cause.push_str(&format!(": {e}"));
             source = e.source();
         }
-        // A stream refused by HTTP/2 (REFUSED_STREAM) was not processed and is safe
-        // to retry: a refusal too, not a lost connection (client and server can
-        // briefly disagree on how many streams are open).
         if s.code() == tonic::Code::Unavailable && cause.contains("refused stream") {
-            refused += 1;
+            refused_streams += 1;
         } else {
             *failed.entry(cause).or_default() += 1;
         }
     }
-    assert!(failed.is_empty(), "{served} served, {refused} refused, others failed: {failed:?}");
-    assert_eq!(served + refused, CALLS);
-    assert!(served >= 1024, "at least the admission limit is served, got {served}");
+    assert!(
+        failed.is_empty(),
+        "{served} served, {refused_streams} streams refused, others failed: {failed:?}"
+    );
+    assert_eq!(served + refused_streams, CALLS);
 }
