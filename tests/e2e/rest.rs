@@ -166,9 +166,12 @@ pub(crate) fn every_route_and_error_mapping(fluxo: &Fluxo) {
     assert_eq!(bad_query.status, 400);
 
     // ReverseEntry (custom verb), then FAILED_PRECONDITION → 400 on a second one.
-    let reversed = rest.post(&format!("/v1/merchants/m-1/entries/{id}:reverse"), t, &json!({}));
+    // Booked for the original's day (a reversal defaults to today).
+    let reversal = json!({"bookingDate": "2026-11-21"});
+    let reversed = rest.post(&format!("/v1/merchants/m-1/entries/{id}:reverse"), t, &reversal);
     assert_eq!(reversed.status, 200, "{:?}", reversed.body);
     assert_eq!(reversed.body["reversesEntryId"], id.as_str());
+    assert_eq!(reversed.body["bookingDate"], "2026-11-21");
     let again = rest.post(&format!("/v1/merchants/m-1/entries/{id}:reverse"), t, &json!({}));
     assert_eq!((again.status, again.body["code"].clone()), (400, json!(9)));
 
