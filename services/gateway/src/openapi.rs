@@ -1,9 +1,10 @@
 //! The OpenAPI 3.1 document of the REST API, generated from the same
-//! descriptors and annotations the gateway routes by, so it cannot drift.
+//! descriptors and annotations the gateway routes by, so it cannot drift. The
+//! descriptions are the protos' own comments (the descriptor set keeps them).
 
 use std::collections::BTreeMap;
 
-use prost_reflect::{FieldDescriptor, Kind, MessageDescriptor};
+use prost_reflect::{EnumDescriptor, FieldDescriptor, FileDescriptor, Kind, MessageDescriptor};
 use serde_json::{Map, Value, json};
 
 use crate::routes::Routes;
@@ -19,10 +20,12 @@ pub fn document(routes: &Routes, version: &str) -> Value {
             .iter()
             .map(|f| {
                 let field = input.get_field_by_name(f);
-                json!({
+                let mut parameter = json!({
                     "name": f, "in": "path", "required": true,
                     "schema": field.as_ref().map_or(json!({"type": "string"}), scalar_schema),
-                })
+                });
+                describe(&mut parameter, field.as_ref().and_then(field_comment));
+                parameter
             })
             .collect();
         if route.body.is_empty() {
@@ -30,10 +33,12 @@ pub fn document(routes: &Routes, version: &str) -> Value {
                 if path_fields.contains(&field.name()) || matches!(field.kind(), Kind::Message(_)) {
                     continue;
                 }
-                parameters.push(json!({
+                let mut parameter = json!({
                     "name": field.json_name(), "in": "query", "required": false,
                     "schema": field_schema(&field, &mut schemas),
-                }));
+                });
+                describe(&mut parameter, field_comment(&field));
+                parameters.push(parameter);
             }
         }
         if input.get_field_by_name("request_id").is_some() && !route.body.is_empty() {
@@ -49,6 +54,10 @@ pub fn document(routes: &Routes, version: &str) -> Value {
             json!(format!("{}_{}", route.rpc.parent_service().name(), route.rpc.name())),
         );
         operation.insert("tags".into(), json!([route.rpc.parent_service().name()]));
+        if let Some(text) = comment(&route.rpc.parent_file(), route.rpc.path()) {
+            operation.insert("summary".into(), json!(summary(&text)));
+            operation.insert("description".into(), json!(text));
+        }
         operation.insert("parameters".into(), Value::Array(parameters));
         if route.body == "*" {
             let body_name = format!("{}Body", input.name());
@@ -86,8 +95,18 @@ pub fn document(routes: &Routes, version: &str) -> Value {
             "required": ["code", "message", "details"],
         }),
     );
+    let mut tags: BTreeMap<&str, Value> = BTreeMap::new();
+    for route in routes.all() {
+        let service = route.rpc.parent_service();
+        tags.entry(service.name()).or_insert_with(|| {
+            let mut tag = json!({"name": service.name()});
+            describe(&mut tag, comment(&service.parent_file(), service.path()));
+            tag
+        });
+    }
     json!({
         "openapi": "3.1.0",
+        "tags": tags.into_values().collect::<Vec<_>>(),
         "info": {
             "title": "fluxo",
             "version": version,
@@ -133,9 +152,13 @@ fn message_schema(
         if skip.contains(&field.name()) {
             continue;
         }
-        properties.insert(field.json_name().to_owned(), field_schema(&field, schemas));
+        let mut schema = field_schema(&field, schemas);
+        describe(&mut schema, field_comment(&field));
+        properties.insert(field.json_name().to_owned(), schema);
     }
-    json!({"type": "object", "properties": properties})
+    let mut schema = json!({"type": "object", "properties": properties});
+    describe(&mut schema, comment(&message.parent_file(), message.path()));
+    schema
 }
 
 fn field_schema(field: &FieldDescriptor, schemas: &mut BTreeMap<String, Value>) -> Value {
@@ -180,6 +203,55 @@ fn scalar_schema(field: &FieldDescriptor) -> Value {
     }
 }
 
+/// The comment written above the element at `path` of `file` (a field, a
+/// message, a method...), without the comment markers; `None` when there is none.
+fn comment(file: &FileDescriptor, path: &[i32]) -> Option<String> {
+    let info = file.file_descriptor_proto().source_code_info.as_ref()?;
+    let text = info.location.iter().find(|l| l.path == path)?.leading_comments.as_deref()?;
+    let lines: Vec<&str> = text.lines().map(|l| l.strip_prefix(' ').unwrap_or(l).trim_end()).collect();
+    let text = lines.join("\n").trim().to_owned();
+    (!text.is_empty()).then_some(text)
+}
+
+/// A field's comment; for an enum field, followed by what each value means.
+fn field_comment(field: &FieldDescriptor) -> Option<String> {
+    let own = comment(&field.parent_file(), field.path());
+    match field.kind() {
+        Kind::Enum(e) => {
+            let values = enum_values(&e);
+            Some(own.map_or(values.clone(), |own| format!("{own}\n\n{values}")))
+        }
+        _ => own,
+    }
+}
+
+/// "`NAME`: comment" for each value of `e`, one per line.
+fn enum_values(e: &EnumDescriptor) -> String {
+    e.values()
+        .map(|v| match comment(&e.parent_file(), v.path()) {
+            Some(text) => format!("- `{}`: {}", v.name(), text.replace('\n', " ")),
+            None => format!("- `{}`", v.name()),
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// The first sentence of `text` (its first paragraph when that has no full stop).
+fn summary(text: &str) -> String {
+    let paragraph = text.split("\n\n").next().unwrap_or(text).replace('\n', " ");
+    match paragraph.find(". ") {
+        Some(end) => paragraph[..=end].to_owned(),
+        None => paragraph,
+    }
+}
+
+/// Sets `description` on a JSON object (a schema, a parameter, a tag).
+fn describe(target: &mut Value, text: Option<String>) {
+    if let (Some(object), Some(text)) = (target.as_object_mut(), text) {
+        object.insert("description".into(), Value::String(text));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
@@ -190,5 +262,35 @@ mod tests {
             committed == generated,
             "docs/openapi.json is out of date: regenerate it with `cargo run -- openapi > docs/openapi.json`"
         );
+    }
+
+    #[test]
+    fn operations_parameters_schemas_and_enums_carry_the_protos_comments() {
+        let doc: serde_json::Value = serde_json::from_str(&crate::openapi_json().unwrap()).unwrap();
+        let record = &doc["paths"]["/v1/merchants/{merchant_id}/entries"]["post"];
+        assert_eq!(record["summary"], "Books a credit or debit for a merchant.");
+        let description = record["description"].as_str().unwrap();
+        assert!(description.contains("Idempotent on (merchant_id, request_id)"), "{description}");
+        assert!(!description.contains("//"), "comment markers left in: {description}");
+
+        let list = &doc["paths"]["/v1/merchants/{merchant_id}/entries"]["get"];
+        let page_size =
+            list["parameters"].as_array().unwrap().iter().find(|p| p["name"] == "pageSize").unwrap();
+        assert!(page_size["description"].as_str().unwrap().starts_with("Maximum number of entries"));
+        let merchant = list["parameters"].as_array().unwrap().iter().find(|p| p["in"] == "path").unwrap();
+        assert_eq!(merchant["description"], "The merchant whose entries are listed.");
+
+        let money = &doc["components"]["schemas"]["Money"];
+        assert!(money["description"].as_str().unwrap().contains("Never a floating-point number"));
+        let minor = money["properties"]["minorUnits"]["description"].as_str().unwrap();
+        assert!(minor.contains("Serialised as a string in JSON"), "{minor}");
+        // An enum field lists what each value means.
+        let kind =
+            doc["components"]["schemas"]["Entry"]["properties"]["type"]["description"].as_str().unwrap();
+        assert!(kind.contains("- `DEBIT`: Money out: decreases the balance."), "{kind}");
+        // Each service is a tag with its own comment.
+        let tags = doc["tags"].as_array().unwrap();
+        let ledger = tags.iter().find(|t| t["name"] == "LedgerService").unwrap();
+        assert_eq!(ledger["description"], "Records and reads ledger entries.");
     }
 }
