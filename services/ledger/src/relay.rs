@@ -212,24 +212,33 @@ impl Relay {
         }
     }
 
+    /// Claims and marks a batch in one statement, publishes it, then commits:
+    /// the rows stay locked (other relays skip them) until the commit, and a
+    /// failed publish rolls the marks back. One statement instead of a locking
+    /// read and an update per pass: each row is written once, not locked and
+    /// then rewritten.
     async fn publish_postgres(&self) -> Result<usize, RelayError> {
         let txn = self.db.conn().begin().await?;
         let rows = txn
             .query_all_raw(statement(
                 DbBackend::Postgres,
-                "SELECT position, event_id, payload, traceparent, tracestate FROM ledger_outbox \
-                 WHERE published_at IS NULL ORDER BY position LIMIT ? FOR UPDATE SKIP LOCKED",
-                vec![i64::from(self.config.batch_size).into()],
+                "UPDATE ledger_outbox AS o SET published_at = ? \
+                 FROM (SELECT position FROM ledger_outbox WHERE published_at IS NULL \
+                       ORDER BY position LIMIT ? FOR UPDATE SKIP LOCKED) AS claimed \
+                 WHERE o.position = claimed.position \
+                 RETURNING o.position, o.event_id, o.payload, o.traceparent, o.tracestate",
+                vec![Utc::now().into(), i64::from(self.config.batch_size).into()],
             ))
             .await?;
-        let events = decode(&rows)?;
+        let mut events = decode(&rows)?;
         if events.is_empty() {
             txn.commit().await?;
             return Ok(0);
         }
+        // RETURNING follows no order; the stream gets the events in commit-position order.
+        events.sort_unstable_by_key(|e| e.position);
         async {
             self.sink.publish(&events).await?;
-            mark_published(&txn, DbBackend::Postgres, &events).await?;
             txn.commit().await?;
             Ok(events.len())
         }
@@ -259,7 +268,7 @@ impl Relay {
             self.sink.publish(&events).await?;
             let _writer = self.db.write_guard().await;
             let txn = self.db.conn().begin().await?;
-            mark_published(&txn, DbBackend::Sqlite, &events).await?;
+            mark_published(&txn, &events).await?;
             txn.commit().await?;
             Ok(events.len())
         }
@@ -315,34 +324,12 @@ fn decode(rows: &[sea_orm::QueryResult]) -> Result<Vec<StreamEvent>, DbErr> {
         .collect()
 }
 
-async fn mark_published(
-    txn: &sea_orm::DatabaseTransaction,
-    backend: DbBackend,
-    events: &[StreamEvent],
-) -> Result<(), DbErr> {
-    let now: Value = Utc::now().into();
-    let positions: Vec<i64> = events.iter().map(|e| e.position).collect();
-    let update = if backend == DbBackend::Postgres {
-        // One shape for every batch size: parsed and planned once per connection.
-        // A join with the unnested positions, not `position = ANY($2)`: the plan
-        // kept for the prepared statement may scan the table and compare every
-        // row with every position.
-        sea_orm::Statement::from_sql_and_values(
-            backend,
-            "UPDATE ledger_outbox AS o SET published_at = $1 \
-             FROM unnest($2::int8[]) AS p(position) WHERE o.position = p.position",
-            vec![now, positions.into()],
-        )
-    } else {
-        let placeholders = vec!["?"; events.len()].join(", ");
-        let mut values = vec![now];
-        values.extend(positions.into_iter().map(Value::from));
-        statement(
-            backend,
-            &format!("UPDATE ledger_outbox SET published_at = ? WHERE position IN ({placeholders})"),
-            values,
-        )
-    };
-    txn.execute_raw(update).await?;
+/// Marks `events` published (SQLite; PostgreSQL marks them as it claims them).
+async fn mark_published(txn: &sea_orm::DatabaseTransaction, events: &[StreamEvent]) -> Result<(), DbErr> {
+    let placeholders = vec!["?"; events.len()].join(", ");
+    let mut values: Vec<Value> = vec![Utc::now().into()];
+    values.extend(events.iter().map(|e| Value::from(e.position)));
+    let update = format!("UPDATE ledger_outbox SET published_at = ? WHERE position IN ({placeholders})");
+    txn.execute_raw(statement(DbBackend::Sqlite, &update, values)).await?;
     Ok(())
 }

@@ -29,6 +29,7 @@ backend_suite!(
     a_cancelled_deadline_writes_nothing,
     sheds_load_with_resource_exhausted_but_keeps_answering_health,
     rejects_oversized_messages,
+    the_relay_publishes_every_event_once_and_a_failed_publish_keeps_them,
 );
 
 async fn records_reads_lists_and_reverses(backend: Backend) {
@@ -611,4 +612,71 @@ async fn rejects_oversized_messages(backend: Backend) {
     let status = app.record(huge).await.unwrap_err();
     assert_eq!(status.code(), Code::OutOfRange);
     assert_eq!(app.count("SELECT COUNT(*) FROM ledger_entries").await, 0);
+}
+
+/// The relay's outlet in this test: records what it is given, or refuses it.
+#[derive(Default)]
+struct RecordingSink {
+    refuse: std::sync::atomic::AtomicBool,
+    batches: std::sync::Mutex<Vec<Vec<(i64, String)>>>,
+}
+
+#[async_trait::async_trait]
+impl fluxo_queue::EventSink for RecordingSink {
+    async fn publish(&self, events: &[fluxo_queue::StreamEvent]) -> Result<(), fluxo_queue::PublishError> {
+        // Long enough for a second relay to look for work meanwhile.
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        if self.refuse.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(fluxo_queue::PublishError::Consumer("the stream is down".into()));
+        }
+        self.batches.lock().unwrap().push(events.iter().map(|e| (e.position, e.event_id.clone())).collect());
+        Ok(())
+    }
+}
+
+async fn the_relay_publishes_every_event_once_and_a_failed_publish_keeps_them(backend: Backend) {
+    use std::sync::{Arc, atomic::Ordering};
+
+    use fluxo_ledger::relay::{Relay, RelayConfig};
+
+    let app = spawn_app(backend).await;
+    let calls = (0..300).map(|i| app.record(credit(&format!("m-{}", i % 7), &format!("k-{i}"), 100 + i)));
+    let booked: Vec<_> =
+        futures::StreamExt::collect(futures::StreamExt::buffer_unordered(futures::stream::iter(calls), 32))
+            .await;
+    assert!(booked.iter().all(Result::is_ok));
+    let sink = Arc::new(RecordingSink::default());
+    let config = RelayConfig { batch_size: 40, ..RelayConfig::default() };
+    let relay = || Relay::new(app.db.clone(), sink.clone(), config.clone(), Arc::default());
+    let unpublished = "SELECT COUNT(*) FROM ledger_outbox WHERE published_at IS NULL";
+
+    // The stream refuses: the batch stays unpublished, to be published later.
+    sink.refuse.store(true, Ordering::SeqCst);
+    assert!(relay().publish_batch().await.is_err());
+    assert_eq!(app.count(unpublished).await, 300);
+    sink.refuse.store(false, Ordering::SeqCst);
+
+    // On PostgreSQL relays run side by side (each claims what the others have
+    // not); SQLite has one per process.
+    let relays = if backend == Backend::Postgres { 3 } else { 1 };
+    let drain = |relay: Relay| async move { while relay.publish_batch().await.unwrap() > 0 {} };
+    futures::future::join_all((0..relays).map(|_| drain(relay()))).await;
+    assert_eq!(app.count(unpublished).await, 0);
+
+    let batches = sink.batches.lock().unwrap().clone();
+    assert!(batches.iter().all(|b| b.len() <= 40 && b.is_sorted()), "batches in position order");
+    let published: Vec<String> = batches.into_iter().flatten().map(|(_, id)| id).collect();
+    let unique: HashSet<&String> = published.iter().collect();
+    assert_eq!((published.len(), unique.len()), (300, 300), "every event published exactly once");
+    let row = app
+        .db
+        .conn()
+        .query_all_raw(sea_orm::Statement::from_string(
+            app.db.backend(),
+            "SELECT event_id FROM ledger_outbox",
+        ))
+        .await
+        .unwrap();
+    let stored: HashSet<String> = row.iter().map(|r| r.try_get_by_index(0).unwrap()).collect();
+    assert_eq!(stored, published.into_iter().collect::<HashSet<_>>());
 }
