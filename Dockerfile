@@ -62,9 +62,13 @@ LABEL org.opencontainers.image.title="fluxo" \
       org.opencontainers.image.licenses="Apache-2.0" \
       org.opencontainers.image.source="https://github.com/fluxo/fluxo"
 COPY --from=build /out/fluxo /usr/local/bin/fluxo
-# In a container, listen on every interface (the binary's own default is loopback)
-# and log JSON lines. Everything else comes from FLUXO_* variables set by the chart.
+# In a container, listen on every interface (the binary's own default is loopback),
+# so gRPC asks for a bearer token like REST (`docker run` prints a development one;
+# the chart sets "mesh" behind Istio), and log JSON lines. Everything else comes
+# from FLUXO_* variables set by the chart.
 ENV FLUXO_GRPC__LISTEN=0.0.0.0:50051 \
+    FLUXO_GRPC__AUTH=jwt \
+    FLUXO_GATEWAY__LISTEN=0.0.0.0:8080 \
     FLUXO_LOG__FORMAT=json
 # /home/nonroot is owned by 65532 in the distroless image: `docker run <image>`
 # with no configuration keeps its SQLite file in ./fluxo-data there.

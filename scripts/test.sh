@@ -229,6 +229,25 @@ if [ -z "${FLUXO_TEST_GRPCURL:-}" ]; then
     export FLUXO_TEST_GRPCURL="$tools_dir/grpcurl"
 fi
 
+# --- ghz, curl -----------------------------------------------------------------
+# Wire-level tests use clients fluxo did not write: ghz (grpc-go) for calls one
+# at a time, curl (HTTP/2 with nghttp2) for raw gRPC frames.
+GHZ_VERSION=v0.120.0
+if [ -z "${FLUXO_TEST_GHZ:-}" ]; then
+    tools_dir="$PWD/target/tools"
+    if [ ! -x "$tools_dir/ghz" ] || ! go version -m "$tools_dir/ghz" 2>/dev/null | grep -q "ghz[[:space:]]*$GHZ_VERSION"; then
+        command -v go >/dev/null 2>&1 || die "go not found: it is needed to install ghz for the wire tests"
+        log "installing ghz $GHZ_VERSION into $tools_dir"
+        GOBIN="$tools_dir" go install "github.com/bojand/ghz/cmd/ghz@$GHZ_VERSION" ||
+            die "could not install ghz $GHZ_VERSION with go install"
+    fi
+    export FLUXO_TEST_GHZ="$tools_dir/ghz"
+fi
+if ! curl --version 2>/dev/null | grep -q HTTP2; then
+    apt_install curl || true
+    curl --version 2>/dev/null | grep -q HTTP2 || die "curl with HTTP/2 support is needed for the wire tests"
+fi
+
 # --- Redis -------------------------------------------------------------------
 if [ -z "${FLUXO_TEST_REDIS_URL:-}" ]; then
     if ! redis_bin=$(find_redis_server); then

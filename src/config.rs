@@ -43,6 +43,8 @@ pub(crate) struct GatewaySettings {
     pub balance_url: Option<String>,
     pub max_body_bytes: usize,
     pub request_timeout_ms: u64,
+    /// How long a client may take to send a request's headers.
+    pub header_read_timeout_ms: u64,
     /// Origins allowed by CORS; empty: no CORS headers.
     pub cors_allowed_origins: Vec<String>,
 }
@@ -84,6 +86,10 @@ pub(crate) struct RateLimitSettings {
     pub shared_burst: u32,
     /// When Redis is unreachable: `local` (per-process limits), `allow` or `deny`.
     pub on_redis_error: String,
+    /// Requests whose token is still to be verified (new, forged or missing),
+    /// per client address, and of all addresses together.
+    pub unverified: TierSettings,
+    pub unverified_shared: TierSettings,
 }
 
 impl Default for GatewaySettings {
@@ -94,6 +100,7 @@ impl Default for GatewaySettings {
             balance_url: None,
             max_body_bytes: 64 * 1024,
             request_timeout_ms: 10_000,
+            header_read_timeout_ms: 10_000,
             cors_allowed_origins: Vec::new(),
         }
     }
@@ -128,6 +135,8 @@ impl Default for RateLimitSettings {
             shared_per_second: 1000,
             shared_burst: 2000,
             on_redis_error: "local".into(),
+            unverified: TierSettings { per_second: 20, burst: 40 },
+            unverified_shared: TierSettings { per_second: 200, burst: 400 },
         }
     }
 }
@@ -232,12 +241,28 @@ pub(crate) struct DatabaseConfig {
 #[serde(deny_unknown_fields, default)]
 pub(crate) struct GrpcConfig {
     pub listen: SocketAddr,
+    /// Who may call: `open` (loopback only), `mesh` (Istio mTLS and policies)
+    /// or `jwt` (a bearer token on every call). The same for every target.
+    pub auth: GrpcAuth,
     pub max_message_bytes: usize,
     pub max_concurrent_requests: usize,
     pub request_timeout_ms: u64,
     pub shutdown_delay_ms: u64,
     pub shutdown_timeout_ms: u64,
     pub readiness_interval_ms: u64,
+}
+
+/// How gRPC callers are authenticated (see `fluxo_server::identity`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum GrpcAuth {
+    /// Nobody is asked: only for a loopback listen address.
+    #[default]
+    Open,
+    /// Behind an Istio mesh with the chart's AuthorizationPolicies.
+    Mesh,
+    /// A bearer token on every call, verified with the `auth` settings.
+    Jwt,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -297,6 +322,7 @@ impl Default for GrpcConfig {
     fn default() -> Self {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
+            auth: GrpcAuth::Open,
             max_message_bytes: 1024 * 1024,
             max_concurrent_requests: 1024,
             request_timeout_ms: 30_000,
@@ -354,6 +380,14 @@ impl Config {
             problems.push(format!(
                 "grpc.max_message_bytes must be between 1024 and 67108864, got {}",
                 g.max_message_bytes
+            ));
+        }
+        if g.auth == GrpcAuth::Open && !g.listen.ip().is_loopback() {
+            problems.push(format!(
+                "grpc.auth is open (no caller is authenticated) but grpc.listen {} is not a loopback address: \
+                 set grpc.auth to mesh (behind Istio mTLS and the chart's policies) or jwt (a bearer token on \
+                 every call)",
+                g.listen
             ));
         }
         if g.max_concurrent_requests == 0 {
@@ -422,8 +456,17 @@ impl Config {
                 self.rate_limit.default_tier
             ));
         }
-        if self.rate_limit.tiers.values().any(|t| t.per_second == 0 || t.burst == 0) {
-            problems.push("rate_limit.tiers: per_second and burst must be at least 1".to_owned());
+        let r = &self.rate_limit;
+        if r.tiers
+            .values()
+            .chain([&r.unverified, &r.unverified_shared])
+            .any(|t| t.per_second == 0 || t.burst == 0)
+        {
+            problems.push(
+                "rate_limit.tiers, rate_limit.unverified, rate_limit.unverified_shared: per_second and burst \
+                 must be at least 1"
+                    .to_owned(),
+            );
         }
         if let Some(file) = &self.auth.jwks_file
             && !file.is_file()

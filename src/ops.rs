@@ -53,6 +53,8 @@ pub(crate) async fn queue_status(config: &Config) -> anyhow::Result<()> {
         backlog.events,
         backlog.oldest_age.as_secs_f64()
     );
+    let parked = BalanceStore::new(db.clone()).parked_count().await?;
+    println!("parked      {parked} event(s) refused by the read model (see `fluxo dlq list`)");
     let Some(settings) = config.redis_config() else {
         println!("stream      none: no Redis configured, events are delivered in process");
         return Ok(());
@@ -115,8 +117,12 @@ pub(crate) enum DlqCommand {
     },
 }
 
-/// `fluxo dlq …`.
+/// `fluxo dlq …`: the dead-letter stream with Redis; without it (events
+/// delivered in process), the events the read model parked in its database.
 pub(crate) async fn dlq(config: &Config, command: DlqCommand) -> anyhow::Result<()> {
+    if config.redis_config().is_none() {
+        return parked(config, command).await;
+    }
     let letters = DeadLetters::new(redis(config)?, config.stream_names());
     match command {
         DlqCommand::List { count } => {
@@ -158,7 +164,7 @@ pub(crate) async fn dlq(config: &Config, command: DlqCommand) -> anyhow::Result<
         }
         DlqCommand::Replay { ids, all } => {
             let db = connect_waiting(config, 10).await?;
-            let consolidator = Consolidator::new(BalanceStore::new(db));
+            let consolidator = consolidator(config, BalanceStore::new(db))?;
             let ids = if all {
                 letters.list(1_000_000).await?.into_iter().map(|l| l.id).collect()
             } else if ids.is_empty() {
@@ -183,13 +189,108 @@ pub(crate) async fn dlq(config: &Config, command: DlqCommand) -> anyhow::Result<
             }
         }
         DlqCommand::Drop { ids } => {
+            let store = BalanceStore::new(connect_waiting(config, 10).await?);
             for id in ids {
+                // The read model forgets it too: its merchant no longer reads as
+                // possibly stale (a repair from the ledger is the operator's call).
+                if let Ok(letter) = letters.show(&id).await
+                    && let Some(event) = letter.event
+                {
+                    store.unpark(&event.event_id).await?;
+                }
                 let removed = letters.drop_message(&id).await?;
                 println!("{id}: {}", if removed { "dropped" } else { "not found" });
             }
         }
     }
     Ok(())
+}
+
+/// `fluxo dlq …` without Redis: events parked by the in-process delivery.
+async fn parked(config: &Config, command: DlqCommand) -> anyhow::Result<()> {
+    let store = BalanceStore::new(connect_waiting(config, 10).await?);
+    let all = |store: BalanceStore| async move { store.parked(u64::MAX >> 1).await };
+    match command {
+        DlqCommand::List { count } => {
+            println!(
+                "{} parked event(s) (no Redis: refused by the read model in process)",
+                store.parked_count().await?
+            );
+            for p in store.parked(count).await? {
+                let day = p.date.map_or("?".to_owned(), |d| d.to_string());
+                let merchant = p.merchant_id.as_deref().unwrap_or("?");
+                println!("{}  merchant {merchant}  day {day}  reason: {}", p.event_id, p.reason);
+            }
+        }
+        DlqCommand::Show { id } => {
+            let p = all(store)
+                .await?
+                .into_iter()
+                .find(|p| p.event_id == id)
+                .with_context(|| format!("no parked event {id}"))?;
+            println!("event id:     {}", p.event_id);
+            println!("merchant:     {}", p.merchant_id.as_deref().unwrap_or("unknown (unreadable)"));
+            println!("day:          {}", p.date.map_or("unknown".to_owned(), |d| d.to_string()));
+            println!("reason:       {}", p.reason);
+        }
+        DlqCommand::Replay { ids, all: every } => {
+            let consolidator = Consolidator::new(store.clone());
+            let parked = all(store.clone()).await?;
+            let chosen: Vec<_> = if every {
+                parked
+            } else if ids.is_empty() {
+                bail!("name the events to replay, or pass --all");
+            } else {
+                parked.into_iter().filter(|p| ids.contains(&p.event_id)).collect()
+            };
+            let (mut ok, mut failed) = (0, 0);
+            for p in &chosen {
+                let event = fluxo_queue::StreamEvent {
+                    event_id: p.event_id.clone(),
+                    position: 0,
+                    payload: p.payload.clone().into(),
+                    traceparent: None,
+                    tracestate: None,
+                };
+                match consolidator.apply(std::slice::from_ref(&event)).await.pop() {
+                    Some(Ok(())) => {
+                        store.unpark(&p.event_id).await?;
+                        ok += 1;
+                    }
+                    Some(Err(reason)) => {
+                        failed += 1;
+                        eprintln!("fluxo: {}: {reason}", p.event_id);
+                    }
+                    None => {}
+                }
+            }
+            println!("replayed {ok}, still failing {failed}");
+            if failed > 0 {
+                bail!("{failed} event(s) still fail; fix their cause and replay again");
+            }
+        }
+        DlqCommand::Drop { ids } => {
+            for id in ids {
+                let removed = store.unpark(&id).await?;
+                println!("{id}: {}", if removed { "dropped" } else { "not found" });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A consolidator that drops the cached answers it changes, as the running
+/// ones do, so a replay shows at once.
+fn consolidator(config: &Config, store: BalanceStore) -> anyhow::Result<Consolidator> {
+    let consolidator = Consolidator::new(store);
+    let Some(settings) = config.redis_config() else { return Ok(consolidator) };
+    let cache = fluxo_balance::cache::BalanceCache::new(
+        fluxo_queue::client(&settings)?,
+        config.balance.cache_ttl_ms,
+        config.balance.stale_ttl_ms,
+    )
+    .with_prefix(&config.balance.cache_prefix);
+    Ok(consolidator.with_listener(std::sync::Arc::new(fluxo_balance::cache::Invalidator(cache))))
 }
 
 fn progress(what: &str, done: usize, total: usize) {

@@ -14,11 +14,14 @@ use fluxo_ledger::{
     relay::{Relay, RelayConfig},
 };
 use fluxo_queue::{EventSink, RedisSink};
-use fluxo_server::{AllReady, GrpcServer, Readiness};
+use fluxo_server::{AllReady, GrpcServer, Readiness, identity::CallerAuth};
 use sea_orm::DbBackend;
 use tokio::{sync::watch, task::JoinHandle};
 
-use crate::{Target, config::Config};
+use crate::{
+    Target,
+    config::{Config, GrpcAuth},
+};
 
 pub(crate) fn telemetry(config: &Config, target: &str) -> anyhow::Result<fluxo_telemetry::Telemetry> {
     Ok(fluxo_telemetry::init(&fluxo_telemetry::TelemetryConfig {
@@ -72,9 +75,23 @@ pub(crate) async fn serve(config: Config, target: Target) -> anyhow::Result<()> 
         bail!("the consolidator target reads the Redis stream: set redis.url (FLUXO_REDIS__URL)");
     }
 
+    // Shutdown runs front to back: the REST gateway drains first (its calls go
+    // to the gRPC services, in this process under --target all), then gRPC,
+    // then the background work (relay, consumers) finishes its batch in hand.
+    let (front_tx, front_rx) = watch::channel(false);
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut server = GrpcServer::bind(config.server_config()).await?;
     let addr = server.local_addr()?;
+    // Tokens are verified by the gateway, and by gRPC itself under grpc.auth = jwt.
+    let serves_api = runs(Target::Ledger) || runs(Target::Balance);
+    let callers = if runs(Target::Gateway) || (config.grpc.auth == GrpcAuth::Jwt && serves_api) {
+        Some(keys(&config, &db).await?)
+    } else {
+        None
+    };
+    if let (GrpcAuth::Jwt, Some(callers)) = (config.grpc.auth, &callers) {
+        server.authenticate(CallerAuth::Jwt(callers.verifier.clone()));
+    }
     let mut checks: Vec<Arc<dyn Readiness>> = Vec::new();
     let mut tasks: Vec<JoinHandle<()>> = Vec::new();
     let balance_store = BalanceStore::new(db.clone());
@@ -171,19 +188,37 @@ pub(crate) async fn serve(config: Config, target: Target) -> anyhow::Result<()> 
         }));
     }
     let mut rest = None;
-    if runs(Target::Gateway) {
-        let (router, token) = gateway(&config, &db, redis.clone(), addr).await?;
+    if let (true, Some(callers)) = (runs(Target::Gateway), &callers) {
+        let gateway = gateway(&config, redis.clone(), addr, callers.verifier.clone())?;
+        let router = gateway.clone().router(cors(&config)?);
         let listener = tokio::net::TcpListener::bind(config.gateway.listen)
             .await
             .with_context(|| format!("cannot listen on {} (gateway.listen)", config.gateway.listen))?;
         let rest_addr = listener.local_addr()?;
-        let stop = stop_rx.clone();
-        tasks.push(tokio::spawn(async move {
-            if let Err(error) = fluxo_gateway::serve(listener, router, stopped(stop)).await {
+        let settings = fluxo_gateway::server::HttpSettings {
+            header_read_timeout: Duration::from_millis(config.gateway.header_read_timeout_ms),
+            drain_timeout: Duration::from_millis(config.grpc.shutdown_timeout_ms),
+        };
+        let delay = Duration::from_millis(config.grpc.shutdown_delay_ms);
+        let front = front_rx.clone();
+        let shutdown = async move {
+            stopped(front).await;
+            // /readyz answers 503 at once; requests are still served for the
+            // delay, while load balancers drop this endpoint.
+            gateway.drain();
+            tokio::time::sleep(delay).await;
+        };
+        let served = tokio::spawn(async move {
+            if let Err(error) = fluxo_gateway::server::serve(listener, router, settings, shutdown).await {
                 tracing::error!(%error, "the REST gateway stopped");
             }
-        }));
-        rest = Some((rest_addr, token));
+        });
+        // The gRPC services keep accepting until the gateway has answered every
+        // REST request it took (under --target all it calls them on loopback).
+        server.keep_accepting_until(async move {
+            let _ = served.await;
+        });
+        rest = Some((rest_addr, callers.token.clone()));
     }
     server.add_reflection(fluxo_proto::FILE_DESCRIPTOR_SET)?;
     tracing::info!(%addr, targets = %name, otlp = telemetry.exporting(), redis = redis.is_some(), "listening");
@@ -191,10 +226,11 @@ pub(crate) async fn serve(config: Config, target: Target) -> anyhow::Result<()> 
 
     let signal = async move {
         fluxo_server::shutdown_signal().await;
-        let _ = stop_tx.send(true);
+        let _ = front_tx.send(true);
     };
     let result = server.serve(Arc::new(AllReady(checks)), signal).await;
     // The server has drained; background work finishes its batch in hand.
+    let _ = stop_tx.send(true);
     let drain = Duration::from_millis(config.grpc.shutdown_timeout_ms);
     for task in tasks {
         if tokio::time::timeout(drain, task).await.is_err() {
@@ -208,27 +244,15 @@ pub(crate) async fn serve(config: Config, target: Target) -> anyhow::Result<()> 
     Ok(result?)
 }
 
-/// The REST gateway, and the development token to print when one was minted.
-async fn gateway(
-    config: &Config,
-    db: &Db,
-    redis: Option<fred::prelude::Client>,
-    grpc: std::net::SocketAddr,
-) -> anyhow::Result<(axum::Router, Option<String>)> {
-    use fluxo_gateway::{
-        auth::{Keys, Verifier, dev_secret, fetch_jwks, mint_hs256, read_jwks, refresh_jwks},
-        ratelimit::{Fallback, Limits, Rate, RateLimiter},
-    };
-    let g = &config.gateway;
-    // Under --target all the services are in this process: call them on loopback.
-    let local = format!("http://127.0.0.1:{}", grpc.port());
-    let channel = |url: &Option<String>, setting: &str| -> anyhow::Result<tonic::transport::Channel> {
-        let url = url.clone().unwrap_or_else(|| local.clone());
-        Ok(tonic::transport::Channel::from_shared(url)
-            .with_context(|| format!("{setting} is not a URL"))?
-            .connect_timeout(Duration::from_secs(2))
-            .connect_lazy())
-    };
+/// The keys tokens are verified with (REST, and gRPC under `grpc.auth = jwt`),
+/// and the development token to print when one was minted.
+struct Callers {
+    verifier: fluxo_gateway::auth::Verifier,
+    token: Option<String>,
+}
+
+async fn keys(config: &Config, db: &Db) -> anyhow::Result<Callers> {
+    use fluxo_gateway::auth::{Keys, TokenSpec, Verifier, dev_secret, fetch_jwks, read_jwks, refresh_jwks};
     let a = &config.auth;
     let mut token = None;
     let keys = if let Some(secret) = &a.hs256_secret {
@@ -242,27 +266,46 @@ async fn gateway(
     } else if db.backend() == DbBackend::Sqlite {
         // The embedded default is never an open API: a development key and a token for it.
         let secret = dev_secret(&config.data_dir).context("creating the development JWT secret")?;
-        token = Some(mint_hs256(&secret, &a.issuer, &a.audience, "developer", &[], true, 30 * 24 * 3600)?);
+        let developer = TokenSpec { valid_for_secs: 30 * 24 * 3600, ..TokenSpec::admin("developer") };
+        token = Some(developer.sign_hs256(&secret, &a.issuer, &a.audience)?);
         Keys::Hs256(secret)
     } else {
-        bail!(
-            "the gateway needs keys to verify tokens: set auth.jwks_url, auth.jwks_file or auth.hs256_secret"
-        )
+        bail!("verifying tokens needs keys: set auth.jwks_url, auth.jwks_file or auth.hs256_secret")
     };
-    let verifier = Verifier::new(keys, &a.issuer, &a.audience, a.leeway_secs);
+    Ok(Callers { verifier: Verifier::new(keys, &a.issuer, &a.audience, a.leeway_secs), token })
+}
+
+/// The REST gateway.
+fn gateway(
+    config: &Config,
+    redis: Option<fred::prelude::Client>,
+    grpc: std::net::SocketAddr,
+    verifier: fluxo_gateway::auth::Verifier,
+) -> anyhow::Result<fluxo_gateway::Gateway> {
+    use fluxo_gateway::ratelimit::{Fallback, Limits, Rate, RateLimiter};
+    let g = &config.gateway;
+    // Under --target all the services are in this process: call them on loopback.
+    let local = format!("http://127.0.0.1:{}", grpc.port());
+    let channel = |url: &Option<String>, setting: &str| -> anyhow::Result<tonic::transport::Channel> {
+        let url = url.clone().unwrap_or_else(|| local.clone());
+        Ok(tonic::transport::Channel::from_shared(url)
+            .with_context(|| format!("{setting} is not a URL"))?
+            .connect_timeout(Duration::from_secs(2))
+            .tcp_nodelay(true)
+            .connect_lazy())
+    };
     let r = &config.rate_limit;
+    let rate = |t: &crate::config::TierSettings| Rate { per_second: t.per_second, burst: t.burst };
     let limiter = r.enabled.then(|| {
         RateLimiter::new(
             redis,
             Limits {
-                tiers: r
-                    .tiers
-                    .iter()
-                    .map(|(name, t)| (name.clone(), Rate { per_second: t.per_second, burst: t.burst }))
-                    .collect(),
+                tiers: r.tiers.iter().map(|(name, t)| (name.clone(), rate(t))).collect(),
                 default_tier: r.default_tier.clone(),
                 priority_tiers: r.priority_tiers.clone(),
                 shared: Rate { per_second: r.shared_per_second, burst: r.shared_burst },
+                unverified: rate(&r.unverified),
+                unverified_pool: rate(&r.unverified_shared),
                 fallback: match r.on_redis_error.as_str() {
                     "allow" => Fallback::Allow,
                     "deny" => Fallback::Deny,
@@ -275,30 +318,38 @@ async fn gateway(
         ledger: channel(&g.ledger_url, "gateway.ledger_url")?,
         balance: channel(&g.balance_url, "gateway.balance_url")?,
         timeout: Duration::from_millis(g.request_timeout_ms),
+        // With tokens on gRPC the caller's own token travels on; in the mesh (or
+        // open on loopback) the identity it granted does.
+        forward_token: config.grpc.auth == GrpcAuth::Jwt,
     };
-    let gateway = fluxo_gateway::Gateway::new(backends, verifier, limiter, g.max_body_bytes)?;
-    let cors = (!g.cors_allowed_origins.is_empty())
-        .then(|| -> anyhow::Result<_> {
-            let origins = g
-                .cors_allowed_origins
-                .iter()
-                .map(|o| {
-                    o.parse::<http::HeaderValue>()
-                        .with_context(|| format!("gateway.cors_allowed_origins: {o}"))
-                })
-                .collect::<anyhow::Result<Vec<_>>>()?;
-            Ok(tower_http::cors::CorsLayer::new()
-                .allow_origin(origins)
-                .allow_methods([http::Method::GET, http::Method::POST])
-                .allow_headers([
-                    http::header::AUTHORIZATION,
-                    http::header::CONTENT_TYPE,
-                    http::HeaderName::from_static("idempotency-key"),
-                    http::HeaderName::from_static("x-request-id"),
-                ]))
-        })
-        .transpose()?;
-    Ok((gateway.router(cors), token))
+    let limits = fluxo_gateway::RequestLimits {
+        max_body_bytes: g.max_body_bytes,
+        body_timeout: Duration::from_millis(g.request_timeout_ms),
+    };
+    Ok(fluxo_gateway::Gateway::new(backends, verifier, limiter, limits)?)
+}
+
+/// CORS for the configured origins; none configured, no CORS headers.
+fn cors(config: &Config) -> anyhow::Result<Option<tower_http::cors::CorsLayer>> {
+    let origins = &config.gateway.cors_allowed_origins;
+    if origins.is_empty() {
+        return Ok(None);
+    }
+    let origins = origins
+        .iter()
+        .map(|o| o.parse::<http::HeaderValue>().with_context(|| format!("gateway.cors_allowed_origins: {o}")))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    Ok(Some(
+        tower_http::cors::CorsLayer::new()
+            .allow_origin(origins)
+            .allow_methods([http::Method::GET, http::Method::POST])
+            .allow_headers([
+                http::header::AUTHORIZATION,
+                http::header::CONTENT_TYPE,
+                http::HeaderName::from_static("idempotency-key"),
+                http::HeaderName::from_static("x-request-id"),
+            ]),
+    ))
 }
 
 /// Applies every pending migration, retrying while the database is unreachable.
@@ -357,6 +408,9 @@ fn banner(
         Some((rest, None)) => format!("\x20 REST      http://{rest}  (OpenAPI at /openapi.json)\n"),
         None => String::new(),
     };
+    // With tokens on gRPC, the examples carry the development token.
+    let auth =
+        if config.grpc.auth == GrpcAuth::Jwt { "-H \"authorization: Bearer $FLUXO_TOKEN\" " } else { "" };
     eprintln!(
         "\nfluxo {version} is ready (target: {target})\n{rest_lines}\
          \x20 gRPC      {addr}  (server reflection on)\n\
@@ -364,8 +418,8 @@ fn banner(
          \x20 events    {delivery}\n\
          \x20 try it:\n\
          \x20   grpcurl -plaintext {addr} list\n\
-         \x20   grpcurl -plaintext -d '{{\"merchantId\":\"m-1\",\"type\":\"CREDIT\",\"amount\":{{\"currencyCode\":\"BRL\",\"minorUnits\":\"1050\"}},\"description\":\"sale 1\",\"requestId\":\"k-1\"}}' {addr} fluxo.ledger.v1.LedgerService/RecordEntry\n\
-         \x20   grpcurl -plaintext -d '{{\"merchantId\":\"m-1\",\"date\":\"<today>\"}}' {addr} fluxo.balance.v1.BalanceService/GetDailyBalance\n\
+         \x20   grpcurl -plaintext {auth}-d '{{\"merchantId\":\"m-1\",\"type\":\"CREDIT\",\"amount\":{{\"currencyCode\":\"BRL\",\"minorUnits\":\"1050\"}},\"description\":\"sale 1\",\"requestId\":\"k-1\"}}' {addr} fluxo.ledger.v1.LedgerService/RecordEntry\n\
+         \x20   grpcurl -plaintext {auth}-d '{{\"merchantId\":\"m-1\",\"date\":\"<today>\"}}' {addr} fluxo.balance.v1.BalanceService/GetDailyBalance\n\
          \x20 stop with Ctrl-C\n"
     );
 }

@@ -352,6 +352,35 @@ def main():
                     if m and m.group("ns") == ns:
                         c.check(m.group("sa") in sa_names,
                                 f"{name_of(ap_)}: principal {principal!r} matches a rendered ServiceAccount")
+    # Only the gateway may send the forwarded-identity headers to the gRPC APIs: a DENY policy
+    # per API target refuses each header from every other principal; without a mesh every call
+    # carries a token instead (FLUXO_GRPC__AUTH=jwt) and the keys to verify it.
+    policies = get("AuthorizationPolicy")
+    for name, d in deployments.items():
+        component = d["metadata"].get("labels", {}).get("app.kubernetes.io/component")
+        if component not in ("ledger", "balance"):
+            continue
+        ctr = pod_spec(d)["containers"][0]
+        env = {e["name"]: e for e in ctr.get("env", []) or []}
+        env_cm = {}
+        for ref in ctr.get("envFrom", []) or []:
+            env_cm.update((configmaps.get((ref.get("configMapRef") or {}).get("name")) or {}).get("data") or {})
+        mode = (env.get("FLUXO_GRPC__AUTH") or {}).get("value") or env_cm.get("FLUXO_GRPC__AUTH")
+        if policies:
+            c.check(mode == "mesh", f"{name_of(d)}: FLUXO_GRPC__AUTH=mesh inside the mesh (got {mode!r})")
+            denies = [a for a in policies if a["spec"].get("action") == "DENY"
+                      and matches((a["spec"].get("selector") or {}).get("matchLabels") or {}, pod_meta(d).get("labels") or {})]
+            for header in ("x-fluxo-subject", "x-fluxo-merchants", "x-fluxo-admin"):
+                denied = any(
+                    any(w.get("key") == f"request.headers[{header}]" and w.get("values") == ["*"] for w in r.get("when", []) or [])
+                    and any((f.get("source") or {}).get("notPrincipals") for f in r.get("from", []) or [])
+                    for a in denies for r in a["spec"].get("rules", []) or [])
+                c.check(denied, f"{name_of(d)}: {header} is denied from every principal but the gateway's")
+        else:
+            c.check(mode == "jwt", f"{name_of(d)}: FLUXO_GRPC__AUTH=jwt without a mesh (got {mode!r})")
+            c.check("FLUXO_AUTH__HS256_SECRET" in env or "FLUXO_AUTH__JWKS_FILE" in env
+                    or "FLUXO_AUTH__JWKS_URL" in env or "FLUXO_AUTH__JWKS_URL" in env_cm,
+                    f"{name_of(d)}: has keys to verify the tokens on its gRPC calls")
     retry_known = istio_retry_policies(args.istio_zip) if args.istio_zip else None
     for vs in get("VirtualService"):
         for route in vs["spec"].get("http", []) or []:

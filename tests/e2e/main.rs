@@ -1,6 +1,7 @@
 //! Black-box tests of the built `fluxo` binary: started as a newcomer starts
 //! it, called with grpcurl over server reflection only, stopped with SIGTERM.
 
+mod hardening;
 mod pipeline;
 mod rest;
 mod support;
@@ -504,8 +505,13 @@ async fn two_gateways_share_one_rate_limit_and_priority_keeps_its_share() {
     let gateways = [install.start("gateway", &env), install.start("gateway", &env)];
     let secret = secrecy::SecretString::from(secret.to_owned());
     let mint = |sub: &str, tier: Option<&str>| {
-        fluxo_gateway::auth::mint_hs256_tier(&secret, "fluxo", "fluxo-api", sub, &[], true, 600, tier)
-            .unwrap()
+        fluxo_gateway::auth::TokenSpec {
+            tier,
+            valid_for_secs: 600,
+            ..fluxo_gateway::auth::TokenSpec::admin(sub)
+        }
+        .sign_hs256(&secret, "fluxo", "fluxo-api")
+        .unwrap()
     };
     let clients: Vec<rest::Client> =
         gateways.iter().map(|g| rest::Client::new(g.rest.as_deref().unwrap())).collect();

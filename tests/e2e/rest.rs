@@ -44,6 +44,18 @@ impl Client {
         body: Option<(&str, &str)>,
         extra: &[(&str, &str)],
     ) -> Reply {
+        self.try_call(method, path, token, body, extra).expect("HTTP exchange")
+    }
+
+    /// Like [`Client::call`], with a transport failure as an error.
+    pub(crate) fn try_call(
+        &self,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        body: Option<(&str, &str)>,
+        extra: &[(&str, &str)],
+    ) -> Result<Reply, ureq::Error> {
         let url = format!("{}{path}", self.base);
         let auth = token.map(|t| format!("Bearer {t}"));
         let response = match method {
@@ -69,7 +81,7 @@ impl Client {
                 r.header("Content-Type", content_type).send(text)
             }
         };
-        let mut response = response.expect("HTTP exchange");
+        let mut response = response?;
         let status = response.status().as_u16();
         let headers = response
             .headers()
@@ -78,7 +90,7 @@ impl Client {
             .collect();
         let text = response.body_mut().read_to_string().unwrap_or_default();
         let body = serde_json::from_str(&text).unwrap_or(Value::String(text));
-        Reply { status, headers, body }
+        Ok(Reply { status, headers, body })
     }
 
     pub(crate) fn get(&self, path: &str, token: Option<&str>) -> Reply {
@@ -96,7 +108,12 @@ pub(crate) fn dev_secret(data: &std::path::Path) -> SecretString {
 }
 
 pub(crate) fn token(secret: &SecretString, merchants: &[&str], valid_for: i64, audience: &str) -> String {
-    fluxo_gateway::auth::mint_hs256(secret, "fluxo", audience, "tester", merchants, false, valid_for).unwrap()
+    fluxo_gateway::auth::TokenSpec {
+        valid_for_secs: valid_for,
+        ..fluxo_gateway::auth::TokenSpec::new("tester", merchants)
+    }
+    .sign_hs256(secret, "fluxo", audience)
+    .unwrap()
 }
 
 fn entry(key: &str, minor: &str) -> Value {

@@ -146,6 +146,14 @@ impl Drop for Fluxo {
 
 /// Runs grpcurl (installed by scripts/test.sh) with reflection only.
 pub(crate) fn grpcurl(addr: &str, args: &[&str], data: Option<&str>) -> Result<String, String> {
+    let mut all = vec![addr];
+    all.extend_from_slice(args);
+    grpcurl_args(&all, data)
+}
+
+/// Runs grpcurl with `args` as given (flags such as `-H` first, then the
+/// address and the method).
+pub(crate) fn grpcurl_args(args: &[&str], data: Option<&str>) -> Result<String, String> {
     let bin = std::env::var("FLUXO_TEST_GRPCURL").unwrap_or_else(|_| {
         panic!("FLUXO_TEST_GRPCURL is not set: run the suite with ./scripts/test.sh, which installs grpcurl")
     });
@@ -154,7 +162,7 @@ pub(crate) fn grpcurl(addr: &str, args: &[&str], data: Option<&str>) -> Result<S
     if let Some(data) = data {
         command.args(["-d", data]);
     }
-    command.arg(addr).args(args);
+    command.args(args);
     let output = command.output().expect("run grpcurl");
     if output.status.success() {
         Ok(String::from_utf8_lossy(&output.stdout).into_owned())

@@ -486,15 +486,11 @@ async fn one_entry_is_traced_across_the_asynchronous_hop_and_metrics_and_logs_ar
             l.trim().strip_prefix("REST").and_then(|r| r.split_whitespace().next()).map(str::to_owned)
         })
         .expect("the gateway prints its REST address");
-    let bearer = fluxo_gateway::auth::mint_hs256(
-        &secrecy::SecretString::from(JWT_SECRET.to_owned()),
-        "fluxo",
-        "fluxo-api",
-        "otel-test",
-        &["m-otel"],
-        false,
-        600,
-    )
+    let bearer = fluxo_gateway::auth::TokenSpec {
+        valid_for_secs: 600,
+        ..fluxo_gateway::auth::TokenSpec::new("otel-test", &["m-otel"])
+    }
+    .sign_hs256(&secrecy::SecretString::from(JWT_SECRET.to_owned()), "fluxo", "fluxo-api")
     .unwrap();
 
     // The caller's own trace, continued by the gateway and then the ledger.

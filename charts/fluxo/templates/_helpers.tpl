@@ -163,6 +163,7 @@ proxy.istio.io/config: {{ include "fluxo.proxyConfig" .root | quote }}
 FLUXO_DATABASE__MIGRATE_ON_START: "false"
 FLUXO_DATABASE__MAX_CONNECTIONS: {{ $c.database.maxConnections | quote }}
 FLUXO_GRPC__LISTEN: {{ printf "0.0.0.0:%v" $c.grpc.port | quote }}
+FLUXO_GRPC__AUTH: {{ include "fluxo.grpcAuth" . | quote }}
 FLUXO_GRPC__MAX_CONCURRENT_REQUESTS: {{ $c.grpc.maxConcurrentRequests | quote }}
 FLUXO_GRPC__REQUEST_TIMEOUT_MS: {{ $c.grpc.requestTimeoutMs | quote }}
 FLUXO_GRPC__SHUTDOWN_DELAY_MS: {{ $c.grpc.shutdownDelayMs | quote }}
@@ -223,4 +224,15 @@ enableTLS: "true"
 unsafeSsl: "true"
 {{- end }}
 {{- end }}
+{{- end -}}
+
+{{/* Who may call gRPC: "mesh" behind Istio (mTLS and the AuthorizationPolicies), otherwise "jwt"
+     (every call carries a bearer token). config.grpc.auth overrides. */}}
+{{- define "fluxo.grpcAuth" -}}
+{{- if .Values.config.grpc.auth -}}{{ .Values.config.grpc.auth }}{{- else if .Values.istio.enabled -}}mesh{{- else -}}jwt{{- end -}}
+{{- end -}}
+
+{{/* Whether a target verifies bearer tokens: the gateway always, ledger and balance under grpc auth "jwt". */}}
+{{- define "fluxo.verifiesTokens" -}}
+{{- if or (eq .target "gateway") (and (eq (include "fluxo.grpcAuth" .root) "jwt") (has .target (list "ledger" "balance" "all"))) -}}true{{- end -}}
 {{- end -}}

@@ -18,6 +18,7 @@
 
 mod bare;
 mod cpu;
+mod ghz;
 mod load;
 mod procs;
 mod profile;

@@ -569,6 +569,8 @@ async fn run_in(
         record_ratio >= 1.0 && record.errors == 0,
     );
     wait_consolidated(&db, Duration::from_secs(600), "after record").await?;
+    record_one_at_a_time(&mut b, &ledger_p.grpc).await?;
+    wait_consolidated(&db, Duration::from_secs(600), "after record by one caller and ghz").await?;
 
     // balance
     let bal = b.measure("balance (GetDailyBalance, warm)", b.closed(), balance_op(balances.clone())).await;
@@ -597,15 +599,11 @@ async fn run_in(
 
     // rest
     let rest_addr = gateway_p.rest.clone().context("the gateway printed no REST address")?;
-    let token = fluxo_gateway::auth::mint_hs256(
-        &SecretString::from(SECRET.to_owned()),
-        "fluxo",
-        "fluxo-api",
-        "fluxo-bench",
-        &[],
-        true,
-        24 * 3600,
-    )?;
+    let token = fluxo_gateway::auth::TokenSpec {
+        valid_for_secs: 24 * 3600,
+        ..fluxo_gateway::auth::TokenSpec::admin("fluxo-bench")
+    }
+    .sign_hs256(&SecretString::from(SECRET.to_owned()), "fluxo", "fluxo-api")?;
     let http: HttpClient<HttpConnector, Empty<Bytes>> =
         HttpClient::builder(TokioExecutor::new()).pool_max_idle_per_host(args.concurrency).build_http();
     let bearer = Arc::new(format!("Bearer {token}"));
@@ -1001,6 +999,45 @@ async fn run_in(
 }
 
 /// The settings a run changed with `FLUXO_BENCH_SET_<VAR>`, for the report.
+/// RecordEntry as an internal caller sends it, one call at a time on one
+/// connection (a transport stall such as Nagle's algorithm shows here, never
+/// with many callers), and through ghz (grpc-go): one caller, then the run's
+/// callers and connections.
+async fn record_one_at_a_time(b: &mut Bench, addr: &str) -> anyhow::Result<()> {
+    let one = ledger(addr, 1).await?;
+    let single = b
+        .measure(
+            "record, one caller (RecordEntry)",
+            Mode::Closed { concurrency: 1 },
+            record_op(one, "one".into()),
+        )
+        .await;
+    b.report.fact(
+        "record, one caller on one connection (fluxo-bench)",
+        format!("p50 {:.2} ms, p99 {:.2} ms, {:.0}/s", single.ms(0.5), single.ms(0.99), single.throughput()),
+    );
+    let Some(ghz) = crate::ghz::binary() else {
+        eprintln!("fluxo-bench: warning: FLUXO_TEST_GHZ is not set; skipping the ghz runs");
+        return Ok(());
+    };
+    let data = format!(
+        r#"{{"merchantId":"ghz-{{{{.WorkerID}}}}","type":"CREDIT","amount":{{"currencyCode":"BRL","minorUnits":"100"}},"bookingDate":"{WARM_DATE}","requestId":"ghz-{{{{newUUID}}}}"}}"#
+    );
+    let call = "fluxo.ledger.v1.LedgerService/RecordEntry";
+    for (callers, connections) in [(1, 1), (b.args.concurrency, b.args.connections)] {
+        eprintln!("==> record through ghz ({callers} callers, {connections} connections)");
+        let s = crate::ghz::run(&ghz, addr, call, &data, callers, connections, b.duration)?;
+        b.report.fact(
+            &format!("record through ghz, {callers} caller(s) over {connections} connection(s)"),
+            format!(
+                "{:.0}/s, p50 {:.2} ms, p99 {:.2} ms, {} ok, {} failed",
+                s.rps, s.p50_ms, s.p99_ms, s.ok, s.failed
+            ),
+        );
+    }
+    Ok(())
+}
+
 fn overridden() -> String {
     let set: Vec<String> =
         crate::procs::overrides().iter().map(|(var, value)| format!("{var}={value}")).collect();

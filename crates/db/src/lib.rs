@@ -255,6 +255,18 @@ fn sqlite_file(url: &str) -> Option<&Path> {
     (path != ":memory:" && !path.is_empty()).then(|| Path::new(path))
 }
 
+/// Whether the database refused a statement because a number left its
+/// column's range: PostgreSQL's `numeric_value_out_of_range` (SQLSTATE 22003,
+/// `bigint out of range`), SQLite's `integer overflow`, or a SQLite CHECK that
+/// an amount is still an integer (SQLite turns an overflowing sum into a REAL).
+pub fn is_out_of_range(error: &DbErr) -> bool {
+    let text = error.to_string();
+    text.contains("out of range")
+        || text.contains("22003")
+        || text.contains("integer overflow")
+        || text.contains("CHECK constraint failed: typeof")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -14,15 +14,16 @@
 
 mod admission;
 pub mod identity;
+mod malformed;
 
 use std::{convert::Infallible, future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
 use tokio::{net::TcpListener, sync::oneshot};
-use tokio_stream::wrappers::TcpListenerStream;
-use tonic::{body::Body, server::NamedService, service::RoutesBuilder};
+use tonic::{body::Body, server::NamedService, service::RoutesBuilder, transport::server::TcpIncoming};
 use tonic_health::{ServingStatus, server::HealthReporter};
 
 pub use admission::{ACCESS, AdmissionLayer, REQUEST_ID_HEADER};
+pub use malformed::MalformedRequestLayer;
 
 /// Health service name that reports the process alive (for liveness and
 /// startup probes), independent of readiness.
@@ -102,6 +103,8 @@ pub struct GrpcServer {
     routes: RoutesBuilder,
     health: HealthReporter,
     services: Vec<&'static str>,
+    callers: identity::CallerAuth,
+    hold: Option<std::pin::Pin<Box<dyn Future<Output = ()> + Send>>>,
 }
 
 impl std::fmt::Debug for GrpcServer {
@@ -129,7 +132,29 @@ impl GrpcServer {
         health.set_service_status(LIVENESS_SERVICE, ServingStatus::Serving).await;
         let mut routes = RoutesBuilder::default();
         routes.add_service(health_service);
-        Ok(Self { listener, config, routes, health, services: Vec::new() })
+        Ok(Self {
+            listener,
+            config,
+            routes,
+            health,
+            services: Vec::new(),
+            callers: Default::default(),
+            hold: None,
+        })
+    }
+
+    /// How callers are authenticated (open by default: loopback installs).
+    pub fn authenticate(&mut self, callers: identity::CallerAuth) -> &mut Self {
+        self.callers = callers;
+        self
+    }
+
+    /// After shutdown begins (and its delay), keeps accepting calls until
+    /// `done` resolves: a front end in this process that drains its own
+    /// requests first still reaches the services while it does.
+    pub fn keep_accepting_until(&mut self, done: impl Future<Output = ()> + Send + 'static) -> &mut Self {
+        self.hold = Some(Box::pin(done));
+        self
     }
 
     /// The address actually bound (useful with port 0).
@@ -187,7 +212,7 @@ impl GrpcServer {
         readiness: Arc<dyn Readiness>,
         shutdown: impl Future<Output = ()> + Send,
     ) -> Result<(), ServerError> {
-        let Self { listener, config, routes, health, services } = self;
+        let Self { listener, config, routes, health, services, callers, hold } = self;
         let addr = listener.local_addr().ok();
         let (stop_accepting, accept_stopped) = oneshot::channel::<()>();
         let server = tonic::transport::Server::builder()
@@ -205,9 +230,18 @@ impl GrpcServer {
             // keep the held frames within the budget; a client queues the rest.
             .initial_connection_window_size(CONNECTION_WINDOW)
             .max_concurrent_streams(Some(streams_per_connection(config.max_concurrent_requests)))
+            // Outermost: refusals happen before anything else, and the call's
+            // metrics see the code the caller gets.
             .layer(AdmissionLayer::new(config.max_concurrent_requests))
+            // Who the caller is, before any of its bytes are decoded.
+            .layer(identity::CallerAuthLayer(callers))
+            // A request tonic cannot decode is the caller's error, not ours.
+            .layer(MalformedRequestLayer)
             .add_routes(routes.routes())
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
+            // tonic's `tcp_nodelay` applies only to listeners it binds itself; an
+            // accepted socket with Nagle's algorithm on holds a lone small reply
+            // until the peer's delayed ACK (~40 ms a call for one-at-a-time callers).
+            .serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), async {
                 let _ = accept_stopped.await;
             });
         let mut server = tokio::spawn(server);
@@ -236,6 +270,9 @@ impl GrpcServer {
         let _ = prober.await;
         set_all(&health, &services, ServingStatus::NotServing).await;
         tokio::time::sleep(config.shutdown_delay).await;
+        if let Some(hold) = hold {
+            hold.await;
+        }
         tracing::info!(timeout = ?config.shutdown_timeout, "draining in-flight calls");
         let _ = stop_accepting.send(());
         match tokio::time::timeout(config.shutdown_timeout, &mut server).await {

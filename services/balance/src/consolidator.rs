@@ -27,7 +27,7 @@ use tracing::Instrument;
 
 use crate::{
     domain::{Direction, Posting},
-    store::{Applied, BalanceStore, StoreError},
+    store::{Applied, BalanceStore, Parked, StoreError},
 };
 
 /// Told which balances changed after each commit (to drop cached copies).
@@ -69,7 +69,7 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
             .u64_counter("fluxo.consolidator.events")
             .with_unit("{event}")
             .with_description(
-                "Ledger events handled by consolidators, by outcome (applied, duplicate, failed)",
+                "Ledger events handled by consolidators, by outcome (applied, duplicate, failed, parked)",
             )
             .build(),
     }
@@ -223,6 +223,30 @@ impl Consolidator {
         }
     }
 
+    /// Parks an event the read model refused, so the events behind it go on:
+    /// it is kept in the read model's database with its reason, the merchant's
+    /// balances from its day on read as possibly stale, and `fluxo dlq` lists,
+    /// replays or drops it.
+    pub async fn park(&self, event: &StreamEvent, reason: &ApplyError) -> Result<(), StoreError> {
+        let posting = decode(event).ok();
+        let parked = Parked {
+            event_id: event.event_id.clone(),
+            merchant_id: posting.as_ref().map(|p| p.merchant_id.clone()),
+            date: posting.as_ref().map(|p| p.date),
+            reason: reason.to_string(),
+            payload: event.payload.to_vec(),
+        };
+        self.store.park(&parked).await?;
+        tracing::error!(event_id = %event.event_id, merchant_id = ?parked.merchant_id, %reason, "event parked: the read model refused it");
+        METRICS.events.add(1, &[KeyValue::new("outcome", "parked")]);
+        // Cached answers of that merchant must now say "possibly stale".
+        if let (Some(listener), Some(p)) = (&self.listener, posting) {
+            let touched = [(p.merchant_id, p.currency)].into_iter().collect();
+            listener.applied(&Applied { touched, ..Applied::default() }).await;
+        }
+        Ok(())
+    }
+
     async fn notify(&self, applied: &Applied) {
         observe(applied);
         let span = tracing::Span::current();
@@ -252,20 +276,27 @@ impl InProcessSink {
 
 #[async_trait::async_trait]
 impl EventSink for InProcessSink {
+    /// Delivered when every event is in the read model or parked. Only an
+    /// unreachable database fails the batch (the relay retries it): an event
+    /// the read model refuses is parked at once, never retried in a loop
+    /// that would hold back every merchant's events behind it.
     async fn publish(&self, events: &[StreamEvent]) -> Result<(), PublishError> {
-        let failures: Vec<String> = self
-            .consolidator
-            .apply(events)
-            .await
-            .into_iter()
-            .filter_map(Result::err)
-            .map(|e| e.to_string())
-            .collect();
-        match failures.first() {
-            None => Ok(()),
-            Some(first) => {
-                Err(PublishError::Consumer(format!("{} events not applied; first: {first}", failures.len())))
+        let results = self.consolidator.apply(events).await;
+        let mut unavailable = None;
+        for (event, result) in events.iter().zip(results) {
+            match result {
+                Ok(()) => {}
+                Err(e @ ApplyError::Unavailable(_)) => unavailable = Some(e),
+                Err(refused) => {
+                    self.consolidator.park(event, &refused).await.map_err(|e| {
+                        PublishError::Consumer(format!("parking event {}: {e}", event.event_id))
+                    })?
+                }
             }
+        }
+        match unavailable {
+            None => Ok(()),
+            Some(e) => Err(PublishError::Consumer(e.to_string())),
         }
     }
 }

@@ -135,6 +135,9 @@ pub enum ConsumerError {
     /// Redis refused or is unreachable.
     #[error("redis: {0}")]
     Redis(#[from] fred::error::Error),
+    /// The read model failed.
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
     /// A message that is not in the stream.
     #[error("no message {0}")]
     NotFound(String),
@@ -344,15 +347,23 @@ impl StreamConsumer {
         let mut ids = Vec::with_capacity(batch.len());
         let mut events = Vec::with_capacity(batch.len());
         let mut results: Vec<Option<Result<(), ApplyError>>> = Vec::with_capacity(batch.len());
+        let mut messages = Vec::with_capacity(batch.len());
+        // Which event each message became, if it could be read.
+        let mut decoded = Vec::with_capacity(batch.len());
         for (id, fields) in batch {
             match StreamEvent::from_fields(&fields) {
                 Ok(event) => {
+                    decoded.push(Some(events.len()));
                     events.push(event);
                     results.push(None);
                 }
-                Err(e) => results.push(Some(Err(ApplyError::Malformed(e.to_string())))),
+                Err(e) => {
+                    decoded.push(None);
+                    results.push(Some(Err(ApplyError::Malformed(e.to_string()))));
+                }
             }
             ids.push(id);
+            messages.push(fields);
         }
         let mut applied = self.consolidator.apply(&events).await.into_iter();
         let results: Vec<Result<(), ApplyError>> =
@@ -369,11 +380,28 @@ impl StreamConsumer {
                 tracing::warn!(%error, "acknowledging failed; the messages will be redelivered and deduplicated");
             }
         }
-        for (id, result) in ids.iter().zip(&results) {
-            if let Err(reason) = result {
-                tracing::warn!(message_id = %id, %reason, "event not applied; it stays pending for a retry");
-                let _: Result<i64, _> =
-                    self.client.hset(self.failures_key(), (id.as_str(), reason.to_string())).await;
+        for (((id, result), fields), index) in ids.iter().zip(&results).zip(messages).zip(decoded) {
+            let event = index.map(|i| &events[i]);
+            match result {
+                Ok(()) => {}
+                // The database is away: the message stays pending and is retried.
+                Err(reason @ ApplyError::Unavailable(_)) => {
+                    tracing::warn!(message_id = %id, %reason, "event not applied; it stays pending for a retry");
+                    let _: Result<i64, _> =
+                        self.client.hset(self.failures_key(), (id.as_str(), reason.to_string())).await;
+                }
+                // Refused for what it is: another delivery would be refused the same
+                // way, so it is parked at once instead of after every redelivery.
+                Err(reason) => {
+                    if let Some(event) = event
+                        && let Err(error) = self.consolidator.park(event, reason).await
+                    {
+                        tracing::warn!(%error, message_id = %id, "recording the parked event in the read model failed");
+                    }
+                    if let Err(error) = self.dead_letter(id, fields, 1, Some(reason.to_string())).await {
+                        tracing::warn!(%error, message_id = %id, "dead-lettering failed; the message stays pending");
+                    }
+                }
             }
         }
     }
@@ -404,7 +432,7 @@ impl StreamConsumer {
         for (id, fields) in claimed {
             let count = deliveries.get(&id).copied().unwrap_or(1);
             if count > self.config.max_deliveries {
-                self.dead_letter(&id, fields, count).await?;
+                self.dead_letter(&id, fields, count, None).await?;
             } else {
                 retry.push((id, fields));
             }
@@ -438,10 +466,16 @@ impl StreamConsumer {
         id: &str,
         fields: HashMap<String, Value>,
         deliveries: u64,
+        reason: Option<String>,
     ) -> Result<(), ConsumerError> {
         let names = &self.config.names;
-        let reason: Option<String> = self.client.hget(self.failures_key(), id).await?;
-        let reason = reason.unwrap_or_else(|| "failed repeatedly".to_owned());
+        let reason = match reason {
+            Some(reason) => reason,
+            None => {
+                let recorded: Option<String> = self.client.hget(self.failures_key(), id).await?;
+                recorded.unwrap_or_else(|| "failed repeatedly".to_owned())
+            }
+        };
         tracing::error!(message_id = %id, deliveries, %reason, dead_letters = %names.dead_letters, "moving a failing message to the dead-letter stream");
         let mut entry: Vec<(String, Value)> = fields.into_iter().collect();
         entry.sort_by(|a, b| a.0.cmp(&b.0));
@@ -550,6 +584,7 @@ impl DeadLetters {
         match consolidator.apply(std::slice::from_ref(&event)).await.pop() {
             Some(Ok(())) => {
                 let _: i64 = self.client.xdel(&self.names.dead_letters, id).await?;
+                consolidator.store().unpark(&event.event_id).await?;
                 Ok(())
             }
             Some(Err(reason)) => {

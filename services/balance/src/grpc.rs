@@ -50,7 +50,7 @@ pub(crate) fn message(view: &BalanceView) -> pb::DailyBalance {
             seconds: us.div_euclid(1_000_000),
             nanos: i32::try_from(us.rem_euclid(1_000_000) * 1_000).unwrap_or(0),
         }),
-        possibly_stale: false,
+        possibly_stale: view.missing_events,
     }
 }
 
@@ -76,6 +76,13 @@ fn status(error: &QueryError) -> Status {
             QueryError::Store(StoreError::Unavailable(cause)) => {
                 tracing::warn!(error = %cause, "read model unavailable");
                 Status::unavailable("the balance database is unavailable; retry later")
+            }
+            // Sums past 64 bits (the ledger refuses entries that would get there,
+            // so only a read model written before that limit can hold them): the
+            // caller asked for a number fluxo cannot express, not a server fault.
+            QueryError::Store(StoreError::Overflow(_)) => Status::out_of_range(text),
+            QueryError::Store(StoreError::Failed(cause)) if fluxo_db::is_out_of_range(cause) => {
+                Status::out_of_range("a balance of this merchant passes 64-bit minor units")
             }
             QueryError::Store(cause) => {
                 tracing::error!(error = %cause, "read model failure");
@@ -155,7 +162,7 @@ impl BalanceService for BalanceGrpc {
         };
         let (bytes, stale) = self.answer(key, load).await?;
         let mut balance: pb::DailyBalance = decode(&bytes)?;
-        balance.possibly_stale = stale;
+        balance.possibly_stale |= stale;
         Ok(Response::new(balance))
     }
 
@@ -180,7 +187,7 @@ impl BalanceService for BalanceGrpc {
         let (bytes, stale) = self.answer(key, load).await?;
         let mut response: pb::ListDailyBalancesResponse = decode(&bytes)?;
         for balance in &mut response.balances {
-            balance.possibly_stale = stale;
+            balance.possibly_stale |= stale;
         }
         Ok(Response::new(response))
     }

@@ -22,6 +22,9 @@ pub struct BalanceView {
     pub day: DailyBalance,
     /// Newest ledger commit reflected, in microseconds since the epoch.
     pub as_of_micros: Option<i64>,
+    /// An event of this merchant on or before this day is parked (the read
+    /// model refused it), so this balance may be missing it.
+    pub missing_events: bool,
 }
 
 /// Why a query failed.
@@ -133,6 +136,7 @@ impl Balances {
         let merchant = target.merchant.as_str();
         let (opening, as_of) = self.store.opening(merchant, &currency, start).await?;
         let days = self.store.days(merchant, &currency, start, end).await?;
+        let parked_since = self.store.parked_since(merchant).await?;
         let report = report(opening, &days, start, end).ok_or_else(|| {
             StoreError::Overflow(crate::domain::Overflow {
                 merchant_id: merchant.to_owned(),
@@ -144,6 +148,7 @@ impl Balances {
             .map(|day| BalanceView {
                 merchant_id: merchant.to_owned(),
                 currency: currency.clone(),
+                missing_events: parked_since.is_some_and(|since| day.date >= since),
                 day,
                 as_of_micros: as_of,
             })

@@ -32,9 +32,35 @@ impl From<DbErr> for StoreError {
     fn from(error: DbErr) -> Self {
         match error {
             DbErr::ConnectionAcquire(_) | DbErr::Conn(_) => Self::Unavailable(error),
+            other if is_transient(&other) => Self::Unavailable(other),
             other => Self::Failed(other),
         }
     }
+}
+
+/// Refusals that say nothing about the event: a deadlock, a serialization
+/// failure, a timeout or a busy SQLite file. Another attempt may pass, so they
+/// are retried, never parked.
+fn is_transient(error: &DbErr) -> bool {
+    let text = error.to_string();
+    ["deadlock detected", "could not serialize", "canceling statement", "database is locked", "lock timeout"]
+        .iter()
+        .any(|t| text.contains(t))
+}
+
+/// An event the read model refused, kept aside.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Parked {
+    /// The event.
+    pub event_id: String,
+    /// Its merchant and business date, when it could be read.
+    pub merchant_id: Option<String>,
+    /// See `merchant_id`.
+    pub date: Option<NaiveDate>,
+    /// Why it was refused.
+    pub reason: String,
+    /// The event as delivered (an `EntryRecorded`).
+    pub payload: Vec<u8>,
 }
 
 /// What applying a batch did.
@@ -116,6 +142,96 @@ impl BalanceStore {
             touched: deltas.keys().map(|k| (k.merchant_id.clone(), k.currency.clone())).collect(),
             committed_at_micros: to_apply.iter().map(|p| p.committed_at_micros).collect(),
         })
+    }
+
+    /// Parks an event the read model refused (kept once, whatever the retries).
+    pub async fn park(&self, parked: &Parked) -> Result<(), StoreError> {
+        let _writer = self.db.write_guard().await;
+        self.db
+            .conn()
+            .execute_raw(statement(
+                self.db.backend(),
+                "INSERT INTO balance_parked_events \
+                   (event_id, merchant_id, booking_date, reason, payload, parked_at_micros) \
+                 VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (event_id) DO NOTHING",
+                vec![
+                    parked.event_id.clone().into(),
+                    parked.merchant_id.clone().into(),
+                    parked.date.into(),
+                    parked.reason.clone().into(),
+                    parked.payload.clone().into(),
+                    now_micros().into(),
+                ],
+            ))
+            .await?;
+        Ok(())
+    }
+
+    /// Parked events, oldest first.
+    pub async fn parked(&self, count: u64) -> Result<Vec<Parked>, StoreError> {
+        let rows = self
+            .db
+            .conn()
+            .query_all_raw(statement(
+                self.db.backend(),
+                "SELECT event_id, merchant_id, booking_date, reason, payload FROM balance_parked_events \
+                 ORDER BY parked_at_micros, event_id LIMIT ?",
+                vec![i64::try_from(count).unwrap_or(i64::MAX).into()],
+            ))
+            .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(Parked {
+                    event_id: r.try_get_by_index(0)?,
+                    merchant_id: r.try_get_by_index(1)?,
+                    date: r.try_get_by_index(2)?,
+                    reason: r.try_get_by_index(3)?,
+                    payload: r.try_get_by_index(4)?,
+                })
+            })
+            .collect::<Result<_, DbErr>>()
+            .map_err(StoreError::from)
+    }
+
+    /// How many events are parked.
+    pub async fn parked_count(&self) -> Result<u64, StoreError> {
+        let row = self
+            .db
+            .conn()
+            .query_one_raw(statement(self.db.backend(), "SELECT COUNT(*) FROM balance_parked_events", vec![]))
+            .await?;
+        let n: i64 = row.map(|r| r.try_get_by_index(0)).transpose()?.unwrap_or(0);
+        Ok(u64::try_from(n).unwrap_or(0))
+    }
+
+    /// Forgets a parked event (replayed, or dropped by an operator).
+    pub async fn unpark(&self, event_id: &str) -> Result<bool, StoreError> {
+        let _writer = self.db.write_guard().await;
+        let done = self
+            .db
+            .conn()
+            .execute_raw(statement(
+                self.db.backend(),
+                "DELETE FROM balance_parked_events WHERE event_id = ?",
+                vec![event_id.into()],
+            ))
+            .await?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    /// The earliest business date of the merchant's parked events: its
+    /// balances from that day on may be missing them.
+    pub async fn parked_since(&self, merchant_id: &str) -> Result<Option<NaiveDate>, StoreError> {
+        let row = self
+            .db
+            .conn()
+            .query_one_raw(statement(
+                self.db.backend(),
+                "SELECT MIN(booking_date) FROM balance_parked_events WHERE merchant_id = ?",
+                vec![merchant_id.into()],
+            ))
+            .await?;
+        Ok(row.map(|r| r.try_get_by_index::<Option<NaiveDate>>(0)).transpose()?.flatten())
     }
 
     /// The currencies a merchant has balances in.

@@ -12,11 +12,14 @@
 //! `rest_over_grpc` bind REST to handlers in the same process, which would
 //! need a hand-written forwarding bridge per service here.
 
-pub mod auth;
+/// Token verification, shared with the gRPC servers.
+pub use fluxo_auth as auth;
 pub mod error;
+mod json;
 pub mod openapi;
 pub mod ratelimit;
 pub mod routes;
+pub mod server;
 pub mod transcode;
 
 use std::{sync::Arc, time::Duration};
@@ -53,6 +56,9 @@ pub struct Backends {
     pub balance: Channel,
     /// Deadline given to each forwarded call.
     pub timeout: Duration,
+    /// Forward the caller's bearer token (gRPC verifies it itself) instead of
+    /// the identity it granted (trusted in the mesh from the gateway only).
+    pub forward_token: bool,
 }
 
 /// The gateway's state.
@@ -67,8 +73,18 @@ struct Inner {
     backends: Backends,
     verifier: Verifier,
     limiter: Option<RateLimiter>,
-    max_body_bytes: usize,
+    limits: RequestLimits,
     openapi: String,
+    draining: std::sync::atomic::AtomicBool,
+}
+
+/// What one request may send.
+#[derive(Debug, Clone, Copy)]
+pub struct RequestLimits {
+    /// Largest body accepted (413 beyond it).
+    pub max_body_bytes: usize,
+    /// How long the body may take to arrive once the headers did (408 after).
+    pub body_timeout: Duration,
 }
 
 impl std::fmt::Debug for Gateway {
@@ -108,13 +124,20 @@ impl Gateway {
         backends: Backends,
         verifier: Verifier,
         limiter: Option<RateLimiter>,
-        max_body_bytes: usize,
+        limits: RequestLimits,
     ) -> Result<Self, GatewayError> {
         let (pool, routes) = fluxo_routes()?;
         let openapi = openapi_json()?;
+        let draining = false.into();
         Ok(Self {
-            inner: Arc::new(Inner { pool, routes, backends, verifier, limiter, max_body_bytes, openapi }),
+            inner: Arc::new(Inner { pool, routes, backends, verifier, limiter, limits, openapi, draining }),
         })
+    }
+
+    /// From now on `/readyz` answers 503 (shutdown has begun); requests are
+    /// still served.
+    pub fn drain(&self) {
+        self.inner.draining.store(true, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// The HTTP application.
@@ -193,56 +216,73 @@ impl Gateway {
             Lookup::Found(route, bindings) => (route.clone(), bindings),
             Lookup::MethodNotAllowed(allowed) => {
                 let allow = allowed.iter().map(Method::as_str).collect::<Vec<_>>().join(", ");
-                return ApiError::new(Code::Unimplemented, "method not allowed")
+                let error = ApiError::new(Code::Unimplemented, "method not allowed")
                     .with_http_status(StatusCode::METHOD_NOT_ALLOWED)
                     .with_header(
                         header::ALLOW,
                         HeaderValue::from_str(&allow).unwrap_or(HeaderValue::from_static("GET")),
-                    )
-                    .into_response();
+                    );
+                return self.refuse(request, error).await;
             }
-            Lookup::NotFound => return ApiError::new(Code::NotFound, "no such route").into_response(),
+            Lookup::NotFound => {
+                return self.refuse(request, ApiError::new(Code::NotFound, "no such route")).await;
+            }
         };
+        // A body declared larger than the limit is refused before a byte of it is read.
+        if declared_length(request.headers()).is_some_and(|n| n > inner.limits.max_body_bytes) {
+            return close(self.too_large().into_response());
+        }
 
-        let identity = match inner.verifier.verify(request.headers().get(header::AUTHORIZATION)) {
+        let authorization = request.headers().get(header::AUTHORIZATION);
+        // A token not verified lately costs a signature check: those are limited
+        // per client address, apart from the verified clients' allowance, so a
+        // flood of forged or missing tokens is cheap to refuse and starves no one.
+        if !inner.verifier.is_known(authorization)
+            && let Some(limiter) = &inner.limiter
+        {
+            let peer = server::peer(&request).map_or_else(|| "unknown".to_owned(), |a| a.ip().to_string());
+            let decision = Box::pin(limiter.check_unverified(&peer)).await;
+            if !decision.allowed {
+                tracing::debug!(%peer, "unverified requests rate limited");
+                return self.refuse(request, rate_limited(&decision, "unverified")).await;
+            }
+        }
+        let identity = match inner.verifier.verify(authorization) {
             Ok(identity) => identity,
             Err(error) => {
                 tracing::debug!(%error, "unauthenticated");
-                return ApiError::new(Code::Unauthenticated, "a valid bearer token is required")
-                    .with_header(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"))
-                    .into_response();
+                let error = ApiError::new(Code::Unauthenticated, "a valid bearer token is required")
+                    .with_header(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+                return self.refuse(request, error).await;
             }
         };
         let decision = match &inner.limiter {
-            Some(limiter) => Some(limiter.check(&identity.subject, identity.tier.as_deref()).await),
+            Some(limiter) => Some(Box::pin(limiter.check(&identity.subject, identity.tier.as_deref())).await),
             None => None,
         };
         if let Some(d) = decision.filter(|d| !d.allowed) {
             tracing::debug!(subject = %identity.subject, "rate limited");
             let tier = identity.tier.clone().unwrap_or_else(|| "default".to_owned());
-            fluxo_telemetry::meter()
-                .u64_counter("fluxo.gateway.rate_limited")
-                .with_description("Requests refused with 429 by the shared rate limit")
-                .build()
-                .add(1, &[fluxo_telemetry::opentelemetry::KeyValue::new("fluxo.rate_limit.tier", tier)]);
-            let mut e = ApiError::new(Code::ResourceExhausted, "rate limit exceeded; retry later")
-                .with_header(header::RETRY_AFTER, HeaderValue::from(ceil_secs(d.retry_after).max(1)));
-            for (name, value) in rate_headers(&d) {
-                e = e.with_header(name, value);
-            }
-            return e.into_response();
+            return self.refuse(request, rate_limited(&d, &tier)).await;
         }
 
         let (parts, body) = request.into_parts();
-        let body = match axum::body::to_bytes(body, inner.max_body_bytes).await {
-            Ok(body) => body,
+        let limits = inner.limits;
+        let body = match tokio::time::timeout(
+            limits.body_timeout,
+            axum::body::to_bytes(body, limits.max_body_bytes),
+        )
+        .await
+        {
+            Ok(Ok(body)) => body,
+            Ok(Err(_)) => return close(self.too_large().into_response()),
             Err(_) => {
-                return ApiError::new(
-                    Code::InvalidArgument,
-                    format!("request body larger than {} bytes", inner.max_body_bytes),
+                let error = ApiError::new(
+                    Code::DeadlineExceeded,
+                    format!("the request body did not arrive within {} ms", limits.body_timeout.as_millis()),
                 )
-                .with_http_status(StatusCode::PAYLOAD_TOO_LARGE)
-                .into_response();
+                .with_http_status(StatusCode::REQUEST_TIMEOUT);
+                return close(error.into_response());
             }
         };
         if !route.body.is_empty() && !body.is_empty() && !is_json(&parts.headers) {
@@ -277,6 +317,29 @@ impl Gateway {
         response
     }
 
+    fn too_large(&self) -> ApiError {
+        ApiError::new(
+            Code::InvalidArgument,
+            format!("request body larger than {} bytes", self.inner.limits.max_body_bytes),
+        )
+        .with_http_status(StatusCode::PAYLOAD_TOO_LARGE)
+    }
+
+    /// Answers `error` to a request whose body was not read. HTTP/1.1 can reuse
+    /// the connection only once the body is consumed, so it is read and dropped
+    /// (within the body limits); otherwise the answer says `Connection: close`
+    /// rather than leaving the client to find the connection closed under its
+    /// next request.
+    async fn refuse(&self, request: Request, error: ApiError) -> Response {
+        let limits = self.inner.limits;
+        let drained =
+            tokio::time::timeout(limits.body_timeout, discard(request.into_body(), limits.max_body_bytes))
+                .await
+                .unwrap_or(false);
+        let response = error.into_response();
+        if drained { response } else { close(response) }
+    }
+
     async fn forward(
         &self,
         route: &routes::Route,
@@ -299,10 +362,16 @@ impl Gateway {
                 metadata.insert(name, v);
             }
         };
-        put(identity::SUBJECT, &identity.subject);
-        put(identity::MERCHANTS, &identity.merchants.join(","));
-        if identity.admin {
-            put(identity::ADMIN, "true");
+        if inner.backends.forward_token {
+            if let Some(token) = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()) {
+                put("authorization", token);
+            }
+        } else {
+            put(identity::SUBJECT, &identity.subject);
+            put(identity::MERCHANTS, &identity.merchants.join(","));
+            if identity.admin {
+                put(identity::ADMIN, "true");
+            }
         }
         if let Some(id) = headers.get(REQUEST_ID_HEADER).and_then(|v| v.to_str().ok()) {
             put(REQUEST_ID_HEADER, id);
@@ -339,6 +408,9 @@ impl Gateway {
     }
 
     async fn ready(&self) -> Response {
+        if self.inner.draining.load(std::sync::atomic::Ordering::Relaxed) {
+            return (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n").into_response();
+        }
         let backends = &self.inner.backends;
         for channel in [&backends.ledger, &backends.balance] {
             let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
@@ -356,6 +428,56 @@ impl Gateway {
         (StatusCode::OK, "ready\n").into_response()
     }
 }
+
+/// Reads and drops a body; false when it is larger than `limit` or broken.
+async fn discard(body: Body, limit: usize) -> bool {
+    use http_body_util::BodyExt;
+    let mut body = body;
+    let mut seen = 0usize;
+    while let Some(frame) = body.frame().await {
+        match frame {
+            Ok(frame) => {
+                seen = seen.saturating_add(frame.data_ref().map_or(0, bytes::Bytes::len));
+                if seen > limit {
+                    return false;
+                }
+            }
+            Err(_) => return false,
+        }
+    }
+    true
+}
+
+/// Marks the answer as the last on its connection.
+fn close(mut response: Response) -> Response {
+    response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+    response
+}
+
+/// The `Content-Length` a request declares, if any.
+fn declared_length(headers: &HeaderMap) -> Option<usize> {
+    headers.get(header::CONTENT_LENGTH)?.to_str().ok()?.parse().ok()
+}
+
+/// A 429 with the retry time and rate-limit headers, counted by tier.
+fn rate_limited(d: &Decision, tier: &str) -> ApiError {
+    RATE_LIMITED
+        .add(1, &[fluxo_telemetry::opentelemetry::KeyValue::new("fluxo.rate_limit.tier", tier.to_owned())]);
+    let mut e = ApiError::new(Code::ResourceExhausted, "rate limit exceeded; retry later")
+        .with_header(header::RETRY_AFTER, HeaderValue::from(ceil_secs(d.retry_after).max(1)));
+    for (name, value) in rate_headers(d) {
+        e = e.with_header(name, value);
+    }
+    e
+}
+
+static RATE_LIMITED: std::sync::LazyLock<fluxo_telemetry::opentelemetry::metrics::Counter<u64>> =
+    std::sync::LazyLock::new(|| {
+        fluxo_telemetry::meter()
+            .u64_counter("fluxo.gateway.rate_limited")
+            .with_description("Requests refused with 429 by the shared rate limit")
+            .build()
+    });
 
 fn is_json(headers: &HeaderMap) -> bool {
     headers
@@ -403,15 +525,6 @@ fn rate_headers(d: &Decision) -> Vec<(HeaderName, HeaderValue)> {
         (HeaderName::from_static("ratelimit-remaining"), HeaderValue::from(d.remaining)),
         (HeaderName::from_static("ratelimit-reset"), HeaderValue::from(ceil_secs(d.reset))),
     ]
-}
-
-/// Serves `router` on `listener` until `shutdown` resolves, then drains.
-pub async fn serve(
-    listener: tokio::net::TcpListener,
-    router: Router,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
-    axum::serve(listener, router).with_graceful_shutdown(shutdown).await
 }
 
 /// A body of JSON bytes (for tests and tools).

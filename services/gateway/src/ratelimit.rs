@@ -55,6 +55,11 @@ pub struct Limits {
     pub priority_tiers: Vec<String>,
     /// The shared pool of every non-priority client together.
     pub shared: Rate,
+    /// Requests whose token must still be verified (not seen lately, forged or
+    /// missing), per client address...
+    pub unverified: Rate,
+    /// ...and of every client address together, apart from the shared pool.
+    pub unverified_pool: Rate,
     /// When Redis is unreachable.
     pub fallback: Fallback,
 }
@@ -148,18 +153,31 @@ impl RateLimiter {
         let rate = self.rate(&tier);
         let priority = self.limits.priority_tiers.contains(&tier);
         let bucket = format!("fluxo:rl:{{all}}:client:{client_id}");
-        let pool = if priority { String::new() } else { "fluxo:rl:{all}:shared".to_owned() };
+        let pool = (!priority).then(|| ("fluxo:rl:{all}:shared".to_owned(), self.limits.shared));
+        self.decide(bucket, rate, pool).await
+    }
+
+    /// Decides for a request from `address` whose token is still to be verified.
+    pub async fn check_unverified(&self, address: &str) -> Decision {
+        let bucket = format!("fluxo:rl:{{all}}:unverified:{address}");
+        let pool = Some(("fluxo:rl:{all}:unverified".to_owned(), self.limits.unverified_pool));
+        self.decide(bucket, self.limits.unverified, pool).await
+    }
+
+    /// Draws one request from `bucket` at `rate` and from `pool`, if any.
+    async fn decide(&self, bucket: String, rate: Rate, pool: Option<(String, Rate)>) -> Decision {
+        let (pool, pool_rate) = pool.unwrap_or((String::new(), rate));
         if let Some(redis) = &self.client {
             let args = vec![
                 rate.interval_micros(),
                 rate.tolerance_micros(),
-                self.limits.shared.interval_micros(),
-                self.limits.shared.tolerance_micros(),
+                pool_rate.interval_micros(),
+                pool_rate.tolerance_micros(),
             ];
             // EVALSHA: Redis runs the cached script without receiving and hashing
             // its text on every request (loaded again if Redis lost it).
-            // Boxed: fred's futures are ~5 KB, and in place this one would make every
-            // request's future as large.
+            // Boxed: fred's futures are kilobytes, and in place this one would make
+            // every request's future as large.
             let answer: Result<Vec<i64>, _> =
                 Box::pin(GCRA_SCRIPT.evalsha_with_reload(redis, vec![bucket.clone(), pool.clone()], args))
                     .await;
@@ -174,7 +192,7 @@ impl RateLimiter {
                 Fallback::Local => {}
             }
         }
-        self.check_local(&bucket, &pool, rate)
+        self.check_local(&bucket, &pool, rate, pool_rate)
     }
 
     fn warn(&self, reason: &str) {
@@ -186,7 +204,7 @@ impl RateLimiter {
     }
 
     /// The same algorithm in this process's memory.
-    fn check_local(&self, bucket: &str, pool: &str, rate: Rate) -> Decision {
+    fn check_local(&self, bucket: &str, pool: &str, rate: Rate, pool_rate: Rate) -> Decision {
         let now = i64::try_from(self.started.elapsed().as_micros()).unwrap_or(i64::MAX);
         let mut state = self.local.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let step = |state: &HashMap<String, i64>, key: &str, r: Rate| {
@@ -199,7 +217,7 @@ impl RateLimiter {
             Err((tat, retry)) => decision(rate, false, 0, tat - now, retry),
             Ok(tat) => {
                 if !pool.is_empty() {
-                    match step(&state, pool, self.limits.shared) {
+                    match step(&state, pool, pool_rate) {
                         Err((_, retry)) => return decision(rate, false, 0, tat - now, retry),
                         Ok(pool_tat) => {
                             state.insert(pool.to_owned(), pool_tat);
@@ -238,6 +256,8 @@ mod tests {
             default_tier: "standard".into(),
             priority_tiers: vec!["priority".into()],
             shared: Rate { per_second: 10, burst: 8 },
+            unverified: Rate { per_second: 10, burst: 3 },
+            unverified_pool: Rate { per_second: 10, burst: 4 },
             fallback: Fallback::Local,
         }
     }
@@ -289,5 +309,20 @@ mod tests {
         assert_eq!(allowed, 8);
         assert!(!limiter.check("c", None).await.allowed, "the pool is empty for standard clients");
         assert!(limiter.check("vip", Some("priority")).await.allowed, "priority keeps its reserve");
+    }
+
+    #[tokio::test]
+    async fn unverified_requests_have_their_own_limits_per_address_and_together() {
+        let limiter = RateLimiter::new(None, limits());
+        let from = |address: &'static str| limiter.check_unverified(address);
+        let first: Vec<bool> = futures::future::join_all((0..4).map(|_| from("10.0.0.1")))
+            .await
+            .iter()
+            .map(|d| d.allowed)
+            .collect();
+        assert_eq!(first, [true, true, true, false], "a burst of 3 per address");
+        assert!(from("10.0.0.2").await.allowed, "another address has its own allowance");
+        assert!(!from("10.0.0.3").await.allowed, "the unverified pool of 4 is spent");
+        assert!(limiter.check("a", None).await.allowed, "verified clients do not draw from it");
     }
 }

@@ -6,9 +6,7 @@
 
 use bytes::Buf;
 use prost::Message;
-use prost_reflect::{
-    DeserializeOptions, DynamicMessage, FieldDescriptor, Kind, MessageDescriptor, SerializeOptions, Value,
-};
+use prost_reflect::{DynamicMessage, FieldDescriptor, Kind, MessageDescriptor, SerializeOptions, Value};
 use tonic::{
     Status,
     codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder},
@@ -38,11 +36,8 @@ pub fn request(
     body: &[u8],
 ) -> Result<DynamicMessage, BindError> {
     let input = route.rpc.input();
-    let mut message = if route.body == "*" {
-        parse_json(&input, body, "body")?
-    } else {
-        DynamicMessage::new(input.clone())
-    };
+    let mut message =
+        if route.body == "*" { parse_json(&input, body, "")? } else { DynamicMessage::new(input.clone()) };
     if !route.body.is_empty() && route.body != "*" {
         let field =
             field_named(&input, &route.body).ok_or_else(|| bind_error(&route.body, "unknown body field"))?;
@@ -73,17 +68,15 @@ fn field_named(message: &MessageDescriptor, name: &str) -> Option<FieldDescripto
     message.get_field_by_name(name).or_else(|| message.get_field_by_json_name(name))
 }
 
-fn parse_json(descriptor: &MessageDescriptor, body: &[u8], what: &str) -> Result<DynamicMessage, BindError> {
+fn parse_json(
+    descriptor: &MessageDescriptor,
+    body: &[u8],
+    prefix: &str,
+) -> Result<DynamicMessage, BindError> {
     if body.iter().all(u8::is_ascii_whitespace) {
         return Ok(DynamicMessage::new(descriptor.clone()));
     }
-    let mut deserializer = serde_json::Deserializer::from_slice(body);
-    // Unknown fields are ignored, as grpc-gateway does; both JSON and proto names are accepted.
-    let options = DeserializeOptions::new().deny_unknown_fields(false);
-    let message = DynamicMessage::deserialize_with_options(descriptor.clone(), &mut deserializer, &options)
-        .map_err(|e| bind_error(what, format!("invalid JSON: {e}")))?;
-    deserializer.end().map_err(|e| bind_error(what, format!("invalid JSON: {e}")))?;
-    Ok(message)
+    crate::json::parse(descriptor, body, prefix)
 }
 
 fn set_scalar(
@@ -92,28 +85,10 @@ fn set_scalar(
     name: &str,
     raw: &str,
 ) -> Result<(), BindError> {
-    let bad = |what: &str| bind_error(name, format!("{raw:?} is not {what}"));
-    let value = match field.kind() {
-        Kind::String => Value::String(raw.to_owned()),
-        Kind::Bool => Value::Bool(raw.parse().map_err(|_| bad("true or false"))?),
-        Kind::Int32 | Kind::Sint32 | Kind::Sfixed32 => {
-            Value::I32(raw.parse().map_err(|_| bad("a 32-bit integer"))?)
-        }
-        Kind::Int64 | Kind::Sint64 | Kind::Sfixed64 => {
-            Value::I64(raw.parse().map_err(|_| bad("a 64-bit integer"))?)
-        }
-        Kind::Uint32 | Kind::Fixed32 => {
-            Value::U32(raw.parse().map_err(|_| bad("an unsigned 32-bit integer"))?)
-        }
-        Kind::Uint64 | Kind::Fixed64 => {
-            Value::U64(raw.parse().map_err(|_| bad("an unsigned 64-bit integer"))?)
-        }
-        Kind::Enum(e) => match e.get_value_by_name(raw) {
-            Some(v) => Value::EnumNumber(v.number()),
-            None => Value::EnumNumber(raw.parse().map_err(|_| bad("a known enum value"))?),
-        },
-        _ => return Err(bind_error(name, "cannot be set from the URL")),
-    };
+    if matches!(field.kind(), Kind::Message(_)) {
+        return Err(bind_error(name, "cannot be set from the URL"));
+    }
+    let value = crate::json::scalar_from_str(&field.kind(), raw, name)?;
     if field.is_list() {
         let mut list = match message.get_field(field).into_owned() {
             Value::List(l) => l,

@@ -42,6 +42,17 @@ pub enum StoreError {
     /// Anything else the database refused.
     #[error("database error: {0}")]
     Failed(DbErr),
+    /// Booking would take the merchant's all-time credits or debits in a
+    /// currency past 64-bit minor units: more than the daily balances can hold.
+    #[error("the total {kind} of merchant {merchant_id} in {currency} would pass {max} minor units", max = i64::MAX)]
+    LimitExceeded {
+        /// The merchant.
+        merchant_id: String,
+        /// The currency.
+        currency: String,
+        /// `credits` or `debits`.
+        kind: &'static str,
+    },
     /// A stored row that no longer parses: a bug or a hand edit, never caller input.
     #[error("stored entry {id} is unreadable: {reason}")]
     Corrupt {
@@ -153,16 +164,27 @@ impl LedgerStore {
             let txn = self.db.conn().begin().await.map_err(StoreError::from)?;
             let original =
                 load_entry(&txn, merchant, entry_id).await?.ok_or(LedgerError::NotFound { entry_id })?;
-            let reversal = decide(&original)?;
-            if let Some((key, fingerprint)) = idempotency {
-                if !claim_key(&txn, merchant, key, fingerprint, reversal.id).await? {
+            let decided = decide(&original);
+            // The key is claimed before the rules' answer counts: a retry racing
+            // the request that booked this very reversal waits here for it and
+            // then replays it, instead of being told "already reversed" by itself.
+            let claimed = match idempotency {
+                Some((key, fingerprint)) => {
+                    let id = decided.as_ref().map_or_else(|_| EntryId::generate(), |r| r.id);
+                    claim_key(&txn, merchant, key, fingerprint, id).await?
+                }
+                None => true,
+            };
+            match (claimed, decided) {
+                (true, Ok(reversal)) => Some(self.insert_reversal(txn, reversal, entry_id).await),
+                (true, Err(refused)) => {
+                    txn.rollback().await.map_err(StoreError::from)?;
+                    return Err(refused);
+                }
+                (false, _) => {
                     txn.rollback().await.map_err(StoreError::from)?;
                     None
-                } else {
-                    Some(self.insert_reversal(txn, reversal, entry_id).await)
                 }
-            } else {
-                Some(self.insert_reversal(txn, reversal, entry_id).await)
             }
         };
         match (outcome, idempotency) {
@@ -361,12 +383,74 @@ async fn claim_key(
     Ok(inserted == 1)
 }
 
-/// Inserts the entry and its `EntryRecorded` event.
+/// Inserts the entry and its `EntryRecorded` event, and adds it to its
+/// merchant's totals.
 async fn insert_entry(txn: &DatabaseTransaction, new: NewEntry) -> Result<Entry, LedgerError> {
     let (row, event, entry) = entry_rows(new, now(), fluxo_telemetry::current_trace_context());
     entry::Entity::insert(row).exec_without_returning(txn).await.map_err(StoreError::Failed)?;
     outbox::Entity::insert(event).exec_without_returning(txn).await.map_err(StoreError::from)?;
+    add_to_totals(txn, [&entry.booked]).await?;
     Ok(entry)
+}
+
+/// Adds `entries` to their merchants' all-time totals (see the
+/// `ledger_totals` migration), refusing with [`StoreError::LimitExceeded`]
+/// what would pass 64 bits. Rows are upserted in (merchant, currency) order,
+/// so concurrent bookings lock them in the same order.
+async fn add_to_totals<'a>(
+    txn: &DatabaseTransaction,
+    entries: impl IntoIterator<Item = &'a NewEntry>,
+) -> Result<(), StoreError> {
+    let mut sums: std::collections::BTreeMap<(&str, &str), (i64, i64)> = Default::default();
+    for new in entries {
+        let key = (new.merchant_id.as_str(), new.amount.currency().code());
+        let (credits, debits) = sums.entry(key).or_default();
+        let (sum, kind) = match new.kind {
+            EntryKind::Credit => (credits, "credits"),
+            EntryKind::Debit => (debits, "debits"),
+        };
+        *sum = sum.checked_add(new.amount.minor_units()).ok_or_else(|| StoreError::LimitExceeded {
+            merchant_id: key.0.to_owned(),
+            currency: key.1.to_owned(),
+            kind,
+        })?;
+    }
+    if sums.is_empty() {
+        return Ok(());
+    }
+    let rows = vec!["(?, ?, ?, ?)"; sums.len()].join(", ");
+    let values = sums
+        .iter()
+        .flat_map(|((m, c), (credits, debits))| {
+            [(*m).into(), (*c).into(), (*credits).into(), (*debits).into()]
+        })
+        .collect();
+    let sql = format!(
+        "INSERT INTO ledger_totals (merchant_id, currency_code, credits_minor, debits_minor) VALUES {rows} \
+         ON CONFLICT (merchant_id, currency_code) DO UPDATE SET \
+           credits_minor = ledger_totals.credits_minor + excluded.credits_minor, \
+           debits_minor = ledger_totals.debits_minor + excluded.debits_minor"
+    );
+    let result = txn.execute_raw(fluxo_db::statement(txn.get_database_backend(), &sql, values)).await;
+    match result {
+        Ok(_) => Ok(()),
+        Err(error) if is_overflow(&error) => {
+            // Which one passed the limit is not said by the database; with one
+            // entry (how a refused batch is retried) it is that entry's.
+            let ((m, c), (credits, _)) = sums.iter().next().map(|(k, v)| (*k, *v)).unwrap_or_default();
+            Err(StoreError::LimitExceeded {
+                merchant_id: m.to_owned(),
+                currency: c.to_owned(),
+                kind: if credits > 0 { "credits" } else { "debits" },
+            })
+        }
+        Err(error) => Err(error.into()),
+    }
+}
+
+/// A total passed 64 bits (see [`fluxo_db::is_out_of_range`]).
+pub(crate) fn is_overflow(error: &DbErr) -> bool {
+    fluxo_db::is_out_of_range(error)
 }
 
 /// The rows that book `new` at `created_at`: the entry, its `EntryRecorded`

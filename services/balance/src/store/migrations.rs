@@ -13,7 +13,7 @@ pub struct Migrator;
 #[async_trait::async_trait]
 impl MigratorTrait for Migrator {
     fn migrations() -> Vec<Box<dyn MigrationTrait>> {
-        vec![Box::new(CreateReadModel)]
+        vec![Box::new(CreateReadModel), Box::new(CreateParkedEvents)]
     }
 
     fn migration_table_name() -> DynIden {
@@ -91,6 +91,60 @@ impl MigrationTrait for CreateReadModel {
             .get_connection()
             .execute_unprepared("DROP TABLE balance_applied_events; DROP TABLE balance_daily;")
             .await?;
+        Ok(())
+    }
+}
+
+/// Events the read model refused (unreadable, or a sum it cannot hold), parked
+/// so they never hold back the events behind them. A merchant with parked
+/// events reads its balances from the earliest parked day on as possibly
+/// stale, until an operator replays or drops them (`fluxo dlq`).
+struct CreateParkedEvents;
+
+impl MigrationName for CreateParkedEvents {
+    fn name(&self) -> &str {
+        "m20261201_000002_create_parked_events"
+    }
+}
+
+const PARKED_POSTGRES: &str = r#"
+CREATE TABLE balance_parked_events (
+    event_id         VARCHAR(128) PRIMARY KEY,
+    -- NULL when the event is unreadable: then no merchant is known to be affected.
+    merchant_id      VARCHAR(64),
+    booking_date     DATE,
+    reason           TEXT         NOT NULL,
+    payload          BYTEA        NOT NULL,
+    parked_at_micros BIGINT       NOT NULL
+);
+CREATE INDEX balance_parked_by_merchant ON balance_parked_events (merchant_id, booking_date);
+"#;
+
+const PARKED_SQLITE: &str = r#"
+CREATE TABLE balance_parked_events (
+    event_id         TEXT    NOT NULL PRIMARY KEY,
+    merchant_id      TEXT,
+    booking_date     TEXT,
+    reason           TEXT    NOT NULL,
+    payload          BLOB    NOT NULL,
+    parked_at_micros INTEGER NOT NULL
+);
+CREATE INDEX balance_parked_by_merchant ON balance_parked_events (merchant_id, booking_date);
+"#;
+
+#[async_trait::async_trait]
+impl MigrationTrait for CreateParkedEvents {
+    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        let sql = match manager.get_database_backend() {
+            DbBackend::Postgres => PARKED_POSTGRES,
+            _ => PARKED_SQLITE,
+        };
+        manager.get_connection().execute_unprepared(sql).await?;
+        Ok(())
+    }
+
+    async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        manager.get_connection().execute_unprepared("DROP TABLE balance_parked_events;").await?;
         Ok(())
     }
 }

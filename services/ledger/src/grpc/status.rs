@@ -61,6 +61,12 @@ impl From<LedgerError> for Status {
             ),
             // Retryable: a new attempt will not meet the same concurrent writer.
             LedgerError::Contention(_) => Status::aborted(message),
+            // Not retryable: the same entry would pass the same limit again.
+            LedgerError::Store(StoreError::LimitExceeded { .. }) => {
+                let mut details = ErrorDetails::new();
+                details.add_bad_request_violation("amount.minor_units", message.clone());
+                Status::with_error_details(Code::OutOfRange, message, details)
+            }
             LedgerError::Store(StoreError::Unavailable(cause)) => {
                 tracing::warn!(error = %cause, "database unavailable");
                 Status::unavailable("the ledger database is unavailable; retry later")

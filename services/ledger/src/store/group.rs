@@ -4,7 +4,9 @@
 //! tasks (`writers`) each take everything queued (up to `max_batch`) and book
 //! it in one transaction: the idempotency keys are claimed with `ON CONFLICT DO
 //! NOTHING` (what comes back says which were claimed), the entries and outbox
-//! events of the claimed keys inserted, and the whole committed once — so a
+//! events of the claimed keys inserted and added to their merchants' totals
+//! (which refuse what the daily balances could not hold), and the whole
+//! committed once — so a
 //! busy ledger pays one commit (and one WAL flush) per batch instead of per
 //! entry. An idle ledger sees batches of one and the latency of a single
 //! transaction. On PostgreSQL that is BEGIN, one statement and COMMIT
@@ -41,7 +43,7 @@ use sea_orm::{
 use tokio::sync::{Mutex, Notify, mpsc, oneshot};
 
 use super::{
-    StoreError, booked_entry, entry_rows, now,
+    StoreError, add_to_totals, booked_entry, entry_rows, is_overflow, now,
     schema::{entry, idempotency_key, outbox},
 };
 use crate::{
@@ -270,6 +272,7 @@ async fn write(db: &Db, batch: &[Pending]) -> Result<Vec<Option<Entry>>, StoreEr
     if !entries.is_empty() {
         entry::Entity::insert_many(entries).exec_without_returning(&txn).await?;
         outbox::Entity::insert_many(events).exec_without_returning(&txn).await?;
+        add_to_totals(&txn, booked.iter().flatten().map(|e| &e.booked)).await?;
     }
     txn.commit().await?;
     Ok(booked)
@@ -342,7 +345,17 @@ const PG_BOOK: &str = "WITH input AS ( \
                                   created_at) \
        SELECT i.event, i.id, i.merchant, i.payload, NULLIF(i.parent, ''), NULLIF(i.state, ''), \
               $15::timestamptz \
-       FROM input i JOIN claimed c ON c.entry_id = i.id ORDER BY i.n) \
+       FROM input i JOIN claimed c ON c.entry_id = i.id ORDER BY i.n), \
+     totals AS ( \
+       INSERT INTO ledger_totals (merchant_id, currency_code, credits_minor, debits_minor) \
+       SELECT i.merchant, i.currency, \
+              COALESCE(SUM(i.amount) FILTER (WHERE i.kind = 'CREDIT'), 0), \
+              COALESCE(SUM(i.amount) FILTER (WHERE i.kind = 'DEBIT'), 0) \
+       FROM input i JOIN claimed c ON c.entry_id = i.id \
+       GROUP BY i.merchant, i.currency ORDER BY i.merchant, i.currency \
+       ON CONFLICT (merchant_id, currency_code) DO UPDATE SET \
+         credits_minor = ledger_totals.credits_minor + excluded.credits_minor, \
+         debits_minor = ledger_totals.debits_minor + excluded.debits_minor) \
      SELECT entry_id FROM claimed";
 
 /// Books `batch` on PostgreSQL: BEGIN, one statement, COMMIT.
@@ -364,16 +377,29 @@ async fn write_postgres(db: &Db, batch: &[Pending]) -> Result<Vec<Option<Entry>>
             return Ok(vec![None; batch.len()]);
         }
         let txn = db.conn().begin().await?;
-        let claimed: HashSet<String> = txn
+        let booked = txn
             .query_all_raw(Statement::from_sql_and_values(
                 DbBackend::Postgres,
                 PG_BOOK,
                 book_values(batch, &rows, &live, created_at),
             ))
-            .await?
-            .iter()
-            .map(|row| row.try_get_by_index::<String>(0))
-            .collect::<Result<_, DbErr>>()?;
+            .await;
+        let booked = match booked {
+            Ok(booked) => booked,
+            // A total passed 64 bits. Told apart from other failures so that a
+            // batch of one (how a refused batch is retried) names its entry.
+            Err(error) if is_overflow(&error) => {
+                let new = &batch[live[0]].new;
+                return Err(StoreError::LimitExceeded {
+                    merchant_id: new.merchant_id.as_str().to_owned(),
+                    currency: new.amount.currency().code().to_owned(),
+                    kind: if new.kind == crate::domain::EntryKind::Credit { "credits" } else { "debits" },
+                });
+            }
+            Err(error) => return Err(error.into()),
+        };
+        let claimed: HashSet<String> =
+            booked.iter().map(|row| row.try_get_by_index::<String>(0)).collect::<Result<_, DbErr>>()?;
         let is_claimed = |i: usize| claimed.contains(&rows[i].0.booked.id.to_string());
         let left: Vec<usize> =
             live.iter().copied().filter(|&i| is_claimed(i) && batch[i].reply.is_closed()).collect();

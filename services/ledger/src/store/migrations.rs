@@ -14,7 +14,7 @@ pub struct Migrator;
 #[async_trait::async_trait]
 impl MigratorTrait for Migrator {
     fn migrations() -> Vec<Box<dyn MigrationTrait>> {
-        vec![Box::new(CreateLedger), Box::new(DropRedundantForeignKeys)]
+        vec![Box::new(CreateLedger), Box::new(DropRedundantForeignKeys), Box::new(CreateTotals)]
     }
 
     fn migration_table_name() -> DynIden {
@@ -195,6 +195,69 @@ impl MigrationTrait for DropRedundantForeignKeys {
                 )
                 .await?;
         }
+        Ok(())
+    }
+}
+
+/// Every booking adds its amount to its merchant's all-time credits or debits
+/// in `ledger_totals`, in the booking's transaction. Every number the daily
+/// balances hold — a day's credits, debits, net and count, every opening and
+/// closing balance — is bounded by those two totals, so refusing an entry that
+/// would take either past 64 bits (PostgreSQL's BIGINT arithmetic raises
+/// 22003; SQLite turns an overflowing sum into a REAL, which the CHECK
+/// refuses) guarantees that whatever the ledger accepts, the read model can
+/// hold. Existing entries are summed in.
+struct CreateTotals;
+
+impl MigrationName for CreateTotals {
+    fn name(&self) -> &str {
+        "m20261201_000003_create_totals"
+    }
+}
+
+const TOTALS_POSTGRES: &str = r#"
+CREATE TABLE ledger_totals (
+    merchant_id   VARCHAR(64) NOT NULL,
+    currency_code CHAR(3)     NOT NULL,
+    credits_minor BIGINT      NOT NULL CHECK (credits_minor >= 0),
+    debits_minor  BIGINT      NOT NULL CHECK (debits_minor >= 0),
+    PRIMARY KEY (merchant_id, currency_code)
+);
+INSERT INTO ledger_totals (merchant_id, currency_code, credits_minor, debits_minor)
+SELECT merchant_id, currency_code,
+       COALESCE(SUM(amount_minor) FILTER (WHERE kind = 'CREDIT'), 0),
+       COALESCE(SUM(amount_minor) FILTER (WHERE kind = 'DEBIT'), 0)
+FROM ledger_entries GROUP BY merchant_id, currency_code;
+"#;
+
+const TOTALS_SQLITE: &str = r#"
+CREATE TABLE ledger_totals (
+    merchant_id   TEXT    NOT NULL,
+    currency_code TEXT    NOT NULL,
+    credits_minor INTEGER NOT NULL CHECK (typeof(credits_minor) = 'integer' AND credits_minor >= 0),
+    debits_minor  INTEGER NOT NULL CHECK (typeof(debits_minor) = 'integer' AND debits_minor >= 0),
+    PRIMARY KEY (merchant_id, currency_code)
+);
+INSERT INTO ledger_totals (merchant_id, currency_code, credits_minor, debits_minor)
+SELECT merchant_id, currency_code,
+       COALESCE(SUM(CASE WHEN kind = 'CREDIT' THEN amount_minor END), 0),
+       COALESCE(SUM(CASE WHEN kind = 'DEBIT' THEN amount_minor END), 0)
+FROM ledger_entries GROUP BY merchant_id, currency_code;
+"#;
+
+#[async_trait::async_trait]
+impl MigrationTrait for CreateTotals {
+    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        let sql = match manager.get_database_backend() {
+            DbBackend::Postgres => TOTALS_POSTGRES,
+            _ => TOTALS_SQLITE,
+        };
+        manager.get_connection().execute_unprepared(sql).await?;
+        Ok(())
+    }
+
+    async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        manager.get_connection().execute_unprepared("DROP TABLE ledger_totals;").await?;
         Ok(())
     }
 }

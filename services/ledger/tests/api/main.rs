@@ -23,6 +23,7 @@ backend_suite!(
     paginates_without_skips_or_repeats_while_writing,
     enforces_the_reversal_rules,
     concurrent_reversals_book_at_most_one,
+    concurrent_retries_of_one_reversal_all_get_that_reversal,
     commits_entry_and_outbox_event_together_or_not_at_all,
     is_not_serving_until_the_schema_is_current_and_after_shutdown_begins,
     finishes_in_flight_calls_during_graceful_shutdown,
@@ -465,6 +466,35 @@ async fn concurrent_reversals_book_at_most_one(backend: Backend) {
     assert_eq!(ok.len(), 1);
     assert!(refused.iter().all(|r| r.as_ref().unwrap_err().code() == Code::FailedPrecondition));
     assert_eq!(app.count("SELECT COUNT(*) FROM ledger_entries WHERE reverses_entry_id IS NOT NULL").await, 1);
+}
+
+/// A retry storm (the mesh's or the caller's) of one ReverseEntry: every copy
+/// gets the reversal booked under its key, none is told "already reversed".
+async fn concurrent_retries_of_one_reversal_all_get_that_reversal(backend: Backend) {
+    let app = spawn_app(backend).await;
+    for round in 0..3 {
+        let original = app.record(credit("m-1", &format!("k-{round}"), 1050)).await.unwrap();
+        let calls = (0..40).map(|_| {
+            let mut client = app.client.clone();
+            let request = pb::ReverseEntryRequest {
+                merchant_id: "m-1".into(),
+                entry_id: original.id.clone(),
+                request_id: format!("r-{round}"),
+                ..Default::default()
+            };
+            tokio::spawn(async move { client.reverse_entry(request).await })
+        });
+        let results = futures::future::join_all(calls).await;
+        let ids: HashSet<String> = results
+            .into_iter()
+            .map(|r| match r.unwrap() {
+                Ok(reply) => reply.into_inner().id,
+                Err(status) => panic!("a retry of the same reversal failed: {status:?}"),
+            })
+            .collect();
+        assert_eq!(ids.len(), 1, "every retry answers with the one reversal");
+    }
+    assert_eq!(app.count("SELECT COUNT(*) FROM ledger_entries WHERE reverses_entry_id IS NOT NULL").await, 3);
 }
 
 async fn commits_entry_and_outbox_event_together_or_not_at_all(backend: Backend) {

@@ -57,6 +57,10 @@ struct Claims {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     tier: Option<String>,
     exp: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    nbf: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    iat: Option<u64>,
     iss: String,
     aud: String,
 }
@@ -148,6 +152,16 @@ pub fn refresh_jwks(url: String, keys: &Keys, every: Duration) -> Option<tokio::
     }))
 }
 
+/// The token of an `Authorization: Bearer …` header.
+fn bearer_token(header: &HeaderValue) -> Option<&str> {
+    header
+        .to_str()
+        .ok()
+        .and_then(|h| h.strip_prefix("Bearer ").or_else(|| h.strip_prefix("bearer ")))
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+}
+
 impl Verifier {
     /// A verifier for tokens from `issuer` for `audience`.
     pub fn new(keys: Keys, issuer: &str, audience: &str, leeway_secs: u64) -> Self {
@@ -162,14 +176,7 @@ impl Verifier {
 
     /// Verifies the `Authorization` header.
     pub fn verify(&self, authorization: Option<&HeaderValue>) -> Result<Identity, AuthError> {
-        let header = authorization.ok_or(AuthError::Missing)?;
-        let token = header
-            .to_str()
-            .ok()
-            .and_then(|h| h.strip_prefix("Bearer ").or_else(|| h.strip_prefix("bearer ")))
-            .map(str::trim)
-            .filter(|t| !t.is_empty())
-            .ok_or(AuthError::Missing)?;
+        let token = authorization.and_then(bearer_token).ok_or(AuthError::Missing)?;
         // A token seen lately is not verified again (signature checks, RSA ones
         // above all, cost more than the rest of a request) until its expiry or
         // VERIFIED_FOR_SECS, whichever comes first.
@@ -191,6 +198,16 @@ impl Verifier {
         }
         verified.insert(digest, (identity.clone(), until));
         Ok(identity)
+    }
+
+    /// Whether the `Authorization` header carries a token verified lately, so
+    /// that verifying it again costs no signature check.
+    pub fn is_known(&self, authorization: Option<&HeaderValue>) -> bool {
+        let Some(token) = authorization.and_then(bearer_token) else { return false };
+        let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        let verified = self.verified.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        verified.get(&digest).is_some_and(|(_, until)| now < *until)
     }
 
     /// Checks a token's signature and claims; the identity and the expiry (Unix seconds).
@@ -220,7 +237,14 @@ impl Verifier {
         validation.set_audience(&[&self.audience]);
         validation.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
         validation.leeway = self.leeway_secs;
+        // A token is not valid before its `nbf`; one issued in the future (`iat`
+        // past now and the leeway) is refused too: its clock or its issuer is wrong.
+        validation.validate_nbf = true;
         let claims = jsonwebtoken::decode::<Claims>(token, &key, &validation).map_err(invalid)?.claims;
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        if claims.iat.is_some_and(|iat| iat > now.saturating_add(self.leeway_secs)) {
+            return Err(AuthError::Invalid("the token was issued in the future (iat)".into()));
+        }
         let identity = Identity {
             subject: claims.sub,
             merchants: claims.merchants,
@@ -231,48 +255,72 @@ impl Verifier {
     }
 }
 
-/// Mints an HS256 token (development and tests).
-pub fn mint_hs256(
-    secret: &SecretString,
-    issuer: &str,
-    audience: &str,
-    subject: &str,
-    merchants: &[&str],
-    admin: bool,
-    valid_for_secs: i64,
-) -> Result<String, jsonwebtoken::errors::Error> {
-    mint_hs256_tier(secret, issuer, audience, subject, merchants, admin, valid_for_secs, None)
+/// The claims of a token to mint (development and tests): a subject, the
+/// merchants it may act for or the admin scope, and when it is valid.
+#[derive(Debug, Clone)]
+pub struct TokenSpec<'a> {
+    /// `sub`.
+    pub subject: &'a str,
+    /// `merchants`.
+    pub merchants: &'a [&'a str],
+    /// Adds the admin scope.
+    pub admin: bool,
+    /// `tier`, the rate-limit tier.
+    pub tier: Option<&'a str>,
+    /// Seconds from now to `exp`; negative mints an expired token.
+    pub valid_for_secs: i64,
+    /// Seconds from now to `nbf`, when set.
+    pub not_before_secs: Option<i64>,
+    /// Seconds from now to `iat`, when set (positive: issued in the future).
+    pub issued_in_secs: Option<i64>,
 }
 
-/// Mints an HS256 token naming a rate-limit tier.
-#[allow(clippy::too_many_arguments)]
-pub fn mint_hs256_tier(
-    secret: &SecretString,
-    issuer: &str,
-    audience: &str,
-    subject: &str,
-    merchants: &[&str],
-    admin: bool,
-    valid_for_secs: i64,
-    tier: Option<&str>,
-) -> Result<String, jsonwebtoken::errors::Error> {
-    let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
-    let claims = Claims {
-        sub: subject.to_owned(),
-        merchants: merchants.iter().map(|m| (*m).to_owned()).collect(),
-        scope: if admin { ADMIN_SCOPE.to_owned() } else { String::new() },
-        tier: tier.map(str::to_owned),
-        // A negative validity mints an already expired token (for tests).
-        exp: u64::try_from(i64::try_from(now).unwrap_or(i64::MAX).saturating_add(valid_for_secs))
-            .unwrap_or(0),
-        iss: issuer.to_owned(),
-        aud: audience.to_owned(),
-    };
-    jsonwebtoken::encode(
-        &Header::new(Algorithm::HS256),
-        &claims,
-        &EncodingKey::from_secret(secret.expose_secret().as_bytes()),
-    )
+impl<'a> TokenSpec<'a> {
+    /// A token for `subject` acting for `merchants`, valid for an hour.
+    pub fn new(subject: &'a str, merchants: &'a [&'a str]) -> Self {
+        Self {
+            subject,
+            merchants,
+            admin: false,
+            tier: None,
+            valid_for_secs: 3600,
+            not_before_secs: None,
+            issued_in_secs: None,
+        }
+    }
+
+    /// A token for `subject` with the admin scope, valid for an hour.
+    pub fn admin(subject: &'a str) -> Self {
+        Self { admin: true, ..Self::new(subject, &[]) }
+    }
+
+    /// Signs it with HS256 for `issuer` and `audience`.
+    pub fn sign_hs256(
+        &self,
+        secret: &SecretString,
+        issuer: &str,
+        audience: &str,
+    ) -> Result<String, jsonwebtoken::errors::Error> {
+        let now = i64::try_from(SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()))
+            .unwrap_or(i64::MAX);
+        let at = |offset: i64| u64::try_from(now.saturating_add(offset)).unwrap_or(0);
+        let claims = Claims {
+            sub: self.subject.to_owned(),
+            merchants: self.merchants.iter().map(|m| (*m).to_owned()).collect(),
+            scope: if self.admin { ADMIN_SCOPE.to_owned() } else { String::new() },
+            tier: self.tier.map(str::to_owned),
+            exp: at(self.valid_for_secs),
+            nbf: self.not_before_secs.map(at),
+            iat: self.issued_in_secs.map(at),
+            iss: issuer.to_owned(),
+            aud: audience.to_owned(),
+        };
+        jsonwebtoken::encode(
+            &Header::new(Algorithm::HS256),
+            &claims,
+            &EncodingKey::from_secret(secret.expose_secret().as_bytes()),
+        )
+    }
 }
 
 /// The development secret in `data_dir`, created on first use (mode 0600),
@@ -311,11 +359,11 @@ mod tests {
     #[test]
     fn a_valid_token_names_its_merchants() {
         let v = Verifier::new(Keys::Hs256(secret()), "fluxo", "fluxo-api", 0);
-        let t = mint_hs256(&secret(), "fluxo", "fluxo-api", "shop", &["m-1"], false, 60).unwrap();
+        let t = TokenSpec::new("shop", &["m-1"]).sign_hs256(&secret(), "fluxo", "fluxo-api").unwrap();
         let id = v.verify(Some(&bearer(&t))).unwrap();
         assert!(id.may_act_for("m-1"));
         assert!(!id.may_act_for("m-2"));
-        let admin = mint_hs256(&secret(), "fluxo", "fluxo-api", "ops", &[], true, 60).unwrap();
+        let admin = TokenSpec::admin("ops").sign_hs256(&secret(), "fluxo", "fluxo-api").unwrap();
         assert!(v.verify(Some(&bearer(&admin))).unwrap().may_act_for("anyone"));
     }
 
@@ -340,6 +388,8 @@ mod tests {
             scope: String::new(),
             tier: None,
             exp: u64::MAX / 2,
+            nbf: None,
+            iat: None,
             iss: "idp".into(),
             aud: "fluxo-api".into(),
         };
@@ -357,7 +407,7 @@ mod tests {
         assert!(id.may_act_for("m-1"));
         assert!(v.verify(Some(&bearer(&es256_token(&key, "unknown-kid")))).is_err());
         // An HS256 token signed with the public key material must never pass.
-        let hs = mint_hs256(&secret(), "idp", "fluxo-api", "s", &["m-1"], true, 60).unwrap();
+        let hs = TokenSpec::admin("s").sign_hs256(&secret(), "idp", "fluxo-api").unwrap();
         assert!(v.verify(Some(&bearer(&hs))).is_err());
     }
 
@@ -379,22 +429,40 @@ mod tests {
         let v = Verifier::new(Keys::Hs256(secret()), "fluxo", "fluxo-api", 0);
         let other = SecretString::from("another-secret-another-secret-xx".to_owned());
         let cases = [
-            mint_hs256(&other, "fluxo", "fluxo-api", "s", &["m"], false, 60).unwrap(),
-            mint_hs256(&secret(), "fluxo", "elsewhere", "s", &["m"], false, 60).unwrap(),
-            mint_hs256(&secret(), "intruder", "fluxo-api", "s", &["m"], false, 60).unwrap(),
-            mint_hs256(&secret(), "fluxo", "fluxo-api", "s", &["m"], false, -120).unwrap(),
+            TokenSpec::new("s", &["m"]).sign_hs256(&other, "fluxo", "fluxo-api").unwrap(),
+            TokenSpec::new("s", &["m"]).sign_hs256(&secret(), "fluxo", "elsewhere").unwrap(),
+            TokenSpec::new("s", &["m"]).sign_hs256(&secret(), "intruder", "fluxo-api").unwrap(),
+            TokenSpec { valid_for_secs: -120, ..TokenSpec::new("s", &["m"]) }
+                .sign_hs256(&secret(), "fluxo", "fluxo-api")
+                .unwrap(),
+            // Not valid yet (nbf past the leeway), and issued in the future.
+            TokenSpec { not_before_secs: Some(120), ..TokenSpec::new("s", &["m"]) }
+                .sign_hs256(&secret(), "fluxo", "fluxo-api")
+                .unwrap(),
+            TokenSpec { issued_in_secs: Some(120), ..TokenSpec::new("s", &["m"]) }
+                .sign_hs256(&secret(), "fluxo", "fluxo-api")
+                .unwrap(),
         ];
         for token in cases {
             assert!(matches!(v.verify(Some(&bearer(&token))), Err(AuthError::Invalid(_))));
         }
         assert_eq!(v.verify(None), Err(AuthError::Missing));
+        // Within the leeway, nbf and iat a little ahead (clock skew) still pass.
+        let lenient = Verifier::new(Keys::Hs256(secret()), "fluxo", "fluxo-api", 30);
+        let skewed =
+            TokenSpec { not_before_secs: Some(10), issued_in_secs: Some(10), ..TokenSpec::new("s", &["m"]) }
+                .sign_hs256(&secret(), "fluxo", "fluxo-api")
+                .unwrap();
+        assert!(lenient.verify(Some(&bearer(&skewed))).is_ok());
         assert_eq!(v.verify(Some(&HeaderValue::from_static("Basic abc"))), Err(AuthError::Missing));
     }
 
     #[test]
     fn a_remembered_token_is_refused_once_it_expires() {
         let v = Verifier::new(Keys::Hs256(secret()), "fluxo", "fluxo-api", 0);
-        let t = mint_hs256(&secret(), "fluxo", "fluxo-api", "shop", &["m-1"], false, 2).unwrap();
+        let t = TokenSpec { valid_for_secs: 2, ..TokenSpec::new("shop", &["m-1"]) }
+            .sign_hs256(&secret(), "fluxo", "fluxo-api")
+            .unwrap();
         // Verified, then answered from memory...
         assert!(v.verify(Some(&bearer(&t))).unwrap().may_act_for("m-1"));
         assert!(v.verify(Some(&bearer(&t))).unwrap().may_act_for("m-1"));
