@@ -79,9 +79,10 @@ fn is_decode_error(headers: &http::HeaderMap) -> bool {
     if headers.get("grpc-status").map(HeaderValue::as_bytes) != Some(INTERNAL.as_bytes()) {
         return false;
     }
-    // grpc-message is percent-encoded; the prefixes have nothing that needs it.
-    let message = headers.get("grpc-message").map(HeaderValue::as_bytes).unwrap_or_default();
-    DECODE_ERRORS.iter().any(|prefix| message.starts_with(prefix.as_bytes()))
+    // grpc-message is percent-encoded (tonic encodes spaces too).
+    let raw = headers.get("grpc-message").map(HeaderValue::as_bytes).unwrap_or_default();
+    let message = percent_encoding::percent_decode(raw).decode_utf8_lossy();
+    DECODE_ERRORS.iter().any(|prefix| message.starts_with(prefix))
 }
 
 #[cfg(test)]
@@ -97,7 +98,10 @@ mod tests {
 
     #[test]
     fn only_decoding_errors_become_invalid_argument() {
-        assert!(is_decode_error(&headers("13", "failed to decode Protobuf message: invalid wire type")));
+        assert!(is_decode_error(&headers(
+            "13",
+            "failed%20to%20decode%20Protobuf%20message:%20invalid%20wire%20type"
+        )));
         assert!(!is_decode_error(&headers("13", "internal error")), "a handler's own INTERNAL stays");
         assert!(!is_decode_error(&headers("3", "failed to decode Protobuf message")));
     }
