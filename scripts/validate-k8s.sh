@@ -284,7 +284,7 @@ monitoring() { # manifests label
         return 0
     fi
     check "dashboards (JSON) and PrometheusRule (rule files, PromQL, metric names) [$2]" \
-        python3 "$K8S_SCRIPTS/monitoring.py" --manifests "$1" --promql-check "$PROMQL_CHECK" --work "$WORK/monitoring/$2"
+        python3 "$K8S_SCRIPTS/monitoring.py" --manifests "$1" --promql-check "$PROMQL_CHECK" --work "$WORK/monitoring/$2" --keda-zip "${ZIP[keda]}"
 }
 
 # ---- 3. the chart ----------------------------------------------------------------------------
@@ -443,10 +443,10 @@ production="$WORK/rendered/production.yaml"
 if [ -f "$production" ] && [ -n "$PROMQL_CHECK" ]; then
     sed 's/max(fluxo_outbox_oldest_age_seconds) >/max(fluxo_outbox_oldest_age_seconds) > >/' "$production" >"$WORK/broken/rule-promql.yaml"
     expect_failure "monitoring: an alert expression that is not PromQL" \
-        python3 "$K8S_SCRIPTS/monitoring.py" --manifests "$WORK/broken/rule-promql.yaml" --promql-check "$PROMQL_CHECK" --work "$WORK/broken/monitoring-1"
+        python3 "$K8S_SCRIPTS/monitoring.py" --manifests "$WORK/broken/rule-promql.yaml" --promql-check "$PROMQL_CHECK" --work "$WORK/broken/monitoring-1" --keda-zip "${ZIP[keda]}"
     sed 's/fluxo_stream_dead_letters/fluxo_stream_deadletters/' "$production" >"$WORK/broken/metric-name.yaml"
     expect_failure "monitoring: a dashboard and an alert reading a metric fluxo does not export" \
-        python3 "$K8S_SCRIPTS/monitoring.py" --manifests "$WORK/broken/metric-name.yaml" --promql-check "$PROMQL_CHECK" --work "$WORK/broken/monitoring-2"
+        python3 "$K8S_SCRIPTS/monitoring.py" --manifests "$WORK/broken/metric-name.yaml" --promql-check "$PROMQL_CHECK" --work "$WORK/broken/monitoring-2" --keda-zip "${ZIP[keda]}"
     sed 's/^    - name: fluxo.api.alerts$/    - name: fluxo.api.alerts\n      interval_typo: 1m/' "$production" >"$WORK/broken/rule-field.yaml"
     expect_failure "kubeconform: misspelled PrometheusRule group field (interval_typo)" kubeconform_strict "$WORK/broken/rule-field.yaml"
 fi
