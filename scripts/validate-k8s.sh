@@ -411,6 +411,38 @@ upstream() { # label zip chart-path release namespace values-file
 upstream karpenter "${ZIP[karpenter]}" charts/karpenter karpenter kube-system "$ROOT/karpenter/values.yaml"
 upstream istiod "${ZIP[istio]}" manifests/charts/istio-control/istio-discovery istiod istio-system "$ROOT/istio/istiod-values.yaml"
 upstream istio-gateway "${ZIP[istio]}" manifests/charts/gateway istio-ingressgateway istio-ingress "$ROOT/istio/ingress-gateway-values.yaml"
+upstream istio-cni "${ZIP[istio]}" manifests/charts/istio-cni istio-cni istio-system "$ROOT/istio/cni-values.yaml"
+
+# What must reach istiod, read from its rendered chart (a misplaced key renders silently):
+# native sidecars and IP auto-allocation in istiod's env, Istio CNI in the injector's values (so
+# injected pods get no istio-init with NET_ADMIN/NET_RAW: the "restricted" Pod Security
+# Standard), the node taint controller, an istio-cni DaemonSet, and no deprecated
+# ISTIO_META_DNS_AUTO_ALLOCATE in the values.
+istio_mesh_rules() { # rendered-istiod values-file rendered-cni
+    python3 - "$@" <<'PY'
+import json, sys, yaml
+istiod, values_file, cni = sys.argv[1:]
+docs = [d for d in yaml.safe_load_all(open(istiod)) if d]
+errors = []
+deploy = [d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "istiod"]
+env = {e["name"]: e.get("value") for d in deploy for c in d["spec"]["template"]["spec"]["containers"] for e in c.get("env", [])}
+for name in ("ENABLE_NATIVE_SIDECARS", "PILOT_ENABLE_IP_AUTOALLOCATE", "PILOT_ENABLE_NODE_UNTAINT_CONTROLLERS"):
+    if str(env.get(name)).lower() != "true":
+        errors.append(f"istiod env {name} is {env.get(name)!r}, not true")
+inj = [d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "istio-sidecar-injector"]
+vals = json.loads(inj[0]["data"]["values"]) if inj else {}
+if not ((vals.get("pilot") or {}).get("cni") or {}).get("enabled"):
+    errors.append("the sidecar injector's values lack pilot.cni.enabled: injected pods would get istio-init (NET_ADMIN, NET_RAW)")
+if "ISTIO_META_DNS_AUTO_ALLOCATE" in open(values_file).read():
+    errors.append("ISTIO_META_DNS_AUTO_ALLOCATE is deprecated: use PILOT_ENABLE_IP_AUTOALLOCATE (auto-allocation v2)")
+if not any(d["kind"] == "DaemonSet" for d in yaml.safe_load_all(open(cni)) if d):
+    errors.append("the istio-cni chart rendered no DaemonSet")
+print("\n".join(errors) or "istiod: native sidecars, IP auto-allocation v2, Istio CNI, untaint controller: ok")
+sys.exit(1 if errors else 0)
+PY
+}
+check "istio/: istiod gets native sidecars, IP auto-allocation v2, Istio CNI (restricted pods) and the untaint controller" \
+    istio_mesh_rules "$WORK/rendered/upstream-istiod.yaml" "$ROOT/istio/istiod-values.yaml" "$WORK/rendered/upstream-istio-cni.yaml"
 
 # ---- 5. self-tests: the validators must reject wrong fields ----------------------------------
 section "self-tests (broken manifests must be rejected)"
@@ -449,6 +481,37 @@ if [ -f "$production" ] && [ -n "$PROMQL_CHECK" ]; then
         python3 "$K8S_SCRIPTS/monitoring.py" --manifests "$WORK/broken/metric-name.yaml" --promql-check "$PROMQL_CHECK" --work "$WORK/broken/monitoring-2" --keda-zip "${ZIP[keda]}"
     sed 's/^    - name: fluxo.api.alerts$/    - name: fluxo.api.alerts\n      interval_typo: 1m/' "$production" >"$WORK/broken/rule-field.yaml"
     expect_failure "kubeconform: misspelled PrometheusRule group field (interval_typo)" kubeconform_strict "$WORK/broken/rule-field.yaml"
+fi
+# Istio CNI off (under a `pilot:` key the istiod chart ignores it): injected pods would need istio-init.
+sed -e 's/^cni:$/pilot:\n  cni:/' -e 's/^  enabled: true$/    enabled: true/' "$ROOT/istio/istiod-values.yaml" >"$WORK/broken/istiod-values.yaml"
+broken_istiod() {
+    render_upstream istiod "$WORK/upstream/istiod" istio-system "$WORK/broken/istiod-values.yaml" "$WORK/broken/upstream-istiod.yaml" &&
+        istio_mesh_rules "$WORK/broken/upstream-istiod.yaml" "$WORK/broken/istiod-values.yaml" "$WORK/rendered/upstream-istio-cni.yaml"
+}
+expect_failure "istio/: Istio CNI not reaching the injector (values under pilot:)" broken_istiod
+if [ -f "$production" ]; then
+    # The upgrade breaker: a hook bypassing its proxy for RDS while its DNS proxy answers with a 240.240.x.x address.
+    sed 's/{\\"proxyMetadata\\":{\\"ISTIO_META_DNS_CAPTURE\\":\\"false\\"}}/{}/' "$production" >"$WORK/broken/hook-dns.yaml"
+    expect_failure "invariants: a hook bypassing its proxy while capturing DNS (helm upgrade in the mesh)" \
+        python3 "$K8S_SCRIPTS/check_manifests.py" --manifests "$WORK/broken/hook-dns.yaml" --namespace "$NAMESPACE" --keda-zip "${ZIP[keda]}"
+    sed 's/retryOn: connect-failure,refused-stream,reset,unavailable,resource-exhausted,deadline-exceeded$/retryOn: connect-failure,refused-stream,unavailable,resource-exhausted,deadline-exceeded/' \
+        "$production" >"$WORK/broken/read-per-try.yaml"
+    expect_failure "invariants: a per-try timeout Envoy does not retry (reads without reset)" \
+        python3 "$K8S_SCRIPTS/check_manifests.py" --manifests "$WORK/broken/read-per-try.yaml" --namespace "$NAMESPACE" --keda-zip "${ZIP[keda]}"
+    sed '0,/^kind: PriorityClass$/s//kind: PriorityClassX/' "$production" | python3 -c '
+import sys, yaml
+docs = [d for d in yaml.safe_load_all(sys.stdin) if d and d.get("kind") != "PriorityClassX"]
+yaml.safe_dump_all(docs, sys.stdout, sort_keys=False)' >"$WORK/broken/no-priorityclass.yaml"
+    expect_failure "invariants: pods naming a PriorityClass nobody creates" \
+        python3 "$K8S_SCRIPTS/check_manifests.py" --manifests "$WORK/broken/no-priorityclass.yaml" --namespace "$NAMESPACE" --keda-zip "${ZIP[keda]}"
+    sed 's|"/grpc.health.v1.Health/Check", "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo", "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"|"/grpc.health.v1.Health/Check"|' \
+        "$production" >"$WORK/broken/test-no-reflection.yaml"
+    expect_failure "invariants: helm test identity without server reflection (grpcurl)" \
+        python3 "$K8S_SCRIPTS/check_manifests.py" --manifests "$WORK/broken/test-no-reflection.yaml" --namespace "$NAMESPACE" --keda-zip "${ZIP[keda]}"
+    sed 's/keda_scaled_object_errors_total/keda_scaled_object_errorz_total/; s/keda_scaler_detail_errors_total/keda_scaler_detail_errorz_total/' \
+        "$production" >"$WORK/broken/no-keda-alert.yaml"
+    expect_failure "invariants: a scale-to-zero ScaledObject without an alert on KEDA's scaler errors" \
+        python3 "$K8S_SCRIPTS/check_manifests.py" --manifests "$WORK/broken/no-keda-alert.yaml" --namespace "$NAMESPACE" --keda-zip "${ZIP[keda]}"
 fi
 if [ -n "$ISTIOCTL" ]; then
     sed 's/retryOn: connect-failure,refused-stream,unavailable,resource-exhausted$/retryOn: connect-failure,unavailble/' \
