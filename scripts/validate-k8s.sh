@@ -323,6 +323,7 @@ expect_failure "unknown key (ledger.replicaz)" helm template "$RELEASE" "$CHART"
 expect_failure "ledger scaled to zero (the outbox relay must run)" helm template "$RELEASE" "$CHART" "$HELM_KUBE" --set ledger.autoscaling.minReplicas=0
 expect_failure "a credential in keda.redis.address" helm template "$RELEASE" "$CHART" "$HELM_KUBE" --set 'keda.redis.address=redis://:hunter2@redis:6379'
 expect_failure "grace period shorter than the drain" helm template "$RELEASE" "$CHART" "$HELM_KUBE" --set ledger.terminationGracePeriodSeconds=20
+expect_failure "tls.redis.useCaBundle without a CA bundle" helm template "$RELEASE" "$CHART" "$HELM_KUBE" --set tls.redis.useCaBundle=true
 
 # ---- 4. standalone manifests -----------------------------------------------------------------
 section "istio/, karpenter/, keda/ manifests and the upstream charts they configure"
