@@ -1,10 +1,12 @@
 //! Black-box tests of the built `fluxo` binary: started as a newcomer starts
 //! it, called with grpcurl over server reflection only, stopped with SIGTERM.
 
+mod outage;
 mod pipeline;
 mod rest;
 mod support;
 mod telemetry;
+mod tls;
 
 use std::time::Duration;
 
