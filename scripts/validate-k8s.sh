@@ -434,7 +434,15 @@ inj = [d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == 
 vals = json.loads(inj[0]["data"]["values"]) if inj else {}
 if not ((vals.get("pilot") or {}).get("cni") or {}).get("enabled"):
     errors.append("the sidecar injector's values lack pilot.cni.enabled: injected pods would get istio-init (NET_ADMIN, NET_RAW)")
-if "ISTIO_META_DNS_AUTO_ALLOCATE" in open(values_file).read():
+def keys(node):
+    if isinstance(node, dict):
+        for k, v in node.items():
+            yield k
+            yield from keys(v)
+    elif isinstance(node, list):
+        for v in node:
+            yield from keys(v)
+if "ISTIO_META_DNS_AUTO_ALLOCATE" in set(keys(yaml.safe_load(open(values_file)))):
     errors.append("ISTIO_META_DNS_AUTO_ALLOCATE is deprecated: use PILOT_ENABLE_IP_AUTOALLOCATE (auto-allocation v2)")
 if not any(d["kind"] == "DaemonSet" for d in yaml.safe_load_all(open(cni)) if d):
     errors.append("the istio-cni chart rendered no DaemonSet")
@@ -483,13 +491,13 @@ if [ -f "$production" ] && [ -n "$PROMQL_CHECK" ]; then
     sed 's/^    - name: fluxo.api.alerts$/    - name: fluxo.api.alerts\n      interval_typo: 1m/' "$production" >"$WORK/broken/rule-field.yaml"
     expect_failure "kubeconform: misspelled PrometheusRule group field (interval_typo)" kubeconform_strict "$WORK/broken/rule-field.yaml"
 fi
-# Istio CNI off (under a `pilot:` key the istiod chart ignores it): injected pods would need istio-init.
-sed -e 's/^cni:$/pilot:\n  cni:/' -e 's/^  enabled: true$/    enabled: true/' "$ROOT/istio/istiod-values.yaml" >"$WORK/broken/istiod-values.yaml"
+# Istio CNI off: injected pods would need istio-init (NET_ADMIN, NET_RAW).
+sed '/^cni:$/,/^  enabled: true$/s/^  enabled: true$/  enabled: false/' "$ROOT/istio/istiod-values.yaml" >"$WORK/broken/istiod-values.yaml"
 broken_istiod() {
     render_upstream istiod "$WORK/upstream/istiod" istio-system "$WORK/broken/istiod-values.yaml" "$WORK/broken/upstream-istiod.yaml" &&
         istio_mesh_rules "$WORK/broken/upstream-istiod.yaml" "$WORK/broken/istiod-values.yaml" "$WORK/rendered/upstream-istio-cni.yaml"
 }
-expect_failure "istio/: Istio CNI not reaching the injector (values under pilot:)" broken_istiod
+expect_failure "istio/: Istio CNI off in istiod (injected pods get istio-init)" broken_istiod
 if [ -f "$production" ]; then
     # The upgrade breaker: a hook bypassing its proxy for RDS while its DNS proxy answers with a 240.240.x.x address.
     sed 's/{\\"proxyMetadata\\":{\\"ISTIO_META_DNS_CAPTURE\\":\\"false\\"}}/{}/' "$production" >"$WORK/broken/hook-dns.yaml"
