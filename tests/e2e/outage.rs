@@ -95,6 +95,19 @@ impl OwnPostgres {
     }
 }
 
+impl OwnPostgres {
+    fn stop(&self) {
+        let stopped = self
+            .tool("pg_ctl")
+            .arg("-D")
+            .arg(self.data())
+            .args(["-m", "immediate", "-w", "-s", "stop"])
+            .output()
+            .unwrap();
+        assert!(stopped.status.success(), "pg_ctl stop: {}", String::from_utf8_lossy(&stopped.stderr));
+    }
+}
+
 impl Drop for OwnPostgres {
     fn drop(&mut self) {
         let _ =
@@ -113,16 +126,22 @@ fn a_server_started_during_a_database_outage_turns_ready_when_postgres_answers()
     let url = pg.url();
     let env = [("FLUXO_DATABASE__URL", url.as_str()), ("FLUXO_GRPC__READINESS_INTERVAL_MS", "500")];
 
-    // Nothing listens on the port: fluxo still binds and answers health (start_target waits for
-    // the banner, printed once gRPC is bound; a process that exits fails right there).
+    // An installed database (the Helm hook migrated it) ...
+    pg.start();
+    let migrate = fluxo_command(dir.path(), &env).args(["migrate", "--wait-secs", "30"]).output().unwrap();
+    assert!(migrate.status.success(), "migrate: {}", String::from_utf8_lossy(&migrate.stderr));
+    // ... goes down (a failover, a maintenance window) ...
+    pg.stop();
+
+    // ... and a pod starts meanwhile: nothing listens on the port, yet fluxo binds and answers
+    // health (start_target waits for the banner, printed once gRPC is bound; a process that
+    // exits fails right there).
     let fluxo = Fluxo::start_target(dir.path(), "ledger", &env);
     assert_eq!(fluxo.health(""), "NOT_SERVING");
     assert_eq!(fluxo.health("liveness"), "SERVING", "the outage must not fail liveness (no restarts)");
 
-    // The database comes up and is migrated (the Helm hook's job): the same process turns ready.
+    // The database comes back: the same process turns ready and books entries.
     pg.start();
-    let migrate = fluxo_command(dir.path(), &env).args(["migrate", "--wait-secs", "30"]).output().unwrap();
-    assert!(migrate.status.success(), "migrate: {}", String::from_utf8_lossy(&migrate.stderr));
     wait_for_health(&fluxo, "SERVING", Duration::from_secs(60));
     let entry = fluxo
         .call(
