@@ -224,3 +224,26 @@ pub(crate) fn wait_for_health(fluxo: &Fluxo, want: &str, within: Duration) {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+#[test]
+fn a_redis_ca_file_without_tls_or_that_does_not_exist_stops_fluxo_naming_the_setting() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = env("FLUXO_TEST_TLS_CA");
+    for (url, file, says) in [
+        ("redis://127.0.0.1:6379", ca.as_str(), "redis.tls_ca_file is set but redis.url is not a rediss://"),
+        (
+            "rediss://127.0.0.1:6379",
+            "/nonexistent/ca.pem",
+            "redis.tls_ca_file /nonexistent/ca.pem is not a readable file",
+        ),
+    ] {
+        let output =
+            fluxo_command(dir.path(), &[("FLUXO_REDIS__URL", url), ("FLUXO_REDIS__TLS_CA_FILE", file)])
+                .args(["serve"])
+                .output()
+                .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{stderr}");
+        assert!(stderr.contains(says), "{stderr}");
+    }
+}
