@@ -8,7 +8,7 @@
 #  1. installs pinned tools with `GOBIN=<repo>/target/tools go install module@version`
 #     (skipped when the binary there was built from that exact module version);
 #  2. fetches, through the Go module proxy, the Kubernetes OpenAPI (k8s.io/kubernetes) and the
-#     real CRDs of KEDA, Istio and Karpenter (their Go modules), and converts them into strict
+#     real CRDs of KEDA, Istio, Karpenter, the prometheus-operator and Argo Rollouts (their Go modules), and converts them into strict
 #     JSON schemas (scripts/k8s/schemas.py): unknown fields are errors;
 #  3. helm lint --strict, then helm template over a matrix of values files, each rendering
 #     validated by kubeconform -strict, by istioctl validate (Istio objects) and by
@@ -38,6 +38,7 @@ KEDA_VERSION=v2.21.0            # github.com/kedacore/keda/v2 (CRDs, redis-strea
 ISTIO_API_VERSION=v1.31.1       # istio.io/api (CRDs)
 KARPENTER_VERSION=v1.15.1       # github.com/aws/karpenter-provider-aws (NodePool, EC2NodeClass CRDs)
 PROMETHEUS_OPERATOR_VERSION=v0.90.1 # github.com/prometheus-operator/prometheus-operator (PrometheusRule CRD)
+ARGO_ROLLOUTS_VERSION=v1.10.2   # github.com/argoproj/argo-rollouts (Rollout, AnalysisTemplate CRDs)
 # The PromQL checker (scripts/k8s/promql) pins github.com/prometheus/prometheus in its go.mod.
 # istio.io/istio publishes no semver tags; istioctl is built from a pinned commit through the
 # module in scripts/k8s/istioctl (see its go.mod for why it carries replace directives).
@@ -196,7 +197,8 @@ declare -A ZIP
 for spec in "k8s=k8s.io/kubernetes@$KUBE_VERSION" "keda=github.com/kedacore/keda/v2@$KEDA_VERSION" \
     "istioapi=istio.io/api@$ISTIO_API_VERSION" "karpenter=github.com/aws/karpenter-provider-aws@$KARPENTER_VERSION" \
     "istio=istio.io/istio@$ISTIO_VERSION" \
-    "promop=github.com/prometheus-operator/prometheus-operator@$PROMETHEUS_OPERATOR_VERSION"; do
+    "promop=github.com/prometheus-operator/prometheus-operator@$PROMETHEUS_OPERATOR_VERSION" \
+    "argo=github.com/argoproj/argo-rollouts@$ARGO_ROLLOUTS_VERSION"; do
     key=${spec%%=*}
     mod=${spec#*=}
     if ZIP[$key]="$(module_zip "$mod" 2>"$log")"; then
@@ -209,7 +211,7 @@ done
 [ "$failed" -eq 0 ] || { echo "validate-k8s: cannot continue without tools and schemas"; echo "$passed passed, $failed failed"; exit 1; }
 
 SCHEMAS="$WORK/schemas"
-stamp="k8s=$KUBE_VERSION keda=$KEDA_VERSION istio=$ISTIO_API_VERSION karpenter=$KARPENTER_VERSION prometheus-operator=$PROMETHEUS_OPERATOR_VERSION $(cksum <"$K8S_SCRIPTS/schemas.py")"
+stamp="k8s=$KUBE_VERSION keda=$KEDA_VERSION istio=$ISTIO_API_VERSION karpenter=$KARPENTER_VERSION prometheus-operator=$PROMETHEUS_OPERATOR_VERSION argo-rollouts=$ARGO_ROLLOUTS_VERSION $(cksum <"$K8S_SCRIPTS/schemas.py")"
 if [ -f "$SCHEMAS/.stamp" ] && [ "$(cat "$SCHEMAS/.stamp")" = "$stamp" ]; then
     pass "strict JSON schemas (cached: $(find "$SCHEMAS" -name '*.json' | wc -l) kinds)"
 else
@@ -219,7 +221,8 @@ else
         --crds "${ZIP[keda]}::*/config/crd/bases/*.yaml" \
         --crds "${ZIP[istioapi]}::*/kubernetes/customresourcedefinitions.gen.yaml" \
         --crds "${ZIP[karpenter]}::*/pkg/apis/crds/*.yaml" \
-        --crds "${ZIP[promop]}::*/example/prometheus-operator-crd/monitoring.coreos.com_prometheusrules.yaml"
+        --crds "${ZIP[promop]}::*/example/prometheus-operator-crd/monitoring.coreos.com_prometheusrules.yaml" \
+        --crds "${ZIP[argo]}::*/manifests/crds/*-crd.yaml"
     echo "$stamp" >"$SCHEMAS/.stamp"
 fi
 LOCATION="$SCHEMAS/{{ .Group }}/{{ .ResourceKind }}_{{ .ResourceAPIVersion }}.json"
@@ -280,7 +283,7 @@ monitoring() { # manifests label
         fail "dashboards and rules [$2]: no promql-check"
         return
     fi
-    if ! grep -qE '^kind: PrometheusRule|grafana_dashboard:' "$1"; then
+    if ! grep -qE '^kind: (PrometheusRule|AnalysisTemplate)|grafana_dashboard:' "$1"; then
         return 0
     fi
     check "dashboards (JSON) and PrometheusRule (rule files, PromQL, metric names) [$2]" \
@@ -521,6 +524,19 @@ yaml.safe_dump_all(docs, sys.stdout, sort_keys=False)' >"$WORK/broken/no-priorit
         "$production" >"$WORK/broken/no-keda-alert.yaml"
     expect_failure "invariants: a scale-to-zero ScaledObject without an alert on KEDA's scaler errors" \
         python3 "$K8S_SCRIPTS/check_manifests.py" --manifests "$WORK/broken/no-keda-alert.yaml" --namespace "$NAMESPACE" --keda-zip "${ZIP[keda]}"
+fi
+progressive="$WORK/rendered/progressive.yaml"
+if [ -f "$progressive" ]; then
+    sed 's/^  workloadRef:$/  workloadRefs:/' "$progressive" >"$WORK/broken/rollout-field.yaml"
+    expect_failure "kubeconform: misspelled Argo Rollouts field (workloadRefs)" kubeconform_strict "$WORK/broken/rollout-field.yaml"
+    sed 's/^  replicas: 0$/  replicas: 2/' "$progressive" >"$WORK/broken/rollout-two-owners.yaml"
+    expect_failure "invariants: a Rollout and its Deployment both running pods" \
+        python3 "$K8S_SCRIPTS/check_manifests.py" --manifests "$WORK/broken/rollout-two-owners.yaml" --namespace "$NAMESPACE" --keda-zip "${ZIP[keda]}"
+    if [ -n "$PROMQL_CHECK" ]; then
+        sed 's/histogram_quantile(0.99, sum by (le)/histogram_quantile(0.99, sum by (le) (/' "$progressive" >"$WORK/broken/analysis-promql.yaml"
+        expect_failure "monitoring: an Argo Rollouts analysis query that is not PromQL" \
+            python3 "$K8S_SCRIPTS/monitoring.py" --manifests "$WORK/broken/analysis-promql.yaml" --promql-check "$PROMQL_CHECK" --work "$WORK/broken/monitoring-3" --keda-zip "${ZIP[keda]}"
+    fi
 fi
 if [ -n "$ISTIOCTL" ]; then
     sed 's/retryOn: connect-failure,refused-stream,unavailable,resource-exhausted$/retryOn: connect-failure,unavailble/' \

@@ -192,6 +192,7 @@ def main():
     sa_names = {d["metadata"]["name"] for d in get("ServiceAccount")}
     deployments = {d["metadata"]["name"]: d for d in get("Deployment")}
     configmaps = {d["metadata"]["name"]: d for d in get("ConfigMap")}
+    rollouts = {r["metadata"]["name"]: r for r in get("Rollout")}
 
     c.check(len(deployments) >= 1, "at least one Deployment rendered")
 
@@ -343,7 +344,8 @@ def main():
         if d["metadata"].get("labels", {}).get("app.kubernetes.io/component") != "ledger":
             continue
         hpa = [h for h in hpas if h["spec"]["scaleTargetRef"]["name"] == name]
-        floor = hpa[0]["spec"].get("minReplicas", 1) if hpa else d["spec"].get("replicas", 1)
+        owner = rollouts.get(name) if (rollouts.get(name) or {}).get("spec", {}).get("workloadRef", {}).get("name") == name else None
+        floor = hpa[0]["spec"].get("minReplicas", 1) if hpa else (owner or d)["spec"].get("replicas", 1)
         c.check(floor >= 1, f"{name_of(d)}: at least one replica, so the outbox relay always runs")
 
     # -- Services ----------------------------------------------------------------------
@@ -356,9 +358,35 @@ def main():
         c.check(any(matches(sel, pod_meta(d).get("labels") or {}) for d in deployments.values()),
                 f"{name_of(s)}: selects a rendered Deployment's pods")
 
+    # -- Argo Rollouts (progressiveDelivery) ---------------------------------------------
+    templates = {t["metadata"]["name"]: t for t in get("AnalysisTemplate")}
+    for name, r in rollouts.items():
+        ref = r["spec"].get("workloadRef") or {}
+        dep = deployments.get(ref.get("name"))
+        c.check(ref.get("kind") == "Deployment" and dep is not None, f"{name_of(r)}: workloadRef names a rendered Deployment")
+        if dep is None:
+            continue
+        c.check(matches(r["spec"]["selector"]["matchLabels"], pod_meta(dep).get("labels") or {}),
+                f"{name_of(r)}: selector matches its Deployment's pod template")
+        # Two controllers must not run the same pods: the Deployment stays at zero.
+        c.check(dep["spec"].get("replicas") == 0, f"{name_of(r)}: its Deployment is kept at 0 replicas")
+        c.check(not any(h["spec"]["scaleTargetRef"]["name"] == ref.get("name") and h["spec"]["scaleTargetRef"]["kind"] == "Deployment"
+                        for h in hpas), f"{name_of(r)}: no HPA scales its Deployment (the HPA scales the Rollout)")
+        canary = (r["spec"].get("strategy") or {}).get("canary") or {}
+        for t in (canary.get("analysis") or {}).get("templates", []):
+            c.check(t.get("templateName") in templates, f"{name_of(r)}: analysis template {t.get('templateName')!r} is rendered")
+        c.check(bool((canary.get("analysis") or {}).get("templates")), f"{name_of(r)}: a canary with an analysis")
+    for t in templates.values():
+        queries = " ".join(((m.get("provider") or {}).get("prometheus") or {}).get("query", "") for m in t["spec"].get("metrics", []))
+        c.check("rpc_server_duration_seconds_count" in queries and "rpc_server_duration_seconds_bucket" in queries,
+                f"{name_of(t)}: analyses fluxo's gRPC success rate and latency")
+
     # -- scaling targets and PDBs --------------------------------------------------------
     for h in hpas:
-        c.check(h["spec"]["scaleTargetRef"]["name"] in deployments, f"{name_of(h)}: targets a rendered Deployment")
+        ref = h["spec"]["scaleTargetRef"]
+        c.check((ref.get("kind") == "Deployment" and ref["name"] in deployments) or
+                (ref.get("kind") == "Rollout" and ref["name"] in rollouts),
+                f"{name_of(h)}: targets a rendered Deployment or Rollout")
     for p in get("PodDisruptionBudget"):
         sel = p["spec"]["selector"]["matchLabels"]
         c.check(any(matches(sel, pod_meta(d).get("labels") or {}) for d in deployments.values()),

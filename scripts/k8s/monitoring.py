@@ -6,7 +6,7 @@ PrometheusRules.
 
 - every ConfigMap labelled grafana_dashboard holds JSON dashboards with a uid, a title and
   panels, uids unique across the release;
-- every query and rule parses as PromQL (with Prometheus' own parser, through promql-check;
+- every query, rule and Argo Rollouts analysis query parses as PromQL (with Prometheus' own parser, through promql-check;
   Grafana variables are substituted first), and every rule file passes Prometheus' rule-file
   validation (the checks of `promtool check rules`);
 - every metric they read is one fluxo exports (after the OTLP -> Prometheus translation) or one
@@ -170,6 +170,17 @@ def main():
                 if "record" in r:
                     recorded.add(r["record"])
                 exprs.append((f"PrometheusRule {name} {r.get('alert') or r.get('record')}", r["expr"]))
+
+    # Argo Rollouts analyses (progressiveDelivery): their Prometheus queries, with the
+    # template's {{args.x}} placeholders filled in, are PromQL over fluxo's metrics too.
+    for d in docs:
+        if d.get("kind") != "AnalysisTemplate":
+            continue
+        for m in d["spec"].get("metrics", []):
+            query = ((m.get("provider") or {}).get("prometheus") or {}).get("query")
+            if query:
+                query = re.sub(r"\{\{\s*args\.([\w-]+)\s*\}\}", r"\1", query)
+                exprs.append((f"AnalysisTemplate {d['metadata']['name']} {m.get('name')}", query))
 
     if not exprs and not rule_files:
         print("no dashboards or rules rendered")

@@ -285,3 +285,9 @@ which grpcurl uses first to learn the Health service's schema (v1, then v1alpha 
 {{- define "fluxo.testGrpcPaths" -}}
 ["/grpc.health.v1.Health/Check", "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo", "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"]
 {{- end -}}
+
+{{/* "true" when Argo Rollouts owns this target's pods (call with root/target). */}}
+{{- define "fluxo.rolloutOwned" -}}
+{{- $a := .root.Values.progressiveDelivery.argoRollouts -}}
+{{- if and $a.enabled (has .target $a.targets) }}true{{ end -}}
+{{- end -}}
