@@ -15,12 +15,21 @@
 #                                writes on (the benchmark does; tests do not need it)
 #   FLUXO_TEST_SKIP_K8S          set to skip the offline Kubernetes validation that
 #                                follows a full cargo test run
+#   FLUXO_TEST_TLS=0             do not make TLS certificates nor turn TLS on in the servers
+#                                started here (the TLS tests then fail, naming what is missing)
 #   FLUXO_TEST_CMD               run this shell command instead of `cargo test ...`
 #                                (extra args are appended). Handy to get a shell
 #                                with the servers running:
 #                                  FLUXO_TEST_CMD=bash ./scripts/test.sh
 # The URLs and binary paths are exported so tests can use them (some tests
-# start and stop their own instances from the bin dirs).
+# start and stop their own instances from the bin dirs). The servers started
+# here also speak TLS with a certificate for 127.0.0.1/localhost signed by a CA
+# made for the run (openssl); exported for the tests in tests/e2e/tls.rs:
+#   FLUXO_TEST_TLS_CA            PEM of that CA
+#   FLUXO_TEST_TLS_OTHER_CA      PEM of an unrelated CA (must be refused)
+#   FLUXO_TEST_TLS_CERT/_KEY     the server certificate and key (for servers tests start)
+#   FLUXO_TEST_REDIS_TLS_URL     rediss://127.0.0.1:<tls port> of the same Redis
+#   FLUXO_TEST_POSTGRES_TLS_URL  the same PostgreSQL, without sslmode (tests add theirs)
 set -euo pipefail
 
 # Run from the repository root, whatever the caller's cwd.
@@ -161,6 +170,35 @@ make_tmp_dir() {
     tmp_dir=$(mktemp -d /tmp/fluxo-test.XXXXXX)
 }
 
+# --- TLS material ------------------------------------------------------------
+# A CA and a server certificate for 127.0.0.1 and localhost, made fresh for each run.
+tls_dir=""
+if [ "${FLUXO_TEST_TLS:-1}" != 0 ]; then
+    command -v openssl >/dev/null 2>&1 || apt_install openssl || true
+    if command -v openssl >/dev/null 2>&1; then
+        make_tmp_dir
+        tls_dir="$tmp_dir/tls"
+        mkdir "$tls_dir"
+        (
+            cd "$tls_dir"
+            for ca in ca other-ca; do
+                openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj "/CN=fluxo test $ca" \
+                    -addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign,cRLSign \
+                    -keyout "$ca.key" -out "$ca.pem"
+            done
+            openssl req -newkey rsa:2048 -nodes -subj /CN=localhost -keyout server.key -out server.csr
+            printf 'subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n' >server.ext
+            openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 2 \
+                -extfile server.ext -out server.pem
+            chmod 600 server.key
+        ) >"$tmp_dir/openssl.log" 2>&1 || { cat "$tmp_dir/openssl.log" >&2; die "making the test TLS certificates failed"; }
+        export FLUXO_TEST_TLS_CA="$tls_dir/ca.pem" FLUXO_TEST_TLS_OTHER_CA="$tls_dir/other-ca.pem"
+        export FLUXO_TEST_TLS_CERT="$tls_dir/server.pem" FLUXO_TEST_TLS_KEY="$tls_dir/server.key"
+    else
+        log "openssl not found: the TLS tests will fail"
+    fi
+fi
+
 # --- PostgreSQL --------------------------------------------------------------
 if [ -z "${FLUXO_TEST_POSTGRES_URL:-}" ]; then
     if ! pg_bindir=$(find_pg_bindir); then
@@ -193,6 +231,13 @@ EOF
     if [ -z "${FLUXO_TEST_PG_DURABLE:-}" ]; then
         printf 'fsync = off\nfull_page_writes = off\n' >>"$pg_data/postgresql.conf"
     fi
+    if [ -n "$tls_dir" ]; then
+        # TLS on (plain connections still allowed): the server's own copy of the key, which
+        # PostgreSQL wants owned by its user and private.
+        cp "$tls_dir/server.pem" "$tls_dir/server.key" "$pg_data/"
+        is_root && chown postgres: "$pg_data/server.pem" "$pg_data/server.key"
+        printf "ssl = on\nssl_cert_file = 'server.pem'\nssl_key_file = 'server.key'\n" >>"$pg_data/postgresql.conf"
+    fi
     # pg_ctl -w notices a server that dies on startup; pg_isready below
     # confirms it really answers on TCP.
     (cd "$tmp_dir" && as_pg_user "$pg_bindir/pg_ctl" -D "$pg_data" -l "$tmp_dir/postgres.log" \
@@ -208,6 +253,7 @@ EOF
         sleep 0.1
     done
     export FLUXO_TEST_POSTGRES_URL="postgres://postgres@127.0.0.1:$pg_port/postgres"
+    [ -z "$tls_dir" ] || export FLUXO_TEST_POSTGRES_TLS_URL="$FLUXO_TEST_POSTGRES_URL"
 elif [ -z "${FLUXO_TEST_PG_BINDIR:-}" ] && pg_bindir=$(find_pg_bindir); then
     # External server given; still tell tests where local binaries are.
     export FLUXO_TEST_PG_BINDIR="$pg_bindir"
@@ -262,9 +308,17 @@ if [ -z "${FLUXO_TEST_REDIS_URL:-}" ]; then
 
     make_tmp_dir
     redis_port=$(free_port)
+    redis_tls=()
+    if [ -n "$tls_dir" ]; then
+        redis_tls_port=$(free_port)
+        # A second, TLS port on the same server (clients need no certificate of their own).
+        # Debian's redis-server is built with TLS; one that is not refuses these options.
+        redis_tls=(--tls-port "$redis_tls_port" --tls-cert-file "$tls_dir/server.pem"
+            --tls-key-file "$tls_dir/server.key" --tls-ca-cert-file "$tls_dir/ca.pem" --tls-auth-clients no)
+    fi
     # Not daemonized, so we know its pid; no persistence, nothing to keep.
     "$redis_bin" --bind 127.0.0.1 --port "$redis_port" --save '' --appendonly no \
-        --dir "$tmp_dir" >"$tmp_dir/redis.log" 2>&1 </dev/null &
+        "${redis_tls[@]}" --dir "$tmp_dir" >"$tmp_dir/redis.log" 2>&1 </dev/null &
     redis_pid=$!
 
     for i in $(seq 300); do
@@ -280,6 +334,7 @@ if [ -z "${FLUXO_TEST_REDIS_URL:-}" ]; then
         sleep 0.1
     done
     export FLUXO_TEST_REDIS_URL="redis://127.0.0.1:$redis_port"
+    [ "${#redis_tls[@]}" -eq 0 ] || export FLUXO_TEST_REDIS_TLS_URL="rediss://127.0.0.1:$redis_tls_port"
 elif [ -z "${FLUXO_TEST_REDIS_SERVER_BIN:-}" ] && redis_bin=$(command -v redis-server); then
     export FLUXO_TEST_REDIS_SERVER_BIN="$redis_bin"
 fi

@@ -8,7 +8,7 @@
 #  1. installs pinned tools with `GOBIN=<repo>/target/tools go install module@version`
 #     (skipped when the binary there was built from that exact module version);
 #  2. fetches, through the Go module proxy, the Kubernetes OpenAPI (k8s.io/kubernetes) and the
-#     real CRDs of KEDA, Istio and Karpenter (their Go modules), and converts them into strict
+#     real CRDs of KEDA, Istio, Karpenter, the prometheus-operator and Argo Rollouts (their Go modules), and converts them into strict
 #     JSON schemas (scripts/k8s/schemas.py): unknown fields are errors;
 #  3. helm lint --strict, then helm template over a matrix of values files, each rendering
 #     validated by kubeconform -strict, by istioctl validate (Istio objects) and by
@@ -38,6 +38,7 @@ KEDA_VERSION=v2.21.0            # github.com/kedacore/keda/v2 (CRDs, redis-strea
 ISTIO_API_VERSION=v1.31.1       # istio.io/api (CRDs)
 KARPENTER_VERSION=v1.15.1       # github.com/aws/karpenter-provider-aws (NodePool, EC2NodeClass CRDs)
 PROMETHEUS_OPERATOR_VERSION=v0.90.1 # github.com/prometheus-operator/prometheus-operator (PrometheusRule CRD)
+ARGO_ROLLOUTS_VERSION=v1.10.2   # github.com/argoproj/argo-rollouts (Rollout, AnalysisTemplate CRDs)
 # The PromQL checker (scripts/k8s/promql) pins github.com/prometheus/prometheus in its go.mod.
 # istio.io/istio publishes no semver tags; istioctl is built from a pinned commit through the
 # module in scripts/k8s/istioctl (see its go.mod for why it carries replace directives).
@@ -196,7 +197,8 @@ declare -A ZIP
 for spec in "k8s=k8s.io/kubernetes@$KUBE_VERSION" "keda=github.com/kedacore/keda/v2@$KEDA_VERSION" \
     "istioapi=istio.io/api@$ISTIO_API_VERSION" "karpenter=github.com/aws/karpenter-provider-aws@$KARPENTER_VERSION" \
     "istio=istio.io/istio@$ISTIO_VERSION" \
-    "promop=github.com/prometheus-operator/prometheus-operator@$PROMETHEUS_OPERATOR_VERSION"; do
+    "promop=github.com/prometheus-operator/prometheus-operator@$PROMETHEUS_OPERATOR_VERSION" \
+    "argo=github.com/argoproj/argo-rollouts@$ARGO_ROLLOUTS_VERSION"; do
     key=${spec%%=*}
     mod=${spec#*=}
     if ZIP[$key]="$(module_zip "$mod" 2>"$log")"; then
@@ -209,7 +211,7 @@ done
 [ "$failed" -eq 0 ] || { echo "validate-k8s: cannot continue without tools and schemas"; echo "$passed passed, $failed failed"; exit 1; }
 
 SCHEMAS="$WORK/schemas"
-stamp="k8s=$KUBE_VERSION keda=$KEDA_VERSION istio=$ISTIO_API_VERSION karpenter=$KARPENTER_VERSION prometheus-operator=$PROMETHEUS_OPERATOR_VERSION $(cksum <"$K8S_SCRIPTS/schemas.py")"
+stamp="k8s=$KUBE_VERSION keda=$KEDA_VERSION istio=$ISTIO_API_VERSION karpenter=$KARPENTER_VERSION prometheus-operator=$PROMETHEUS_OPERATOR_VERSION argo-rollouts=$ARGO_ROLLOUTS_VERSION $(cksum <"$K8S_SCRIPTS/schemas.py")"
 if [ -f "$SCHEMAS/.stamp" ] && [ "$(cat "$SCHEMAS/.stamp")" = "$stamp" ]; then
     pass "strict JSON schemas (cached: $(find "$SCHEMAS" -name '*.json' | wc -l) kinds)"
 else
@@ -219,7 +221,8 @@ else
         --crds "${ZIP[keda]}::*/config/crd/bases/*.yaml" \
         --crds "${ZIP[istioapi]}::*/kubernetes/customresourcedefinitions.gen.yaml" \
         --crds "${ZIP[karpenter]}::*/pkg/apis/crds/*.yaml" \
-        --crds "${ZIP[promop]}::*/example/prometheus-operator-crd/monitoring.coreos.com_prometheusrules.yaml"
+        --crds "${ZIP[promop]}::*/example/prometheus-operator-crd/monitoring.coreos.com_prometheusrules.yaml" \
+        --crds "${ZIP[argo]}::*/manifests/crds/*-crd.yaml"
     echo "$stamp" >"$SCHEMAS/.stamp"
 fi
 LOCATION="$SCHEMAS/{{ .Group }}/{{ .ResourceKind }}_{{ .ResourceAPIVersion }}.json"
@@ -280,11 +283,11 @@ monitoring() { # manifests label
         fail "dashboards and rules [$2]: no promql-check"
         return
     fi
-    if ! grep -qE '^kind: PrometheusRule|grafana_dashboard:' "$1"; then
+    if ! grep -qE '^kind: (PrometheusRule|AnalysisTemplate)|grafana_dashboard:' "$1"; then
         return 0
     fi
     check "dashboards (JSON) and PrometheusRule (rule files, PromQL, metric names) [$2]" \
-        python3 "$K8S_SCRIPTS/monitoring.py" --manifests "$1" --promql-check "$PROMQL_CHECK" --work "$WORK/monitoring/$2"
+        python3 "$K8S_SCRIPTS/monitoring.py" --manifests "$1" --promql-check "$PROMQL_CHECK" --work "$WORK/monitoring/$2" --keda-zip "${ZIP[keda]}"
 }
 
 # ---- 3. the chart ----------------------------------------------------------------------------
@@ -323,6 +326,7 @@ expect_failure "unknown key (ledger.replicaz)" helm template "$RELEASE" "$CHART"
 expect_failure "ledger scaled to zero (the outbox relay must run)" helm template "$RELEASE" "$CHART" "$HELM_KUBE" --set ledger.autoscaling.minReplicas=0
 expect_failure "a credential in keda.redis.address" helm template "$RELEASE" "$CHART" "$HELM_KUBE" --set 'keda.redis.address=redis://:hunter2@redis:6379'
 expect_failure "grace period shorter than the drain" helm template "$RELEASE" "$CHART" "$HELM_KUBE" --set ledger.terminationGracePeriodSeconds=20
+expect_failure "tls.redis.useCaBundle without a CA bundle" helm template "$RELEASE" "$CHART" "$HELM_KUBE" --set tls.redis.useCaBundle=true
 
 # ---- 4. standalone manifests -----------------------------------------------------------------
 section "istio/, karpenter/, keda/ manifests and the upstream charts they configure"
@@ -411,6 +415,46 @@ upstream() { # label zip chart-path release namespace values-file
 upstream karpenter "${ZIP[karpenter]}" charts/karpenter karpenter kube-system "$ROOT/karpenter/values.yaml"
 upstream istiod "${ZIP[istio]}" manifests/charts/istio-control/istio-discovery istiod istio-system "$ROOT/istio/istiod-values.yaml"
 upstream istio-gateway "${ZIP[istio]}" manifests/charts/gateway istio-ingressgateway istio-ingress "$ROOT/istio/ingress-gateway-values.yaml"
+upstream istio-cni "${ZIP[istio]}" manifests/charts/istio-cni istio-cni istio-system "$ROOT/istio/cni-values.yaml"
+
+# What must reach istiod, read from its rendered chart (a misplaced key renders silently):
+# native sidecars and IP auto-allocation in istiod's env, Istio CNI in the injector's values (so
+# injected pods get no istio-init with NET_ADMIN/NET_RAW: the "restricted" Pod Security
+# Standard), the node taint controller, an istio-cni DaemonSet, and no deprecated
+# ISTIO_META_DNS_AUTO_ALLOCATE in the values.
+istio_mesh_rules() { # rendered-istiod values-file rendered-cni
+    python3 - "$@" <<'PY'
+import json, sys, yaml
+istiod, values_file, cni = sys.argv[1:]
+docs = [d for d in yaml.safe_load_all(open(istiod)) if d]
+errors = []
+deploy = [d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "istiod"]
+env = {e["name"]: e.get("value") for d in deploy for c in d["spec"]["template"]["spec"]["containers"] for e in c.get("env", [])}
+for name in ("ENABLE_NATIVE_SIDECARS", "PILOT_ENABLE_IP_AUTOALLOCATE", "PILOT_ENABLE_NODE_UNTAINT_CONTROLLERS"):
+    if str(env.get(name)).lower() != "true":
+        errors.append(f"istiod env {name} is {env.get(name)!r}, not true")
+inj = [d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "istio-sidecar-injector"]
+vals = json.loads(inj[0]["data"]["values"]) if inj else {}
+if not ((vals.get("pilot") or {}).get("cni") or {}).get("enabled"):
+    errors.append("the sidecar injector's values lack pilot.cni.enabled: injected pods would get istio-init (NET_ADMIN, NET_RAW)")
+def keys(node):
+    if isinstance(node, dict):
+        for k, v in node.items():
+            yield k
+            yield from keys(v)
+    elif isinstance(node, list):
+        for v in node:
+            yield from keys(v)
+if "ISTIO_META_DNS_AUTO_ALLOCATE" in set(keys(yaml.safe_load(open(values_file)))):
+    errors.append("ISTIO_META_DNS_AUTO_ALLOCATE is deprecated: use PILOT_ENABLE_IP_AUTOALLOCATE (auto-allocation v2)")
+if not any(d["kind"] == "DaemonSet" for d in yaml.safe_load_all(open(cni)) if d):
+    errors.append("the istio-cni chart rendered no DaemonSet")
+print("\n".join(errors) or "istiod: native sidecars, IP auto-allocation v2, Istio CNI, untaint controller: ok")
+sys.exit(1 if errors else 0)
+PY
+}
+check "istio/: istiod gets native sidecars, IP auto-allocation v2, Istio CNI (restricted pods) and the untaint controller" \
+    istio_mesh_rules "$WORK/rendered/upstream-istiod.yaml" "$ROOT/istio/istiod-values.yaml" "$WORK/rendered/upstream-istio-cni.yaml"
 
 # ---- 5. self-tests: the validators must reject wrong fields ----------------------------------
 section "self-tests (broken manifests must be rejected)"
@@ -443,12 +487,56 @@ production="$WORK/rendered/production.yaml"
 if [ -f "$production" ] && [ -n "$PROMQL_CHECK" ]; then
     sed 's/max(fluxo_outbox_oldest_age_seconds) >/max(fluxo_outbox_oldest_age_seconds) > >/' "$production" >"$WORK/broken/rule-promql.yaml"
     expect_failure "monitoring: an alert expression that is not PromQL" \
-        python3 "$K8S_SCRIPTS/monitoring.py" --manifests "$WORK/broken/rule-promql.yaml" --promql-check "$PROMQL_CHECK" --work "$WORK/broken/monitoring-1"
+        python3 "$K8S_SCRIPTS/monitoring.py" --manifests "$WORK/broken/rule-promql.yaml" --promql-check "$PROMQL_CHECK" --work "$WORK/broken/monitoring-1" --keda-zip "${ZIP[keda]}"
     sed 's/fluxo_stream_dead_letters/fluxo_stream_deadletters/' "$production" >"$WORK/broken/metric-name.yaml"
     expect_failure "monitoring: a dashboard and an alert reading a metric fluxo does not export" \
-        python3 "$K8S_SCRIPTS/monitoring.py" --manifests "$WORK/broken/metric-name.yaml" --promql-check "$PROMQL_CHECK" --work "$WORK/broken/monitoring-2"
+        python3 "$K8S_SCRIPTS/monitoring.py" --manifests "$WORK/broken/metric-name.yaml" --promql-check "$PROMQL_CHECK" --work "$WORK/broken/monitoring-2" --keda-zip "${ZIP[keda]}"
     sed 's/^    - name: fluxo.api.alerts$/    - name: fluxo.api.alerts\n      interval_typo: 1m/' "$production" >"$WORK/broken/rule-field.yaml"
     expect_failure "kubeconform: misspelled PrometheusRule group field (interval_typo)" kubeconform_strict "$WORK/broken/rule-field.yaml"
+fi
+# Istio CNI off: injected pods would need istio-init (NET_ADMIN, NET_RAW).
+sed '/^cni:$/,/^  enabled: true$/s/^  enabled: true$/  enabled: false/' "$ROOT/istio/istiod-values.yaml" >"$WORK/broken/istiod-values.yaml"
+broken_istiod() {
+    render_upstream istiod "$WORK/upstream/istiod" istio-system "$WORK/broken/istiod-values.yaml" "$WORK/broken/upstream-istiod.yaml" &&
+        istio_mesh_rules "$WORK/broken/upstream-istiod.yaml" "$WORK/broken/istiod-values.yaml" "$WORK/rendered/upstream-istio-cni.yaml"
+}
+expect_failure "istio/: Istio CNI off in istiod (injected pods get istio-init)" broken_istiod
+if [ -f "$production" ]; then
+    # The upgrade breaker: a hook bypassing its proxy for RDS while its DNS proxy answers with a 240.240.x.x address.
+    sed 's/{\\"proxyMetadata\\":{\\"ISTIO_META_DNS_CAPTURE\\":\\"false\\"}}/{}/' "$production" >"$WORK/broken/hook-dns.yaml"
+    expect_failure "invariants: a hook bypassing its proxy while capturing DNS (helm upgrade in the mesh)" \
+        python3 "$K8S_SCRIPTS/check_manifests.py" --manifests "$WORK/broken/hook-dns.yaml" --namespace "$NAMESPACE" --keda-zip "${ZIP[keda]}"
+    sed 's/retryOn: connect-failure,refused-stream,reset,unavailable,resource-exhausted,deadline-exceeded$/retryOn: connect-failure,refused-stream,unavailable,resource-exhausted,deadline-exceeded/' \
+        "$production" >"$WORK/broken/read-per-try.yaml"
+    expect_failure "invariants: a per-try timeout Envoy does not retry (reads without reset)" \
+        python3 "$K8S_SCRIPTS/check_manifests.py" --manifests "$WORK/broken/read-per-try.yaml" --namespace "$NAMESPACE" --keda-zip "${ZIP[keda]}"
+    sed '0,/^kind: PriorityClass$/s//kind: PriorityClassX/' "$production" | python3 -c '
+import sys, yaml
+docs = [d for d in yaml.safe_load_all(sys.stdin) if d and d.get("kind") != "PriorityClassX"]
+yaml.safe_dump_all(docs, sys.stdout, sort_keys=False)' >"$WORK/broken/no-priorityclass.yaml"
+    expect_failure "invariants: pods naming a PriorityClass nobody creates" \
+        python3 "$K8S_SCRIPTS/check_manifests.py" --manifests "$WORK/broken/no-priorityclass.yaml" --namespace "$NAMESPACE" --keda-zip "${ZIP[keda]}"
+    sed 's|"/grpc.health.v1.Health/Check", "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo", "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"|"/grpc.health.v1.Health/Check"|' \
+        "$production" >"$WORK/broken/test-no-reflection.yaml"
+    expect_failure "invariants: helm test identity without server reflection (grpcurl)" \
+        python3 "$K8S_SCRIPTS/check_manifests.py" --manifests "$WORK/broken/test-no-reflection.yaml" --namespace "$NAMESPACE" --keda-zip "${ZIP[keda]}"
+    sed 's/keda_scaled_object_errors_total/keda_scaled_object_errorz_total/; s/keda_scaler_detail_errors_total/keda_scaler_detail_errorz_total/' \
+        "$production" >"$WORK/broken/no-keda-alert.yaml"
+    expect_failure "invariants: a scale-to-zero ScaledObject without an alert on KEDA's scaler errors" \
+        python3 "$K8S_SCRIPTS/check_manifests.py" --manifests "$WORK/broken/no-keda-alert.yaml" --namespace "$NAMESPACE" --keda-zip "${ZIP[keda]}"
+fi
+progressive="$WORK/rendered/progressive.yaml"
+if [ -f "$progressive" ]; then
+    sed 's/^  workloadRef:$/  workloadRefs:/' "$progressive" >"$WORK/broken/rollout-field.yaml"
+    expect_failure "kubeconform: misspelled Argo Rollouts field (workloadRefs)" kubeconform_strict "$WORK/broken/rollout-field.yaml"
+    sed 's/^  replicas: 0$/  replicas: 2/' "$progressive" >"$WORK/broken/rollout-two-owners.yaml"
+    expect_failure "invariants: a Rollout and its Deployment both running pods" \
+        python3 "$K8S_SCRIPTS/check_manifests.py" --manifests "$WORK/broken/rollout-two-owners.yaml" --namespace "$NAMESPACE" --keda-zip "${ZIP[keda]}"
+    if [ -n "$PROMQL_CHECK" ]; then
+        sed 's/histogram_quantile(0.99, sum by (le)/histogram_quantile(0.99, sum by (le) (/' "$progressive" >"$WORK/broken/analysis-promql.yaml"
+        expect_failure "monitoring: an Argo Rollouts analysis query that is not PromQL" \
+            python3 "$K8S_SCRIPTS/monitoring.py" --manifests "$WORK/broken/analysis-promql.yaml" --promql-check "$PROMQL_CHECK" --work "$WORK/broken/monitoring-3" --keda-zip "${ZIP[keda]}"
+    fi
 fi
 if [ -n "$ISTIOCTL" ]; then
     sed 's/retryOn: connect-failure,refused-stream,unavailable,resource-exhausted$/retryOn: connect-failure,unavailble/' \

@@ -149,6 +149,9 @@ pub(crate) struct RedisSettings {
     #[serde(serialize_with = "skip_secret")]
     pub url: Option<SecretString>,
     pub command_timeout_ms: u64,
+    /// PEM bundle of the CAs that sign a `rediss://` server's certificate (a private CA).
+    /// Unset: the Mozilla roots built into the binary.
+    pub tls_ca_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -189,7 +192,7 @@ pub(crate) struct BalanceSettings {
 
 impl Default for RedisSettings {
     fn default() -> Self {
-        Self { url: None, command_timeout_ms: 2_000 }
+        Self { url: None, command_timeout_ms: 2_000, tls_ca_file: None }
     }
 }
 
@@ -436,6 +439,15 @@ impl Config {
             if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
                 problems.push("redis.url must start with redis:// or rediss://".to_owned());
             }
+            if self.redis.tls_ca_file.is_some() && !url.starts_with("rediss://") {
+                problems
+                    .push("redis.tls_ca_file is set but redis.url is not a rediss:// (TLS) URL".to_owned());
+            }
+        }
+        if let Some(ca) = &self.redis.tls_ca_file
+            && !ca.is_file()
+        {
+            problems.push(format!("redis.tls_ca_file {} is not a readable file", ca.display()));
         }
         let c = &self.consolidator;
         if c.stream.is_empty() || c.group.is_empty() {
@@ -512,6 +524,7 @@ impl Config {
         self.redis.url.as_ref().map(|url| fluxo_queue::RedisConfig {
             url: url.clone(),
             command_timeout: Duration::from_millis(self.redis.command_timeout_ms),
+            tls_ca_file: self.redis.tls_ca_file.clone(),
         })
     }
 

@@ -5,7 +5,10 @@
 
 #![allow(clippy::print_stdout)]
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    time::Duration,
+};
 
 use anyhow::{Context, bail};
 use chrono::NaiveDate;
@@ -36,7 +39,15 @@ pub(crate) fn openapi() -> anyhow::Result<()> {
 
 /// `fluxo queue init`: creates the stream and its consumer group.
 pub(crate) async fn queue_init(config: &Config) -> anyhow::Result<()> {
+    use fred::prelude::ClientLike;
     let client = redis(config)?;
+    // The client reconnects forever; a one-shot command must say why it cannot connect (a
+    // refused TLS certificate, say) instead of timing out on its first command.
+    let connect_wait = Duration::from_secs(15);
+    match tokio::time::timeout(connect_wait, client.wait_for_connect()).await {
+        Ok(connected) => connected.context("cannot connect to Redis (redis.url)")?,
+        Err(_) => bail!("Redis did not answer within {connect_wait:?} (redis.url)"),
+    }
     let names = config.stream_names();
     ensure_group(&client, &names).await.context("creating the consumer group")?;
     eprintln!("fluxo: stream {} has consumer group {}", names.stream, names.group);

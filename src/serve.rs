@@ -61,7 +61,7 @@ pub(crate) async fn serve(config: Config, target: Target) -> anyhow::Result<()> 
     let name = format!("{target:?}").to_lowercase();
     let runs = |t: Target| target == Target::All || target == t;
     let telemetry = telemetry(&config, &name)?;
-    let db = Db::connect(&config.db_config()).await?;
+    let db = open_for_serving(&config).await?;
     let migrate = config.database.migrate_on_start.unwrap_or(db.backend() == DbBackend::Sqlite);
     if migrate {
         migrate_all(&db).await?;
@@ -362,6 +362,27 @@ pub(crate) async fn migrate(config: Config, wait_secs: u64) -> anyhow::Result<()
     db.close().await.ok();
     telemetry.shutdown();
     Ok(())
+}
+
+/// Opens the database for serving. A PostgreSQL that does not answer yet (an outage, a pod
+/// started before the database) is not fatal: the pool connects on first use, the server starts
+/// and reports NOT_SERVING with the reason in the log, and turns SERVING once the database
+/// answers. Migrating on start needs the database now, so then it must answer.
+async fn open_for_serving(config: &Config) -> anyhow::Result<Db> {
+    let settings = config.db_config();
+    let postgres = !secrecy::ExposeSecret::expose_secret(&settings.url).starts_with("sqlite:");
+    if !postgres || config.database.migrate_on_start == Some(true) {
+        return Ok(Db::connect(&settings).await?);
+    }
+    let db = Db::connect_lazy(&settings).await?;
+    // Say once, loudly, why the server is not ready yet (readiness then repeats it at info).
+    let probe = db.clone();
+    tokio::spawn(async move {
+        if let Err(error) = probe.ping().await {
+            tracing::warn!(reason = %error, "the database does not answer: reporting NOT_SERVING until it does");
+        }
+    });
+    Ok(db)
 }
 
 /// Connects, retrying for up to `wait_secs` while the database is unreachable.

@@ -25,7 +25,12 @@ SECRETISH = re.compile(r"(PASSWORD|SECRET|TOKEN|CREDENTIAL|PRIVATE_KEY|_URL$|__U
 CREDENTIAL_URL = re.compile(r"[a-z][a-z0-9+.-]*://[^/\s:@]*:[^/\s@]+@", re.I)
 KEY_MATERIAL = re.compile(r"-----BEGIN [A-Z ]*(PRIVATE KEY|CERTIFICATE)-----|\beyJ[A-Za-z0-9_-]{10,}\.[A-Za-z0-9_-]{10,}\.")
 PRINCIPAL = re.compile(r"^(?P<td>[^/]+)/ns/(?P<ns>[^/]+)/sa/(?P<sa>[^/]+)$")
-WORKLOAD_KINDS = ("Deployment", "Job", "Pod", "StatefulSet", "DaemonSet")
+WORKLOAD_KINDS = ("Deployment", "Job", "CronJob", "Pod", "StatefulSet", "DaemonSet")
+# PriorityClasses every cluster has; any other name must be rendered by the chart.
+BUILTIN_PRIORITY_CLASSES = {"system-cluster-critical", "system-node-critical"}
+GRPCURL_REFLECTION = {"/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+                      "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"}
+CA_BUNDLE_PATH = "/etc/fluxo/tls/ca.pem"
 
 
 class Checks:
@@ -47,19 +52,25 @@ def name_of(doc):
     return f"{doc.get('kind')}/{doc.get('metadata', {}).get('name')}"
 
 
+def pod_template(doc):
+    if doc.get("kind") == "CronJob":
+        return doc.get("spec", {}).get("jobTemplate", {}).get("spec", {}).get("template", {})
+    return doc.get("spec", {}).get("template", {})
+
+
 def pod_spec(doc):
     kind = doc.get("kind")
     if kind == "Pod":
         return doc.get("spec", {})
     if kind in WORKLOAD_KINDS:
-        return doc.get("spec", {}).get("template", {}).get("spec", {})
+        return pod_template(doc).get("spec", {})
     return None
 
 
 def pod_meta(doc):
     if doc.get("kind") == "Pod":
         return doc.get("metadata", {})
-    return doc.get("spec", {}).get("template", {}).get("metadata", {})
+    return pod_template(doc).get("metadata", {})
 
 
 def containers(spec):
@@ -67,6 +78,15 @@ def containers(spec):
         yield c, False
     for c in spec.get("initContainers", []) or []:
         yield c, True
+
+
+def image_repo_of(docs):
+    """The fluxo image repository (the one the Deployments run)."""
+    for d in docs:
+        if d.get("kind") == "Deployment":
+            image = pod_spec(d)["containers"][0].get("image", "")
+            return image.split("@")[0].split(":")[0]
+    return None
 
 
 def matches(selector, labels):
@@ -140,6 +160,17 @@ def istio_retry_policies(zip_path):
 # ---------------------------------------------------------------------------------- checks
 
 
+def duration_s(value):
+    """Seconds of an Istio duration ("2s", "1.5s", "500ms", "1m30s"); None when unset."""
+    if not value:
+        return None
+    units = {"h": 3600, "m": 60, "s": 1, "ms": 0.001}
+    parts = re.findall(r"([0-9]+(?:\.[0-9]+)?)(ms|h|m|s)", str(value))
+    if not parts or "".join(n + u for n, u in parts) != str(value):
+        sys.exit(f"check_manifests.py: cannot read the duration {value!r}")
+    return sum(float(n) * units[u] for n, u in parts)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--manifests", required=True)
@@ -161,6 +192,7 @@ def main():
     sa_names = {d["metadata"]["name"] for d in get("ServiceAccount")}
     deployments = {d["metadata"]["name"]: d for d in get("Deployment")}
     configmaps = {d["metadata"]["name"]: d for d in get("ConfigMap")}
+    rollouts = {r["metadata"]["name"]: r for r in get("Rollout")}
 
     c.check(len(deployments) >= 1, "at least one Deployment rendered")
 
@@ -222,13 +254,47 @@ def main():
         labels = meta.get("labels") or {}
         ann = meta.get("annotations") or {}
         if labels.get("sidecar.istio.io/inject") == "true":
-            if d["kind"] in ("Job", "Pod"):
+            if d["kind"] in ("Job", "CronJob", "Pod"):
                 c.check(ann.get("sidecar.istio.io/nativeSidecar") == "true",
                         f"{name_of(d)}: injected run-to-completion pod uses a native sidecar (completes)")
             else:
                 c.check(ann.get("sidecar.istio.io/nativeSidecar") == "true" or
                         "EXIT_ON_ZERO_ACTIVE_CONNECTIONS" in ann.get("proxy.istio.io/config", ""),
                         f"{name_of(d)}: proxy outlives the app's drain (native sidecar or EXIT_ON_ZERO_ACTIVE_CONNECTIONS)")
+
+    # -- PriorityClasses: the API server refuses a pod naming one that does not exist ----
+    priority_classes = {p["metadata"]["name"] for p in get("PriorityClass")}
+    for d in docs:
+        spec = pod_spec(d)
+        if spec is None or not spec.get("priorityClassName"):
+            continue
+        pc = spec["priorityClassName"]
+        c.check(pc in priority_classes or pc in BUILTIN_PRIORITY_CLASSES,
+                f"{name_of(d)}: priorityClassName {pc!r} is rendered by the chart (priorityClass.create) or built in")
+
+    # -- CA bundle: every fluxo container sees the same trust, and what points at it exists --
+    fluxo_ctrs = []
+    for d in docs:
+        spec = pod_spec(d)
+        if spec is None:
+            continue
+        for ctr, _ in containers(spec):
+            if (ctr.get("image") or "").split("@")[0].split(":")[0] == image_repo_of(docs):
+                fluxo_ctrs.append((d, spec, ctr))
+    mounts_ca = lambda spec, ctr: any(  # noqa: E731
+        m.get("mountPath") == CA_BUNDLE_PATH.rsplit("/", 1)[0] and any(
+            v.get("name") == m.get("name") and (v.get("configMap") or v.get("secret")) for v in spec.get("volumes", []) or [])
+        for m in ctr.get("volumeMounts", []) or [])
+    with_ca = [(d, ctr) for d, spec, ctr in fluxo_ctrs if mounts_ca(spec, ctr)]
+    if with_ca:
+        for d, spec, ctr in fluxo_ctrs:
+            c.check(mounts_ca(spec, ctr),
+                    f"{name_of(d)} container {ctr['name']}: mounts the CA bundle at {CA_BUNDLE_PATH} like the other fluxo containers")
+    for d, spec, ctr in fluxo_ctrs:
+        env = {e["name"]: e.get("value") for e in ctr.get("env", []) or []}
+        if env.get("FLUXO_REDIS__TLS_CA_FILE"):
+            c.check(env["FLUXO_REDIS__TLS_CA_FILE"] == CA_BUNDLE_PATH and mounts_ca(spec, ctr),
+                    f"{name_of(d)} container {ctr['name']}: FLUXO_REDIS__TLS_CA_FILE points at the mounted CA bundle")
 
     # -- Deployments: probes, ports, drain ---------------------------------------------
     for name, d in deployments.items():
@@ -278,7 +344,8 @@ def main():
         if d["metadata"].get("labels", {}).get("app.kubernetes.io/component") != "ledger":
             continue
         hpa = [h for h in hpas if h["spec"]["scaleTargetRef"]["name"] == name]
-        floor = hpa[0]["spec"].get("minReplicas", 1) if hpa else d["spec"].get("replicas", 1)
+        owner = rollouts.get(name) if (rollouts.get(name) or {}).get("spec", {}).get("workloadRef", {}).get("name") == name else None
+        floor = hpa[0]["spec"].get("minReplicas", 1) if hpa else (owner or d)["spec"].get("replicas", 1)
         c.check(floor >= 1, f"{name_of(d)}: at least one replica, so the outbox relay always runs")
 
     # -- Services ----------------------------------------------------------------------
@@ -291,9 +358,35 @@ def main():
         c.check(any(matches(sel, pod_meta(d).get("labels") or {}) for d in deployments.values()),
                 f"{name_of(s)}: selects a rendered Deployment's pods")
 
+    # -- Argo Rollouts (progressiveDelivery) ---------------------------------------------
+    templates = {t["metadata"]["name"]: t for t in get("AnalysisTemplate")}
+    for name, r in rollouts.items():
+        ref = r["spec"].get("workloadRef") or {}
+        dep = deployments.get(ref.get("name"))
+        c.check(ref.get("kind") == "Deployment" and dep is not None, f"{name_of(r)}: workloadRef names a rendered Deployment")
+        if dep is None:
+            continue
+        c.check(matches(r["spec"]["selector"]["matchLabels"], pod_meta(dep).get("labels") or {}),
+                f"{name_of(r)}: selector matches its Deployment's pod template")
+        # Two controllers must not run the same pods: the Deployment stays at zero.
+        c.check(dep["spec"].get("replicas") == 0, f"{name_of(r)}: its Deployment is kept at 0 replicas")
+        c.check(not any(h["spec"]["scaleTargetRef"]["name"] == ref.get("name") and h["spec"]["scaleTargetRef"]["kind"] == "Deployment"
+                        for h in hpas), f"{name_of(r)}: no HPA scales its Deployment (the HPA scales the Rollout)")
+        canary = (r["spec"].get("strategy") or {}).get("canary") or {}
+        for t in (canary.get("analysis") or {}).get("templates", []):
+            c.check(t.get("templateName") in templates, f"{name_of(r)}: analysis template {t.get('templateName')!r} is rendered")
+        c.check(bool((canary.get("analysis") or {}).get("templates")), f"{name_of(r)}: a canary with an analysis")
+    for t in templates.values():
+        queries = " ".join(((m.get("provider") or {}).get("prometheus") or {}).get("query", "") for m in t["spec"].get("metrics", []))
+        c.check("rpc_server_duration_seconds_count" in queries and "rpc_server_duration_seconds_bucket" in queries,
+                f"{name_of(t)}: analyses fluxo's gRPC success rate and latency")
+
     # -- scaling targets and PDBs --------------------------------------------------------
     for h in hpas:
-        c.check(h["spec"]["scaleTargetRef"]["name"] in deployments, f"{name_of(h)}: targets a rendered Deployment")
+        ref = h["spec"]["scaleTargetRef"]
+        c.check((ref.get("kind") == "Deployment" and ref["name"] in deployments) or
+                (ref.get("kind") == "Rollout" and ref["name"] in rollouts),
+                f"{name_of(h)}: targets a rendered Deployment or Rollout")
     for p in get("PodDisruptionBudget"):
         sel = p["spec"]["selector"]["matchLabels"]
         c.check(any(matches(sel, pod_meta(d).get("labels") or {}) for d in deployments.values()),
@@ -391,12 +484,54 @@ def main():
             if retry_known is not None:
                 bad = [p for p in policies if p not in retry_known and not p.isdigit()]
                 c.check(not bad, f"{rid}: retryOn policies known to Istio (unknown: {bad})")
-            c.check(not {"cancelled", "internal", "5xx", "reset", "retriable-4xx"} & set(policies),
-                    f"{rid}: never retries cancelled/internal/5xx/reset")
-            if route.get("name") == "writes":
-                c.check("deadline-exceeded" not in policies, f"{rid}: writes do not retry deadline-exceeded")
-            if retries.get("attempts", 0) > 0:
-                c.check(bool(retries.get("perTryTimeout")), f"{rid}: perTryTimeout with retries")
+            c.check(not {"cancelled", "internal", "5xx", "retriable-4xx"} & set(policies),
+                    f"{rid}: never retries cancelled/internal/5xx")
+            # Envoy retries a per-try timeout only when retryOn holds reset, 5xx or gateway-error;
+            # otherwise the per-try timeout, not the route timeout, ends the call (UNAVAILABLE).
+            per_try, total = duration_s(retries.get("perTryTimeout")), duration_s(route.get("timeout"))
+            cuts_short = retries.get("attempts", 0) > 0 and per_try is not None and (total is None or per_try < total)
+            retries_timeouts = bool({"reset", "5xx", "gateway-error"} & set(policies))
+            if cuts_short:
+                c.check(retries_timeouts,
+                        f"{rid}: perTryTimeout {retries.get('perTryTimeout')} below the route timeout is retried "
+                        f"(retryOn has reset, 5xx or gateway-error; got {policies})")
+            writes = route.get("name") == "writes" or any(
+                "RecordEntry" in (m.get("uri") or {}).get("exact", "") or "ReverseEntry" in (m.get("uri") or {}).get("exact", "")
+                for m in route.get("match", []) or [])
+            if writes or (vs["spec"].get("gateways") or ["mesh"]) != ["mesh"]:
+                # A write (REST carries writes too) is never cut or retried while it may be committing.
+                c.check(not cuts_short, f"{rid}: carries writes and has no perTryTimeout below the route timeout "
+                        f"(a try cut short is reset mid-commit)")
+                c.check(not {"deadline-exceeded", "reset", "gateway-error"} & set(policies),
+                        f"{rid}: carries writes and does not retry deadline-exceeded, reset or gateway-error")
+    # `helm test` through the mesh: grpcurl without proto files asks server reflection first,
+    # so a policy admitting the test identity for named paths must admit reflection too.
+    test_pods = [p for p in get("Pod") if "test" in ((p["metadata"].get("annotations") or {}).get("helm.sh/hook") or "")]
+    for tp in test_pods:
+        script = " ".join(" ".join(ctr.get("command", []) + ctr.get("args", [])) for ctr, _ in containers(pod_spec(tp)))
+        uses_reflection = "grpcurl" in script and not re.search(r"-proto(set)?\b|-use-reflection=false", script)
+        test_sa = pod_spec(tp).get("serviceAccountName")
+        for ap_ in get("AuthorizationPolicy"):
+            for rule in ap_["spec"].get("rules", []) or []:
+                principals = [p for f in rule.get("from", []) or [] for p in (f.get("source") or {}).get("principals", []) or []]
+                if not any(p.endswith(f"/sa/{test_sa}") for p in principals):
+                    continue
+                paths = {p for op in rule.get("to", []) or [] for p in (op.get("operation") or {}).get("paths", []) or []}
+                if uses_reflection and paths and "/grpc.health.v1.Health/Check" in paths:
+                    c.check(GRPCURL_REFLECTION <= paths,
+                            f"{name_of(ap_)}: the helm test identity may call server reflection (grpcurl needs it), not only {sorted(paths)}")
+
+    # KEDA's fallback does nothing at zero replicas and no consolidator reports lag then: when
+    # alerts are rendered, one must watch KEDA's own errors for a ScaledObject that can reach zero.
+    rules = [r for pr in get("PrometheusRule") for g in pr["spec"].get("groups", []) for r in g.get("rules", [])]
+    for so in get("ScaledObject"):
+        if not rules or so["spec"].get("minReplicaCount", 0) > 0:
+            continue
+        name = so["metadata"]["name"]
+        watching = [r for r in rules if "alert" in r and re.search(r"keda_(scaled_object|scaler_detail)_errors_total", r["expr"])
+                    and f'scaledObject="{name}"' in r["expr"]]
+        c.check(bool(watching), f"{name_of(so)}: scales to zero, so an alert watches KEDA's scaler errors for it")
+
     for pa in get("PeerAuthentication"):
         c.check(pa["spec"].get("mtls", {}).get("mode") == "STRICT", f"{name_of(pa)}: STRICT mTLS")
 
@@ -410,14 +545,25 @@ def main():
             s["metadata"]["name"] for s in get("ServiceAccount")
             if "pre-install" in (s["metadata"].get("annotations") or {}).get("helm.sh/hook", "")},
             f"{name_of(j)}: runs as a hook ServiceAccount (exists before the Job on install)")
-        # On install the ServiceEntries do not exist yet: an injected hook must not need them.
+        # On install the ServiceEntries do not exist yet: an injected hook must not need them,
+        # so it bypasses its proxy for their ports. On upgrade they exist, and a proxy that
+        # captures DNS answers their hosts with an auto-allocated 240.240.x.x address, which a
+        # bypassed port cannot reach (istio/istio#50346): such a hook must not capture DNS.
         meta = pod_meta(j)
         if (meta.get("labels") or {}).get("sidecar.istio.io/inject") == "true":
-            excluded = set(((meta.get("annotations") or {}).get("traffic.sidecar.istio.io/excludeOutboundPorts") or "").split(","))
+            ann_j = meta.get("annotations") or {}
+            excluded = {p for p in (ann_j.get("traffic.sidecar.istio.io/excludeOutboundPorts") or "").split(",") if p}
             for se in get("ServiceEntry"):
                 for port in se["spec"].get("ports", []):
                     c.check(str(port["number"]) in excluded,
                             f"{name_of(j)}: bypasses its proxy for {se['spec']['hosts'][0]}:{port['number']} (no ServiceEntry yet on install)")
+            if excluded:
+                proxy_config = yaml.safe_load(ann_j.get("proxy.istio.io/config") or "{}") or {}
+                capture = str((proxy_config.get("proxyMetadata") or {}).get("ISTIO_META_DNS_CAPTURE", "")).lower()
+                c.check(capture == "false",
+                        f"{name_of(j)}: bypasses its proxy for ports {sorted(excluded)} and so must not capture DNS "
+                        f"(proxy.istio.io/config proxyMetadata ISTIO_META_DNS_CAPTURE \"false\"): on upgrade the "
+                        f"ServiceEntries exist and the DNS proxy would answer with an unroutable auto-allocated address")
     args_of = lambda j: pod_spec(j)["containers"][0].get("args", [])  # noqa: E731
     jobs = get("Job")
     if jobs:

@@ -6,11 +6,13 @@ PrometheusRules.
 
 - every ConfigMap labelled grafana_dashboard holds JSON dashboards with a uid, a title and
   panels, uids unique across the release;
-- every query and rule parses as PromQL (with Prometheus' own parser, through promql-check;
+- every query, rule and Argo Rollouts analysis query parses as PromQL (with Prometheus' own parser, through promql-check;
   Grafana variables are substituted first), and every rule file passes Prometheus' rule-file
   validation (the checks of `promtool check rules`);
 - every metric they read is one fluxo exports (after the OTLP -> Prometheus translation) or one
   of the few external ones named below, so a renamed metric cannot leave a silent dashboard.
+  KEDA's operator metrics (the alerts on the autoscaler itself) are allowed only when --keda-zip
+  is given and KEDA's own source (pkg/metricscollector/prommetrics.go) defines them.
 
 Prints one line per finding and "CHECKS passed=N failed=M" last; exits 1 on any failure.
 """
@@ -20,6 +22,7 @@ import os
 import re
 import subprocess
 import sys
+import zipfile
 
 import yaml
 
@@ -40,6 +43,29 @@ FLUXO_METRICS = {
     "db_client_connection_max": "gauge",
 }
 EXTERNAL_METRICS = {"kube_deployment_status_replicas_available"}  # kube-state-metrics
+# Read from KEDA's operator (its Prometheus endpoint, keda/values.yaml), not from fluxo: the
+# autoscaler's own health, which no fluxo process can report while the consolidators are at zero.
+KEDA_METRICS_USED = {"keda_scaled_object_errors_total", "keda_scaler_detail_errors_total", "keda_scaler_active"}
+
+
+def keda_metrics(zip_path):
+    """Prometheus names KEDA's operator registers, read from its source in the module zip."""
+    with zipfile.ZipFile(zip_path) as zf:
+        names = [n for n in zf.namelist() if n.endswith("/pkg/metricscollector/prommetrics.go")]
+        if len(names) != 1:
+            sys.exit(f"monitoring.py: prommetrics.go not found once in {zip_path}")
+        src = zf.read(names[0]).decode()
+    found = set()
+    for block in re.findall(r"prometheus\.\w+Opts\{(.*?)\}", src, re.S):
+        ns = re.search(r"Namespace:\s*(\w+|\"\w*\")", block)
+        sub = re.search(r'Subsystem:\s*"(\w*)"', block)
+        name = re.search(r'Name:\s*"(\w+)"', block)
+        if not name:
+            continue
+        prefix = "keda" if ns and ns.group(1) in ("DefaultPromMetricsNamespace", '"keda"') else None
+        if prefix:
+            found.add("_".join(p for p in (prefix, sub.group(1) if sub else "", name.group(1)) if p))
+    return found
 PROMQL_WORDS = {
     "sum", "max", "min", "avg", "count", "by", "without", "rate", "irate", "increase", "deriv",
     "histogram_quantile", "absent", "absent_over_time", "label_values", "and", "or", "unless",
@@ -80,7 +106,14 @@ def main():
     ap.add_argument("--manifests", required=True)
     ap.add_argument("--promql-check", required=True)
     ap.add_argument("--work", required=True)
+    ap.add_argument("--keda-zip")
     args = ap.parse_args()
+    if args.keda_zip:
+        defined = keda_metrics(args.keda_zip)
+        missing = KEDA_METRICS_USED - defined
+        if missing:
+            sys.exit(f"monitoring.py: KEDA does not define {sorted(missing)} (it defines {sorted(defined)})")
+        EXTERNAL_METRICS.update(KEDA_METRICS_USED)
     os.makedirs(args.work, exist_ok=True)
     docs = [d for d in yaml.safe_load_all(open(args.manifests)) if d]
     passed, failed = 0, 0
@@ -138,6 +171,17 @@ def main():
                     recorded.add(r["record"])
                 exprs.append((f"PrometheusRule {name} {r.get('alert') or r.get('record')}", r["expr"]))
 
+    # Argo Rollouts analyses (progressiveDelivery): their Prometheus queries, with the
+    # template's {{args.x}} placeholders filled in, are PromQL over fluxo's metrics too.
+    for d in docs:
+        if d.get("kind") != "AnalysisTemplate":
+            continue
+        for m in d["spec"].get("metrics", []):
+            query = ((m.get("provider") or {}).get("prometheus") or {}).get("query")
+            if query:
+                query = re.sub(r"\{\{\s*args\.([\w-]+)\s*\}\}", r"\1", query)
+                exprs.append((f"AnalysisTemplate {d['metadata']['name']} {m.get('name')}", query))
+
     if not exprs and not rule_files:
         print("no dashboards or rules rendered")
         print(f"CHECKS passed={passed} failed={failed}")
@@ -145,7 +189,7 @@ def main():
 
     for where, expr in exprs:
         unknown = sorted(n for n in names_in(expr) if not known(n, recorded))
-        result(not unknown, f"{where}: reads metrics fluxo does not export: {unknown}")
+        result(not unknown, f"{where}: reads metrics neither fluxo nor (with --keda-zip) KEDA exports: {unknown}")
 
     expr_file = os.path.join(args.work, "exprs.txt")
     with open(expr_file, "w") as f:

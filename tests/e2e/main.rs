@@ -2,10 +2,12 @@
 //! it, called with grpcurl over server reflection only, stopped with SIGTERM.
 
 mod hardening;
+mod outage;
 mod pipeline;
 mod rest;
 mod support;
 mod telemetry;
+mod tls;
 
 use std::time::Duration;
 

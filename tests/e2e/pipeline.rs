@@ -308,6 +308,7 @@ pub(crate) async fn pending(redis_url: &str, stream: &str) -> i64 {
     let client = fluxo_queue::client(&fluxo_queue::RedisConfig {
         url: redis_url.to_owned().into(),
         command_timeout: Duration::from_secs(5),
+        tls_ca_file: None,
     })
     .unwrap();
     client.wait_for_connect().await.unwrap();

@@ -126,6 +126,9 @@ would cut the drain short.
 {{/* Pod annotations shared by every fluxo pod: config checksum and the Istio proxy settings. */}}
 {{- define "fluxo.podAnnotations" -}}
 checksum/config: {{ include (print .root.Template.BasePath "/configmap.yaml") .root | sha256sum }}
+{{- with .root.Values.secrets.revision }}
+checksum/secrets: {{ . | toString | sha256sum }}
+{{- end }}
 {{- if .root.Values.istio.enabled }}
 {{- if .root.Values.istio.nativeSidecar }}
 sidecar.istio.io/nativeSidecar: "true"
@@ -235,4 +238,67 @@ unsafeSsl: "true"
 {{/* Whether a target verifies bearer tokens: the gateway always, ledger and balance under grpc auth "jwt". */}}
 {{- define "fluxo.verifiesTokens" -}}
 {{- if or (eq .target "gateway") (and (eq (include "fluxo.grpcAuth" .root) "jwt") (has .target (list "ledger" "balance" "all"))) -}}true{{- end -}}
+{{- end -}}
+
+{{/* Where the CA bundle (tls.caBundle) is mounted. */}}
+{{- define "fluxo.caBundlePath" -}}
+/etc/fluxo/tls/ca.pem
+{{- end -}}
+
+{{- define "fluxo.caBundleEnabled" -}}
+{{- if or .Values.tls.caBundle.configMap .Values.tls.caBundle.secret }}true{{ end -}}
+{{- end -}}
+
+{{/* Env of every fluxo container for TLS (after fluxo.secretEnv). */}}
+{{- define "fluxo.tlsEnv" -}}
+{{- if .Values.tls.redis.useCaBundle }}
+{{- if not (include "fluxo.caBundleEnabled" .) }}
+{{- fail "tls.redis.useCaBundle needs a CA bundle: set tls.caBundle.configMap or tls.caBundle.secret" }}
+{{- end }}
+- name: FLUXO_REDIS__TLS_CA_FILE
+  value: {{ include "fluxo.caBundlePath" . }}
+{{- end }}
+{{- end -}}
+
+{{/* volumeMounts entry of the CA bundle, if any. */}}
+{{- define "fluxo.tlsVolumeMount" -}}
+{{- if include "fluxo.caBundleEnabled" . }}
+- name: ca-bundle
+  mountPath: /etc/fluxo/tls
+  readOnly: true
+{{- end }}
+{{- end -}}
+
+{{/* volumes entry of the CA bundle, if any. */}}
+{{- define "fluxo.tlsVolume" -}}
+{{- $b := .Values.tls.caBundle -}}
+{{- if $b.configMap }}
+- name: ca-bundle
+  configMap:
+    name: {{ $b.configMap }}
+    items:
+      - key: {{ $b.key }}
+        path: ca.pem
+{{- else if $b.secret }}
+- name: ca-bundle
+  secret:
+    secretName: {{ $b.secret }}
+    items:
+      - key: {{ $b.key }}
+        path: ca.pem
+{{- end }}
+{{- end -}}
+
+{{/*
+gRPC methods the `helm test` pod calls (templates/tests): the health check, and server reflection,
+which grpcurl uses first to learn the Health service's schema (v1, then v1alpha on older servers).
+*/}}
+{{- define "fluxo.testGrpcPaths" -}}
+["/grpc.health.v1.Health/Check", "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo", "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"]
+{{- end -}}
+
+{{/* "true" when Argo Rollouts owns this target's pods (call with root/target). */}}
+{{- define "fluxo.rolloutOwned" -}}
+{{- $a := .root.Values.progressiveDelivery.argoRollouts -}}
+{{- if and $a.enabled (has .target $a.targets) }}true{{ end -}}
 {{- end -}}

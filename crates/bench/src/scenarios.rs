@@ -477,6 +477,7 @@ async fn run_in(
     let redis = fluxo_queue::client(&fluxo_queue::RedisConfig {
         url: SecretString::from(redis_url.to_owned()),
         command_timeout: Duration::from_secs(10),
+        tls_ca_file: None,
     })?;
     redis.wait_for_connect().await?;
     let ceiling_stream = format!("fluxo:bench-ceiling:{run_id}");

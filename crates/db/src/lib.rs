@@ -64,8 +64,19 @@ pub struct Db {
 pub struct WriteGuard<'a>(#[allow(dead_code)] Option<MutexGuard<'a, ()>>);
 
 impl Db {
-    /// Opens the database named by `config.url`.
+    /// Opens the database named by `config.url`, failing when it does not answer.
     pub async fn connect(config: &DbConfig) -> Result<Self, DbError> {
+        Self::open(config, false).await
+    }
+
+    /// Like [`Db::connect`], but a PostgreSQL pool is created without connecting: the first
+    /// query connects. For a server that must start while the database is down (its readiness
+    /// reports why until the database answers). SQLite opens its file at once either way.
+    pub async fn connect_lazy(config: &DbConfig) -> Result<Self, DbError> {
+        Self::open(config, true).await
+    }
+
+    async fn open(config: &DbConfig, lazy: bool) -> Result<Self, DbError> {
         let url = config.url.expose_secret();
         let backend = if url.starts_with("postgres://") || url.starts_with("postgresql://") {
             DbBackend::Postgres
@@ -82,7 +93,8 @@ impl Db {
             .acquire_timeout(config.acquire_timeout)
             .connect_timeout(Duration::from_secs(5))
             // Statement logging would print every query with its bound values.
-            .sqlx_logging(false);
+            .sqlx_logging(false)
+            .connect_lazy(lazy && backend == DbBackend::Postgres);
         if backend == DbBackend::Sqlite {
             if let Some(dir) = sqlite_file(url).and_then(Path::parent).filter(|d| !d.as_os_str().is_empty()) {
                 std::fs::create_dir_all(dir)

@@ -643,6 +643,7 @@ mod tests {
         let redis = fluxo_queue::client(&fluxo_queue::RedisConfig {
             url: url.into(),
             command_timeout: Duration::from_secs(5),
+            tls_ca_file: None,
         })
         .unwrap();
         redis.wait_for_connect().await.unwrap();

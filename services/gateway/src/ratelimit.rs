@@ -277,6 +277,7 @@ mod tests {
         fluxo_queue::client(&fluxo_queue::RedisConfig {
             url: "redis://127.0.0.1:1".to_owned().into(),
             command_timeout: Duration::from_millis(200),
+            tls_ca_file: None,
         })
         .unwrap()
     }

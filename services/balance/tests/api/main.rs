@@ -33,6 +33,7 @@ fn redis() -> fred::prelude::Client {
     fluxo_queue::client(&fluxo_queue::RedisConfig {
         url: url.into(),
         command_timeout: Duration::from_secs(5),
+        tls_ca_file: None,
     })
     .unwrap()
 }
