@@ -520,6 +520,13 @@ yaml.safe_dump_all(docs, sys.stdout, sort_keys=False)' >"$WORK/broken/no-priorit
         "$production" >"$WORK/broken/test-no-reflection.yaml"
     expect_failure "invariants: helm test identity without server reflection (grpcurl)" \
         python3 "$K8S_SCRIPTS/check_manifests.py" --manifests "$WORK/broken/test-no-reflection.yaml" --namespace "$NAMESPACE" --keda-zip "${ZIP[keda]}"
+    # Any principal could then send x-fluxo-admin to the gRPC APIs.
+    sed 's/request.headers\[x-fluxo-admin\]/request.headers[x-fluxo-other]/' "$production" >"$WORK/broken/identity-headers.yaml"
+    expect_failure "invariants: the forwarded-identity headers not denied from principals but the gateway's" \
+        python3 "$K8S_SCRIPTS/check_manifests.py" --manifests "$WORK/broken/identity-headers.yaml" --namespace "$NAMESPACE" --keda-zip "${ZIP[keda]}"
+    sed 's/FLUXO_GRPC__AUTH: "mesh"/FLUXO_GRPC__AUTH: "open"/' "$production" >"$WORK/broken/grpc-open.yaml"
+    expect_failure "invariants: gRPC open to every caller in a cluster" \
+        python3 "$K8S_SCRIPTS/check_manifests.py" --manifests "$WORK/broken/grpc-open.yaml" --namespace "$NAMESPACE" --keda-zip "${ZIP[keda]}"
     sed 's/keda_scaled_object_errors_total/keda_scaled_object_errorz_total/; s/keda_scaler_detail_errors_total/keda_scaler_detail_errorz_total/' \
         "$production" >"$WORK/broken/no-keda-alert.yaml"
     expect_failure "invariants: a scale-to-zero ScaledObject without an alert on KEDA's scaler errors" \
