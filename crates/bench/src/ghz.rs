@@ -12,7 +12,9 @@ pub(crate) struct GhzStats {
     pub(crate) p50_ms: f64,
     pub(crate) p99_ms: f64,
     pub(crate) ok: u64,
-    pub(crate) failed: u64,
+    /// Calls that failed, by status (ghz cancels the calls still in flight at
+    /// its deadline: those count as `Canceled`).
+    pub(crate) failed: String,
 }
 
 /// The ghz binary (installed by scripts/test.sh), if there is one.
@@ -58,6 +60,11 @@ pub(crate) fn run(
         p50_ms: quantile(50),
         p99_ms: quantile(99),
         ok: count(&|k| k == "OK"),
-        failed: count(&|k| k != "OK"),
+        failed: codes
+            .iter()
+            .filter(|(k, _)| *k != "OK")
+            .map(|(k, v)| format!("{k} {}", v.as_u64().unwrap_or(0)))
+            .collect::<Vec<_>>()
+            .join(", "),
     })
 }

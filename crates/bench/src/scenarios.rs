@@ -1031,8 +1031,12 @@ async fn record_one_at_a_time(b: &mut Bench, addr: &str) -> anyhow::Result<()> {
         b.report.fact(
             &format!("record through ghz, {callers} caller(s) over {connections} connection(s)"),
             format!(
-                "{:.0}/s, p50 {:.2} ms, p99 {:.2} ms, {} ok, {} failed",
-                s.rps, s.p50_ms, s.p99_ms, s.ok, s.failed
+                "{:.0}/s, p50 {:.2} ms, p99 {:.2} ms, {} ok, failed: {}",
+                s.rps,
+                s.p50_ms,
+                s.p99_ms,
+                s.ok,
+                if s.failed.is_empty() { "none" } else { &s.failed }
             ),
         );
     }
