@@ -6,7 +6,7 @@ use std::{path::Path, process::Command, time::Duration};
 use anyhow::Context;
 
 /// What one ghz run measured.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub(crate) struct GhzStats {
     pub(crate) rps: f64,
     pub(crate) p50_ms: f64,
