@@ -385,9 +385,10 @@ fn requests_that_cannot_be_decoded_are_invalid_argument_not_internal() {
 }
 
 /// ghz (grpc-go) sending one call at a time on one connection: with Nagle's
-/// algorithm on the server's sockets every call waited for a delayed ACK
-/// (~40 ms, a kernel timer, whatever the load); without it a loopback call
-/// takes well under a millisecond. The median must be far below that timer.
+/// algorithm on the server's sockets about half the calls waited for the
+/// client's delayed ACK (~40 ms, a kernel timer, whatever the load: mean 22 ms,
+/// 26 of 60 calls over 40 ms); without it a loopback call takes well under a
+/// millisecond. Counted, not timed: how many calls took as long as that timer.
 #[test]
 fn a_caller_sending_one_call_at_a_time_is_not_held_by_nagle() {
     let Ok(ghz) = std::env::var("FLUXO_TEST_GHZ") else {
@@ -395,32 +396,36 @@ fn a_caller_sending_one_call_at_a_time_is_not_held_by_nagle() {
     };
     let data = tempfile::tempdir().unwrap();
     let fluxo = Fluxo::start(data.path(), &[]);
-    let out = Command::new(ghz)
-        .args([
-            "--insecure",
-            "--call",
-            "grpc.health.v1.Health/Check",
-            "-c",
-            "1",
-            "-n",
-            "60",
-            "--connections",
-            "1",
-        ])
-        .args(["-d", "{}", "--format", "json"])
-        .arg(&fluxo.addr)
-        .output()
-        .expect("run ghz");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let p50 = report["latencyDistribution"]
-        .as_array()
-        .and_then(|d| d.iter().find(|p| p["percentage"] == 50))
-        .and_then(|p| p["latency"].as_f64())
-        .expect("ghz reports a median");
-    // ghz reports nanoseconds. 35 ms is below the delayed-ACK floor (40 ms).
-    assert!(p50 < 35e6, "median of one-at-a-time calls is {:.1} ms: TCP_NODELAY is off", p50 / 1e6);
-    eprintln!("one caller, one connection: p50 {:.2} ms (ghz)", p50 / 1e6);
+    let entry = r#"{"merchantId":"m-1","type":"CREDIT","amount":{"currencyCode":"BRL","minorUnits":"100"},"requestId":"k-{{newUUID}}"}"#;
+    for (call, data) in
+        [("grpc.health.v1.Health/Check", "{}"), ("fluxo.ledger.v1.LedgerService/RecordEntry", entry)]
+    {
+        let out = Command::new(&ghz)
+            .args(["--insecure", "--call", call, "-c", "1", "-n", "60", "--connections", "1"])
+            .args(["-d", data, "--format", "json"])
+            .arg(&fluxo.addr)
+            .output()
+            .expect("run ghz");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let latencies: Vec<f64> = report["details"]
+            .as_array()
+            .expect("ghz reports every call")
+            .iter()
+            .map(|d| d["latency"].as_f64().unwrap() / 1e6)
+            .collect();
+        assert_eq!(latencies.len(), 60);
+        let held = latencies.iter().filter(|ms| **ms >= 38.0).count();
+        eprintln!(
+            "{call}, one caller on one connection: mean {:.2} ms, {held} of 60 calls ≥ 38 ms (ghz)",
+            report["average"].as_f64().unwrap_or(0.0) / 1e6
+        );
+        // A busy host may stretch a call or two; Nagle holds a third or more of them.
+        assert!(
+            held <= 6,
+            "{held} of 60 one-at-a-time {call} calls took ≥ 38 ms: TCP_NODELAY is off ({latencies:?})"
+        );
+    }
     fluxo.stop();
 }
 
