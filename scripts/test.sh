@@ -259,35 +259,29 @@ elif [ -z "${FLUXO_TEST_PG_BINDIR:-}" ] && pg_bindir=$(find_pg_bindir); then
     export FLUXO_TEST_PG_BINDIR="$pg_bindir"
 fi
 
-# --- grpcurl -----------------------------------------------------------------
-# The end-to-end tests drive the built binary with grpcurl over server
-# reflection only, as a newcomer would. Pinned, built from the Go module proxy
-# into target/tools so a fresh machine needs nothing but Go.
-GRPCURL_VERSION=v1.9.4
-if [ -z "${FLUXO_TEST_GRPCURL:-}" ]; then
-    tools_dir="$PWD/target/tools"
-    if [ ! -x "$tools_dir/grpcurl" ] || ! go version -m "$tools_dir/grpcurl" 2>/dev/null | grep -q "grpcurl[[:space:]]*$GRPCURL_VERSION"; then
-        command -v go >/dev/null 2>&1 || die "go not found: it is needed to install grpcurl for the end-to-end tests"
-        log "installing grpcurl $GRPCURL_VERSION into $tools_dir"
-        GOBIN="$tools_dir" go install "github.com/fullstorydev/grpcurl/cmd/grpcurl@$GRPCURL_VERSION" ||
-            die "could not install grpcurl $GRPCURL_VERSION with go install"
+# --- Go tools: grpcurl, ghz; curl ----------------------------------------------
+# Pinned, built from the Go module proxy into target/tools so a fresh machine
+# needs nothing but Go; reused while the binary there was built from that version.
+go_tool() { # name module version -> prints the binary's path
+    local tools_dir="$PWD/target/tools"
+    if [ ! -x "$tools_dir/$1" ] || ! go version -m "$tools_dir/$1" 2>/dev/null | grep -q "[[:space:]]$3\b"; then
+        command -v go >/dev/null 2>&1 || die "go not found: it is needed to install $1 for the tests"
+        log "installing $1 $3 into $tools_dir"
+        GOBIN="$tools_dir" go install "$2@$3" >&2 || die "could not install $1 $3 with go install"
     fi
-    export FLUXO_TEST_GRPCURL="$tools_dir/grpcurl"
+    echo "$tools_dir/$1"
+}
+# The end-to-end tests drive the built binary with grpcurl over server
+# reflection only, as a newcomer would.
+if [ -z "${FLUXO_TEST_GRPCURL:-}" ]; then
+    FLUXO_TEST_GRPCURL=$(go_tool grpcurl github.com/fullstorydev/grpcurl/cmd/grpcurl v1.9.4)
+    export FLUXO_TEST_GRPCURL
 fi
-
-# --- ghz, curl -----------------------------------------------------------------
 # Wire-level tests use clients fluxo did not write: ghz (grpc-go) for calls one
 # at a time, curl (HTTP/2 with nghttp2) for raw gRPC frames.
-GHZ_VERSION=v0.120.0
 if [ -z "${FLUXO_TEST_GHZ:-}" ]; then
-    tools_dir="$PWD/target/tools"
-    if [ ! -x "$tools_dir/ghz" ] || ! go version -m "$tools_dir/ghz" 2>/dev/null | grep -q "ghz[[:space:]]*$GHZ_VERSION"; then
-        command -v go >/dev/null 2>&1 || die "go not found: it is needed to install ghz for the wire tests"
-        log "installing ghz $GHZ_VERSION into $tools_dir"
-        GOBIN="$tools_dir" go install "github.com/bojand/ghz/cmd/ghz@$GHZ_VERSION" ||
-            die "could not install ghz $GHZ_VERSION with go install"
-    fi
-    export FLUXO_TEST_GHZ="$tools_dir/ghz"
+    FLUXO_TEST_GHZ=$(go_tool ghz github.com/bojand/ghz/cmd/ghz v0.120.0)
+    export FLUXO_TEST_GHZ
 fi
 if ! curl --version 2>/dev/null | grep -q HTTP2; then
     apt_install curl || true
