@@ -33,8 +33,13 @@ pub(crate) fn run(
     connections: usize,
     duration: Duration,
 ) -> anyhow::Result<GhzStats> {
+    // The schema from fluxo's own descriptors: the bare tonic server has no reflection.
+    let dir = tempfile::tempdir()?;
+    let protoset = dir.path().join("fluxo.protoset");
+    std::fs::write(&protoset, fluxo_proto::FILE_DESCRIPTOR_SET)?;
     let out = Command::new(ghz)
-        .args(["--insecure", "--call", call, "-d", data, "--format", "json"])
+        .args(["--insecure", "--call", call, "-d", data, "--format", "json", "--protoset"])
+        .arg(&protoset)
         .args(["-c", &concurrency.to_string(), "--connections", &connections.to_string()])
         .args(["-z", &format!("{}ms", duration.as_millis())])
         // ghz's default of 200 requests would end the run before the duration.

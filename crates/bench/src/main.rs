@@ -20,6 +20,7 @@ mod bare;
 mod cpu;
 mod ghz;
 mod load;
+mod pgbench;
 mod procs;
 mod profile;
 mod report;

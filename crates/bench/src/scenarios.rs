@@ -443,6 +443,7 @@ async fn run_in(
     b.proc(&bare);
     let bare_clients = balance(&bare.grpc, args.connections).await?;
     let bare_max = b.measure("ceiling: bare tonic", b.closed(), balance_op(bare_clients.clone())).await;
+    let ghz_bare = ghz_reads(&mut b, &bare.grpc, "ceiling: bare tonic")?;
 
     // Single-row INSERT transactions with the same callers, on a pool as large as fluxo's.
     db.execute_unprepared(
@@ -472,6 +473,7 @@ async fn run_in(
         .await
     };
     pool.close().await.ok();
+    let pg_yardstick = pgbench_ceilings(&mut b, &db, db_url).await?;
 
     // XADD, and XREADGROUP+XACK in batches like a consolidator's.
     let redis = fluxo_queue::client(&fluxo_queue::RedisConfig {
@@ -561,8 +563,14 @@ async fn run_in(
     }
 
     // record
+    let wal_before = wal_bytes(&db).await?;
     let record =
         b.measure("record (RecordEntry)", b.closed(), record_op(ledgers.clone(), "rec".into())).await;
+    let wal = wal_bytes(&db).await?.saturating_sub(wal_before);
+    b.report.fact(
+        "WAL per booked entry (whole pipeline: ledger, relay, consolidator)",
+        format!("{:.0} bytes ({wal} bytes for {} entries)", wal as f64 / record.ok.max(1) as f64, record.ok),
+    );
     let record_ratio = ratio(record.throughput(), insert_max.throughput());
     b.report.verdict(
         "record ≥ 1.0× single-row INSERT at the same concurrency",
@@ -570,7 +578,28 @@ async fn run_in(
         record_ratio >= 1.0 && record.errors == 0,
     );
     wait_consolidated(&db, Duration::from_secs(600), "after record").await?;
-    record_one_at_a_time(&mut b, &ledger_p.grpc).await?;
+    let ghz_record = record_one_at_a_time(&mut b, &ledger_p.grpc).await?;
+    if let (Some((one, many)), Some(pg)) = (ghz_record, pg_yardstick) {
+        let r = ratio(many.rps, pg.one_row.tps);
+        b.report.verdict(
+            &format!(
+                "durable RecordEntry through ghz ({} callers) ≥ 0.5× pgbench one-row INSERT",
+                b.args.concurrency
+            ),
+            format!("{:.0}/s vs {:.0}/s: {r:.2}×", many.rps, pg.one_row.tps),
+            r >= 0.5,
+        );
+        b.report.fact(
+            "RecordEntry through ghz vs pgbench booking fluxo's rows a transaction per entry",
+            format!("{:.0}/s vs {:.0}/s: {:.2}×", many.rps, pg.entry.tps, ratio(many.rps, pg.entry.tps)),
+        );
+        let r = ratio(one.p50_ms, pg.round_trip.latency_ms);
+        b.report.verdict(
+            "single-caller RecordEntry p50 (ghz) ≤ 2× one INSERT round trip (pgbench, 1 client)",
+            format!("{:.2} ms vs {:.2} ms: {r:.1}×", one.p50_ms, pg.round_trip.latency_ms),
+            r <= 2.0,
+        );
+    }
     wait_consolidated(&db, Duration::from_secs(600), "after record by one caller and ghz").await?;
 
     // balance
@@ -581,6 +610,12 @@ async fn run_in(
         format!("{:.0}/s vs {:.0}/s: {:.0}%", bal.throughput(), bare_max.throughput(), bal_ratio * 100.0),
         bal_ratio >= 0.6 && bal.errors == 0,
     );
+    if let (Some(bare), Some(fluxo)) = (ghz_bare, ghz_reads(&mut b, &balance_p.grpc, "balance (warm)")?) {
+        b.report.fact(
+            "GetDailyBalance through ghz, fluxo vs bare tonic",
+            format!("{:.0}/s vs {:.0}/s: {:.0}%", fluxo.rps, bare.rps, ratio(fluxo.rps, bare.rps) * 100.0),
+        );
+    }
     let half = bal.throughput() / 2.0;
     let bal_half = b.measure("balance at half its max", b.open(half), balance_op(balances.clone())).await;
     let bare_half =
@@ -1004,7 +1039,10 @@ async fn run_in(
 /// connection (a transport stall such as Nagle's algorithm shows here, never
 /// with many callers), and through ghz (grpc-go): one caller, then the run's
 /// callers and connections.
-async fn record_one_at_a_time(b: &mut Bench, addr: &str) -> anyhow::Result<()> {
+async fn record_one_at_a_time(
+    b: &mut Bench,
+    addr: &str,
+) -> anyhow::Result<Option<(crate::ghz::GhzStats, crate::ghz::GhzStats)>> {
     let one = ledger(addr, 1).await?;
     let single = b
         .measure(
@@ -1019,8 +1057,9 @@ async fn record_one_at_a_time(b: &mut Bench, addr: &str) -> anyhow::Result<()> {
     );
     let Some(ghz) = crate::ghz::binary() else {
         eprintln!("fluxo-bench: warning: FLUXO_TEST_GHZ is not set; skipping the ghz runs");
-        return Ok(());
+        return Ok(None);
     };
+    let mut runs = Vec::new();
     let data = format!(
         r#"{{"merchantId":"ghz-{{{{.WorkerID}}}}","type":"CREDIT","amount":{{"currencyCode":"BRL","minorUnits":"100"}},"bookingDate":"{WARM_DATE}","requestId":"ghz-{{{{newUUID}}}}"}}"#
     );
@@ -1039,8 +1078,80 @@ async fn record_one_at_a_time(b: &mut Bench, addr: &str) -> anyhow::Result<()> {
                 if s.failed.is_empty() { "none" } else { &s.failed }
             ),
         );
+        runs.push(s);
     }
-    Ok(())
+    Ok(runs.pop().zip(runs.pop()).map(|(many, one)| (one, many)))
+}
+
+/// GetDailyBalance through ghz with the run's callers and connections.
+fn ghz_reads(b: &mut Bench, addr: &str, what: &str) -> anyhow::Result<Option<crate::ghz::GhzStats>> {
+    let Some(ghz) = crate::ghz::binary() else { return Ok(None) };
+    eprintln!("==> {what} through ghz");
+    let data = format!(r#"{{"merchantId":"w-1","date":"{WARM_DATE}","currencyCode":"BRL"}}"#);
+    let call = "fluxo.balance.v1.BalanceService/GetDailyBalance";
+    let s = crate::ghz::run(&ghz, addr, call, &data, b.args.concurrency, b.args.connections, b.duration)?;
+    b.report.fact(
+        &format!("{what}, GetDailyBalance through ghz ({} callers)", b.args.concurrency),
+        format!("{:.0}/s, p50 {:.2} ms, p99 {:.2} ms", s.rps, s.p50_ms, s.p99_ms),
+    );
+    Ok(Some(s))
+}
+
+/// pgbench's figures on the benchmark's database.
+#[derive(Debug, Clone, Copy)]
+struct PgYardstick {
+    /// One-row INSERT transactions, 16 clients.
+    one_row: crate::pgbench::PgbenchStats,
+    /// fluxo's rows for one entry, a transaction each, 16 clients.
+    entry: crate::pgbench::PgbenchStats,
+    /// One-row INSERT, one client: a durable round trip.
+    round_trip: crate::pgbench::PgbenchStats,
+}
+
+/// PostgreSQL's own ceilings for fluxo's write shapes (pgbench, 16 clients as
+/// many as fluxo's pool; and one client for the round trip).
+async fn pgbench_ceilings(
+    b: &mut Bench,
+    db: &DatabaseConnection,
+    url: &str,
+) -> anyhow::Result<Option<PgYardstick>> {
+    let Some(bin) = crate::pgbench::binary() else {
+        eprintln!(
+            "fluxo-bench: warning: no pgbench (FLUXO_TEST_PG_BINDIR); skipping PostgreSQL's own ceilings"
+        );
+        return Ok(None);
+    };
+    db.execute_unprepared(crate::pgbench::SETUP).await?;
+    let mut run = |label: &str,
+                   script: &str,
+                   clients: usize|
+     -> anyhow::Result<crate::pgbench::PgbenchStats> {
+        eprintln!("==> pgbench: {label}");
+        let s = crate::pgbench::run(&bin, url, script, clients, b.duration)?;
+        b.report
+            .fact(&format!("pgbench: {label}"), format!("{:.0} tx/s, latency {:.2} ms", s.tps, s.latency_ms));
+        Ok(s)
+    };
+    let one_row = run("one-row INSERT, 16 clients", crate::pgbench::ONE_ROW, 16)?;
+    let entry = run(
+        "fluxo's entry (key + entry + outbox + totals), a transaction each, 16 clients",
+        crate::pgbench::ENTRY,
+        16,
+    )?;
+    let round_trip = run("one-row INSERT, 1 client", crate::pgbench::ONE_ROW, 1)?;
+    Ok(Some(PgYardstick { one_row, entry, round_trip }))
+}
+
+/// WAL written by the whole PostgreSQL server so far.
+async fn wal_bytes(db: &DatabaseConnection) -> anyhow::Result<u64> {
+    let row = db
+        .query_one_raw(Statement::from_string(
+            DbBackend::Postgres,
+            "SELECT wal_bytes::bigint FROM pg_stat_wal".to_owned(),
+        ))
+        .await?
+        .context("pg_stat_wal returned nothing")?;
+    Ok(u64::try_from(row.try_get_by_index::<i64>(0)?).unwrap_or(0))
 }
 
 fn overridden() -> String {
