@@ -14,7 +14,11 @@
 #   FLUXO_TEST_PG_DURABLE        set to run PostgreSQL with fsync and full-page
 #                                writes on (the benchmark does; tests do not need it)
 #   FLUXO_TEST_SKIP_K8S          set to skip the offline Kubernetes validation that
-#                                follows a full cargo test run
+#                                follows a full cargo test run (and the platform tests,
+#                                which need its tools)
+#   FLUXO_TEST_SKIP_PLATFORM     set to skip the platform tests (the chart installed on a
+#                                local control plane, scripts/k8s/platform-test.sh) while
+#                                iterating locally; refused when CI is set
 #   FLUXO_TEST_CMD               run this shell command instead of `cargo test ...`
 #                                (extra args are appended). Handy to get a shell
 #                                with the servers running:
@@ -282,6 +286,19 @@ else
     if [ "$status" -eq 0 ] && [ "$#" -eq 0 ] && [ -z "${FLUXO_TEST_SKIP_K8S:-}" ]; then
         echo "==> Kubernetes packaging (scripts/validate-k8s.sh)"
         ./scripts/validate-k8s.sh || status=$?
+    elif [ "$#" -eq 0 ] && [ -n "${FLUXO_TEST_SKIP_K8S:-}" ]; then
+        echo "==> Kubernetes packaging and platform tests SKIPPED (FLUXO_TEST_SKIP_K8S is set)"
+    fi
+    # The chart on a live control plane (etcd, kube-apiserver, controller-manager, scheduler
+    # built from the Go module proxy, kwok nodes): install, upgrade, rollback, drain, uninstall.
+    if [ "$status" -eq 0 ] && [ "$#" -eq 0 ] && [ -z "${FLUXO_TEST_SKIP_K8S:-}" ]; then
+        if [ -n "${FLUXO_TEST_SKIP_PLATFORM:-}" ]; then
+            [ -z "${CI:-}" ] || die "FLUXO_TEST_SKIP_PLATFORM is for local iteration only; CI runs the platform tests"
+            echo "==> Kubernetes platform tests SKIPPED (FLUXO_TEST_SKIP_PLATFORM is set)"
+        else
+            echo "==> Kubernetes platform tests (scripts/k8s/platform-test.sh)"
+            ./scripts/k8s/platform-test.sh || status=$?
+        fi
     fi
 fi
 exit "$status"

@@ -147,7 +147,8 @@ wait_for() {
 start() { # name command...: runs in the background, pid in $STATE/<name>.pid
     local name=$1
     shift
-    "$@" >"$STATE/$name.log" 2>&1 </dev/null &
+    # Clients use plain LIST + WATCH rather than streaming lists (see --watch-cache below).
+    KUBE_FEATURE_WatchListClient=false "$@" >"$STATE/$name.log" 2>&1 </dev/null &
     echo $! >"$STATE/$name.pid"
 }
 
@@ -187,6 +188,7 @@ pki() {
     cert admin "/O=system:masters/CN=fluxo-admin"
     cert controller-manager "/CN=system:kube-controller-manager"
     cert scheduler "/CN=system:kube-scheduler"
+    cert front-proxy-client "/CN=front-proxy-client"
     # Service-account token signing keys, new for every cluster.
     openssl genrsa -out "$d/sa.key" 2048 2>/dev/null
     openssl rsa -in "$d/sa.key" -pubout -out "$d/sa.pub" 2>/dev/null
@@ -415,18 +417,27 @@ up() {
     admission+=,CertificateSubjectRestriction,MutatingAdmissionWebhook,ValidatingAdmissionWebhook
     admission+=,ValidatingAdmissionPolicy,ResourceQuota
     local p="$STATE/pki"
+    # --watch-cache=false: Debian's etcd 3.4 has no watch progress notifications, and without
+    # them the watch cache refuses streaming list requests (sendInitialEvents), which kwok's
+    # client-go keeps retrying with backoff: pods then wait up to a minute for their next state.
+    # Watches served straight from etcd work; the cluster is small enough not to need the cache.
     start kube-apiserver "$BIN/kube-apiserver" \
         --etcd-servers "http://127.0.0.1:$etcd_port" \
         --bind-address 127.0.0.1 --advertise-address 127.0.0.1 --secure-port "$API_PORT" \
         --tls-cert-file "$p/apiserver.crt" --tls-private-key-file "$p/apiserver.key" \
         --client-ca-file "$p/ca.crt" \
+        --requestheader-client-ca-file "$p/ca.crt" --requestheader-allowed-names front-proxy-client \
+        --requestheader-username-headers X-Remote-User --requestheader-group-headers X-Remote-Group \
+        --requestheader-extra-headers-prefix X-Remote-Extra- \
+        --proxy-client-cert-file "$p/front-proxy-client.crt" --proxy-client-key-file "$p/front-proxy-client.key" \
+        --endpoint-reconciler-type none \
         --service-account-issuer https://kubernetes.default.svc.cluster.local \
         --service-account-key-file "$p/sa.pub" --service-account-signing-key-file "$p/sa.key" \
         --api-audiences https://kubernetes.default.svc.cluster.local \
         --authorization-mode RBAC --anonymous-auth=false \
         --enable-admission-plugins "$admission" \
-        --service-cluster-ip-range 10.96.0.0/16 --allow-privileged=false \
-        --profiling=false --event-ttl 2h
+        --service-cluster-ip-range 10.96.0.0/16 \
+        --profiling=false --event-ttl 2h --watch-cache=false
     kubeconfig "$KUBECONFIG_FILE" admin
     kubeconfig "$STATE/controller-manager.kubeconfig" controller-manager
     kubeconfig "$STATE/scheduler.kubeconfig" scheduler
@@ -442,8 +453,7 @@ up() {
         --service-account-private-key-file "$p/sa.key" --root-ca-file "$p/ca.crt" \
         --cluster-signing-cert-file "$p/ca.crt" --cluster-signing-key-file "$p/ca.key" \
         --service-cluster-ip-range 10.96.0.0/16 --cluster-name fluxo-local \
-        --controllers '*,-cloud-node-lifecycle-controller,-service-lb-controller,-node-route-controller' \
-        --node-monitor-grace-period 40s --profiling=false
+        --controllers '*' --profiling=false
     start kube-scheduler "$BIN/kube-scheduler" \
         --kubeconfig "$STATE/scheduler.kubeconfig" \
         --authentication-kubeconfig "$STATE/scheduler.kubeconfig" \

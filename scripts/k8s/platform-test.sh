@@ -18,6 +18,8 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 TOOLS="$ROOT/target/tools"
 export FLUXO_K8S_CLUSTER_DIR="$ROOT/target/k8s-platform-test"
 export GOTOOLCHAIN=local
+# kubectl and helm: plain LIST + WATCH (see start() in cluster.sh).
+export KUBE_FEATURE_WatchListClient=false
 
 log() { echo "platform-test: $*" >&2; }
 die() {
