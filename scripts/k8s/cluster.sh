@@ -463,11 +463,14 @@ up() {
         curl -fsSk "https://127.0.0.1:$cm_port/healthz"
     wait_for "kube-scheduler /healthz" 60 kube-scheduler curl -fsSk "https://127.0.0.1:$sched_port/healthz"
 
+    # Nodes renew their Lease in kube-node-lease as kubelets do, so the node lifecycle controller
+    # (which lifts the not-ready taint, and marks pods not Ready on nodes that go silent) sees
+    # them alive.
     write_kwok_config
     start kwok "$KWOK_BIN/kwok" --kubeconfig "$KUBECONFIG_FILE" --config "$STATE/kwok.yaml" \
         --manage-all-nodes=false --manage-nodes-with-annotation-selector kwok.x-k8s.io/node=fake \
         --cidr 10.244.0.0/16 --node-ip 10.240.0.1 \
-        --server-address "127.0.0.1:$kwok_port" --node-port 0
+        --server-address "127.0.0.1:$kwok_port" --node-port 0 --node-lease-duration-seconds 40
     wait_for "kwok /healthz" 60 kwok curl -fsS "http://127.0.0.1:$kwok_port/healthz"
 
     local i

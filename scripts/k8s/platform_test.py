@@ -614,6 +614,23 @@ def pdbs_and_hpas(case, secs=90):
     return f"{len(want_pdb)} PDBs (each allows one disruption), {len(want_hpa)} HPAs (AbleToScale)"
 
 
+def hpas_at_min(case):
+    """An autoscaled Deployment has no replicas field: it starts with 1 pod, and the HPA controller
+    brings it to minReplicas (before any metric: there is no metrics server here)."""
+    want = {h["spec"]["scaleTargetRef"]["name"]: h["spec"].get("minReplicas", 1)
+            for h in case.objs("HorizontalPodAutoscaler")}
+    if not want:
+        return "no HPAs in these values"
+
+    def state():
+        live = deployments(case.ns)
+        low = {n: live.get(n, {}).get("spec", {}).get("replicas") for n, m in want.items()
+               if (live.get(n, {}).get("spec", {}).get("replicas") or 0) < m}
+        return not low, f"below minReplicas: {low}"
+    poll("HPAs scaled to minReplicas", 90, state)
+    return ", ".join(f"{n} {m}" for n, m in sorted(want.items()))
+
+
 def pod_templates(ns):
     return {n: d["spec"]["template"] for n, d in deployments(ns).items()}
 
@@ -874,7 +891,8 @@ def lifecycle(case):
             return
         case.rev1_manifest = helm("get", "manifest", RELEASE, "-n", case.ns).stdout
         check(f"{tag} hooks ran in order and completed", hooks_ran_in_order, case, case.rv_install)
-        check(f"{tag} every Deployment Available", deployments_available, case)
+        check(f"{tag} HPAs scale their Deployments to minReplicas", hpas_at_min, case)
+        check(f"{tag} every Deployment Available", wait_available, case)
         check(f"{tag} pods spread over zones and hosts as the topology rules say", spread_ok, case)
         check(f"{tag} PDBs and HPAs accepted and taken up by their controllers", pdbs_and_hpas, case)
         vals = case.values_get()
