@@ -48,6 +48,20 @@ need() { # command hint
     command -v "$1" >/dev/null 2>&1 || die "$1 not found: $2"
 }
 
+# need_pkg command debian-package: installs the package when the command is missing and we can
+# (root with apt-get), else fails with a clear message.
+need_pkg() {
+    command -v "$1" >/dev/null 2>&1 && return
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        log "$1 not found: installing $2 from Debian"
+        { DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "$2" ||
+            { DEBIAN_FRONTEND=noninteractive apt-get update -q &&
+                DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "$2"; }; } >&2 ||
+            die "apt-get install $2 failed"
+    fi
+    command -v "$1" >/dev/null 2>&1 || die "$1 not found: install Debian's $2 (apt-get install $2)"
+}
+
 # ---- build -----------------------------------------------------------------------------------
 binaries_ok() {
     local b
@@ -152,21 +166,6 @@ start() { # name command...: runs in the background, pid in $STATE/<name>.pid
     echo $! >"$STATE/$name.pid"
 }
 
-find_etcd() {
-    if command -v etcd >/dev/null 2>&1; then
-        command -v etcd
-        return
-    fi
-    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-        log "etcd not found: installing etcd-server from Debian"
-        { DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends etcd-server ||
-            { DEBIAN_FRONTEND=noninteractive apt-get update -q &&
-                DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends etcd-server; }; } >&2 ||
-            die "apt-get install etcd-server failed"
-        command -v etcd && return
-    fi
-    die "etcd not found: install Debian's etcd-server (apt-get install etcd-server)"
-}
 
 pki() {
     local d="$STATE/pki"
@@ -380,11 +379,12 @@ up() {
     for c in "${COMPONENTS[@]}"; do
         running "$c" && die "$c from an earlier 'up' still runs (pid $(cat "$STATE/$c.pid")); run '$0 down' first"
     done
-    need openssl "openssl is needed to make the cluster's certificates (apt-get install openssl)"
+    need_pkg etcd etcd-server
+    need_pkg openssl openssl
+    need_pkg curl curl
     need python3 "python3 is needed"
-    need curl "curl is needed to poll the components' health endpoints"
     local etcd_bin
-    etcd_bin="$(find_etcd)"
+    etcd_bin="$(command -v etcd)"
     build
     local start=$SECONDS
     # A start that fails half way stops what it had started.

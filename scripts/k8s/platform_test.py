@@ -348,6 +348,15 @@ def secrets_for(case):
              "metadata": {"name": n, "namespace": case.ns},
              "stringData": {k: "not-a-real-value" for k in sorted(keys) or ["placeholder"]}}
             for n, keys in sorted(wanted.items())]
+    # The ingress Gateway's TLS certificate lives next to the gateway pods (istio-ingress).
+    for g in case.objs("Gateway"):
+        for srv in g["spec"].get("servers") or []:
+            cred = (srv.get("tls") or {}).get("credentialName")
+            if cred:
+                docs.append({"apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/tls",
+                             "metadata": {"name": cred, "namespace": "istio-ingress"},
+                             "stringData": {"tls.crt": "not-a-real-certificate", "tls.key": "not-a-real-key"}})
+                wanted.setdefault(f"istio-ingress/{cred}", set())
     if docs:
         apply_server_side(docs, "fluxo-platform-test")
     return sorted(wanted)
