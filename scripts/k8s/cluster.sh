@@ -6,15 +6,15 @@
 #   scripts/k8s/cluster.sh up       # start the cluster; prints the kubeconfig path
 #   scripts/k8s/cluster.sh env      # prints `export KUBECONFIG=...` (eval "$(... env)")
 #   scripts/k8s/cluster.sh status   # what runs, and the nodes
-#   scripts/k8s/cluster.sh down     # stop everything `up` started, delete the state
+#   scripts/k8s/cluster.sh down     # stop everything `up` started, delete etcd's data (logs stay)
 #
 # What runs (all on 127.0.0.1):
 #   - etcd from Debian (etcd-server; installed with apt-get when missing and we are root);
 #   - kube-apiserver, kube-controller-manager, kube-scheduler and kubectl, built from the
 #     k8s.io/kubernetes module of the Go module proxy (cached in target/k8s-bin/<version>/);
 #   - kwok (sigs.k8s.io/kwok), which plays the kubelets: three fake nodes, one per zone
-#     (topology.kubernetes.io/zone), whose pods go Running without containers and whose Job
-#     pods complete.
+#     (topology.kubernetes.io/zone), whose pods go Running and Ready without containers, and
+#     whose pods meant to finish (restartPolicy Never/OnFailure: Jobs, `helm test`) succeed.
 # Every wait polls with a deadline; a step that does not happen in time fails with the log of
 # the component concerned.
 #

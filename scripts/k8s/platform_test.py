@@ -353,13 +353,25 @@ def secrets_for(case):
         for srv in g["spec"].get("servers") or []:
             cred = (srv.get("tls") or {}).get("credentialName")
             if cred:
+                crt, key = self_signed(srv.get("hosts") or ["fluxo.local"])
                 docs.append({"apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/tls",
                              "metadata": {"name": cred, "namespace": "istio-ingress"},
-                             "stringData": {"tls.crt": "not-a-real-certificate", "tls.key": "not-a-real-key"}})
+                             "stringData": {"tls.crt": crt, "tls.key": key}})
                 wanted.setdefault(f"istio-ingress/{cred}", set())
     if docs:
         apply_server_side(docs, "fluxo-platform-test")
     return sorted(wanted)
+
+
+def self_signed(hosts):
+    """A throwaway self-signed certificate and key (PEM) for the given hosts."""
+    host = hosts[0].split("/")[-1].replace("*", "wildcard")
+    with tempfile.TemporaryDirectory() as d:
+        p = run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", f"/CN={host}",
+                 "-keyout", f"{d}/key.pem", "-out", f"{d}/crt.pem"], timeout=60)
+        if p.returncode != 0:
+            raise Fail(f"openssl: {p.stderr}")
+        return pathlib.Path(f"{d}/crt.pem").read_text(), pathlib.Path(f"{d}/key.pem").read_text()
 
 
 def karpenter_nodes(case):
