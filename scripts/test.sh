@@ -35,6 +35,11 @@ die() { log "error: $*"; exit 1; }
 
 is_root() { [ "$(id -u)" -eq 0 ]; }
 
+# The platform tests may be skipped while iterating locally, never in CI.
+if [ -n "${CI:-}" ] && [ -n "${FLUXO_TEST_SKIP_PLATFORM:-}" ]; then
+    die "FLUXO_TEST_SKIP_PLATFORM is for local iteration only; CI runs the platform tests"
+fi
+
 # --- cleanup -----------------------------------------------------------------
 # Everything we start is recorded here so the trap can stop it, also when the
 # tests fail or the script is interrupted.
@@ -293,7 +298,6 @@ else
     # built from the Go module proxy, kwok nodes): install, upgrade, rollback, drain, uninstall.
     if [ "$status" -eq 0 ] && [ "$#" -eq 0 ] && [ -z "${FLUXO_TEST_SKIP_K8S:-}" ]; then
         if [ -n "${FLUXO_TEST_SKIP_PLATFORM:-}" ]; then
-            [ -z "${CI:-}" ] || die "FLUXO_TEST_SKIP_PLATFORM is for local iteration only; CI runs the platform tests"
             echo "==> Kubernetes platform tests SKIPPED (FLUXO_TEST_SKIP_PLATFORM is set)"
         else
             echo "==> Kubernetes platform tests (scripts/k8s/platform-test.sh)"
