@@ -14,7 +14,11 @@
 #   FLUXO_TEST_PG_DURABLE        set to run PostgreSQL with fsync and full-page
 #                                writes on (the benchmark does; tests do not need it)
 #   FLUXO_TEST_SKIP_K8S          set to skip the offline Kubernetes validation that
-#                                follows a full cargo test run
+#                                follows a full cargo test run (and the platform tests,
+#                                which need its tools)
+#   FLUXO_TEST_SKIP_PLATFORM     set to skip the platform tests (the chart installed on a
+#                                local control plane, scripts/k8s/platform-test.sh) while
+#                                iterating locally; refused when CI is set
 #   FLUXO_TEST_TLS=0             do not make TLS certificates nor turn TLS on in the servers
 #                                started here (the TLS tests then fail, naming what is missing)
 #   FLUXO_TEST_CMD               run this shell command instead of `cargo test ...`
@@ -39,6 +43,11 @@ log() { echo "test.sh: $*" >&2; }
 die() { log "error: $*"; exit 1; }
 
 is_root() { [ "$(id -u)" -eq 0 ]; }
+
+# The platform tests may be skipped while iterating locally, never in CI.
+if [ -n "${CI:-}" ] && [ -n "${FLUXO_TEST_SKIP_PLATFORM:-}" ]; then
+    die "FLUXO_TEST_SKIP_PLATFORM is for local iteration only; CI runs the platform tests"
+fi
 
 # --- cleanup -----------------------------------------------------------------
 # Everything we start is recorded here so the trap can stop it, also when the
@@ -350,6 +359,18 @@ else
     if [ "$status" -eq 0 ] && [ "$#" -eq 0 ] && [ -z "${FLUXO_TEST_SKIP_K8S:-}" ]; then
         echo "==> Kubernetes packaging (scripts/validate-k8s.sh)"
         ./scripts/validate-k8s.sh || status=$?
+    elif [ "$#" -eq 0 ] && [ -n "${FLUXO_TEST_SKIP_K8S:-}" ]; then
+        echo "==> Kubernetes packaging and platform tests SKIPPED (FLUXO_TEST_SKIP_K8S is set)"
+    fi
+    # The chart on a live control plane (etcd, kube-apiserver, controller-manager, scheduler
+    # built from the Go module proxy, kwok nodes): install, upgrade, rollback, drain, uninstall.
+    if [ "$status" -eq 0 ] && [ "$#" -eq 0 ] && [ -z "${FLUXO_TEST_SKIP_K8S:-}" ]; then
+        if [ -n "${FLUXO_TEST_SKIP_PLATFORM:-}" ]; then
+            echo "==> Kubernetes platform tests SKIPPED (FLUXO_TEST_SKIP_PLATFORM is set)"
+        else
+            echo "==> Kubernetes platform tests (scripts/k8s/platform-test.sh)"
+            ./scripts/k8s/platform-test.sh || status=$?
+        fi
     fi
 fi
 exit "$status"
