@@ -10,13 +10,16 @@ use figment::{
     Figment,
     providers::{Env, Format, Serialized, Toml},
 };
+use fluxo_balance::consumer::ConsumerConfig;
+use fluxo_ledger::relay::RelayConfig;
+use fluxo_queue::StreamNames;
 use secrecy::SecretString;
 use serde::{Deserialize, Serialize};
 
 /// The whole configuration of a fluxo process.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub(crate) struct Config {
+pub struct Config {
     /// Where the embedded SQLite database lives when `database.url` is unset.
     pub data_dir: PathBuf,
     pub database: DatabaseConfig,
@@ -34,7 +37,7 @@ pub(crate) struct Config {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub(crate) struct GatewaySettings {
+pub struct GatewaySettings {
     /// Where the REST/JSON API listens.
     pub listen: SocketAddr,
     /// The ledger's gRPC URL; unset under `--target all`: this process.
@@ -51,7 +54,7 @@ pub(crate) struct GatewaySettings {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub(crate) struct AuthSettings {
+pub struct AuthSettings {
     pub issuer: String,
     pub audience: String,
     /// A JWKS document with the RS256/ES256 public keys tokens are signed with.
@@ -68,14 +71,14 @@ pub(crate) struct AuthSettings {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub(crate) struct TierSettings {
+pub struct TierSettings {
     pub per_second: u32,
     pub burst: u32,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub(crate) struct RateLimitSettings {
+pub struct RateLimitSettings {
     pub enabled: bool,
     pub tiers: std::collections::BTreeMap<String, TierSettings>,
     pub default_tier: String,
@@ -85,7 +88,7 @@ pub(crate) struct RateLimitSettings {
     pub shared_per_second: u32,
     pub shared_burst: u32,
     /// When Redis is unreachable: `local` (per-process limits), `allow` or `deny`.
-    pub on_redis_error: String,
+    pub on_redis_error: OnRedisError,
     /// Requests whose token is still to be verified (new, forged or missing),
     /// per client address, and of all addresses together.
     pub unverified: TierSettings,
@@ -134,16 +137,38 @@ impl Default for RateLimitSettings {
             priority_tiers: vec!["priority".into()],
             shared_per_second: 1000,
             shared_burst: 2000,
-            on_redis_error: "local".into(),
+            on_redis_error: OnRedisError::Local,
             unverified: TierSettings { per_second: 20, burst: 40 },
             unverified_shared: TierSettings { per_second: 200, burst: 400 },
         }
     }
 }
 
+/// What the rate limiter does while Redis is unreachable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnRedisError {
+    /// Each process limits on its own, with the same rates.
+    Local,
+    /// Every request passes.
+    Allow,
+    /// Every request is refused.
+    Deny,
+}
+
+impl From<OnRedisError> for fluxo_gateway::ratelimit::Fallback {
+    fn from(choice: OnRedisError) -> Self {
+        match choice {
+            OnRedisError::Local => Self::Local,
+            OnRedisError::Allow => Self::Allow,
+            OnRedisError::Deny => Self::Deny,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub(crate) struct RedisSettings {
+pub struct RedisSettings {
     /// `redis://[:password@]host:port[/db]`. Unset: events are delivered in
     /// process (the embedded default) and balances are not cached.
     #[serde(serialize_with = "skip_secret")]
@@ -156,7 +181,7 @@ pub(crate) struct RedisSettings {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub(crate) struct RelaySettings {
+pub struct RelaySettings {
     /// Run the outbox relay inside the ledger target.
     pub enabled: bool,
     pub batch_size: u32,
@@ -167,7 +192,7 @@ pub(crate) struct RelaySettings {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub(crate) struct ConsolidatorSettings {
+pub struct ConsolidatorSettings {
     pub stream: String,
     pub group: String,
     /// Unique per process; unset: POD_NAME, else host name, plus a random suffix.
@@ -181,7 +206,7 @@ pub(crate) struct ConsolidatorSettings {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub(crate) struct BalanceSettings {
+pub struct BalanceSettings {
     /// How long a cached balance lives (it is also dropped on every change).
     pub cache_ttl_ms: u64,
     /// How long the last known balance is kept to answer while PostgreSQL is down.
@@ -196,23 +221,62 @@ impl Default for RedisSettings {
     }
 }
 
+/// Whole milliseconds of `d`, for a setting written in milliseconds.
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
 impl Default for RelaySettings {
     fn default() -> Self {
-        Self { enabled: true, batch_size: 500, max_idle_ms: 200, retention_hours: 24 }
+        let relay = RelayConfig::default();
+        Self {
+            enabled: true,
+            batch_size: relay.batch_size,
+            max_idle_ms: millis(relay.max_idle),
+            retention_hours: relay.retention.as_secs() / 3600,
+        }
+    }
+}
+
+impl RelaySettings {
+    /// The relay's settings as the relay takes them.
+    pub fn relay_config(&self) -> RelayConfig {
+        RelayConfig {
+            batch_size: self.batch_size,
+            max_idle: Duration::from_millis(self.max_idle_ms),
+            retention: Duration::from_secs(self.retention_hours * 3600),
+        }
     }
 }
 
 impl Default for ConsolidatorSettings {
     fn default() -> Self {
+        let names = StreamNames::default();
+        let consumer = ConsumerConfig::new(names.clone(), String::new());
         Self {
-            stream: "fluxo:ledger:entries".into(),
-            group: "consolidators".into(),
+            stream: names.stream,
+            group: names.group,
             consumer_name: None,
-            batch_size: 500,
-            block_ms: 1_000,
-            claim_idle_ms: 30_000,
-            max_deliveries: 5,
-            trim_interval_ms: 30_000,
+            batch_size: consumer.batch_size,
+            block_ms: millis(consumer.block),
+            claim_idle_ms: millis(consumer.claim_idle),
+            max_deliveries: consumer.max_deliveries,
+            trim_interval_ms: millis(consumer.trim_interval),
+        }
+    }
+}
+
+impl ConsolidatorSettings {
+    /// The settings of the consumer named `consumer` reading `names`.
+    pub fn consumer_config(&self, names: StreamNames, consumer: String) -> ConsumerConfig {
+        ConsumerConfig {
+            names,
+            consumer,
+            batch_size: self.batch_size,
+            block: Duration::from_millis(self.block_ms),
+            claim_idle: Duration::from_millis(self.claim_idle_ms),
+            max_deliveries: self.max_deliveries,
+            trim_interval: Duration::from_millis(self.trim_interval_ms),
         }
     }
 }
@@ -229,7 +293,7 @@ impl Default for BalanceSettings {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub(crate) struct DatabaseConfig {
+pub struct DatabaseConfig {
     /// `postgres://user:password@host/db` or `sqlite://path`. Unset: SQLite in `data_dir`.
     #[serde(serialize_with = "skip_secret")]
     pub url: Option<SecretString>,
@@ -242,7 +306,7 @@ pub(crate) struct DatabaseConfig {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub(crate) struct GrpcConfig {
+pub struct GrpcConfig {
     pub listen: SocketAddr,
     /// Who may call: `open` (loopback only), `mesh` (Istio mTLS and policies)
     /// or `jwt` (a bearer token on every call). The same for every target.
@@ -258,7 +322,7 @@ pub(crate) struct GrpcConfig {
 /// How gRPC callers are authenticated (see `fluxo_server::identity`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
-pub(crate) enum GrpcAuth {
+pub enum GrpcAuth {
     /// Nobody is asked: only for a loopback listen address.
     #[default]
     Open,
@@ -270,7 +334,7 @@ pub(crate) enum GrpcAuth {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub(crate) struct LedgerConfig {
+pub struct LedgerConfig {
     /// IANA time zone that decides "today" for entries booked without a date.
     pub time_zone: String,
     /// Transactions booking entries at once (group commit); 1 on SQLite.
@@ -281,7 +345,7 @@ pub(crate) struct LedgerConfig {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub(crate) struct LogConfig {
+pub struct LogConfig {
     /// `auto` (text on a terminal, JSON otherwise), `json` or `pretty`.
     pub format: String,
     /// A tracing filter such as `info` or `fluxo_ledger=debug,info`.
@@ -351,7 +415,7 @@ impl Default for LogConfig {
 
 impl Config {
     /// Loads defaults, then `file` if given, then the environment, and validates.
-    pub(crate) fn load(file: Option<&PathBuf>) -> anyhow::Result<Self> {
+    pub fn load(file: Option<&PathBuf>) -> anyhow::Result<Self> {
         let mut figment = Figment::from(Serialized::defaults(Config::default()));
         if let Some(file) = file {
             if !file.is_file() {
@@ -373,12 +437,22 @@ impl Config {
         Ok(config)
     }
 
+    /// Every problem of the configuration at once, each naming its setting.
     fn validate(&self) -> anyhow::Result<()> {
-        let g = &self.grpc;
         let mut problems = Vec::new();
-        if self.database.max_connections == 0 {
-            problems.push("database.max_connections must be at least 1".to_owned());
+        self.validate_grpc(&mut problems);
+        self.validate_database(&mut problems);
+        self.validate_redis(&mut problems);
+        self.validate_pipeline(&mut problems);
+        self.validate_api(&mut problems);
+        if self.log_format().is_err() {
+            problems.push(format!("log.format must be auto, json or pretty, got {:?}", self.log.format));
         }
+        if problems.is_empty() { Ok(()) } else { bail!("{}", problems.join("\n  ")) }
+    }
+
+    fn validate_grpc(&self, problems: &mut Vec<String>) {
+        let g = &self.grpc;
         if !(1024..=64 * 1024 * 1024).contains(&g.max_message_bytes) {
             problems.push(format!(
                 "grpc.max_message_bytes must be between 1024 and 67108864, got {}",
@@ -402,16 +476,17 @@ impl Config {
         if g.readiness_interval_ms == 0 {
             problems.push("grpc.readiness_interval_ms must be greater than 0".to_owned());
         }
+    }
+
+    /// The database and what the ledger asks of it.
+    fn validate_database(&self, problems: &mut Vec<String>) {
+        if self.database.max_connections == 0 {
+            problems.push("database.max_connections must be at least 1".to_owned());
+        }
         if self.ledger.writers == 0 || self.ledger.writers > self.database.max_connections as usize {
             problems.push(format!(
                 "ledger.writers must be between 1 and database.max_connections ({}), got {}",
                 self.database.max_connections, self.ledger.writers
-            ));
-        }
-        let prefix = &self.balance.cache_prefix;
-        if prefix.is_empty() || prefix.chars().any(char::is_whitespace) {
-            problems.push(format!(
-                "balance.cache_prefix must be a non-empty Redis key prefix without spaces, got {prefix:?}"
             ));
         }
         if !(1..=1000).contains(&self.ledger.max_batch) {
@@ -424,15 +499,22 @@ impl Config {
                 self.ledger.time_zone
             ));
         }
-        if self.log_format().is_err() {
-            problems.push(format!("log.format must be auto, json or pretty, got {:?}", self.log.format));
-        }
         if let Some(url) = &self.database.url {
             let url = secrecy::ExposeSecret::expose_secret(url);
             if !["postgres://", "postgresql://", "sqlite:"].iter().any(|p| url.starts_with(p)) {
                 problems
                     .push("database.url must start with postgres://, postgresql:// or sqlite://".to_owned());
             }
+        }
+    }
+
+    /// Redis and the balance cache kept in it.
+    fn validate_redis(&self, problems: &mut Vec<String>) {
+        let prefix = &self.balance.cache_prefix;
+        if prefix.is_empty() || prefix.chars().any(char::is_whitespace) {
+            problems.push(format!(
+                "balance.cache_prefix must be a non-empty Redis key prefix without spaces, got {prefix:?}"
+            ));
         }
         if let Some(url) = &self.redis.url {
             let url = secrecy::ExposeSecret::expose_secret(url);
@@ -449,6 +531,10 @@ impl Config {
         {
             problems.push(format!("redis.tls_ca_file {} is not a readable file", ca.display()));
         }
+    }
+
+    /// The relay and the consolidators.
+    fn validate_pipeline(&self, problems: &mut Vec<String>) {
         let c = &self.consolidator;
         if c.stream.is_empty() || c.group.is_empty() {
             problems.push("consolidator.stream and consolidator.group must not be empty".to_owned());
@@ -456,12 +542,13 @@ impl Config {
         if c.batch_size == 0 || self.relay.batch_size == 0 {
             problems.push("consolidator.batch_size and relay.batch_size must be at least 1".to_owned());
         }
-        if !["local", "allow", "deny"].contains(&self.rate_limit.on_redis_error.as_str()) {
-            problems.push(format!(
-                "rate_limit.on_redis_error must be local, allow or deny, got {:?}",
-                self.rate_limit.on_redis_error
-            ));
+        if c.max_deliveries == 0 {
+            problems.push("consolidator.max_deliveries must be at least 1".to_owned());
         }
+    }
+
+    /// The REST API's rate limits and token keys.
+    fn validate_api(&self, problems: &mut Vec<String>) {
         if !self.rate_limit.tiers.contains_key(&self.rate_limit.default_tier) {
             problems.push(format!(
                 "rate_limit.default_tier {:?} is not a configured tier",
@@ -485,17 +572,13 @@ impl Config {
         {
             problems.push(format!("auth.jwks_file {} does not exist", file.display()));
         }
-        if c.max_deliveries == 0 {
-            problems.push("consolidator.max_deliveries must be at least 1".to_owned());
-        }
-        if problems.is_empty() { Ok(()) } else { bail!("{}", problems.join("\n  ")) }
     }
 
-    pub(crate) fn time_zone(&self) -> anyhow::Result<chrono_tz::Tz> {
+    pub fn time_zone(&self) -> anyhow::Result<chrono_tz::Tz> {
         self.ledger.time_zone.parse::<chrono_tz::Tz>().map_err(|e| anyhow::anyhow!("{e}"))
     }
 
-    pub(crate) fn log_format(&self) -> anyhow::Result<fluxo_telemetry::LogFormat> {
+    pub fn log_format(&self) -> anyhow::Result<fluxo_telemetry::LogFormat> {
         match self.log.format.as_str() {
             "auto" => Ok(fluxo_telemetry::LogFormat::Auto),
             "json" => Ok(fluxo_telemetry::LogFormat::Json),
@@ -505,14 +588,14 @@ impl Config {
     }
 
     /// The database URL: the configured one, or the embedded SQLite file.
-    pub(crate) fn database_url(&self) -> SecretString {
+    pub fn database_url(&self) -> SecretString {
         match &self.database.url {
             Some(url) => url.clone(),
             None => SecretString::from(format!("sqlite://{}", self.data_dir.join("fluxo.sqlite").display())),
         }
     }
 
-    pub(crate) fn db_config(&self) -> fluxo_db::DbConfig {
+    pub fn db_config(&self) -> fluxo_db::DbConfig {
         fluxo_db::DbConfig {
             url: self.database_url(),
             max_connections: self.database.max_connections,
@@ -520,7 +603,7 @@ impl Config {
         }
     }
 
-    pub(crate) fn redis_config(&self) -> Option<fluxo_queue::RedisConfig> {
+    pub fn redis_config(&self) -> Option<fluxo_queue::RedisConfig> {
         self.redis.url.as_ref().map(|url| fluxo_queue::RedisConfig {
             url: url.clone(),
             command_timeout: Duration::from_millis(self.redis.command_timeout_ms),
@@ -528,11 +611,11 @@ impl Config {
         })
     }
 
-    pub(crate) fn stream_names(&self) -> fluxo_queue::StreamNames {
-        fluxo_queue::StreamNames::new(&self.consolidator.stream, &self.consolidator.group)
+    pub fn stream_names(&self) -> StreamNames {
+        StreamNames::new(&self.consolidator.stream, &self.consolidator.group)
     }
 
-    pub(crate) fn server_config(&self) -> fluxo_server::ServerConfig {
+    pub fn server_config(&self) -> fluxo_server::ServerConfig {
         let g = &self.grpc;
         fluxo_server::ServerConfig {
             listen: g.listen,
@@ -560,6 +643,6 @@ fn describe(error: figment::Error) -> String {
 }
 
 /// The location of the embedded database, for the banner and errors.
-pub(crate) fn context_for(config: &Config) -> String {
+pub fn context_for(config: &Config) -> String {
     fluxo_db::redacted_url(&config.database_url())
 }

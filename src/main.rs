@@ -2,15 +2,10 @@
 //! runs everything in one process on an embedded SQLite file; in Kubernetes
 //! each target runs as its own Deployment (`fluxo serve --target ledger`).
 
-mod config;
-mod ops;
-mod serve;
-
 use std::{path::PathBuf, process::ExitCode};
 
-use clap::{Parser, Subcommand, ValueEnum};
-
-use crate::config::Config;
+use clap::{Parser, Subcommand};
+use fluxo::{Target, config::Config, ops, serve};
 
 /// fluxo — a merchant cash-flow ledger with daily consolidated balances.
 ///
@@ -38,6 +33,10 @@ enum Command {
         /// small installs) or one target per process, as in Kubernetes.
         #[arg(long, short = 't', value_enum, default_value_t = Target::All, env = "FLUXO_TARGET")]
         target: Target,
+        /// Once serving, write where it answers to this file as JSON
+        /// (`{"target", "grpc", "rest", "token"}`), for scripts and tests.
+        #[arg(long, env = "FLUXO_READY_FILE", value_name = "FILE")]
+        ready_file: Option<PathBuf>,
     },
     /// Create or upgrade the database schema, then exit.
     ///
@@ -91,21 +90,6 @@ enum BalancesCommand {
     },
 }
 
-/// A part of fluxo that can run as its own process.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-enum Target {
-    /// Every target in one process.
-    All,
-    /// The write side: records and reverses entries (gRPC).
-    Ledger,
-    /// The read side: daily balances (gRPC).
-    Balance,
-    /// Applies ledger events to the daily balances.
-    Consolidator,
-    /// REST/JSON front door for external callers.
-    Gateway,
-}
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let config = match Config::load(cli.config.as_ref()) {
@@ -124,7 +108,7 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async {
         match cli.command {
-            Command::Serve { target } => serve::serve(config, target).await,
+            Command::Serve { target, ready_file } => serve::serve(config, target, ready_file).await,
             Command::Migrate { wait_secs } => serve::migrate(config, wait_secs).await,
             Command::Queue { command: QueueCommand::Init } => ops::queue_init(&config).await,
             Command::Queue { command: QueueCommand::Status } => ops::queue_status(&config).await,

@@ -32,13 +32,13 @@ fn redis(config: &Config) -> anyhow::Result<fred::prelude::Client> {
 }
 
 /// `fluxo openapi`: the REST API's OpenAPI document, as committed in `docs/openapi.json`.
-pub(crate) fn openapi() -> anyhow::Result<()> {
+pub fn openapi() -> anyhow::Result<()> {
     print!("{}", fluxo_gateway::openapi_json()?);
     Ok(())
 }
 
 /// `fluxo queue init`: creates the stream and its consumer group.
-pub(crate) async fn queue_init(config: &Config) -> anyhow::Result<()> {
+pub async fn queue_init(config: &Config) -> anyhow::Result<()> {
     use fred::prelude::ClientLike;
     let client = redis(config)?;
     // The client reconnects forever; a one-shot command must say why it cannot connect (a
@@ -55,8 +55,7 @@ pub(crate) async fn queue_init(config: &Config) -> anyhow::Result<()> {
 }
 
 /// `fluxo queue status`: where events are waiting, end to end.
-pub(crate) async fn queue_status(config: &Config) -> anyhow::Result<()> {
-    use fred::prelude::StreamsInterface;
+pub async fn queue_status(config: &Config) -> anyhow::Result<()> {
     let db = connect_waiting(config, 10).await?;
     let backlog = fluxo_ledger::relay::backlog(&db).await?;
     println!(
@@ -72,35 +71,25 @@ pub(crate) async fn queue_status(config: &Config) -> anyhow::Result<()> {
     };
     let client = fluxo_queue::client(&settings)?;
     let names = config.stream_names();
-    let length: u64 = client.xlen(&names.stream).await?;
-    println!("stream      {} holds {length} message(s)", names.stream);
-    let groups: Vec<std::collections::HashMap<String, fred::types::Value>> =
-        client.xinfo_groups(&names.stream).await.unwrap_or_default();
-    match groups
-        .iter()
-        .find(|g| g.get("name").and_then(fred::types::Value::as_string).as_deref() == Some(&names.group))
-    {
-        Some(group) => {
-            let field =
-                |k: &str| group.get(k).and_then(fred::types::Value::as_string).unwrap_or_else(|| "?".into());
-            println!(
-                "group       {}: lag {}, pending {}, consumers {}",
-                names.group,
-                field("lag"),
-                field("pending"),
-                field("consumers")
-            );
-        }
+    let status = fluxo_queue::stream_status(&client, &names).await?;
+    println!("stream      {} holds {} message(s)", names.stream, status.length);
+    match status.group(&names.group) {
+        Some(group) => println!(
+            "group       {}: lag {}, pending {}, consumers {}",
+            names.group,
+            group.lag.map_or_else(|| "?".to_owned(), |lag| lag.to_string()),
+            group.pending,
+            group.consumers
+        ),
         None => println!("group       {} does not exist: run `fluxo queue init`", names.group),
     }
-    let parked: u64 = client.xlen(&names.dead_letters).await?;
-    println!("dead letter {} holds {parked} message(s)", names.dead_letters);
+    println!("dead letter {} holds {} message(s)", names.dead_letters, status.dead_letters);
     Ok(())
 }
 
 /// What to do with the dead-letter stream.
 #[derive(Debug, Clone, clap::Subcommand)]
-pub(crate) enum DlqCommand {
+pub enum DlqCommand {
     /// List parked messages, oldest first.
     List {
         /// At most this many.
@@ -130,7 +119,7 @@ pub(crate) enum DlqCommand {
 
 /// `fluxo dlq …`: the dead-letter stream with Redis; without it (events
 /// delivered in process), the events the read model parked in its database.
-pub(crate) async fn dlq(config: &Config, command: DlqCommand) -> anyhow::Result<()> {
+pub async fn dlq(config: &Config, command: DlqCommand) -> anyhow::Result<()> {
     if config.redis_config().is_none() {
         return parked(config, command).await;
     }
@@ -148,57 +137,8 @@ pub(crate) async fn dlq(config: &Config, command: DlqCommand) -> anyhow::Result<
                 println!("{}  event {event}  deliveries {}  reason: {}", l.id, l.deliveries, l.reason);
             }
         }
-        DlqCommand::Show { id } => {
-            let l = letters.show(&id).await?;
-            println!("id:           {}", l.id);
-            println!("original id:  {}", l.original_id);
-            println!("deliveries:   {}", l.deliveries);
-            println!("reason:       {}", l.reason);
-            match &l.event {
-                Some(e) => {
-                    println!("event id:     {}", e.event_id);
-                    println!("position:     {}", e.position);
-                    // The trace of the call that booked the entry: search it in the tracing backend.
-                    if let Some(tp) = &e.traceparent {
-                        println!("traceparent:  {tp}");
-                    }
-                    match fluxo_balance::consolidator::decode(e) {
-                        Ok(p) => println!(
-                            "entry:        {} {} {:?} {} {} on {}",
-                            p.entry_id, p.merchant_id, p.direction, p.amount, p.currency, p.date
-                        ),
-                        Err(err) => println!("entry:        unreadable ({err})"),
-                    }
-                }
-                None => println!("event:        malformed message"),
-            }
-        }
-        DlqCommand::Replay { ids, all } => {
-            let db = connect_waiting(config, 10).await?;
-            let consolidator = consolidator(config, BalanceStore::new(db))?;
-            let ids = if all {
-                letters.list(1_000_000).await?.into_iter().map(|l| l.id).collect()
-            } else if ids.is_empty() {
-                bail!("name the messages to replay, or pass --all");
-            } else {
-                ids
-            };
-            let (mut ok, mut failed) = (0, 0);
-            for (i, id) in ids.iter().enumerate() {
-                match letters.replay(id, &consolidator).await {
-                    Ok(()) => ok += 1,
-                    Err(error) => {
-                        failed += 1;
-                        eprintln!("fluxo: {id}: {error}");
-                    }
-                }
-                progress("replayed", i + 1, ids.len());
-            }
-            println!("replayed {ok}, still failing {failed}");
-            if failed > 0 {
-                bail!("{failed} message(s) still fail; fix their cause and replay again");
-            }
-        }
+        DlqCommand::Show { id } => print_letter(&letters.show(&id).await?),
+        DlqCommand::Replay { ids, all } => replay_letters(config, &letters, ids, all).await?,
         DlqCommand::Drop { ids } => {
             let store = BalanceStore::new(connect_waiting(config, 10).await?);
             for id in ids {
@@ -213,6 +153,69 @@ pub(crate) async fn dlq(config: &Config, command: DlqCommand) -> anyhow::Result<
                 println!("{id}: {}", if removed { "dropped" } else { "not found" });
             }
         }
+    }
+    Ok(())
+}
+
+fn print_letter(l: &fluxo_balance::consumer::DeadLetter) {
+    println!("id:           {}", l.id);
+    println!("original id:  {}", l.original_id);
+    println!("deliveries:   {}", l.deliveries);
+    println!("reason:       {}", l.reason);
+    let Some(e) = &l.event else {
+        println!("event:        malformed message");
+        return;
+    };
+    println!("event id:     {}", e.event_id);
+    println!("position:     {}", e.position);
+    // The trace of the call that booked the entry: search it in the tracing backend.
+    if let Some(tp) = &e.traceparent {
+        println!("traceparent:  {tp}");
+    }
+    match fluxo_balance::consolidator::decode(e) {
+        Ok(p) => println!(
+            "entry:        {} {} {:?} {} {} on {}",
+            p.entry_id, p.merchant_id, p.direction, p.amount, p.currency, p.date
+        ),
+        Err(err) => println!("entry:        unreadable ({err})"),
+    }
+}
+
+/// Replays `ids` (or every parked message) from the dead-letter stream.
+async fn replay_letters(
+    config: &Config,
+    letters: &DeadLetters,
+    ids: Vec<String>,
+    all: bool,
+) -> anyhow::Result<()> {
+    let db = connect_waiting(config, 10).await?;
+    let consolidator = consolidator(config, BalanceStore::new(db))?;
+    let ids = if all {
+        letters.list(1_000_000).await?.into_iter().map(|l| l.id).collect()
+    } else if ids.is_empty() {
+        bail!("name the messages to replay, or pass --all");
+    } else {
+        ids
+    };
+    let (mut ok, mut failed) = (0, 0);
+    for (i, id) in ids.iter().enumerate() {
+        match letters.replay(id, &consolidator).await {
+            Ok(()) => ok += 1,
+            Err(error) => {
+                failed += 1;
+                eprintln!("fluxo: {id}: {error}");
+            }
+        }
+        progress("replayed", i + 1, ids.len());
+    }
+    replayed(ok, failed, "message(s)")
+}
+
+/// Says how a replay went; an error when some `what` still fail.
+fn replayed(ok: usize, failed: usize, what: &str) -> anyhow::Result<()> {
+    println!("replayed {ok}, still failing {failed}");
+    if failed > 0 {
+        bail!("{failed} {what} still fail; fix their cause and replay again");
     }
     Ok(())
 }
@@ -275,10 +278,7 @@ async fn parked(config: &Config, command: DlqCommand) -> anyhow::Result<()> {
                     None => {}
                 }
             }
-            println!("replayed {ok}, still failing {failed}");
-            if failed > 0 {
-                bail!("{failed} event(s) still fail; fix their cause and replay again");
-            }
+            replayed(ok, failed, "event(s)")?;
         }
         DlqCommand::Drop { ids } => {
             for id in ids {
@@ -330,7 +330,7 @@ fn posting(entry: &Entry) -> Posting {
 
 /// Which balances a command covers.
 #[derive(Debug, Clone, clap::Args)]
-pub(crate) struct Scope {
+pub struct Scope {
     /// Only this merchant (default: every merchant).
     #[arg(long)]
     merchant: Option<String>,
@@ -367,7 +367,7 @@ impl Scope {
 }
 
 /// `fluxo balances rebuild`: recomputes balances from the ledger while the system serves.
-pub(crate) async fn rebuild(config: &Config, scope: &Scope) -> anyhow::Result<()> {
+pub async fn rebuild(config: &Config, scope: &Scope) -> anyhow::Result<()> {
     let db = connect_waiting(config, 10).await?;
     let ledger = LedgerStore::new(db.clone());
     let store = BalanceStore::new(db);
@@ -395,7 +395,7 @@ pub(crate) async fn rebuild(config: &Config, scope: &Scope) -> anyhow::Result<()
 /// `fluxo balances reconcile`: compares the ledger's sums with the read
 /// model, reports each difference, and with `--repair` applies the ledger
 /// entries the read model misses.
-pub(crate) async fn reconcile(config: &Config, scope: &Scope, repair: bool) -> anyhow::Result<()> {
+pub async fn reconcile(config: &Config, scope: &Scope, repair: bool) -> anyhow::Result<()> {
     let db = connect_waiting(config, 10).await?;
     let ledger = LedgerStore::new(db.clone());
     let store = BalanceStore::new(db);

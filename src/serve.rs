@@ -6,13 +6,10 @@ use anyhow::{Context, bail};
 use fluxo_balance::{
     BalanceStore, Balances, Consolidator, InProcessSink,
     cache::{BalanceCache, Invalidator},
-    consumer::{ConsumerConfig, StreamConsumer, ensure_group},
+    consumer::{StreamConsumer, ensure_group},
 };
 use fluxo_db::{Db, backend_name};
-use fluxo_ledger::{
-    GroupCommit, Ledger, LedgerStore,
-    relay::{Relay, RelayConfig},
-};
+use fluxo_ledger::{GroupCommit, Ledger, LedgerStore, relay::Relay};
 use fluxo_queue::{EventSink, RedisSink};
 use fluxo_server::{AllReady, GrpcServer, Readiness, identity::CallerAuth};
 use sea_orm::DbBackend;
@@ -23,7 +20,7 @@ use crate::{
     config::{Config, GrpcAuth},
 };
 
-pub(crate) fn telemetry(config: &Config, target: &str) -> anyhow::Result<fluxo_telemetry::Telemetry> {
+pub fn telemetry(config: &Config, target: &str) -> anyhow::Result<fluxo_telemetry::Telemetry> {
     Ok(fluxo_telemetry::init(&fluxo_telemetry::TelemetryConfig {
         service_name: format!("fluxo-{target}"),
         log_format: config.log_format()?,
@@ -32,7 +29,7 @@ pub(crate) fn telemetry(config: &Config, target: &str) -> anyhow::Result<fluxo_t
 }
 
 /// Applies every pending migration of every service.
-pub(crate) async fn migrate_all(db: &Db) -> anyhow::Result<()> {
+pub async fn migrate_all(db: &Db) -> anyhow::Result<()> {
     LedgerStore::migrate(db).await.context("applying ledger migrations")?;
     BalanceStore::migrate(db).await.context("applying balance migrations")?;
     Ok(())
@@ -56,14 +53,11 @@ async fn stopped(mut stop: watch::Receiver<bool>) {
     let _ = stop.wait_for(|s| *s).await;
 }
 
-/// Runs `target` until SIGTERM or Ctrl-C.
-pub(crate) async fn serve(config: Config, target: Target) -> anyhow::Result<()> {
-    let name = format!("{target:?}").to_lowercase();
-    let runs = |t: Target| target == Target::All || target == t;
-    let telemetry = telemetry(&config, &name)?;
-    let db = open_for_serving(&config).await?;
-    let migrate = config.database.migrate_on_start.unwrap_or(db.backend() == DbBackend::Sqlite);
-    if migrate {
+/// What every target opens first: the database (migrated when configured
+/// to be) and, when configured, the Redis client.
+async fn open_stores(config: &Config) -> anyhow::Result<(Db, Option<fred::prelude::Client>)> {
+    let db = open_for_serving(config).await?;
+    if config.database.migrate_on_start.unwrap_or(db.backend() == DbBackend::Sqlite) {
         migrate_all(&db).await?;
         tracing::info!("schema is current");
     }
@@ -71,6 +65,42 @@ pub(crate) async fn serve(config: Config, target: Target) -> anyhow::Result<()> 
         Some(settings) => Some(fluxo_queue::client(&settings).context("configuring Redis")?),
         None => None,
     };
+    Ok((db, redis))
+}
+
+/// Where a started process answers, written to `--ready-file` once it serves
+/// (JSON), so scripts and tests need not read the banner.
+#[derive(Debug, serde::Serialize)]
+struct Ready<'a> {
+    target: &'a str,
+    grpc: std::net::SocketAddr,
+    rest: Option<std::net::SocketAddr>,
+    /// The development token, when one was minted (embedded default only).
+    token: Option<&'a str>,
+}
+
+/// Writes `ready` to `path` whole: to a temporary file first, then renamed,
+/// so a reader never sees half of it.
+fn write_ready_file(path: &std::path::Path, ready: &Ready<'_>) -> anyhow::Result<()> {
+    let partial = path.with_extension("partial");
+    std::fs::write(&partial, serde_json::to_vec(ready)?)
+        .with_context(|| format!("cannot write the ready file {}", partial.display()))?;
+    std::fs::rename(&partial, path)
+        .with_context(|| format!("cannot write the ready file {}", path.display()))?;
+    Ok(())
+}
+
+/// Runs `target` until SIGTERM or Ctrl-C; writes `ready_file`, when given,
+/// once every part serves.
+pub async fn serve(
+    config: Config,
+    target: Target,
+    ready_file: Option<std::path::PathBuf>,
+) -> anyhow::Result<()> {
+    let name = format!("{target:?}").to_lowercase();
+    let runs = |t: Target| target == Target::All || target == t;
+    let telemetry = telemetry(&config, &name)?;
+    let (db, redis) = open_stores(&config).await?;
     if target == Target::Consolidator && redis.is_none() {
         bail!("the consolidator target reads the Redis stream: set redis.url (FLUXO_REDIS__URL)");
     }
@@ -80,7 +110,7 @@ pub(crate) async fn serve(config: Config, target: Target) -> anyhow::Result<()> 
     // then the background work (relay, consumers) finishes its batch in hand.
     let (front_tx, front_rx) = watch::channel(false);
     let (stop_tx, stop_rx) = watch::channel(false);
-    let mut server = GrpcServer::bind(config.server_config()).await?;
+    let server = GrpcServer::bind(config.server_config()).await?;
     let addr = server.local_addr()?;
     // Tokens are verified by the gateway, and by gRPC itself under grpc.auth = jwt.
     let serves_api = runs(Target::Ledger) || runs(Target::Balance);
@@ -89,140 +119,34 @@ pub(crate) async fn serve(config: Config, target: Target) -> anyhow::Result<()> 
     } else {
         None
     };
+    let mut process = Process::new(&config, db.clone(), redis.clone(), server, stop_rx);
     if let (GrpcAuth::Jwt, Some(callers)) = (config.grpc.auth, &callers) {
-        server.authenticate(CallerAuth::Jwt(callers.verifier.clone()));
+        process.server.authenticate(CallerAuth::Jwt(callers.verifier.clone()));
     }
-    let mut checks: Vec<Arc<dyn Readiness>> = Vec::new();
-    let mut tasks: Vec<JoinHandle<()>> = Vec::new();
-    let balance_store = BalanceStore::new(db.clone());
-    let cache = redis.as_ref().map(|client| {
-        BalanceCache::new(client.clone(), config.balance.cache_ttl_ms, config.balance.stale_ttl_ms)
-            .with_prefix(&config.balance.cache_prefix)
-    });
-    let mut consolidator = Consolidator::new(balance_store.clone());
-    if let Some(cache) = &cache {
-        // Every commit to the read model drops the cached answers it changed.
-        consolidator = consolidator.with_listener(Arc::new(Invalidator(cache.clone())));
-    }
-
     if runs(Target::Ledger) {
-        let store = LedgerStore::with_group_commit(
-            db.clone(),
-            GroupCommit { writers: config.ledger.writers, max_batch: config.ledger.max_batch },
-        );
-        let commits = store.commits();
-        let ledger = Ledger::new(store, config.time_zone()?);
-        server.add_service(fluxo_ledger::grpc::server(ledger, config.grpc.max_message_bytes)).await;
-        checks.push(Arc::new(fluxo_ledger::Readiness::new(db.clone())));
-        if config.relay.enabled {
-            let sink: Arc<dyn EventSink> = match &redis {
-                Some(client) => Arc::new(RedisSink::new(client.clone(), &config.consolidator.stream)),
-                // No Redis: the embedded default delivers events straight into the read model.
-                None => {
-                    checks.push(Arc::new(fluxo_balance::Readiness::new(db.clone())));
-                    Arc::new(InProcessSink::new(consolidator.clone()))
-                }
-            };
-            let relay = Relay::new(
-                db.clone(),
-                sink,
-                RelayConfig {
-                    batch_size: config.relay.batch_size,
-                    max_idle: Duration::from_millis(config.relay.max_idle_ms),
-                    retention: Duration::from_secs(config.relay.retention_hours * 3600),
-                },
-                commits,
-            );
-            tasks.push(tokio::spawn(relay.run(stopped(stop_rx.clone()))));
-        }
+        process.add_ledger().await?;
     }
     if runs(Target::Balance) {
-        let balances = Balances::new(balance_store.clone());
-        server
-            .add_service(fluxo_balance::grpc::server(balances, cache.clone(), config.grpc.max_message_bytes))
-            .await;
-        checks.push(Arc::new(fluxo_balance::Readiness::new(db.clone())));
+        process.add_balance().await;
     }
-    if runs(Target::Consolidator)
-        && let Some(client) = &redis
-    {
-        let settings = config.redis_config().context("redis settings")?;
-        // Blocking reads hold their connection; they get one of their own.
-        let reader = fluxo_queue::client(&fluxo_queue::RedisConfig {
-            command_timeout: Duration::from_millis(config.consolidator.block_ms) + settings.command_timeout,
-            ..settings
-        })?;
-        let names = config.stream_names();
-        let consumer = StreamConsumer::new(
-            reader,
-            client.clone(),
-            consolidator.clone(),
-            ConsumerConfig {
-                names: names.clone(),
-                consumer: consumer_name(&config),
-                batch_size: config.consolidator.batch_size,
-                block: Duration::from_millis(config.consolidator.block_ms),
-                claim_idle: Duration::from_millis(config.consolidator.claim_idle_ms),
-                max_deliveries: config.consolidator.max_deliveries,
-                trim_interval: Duration::from_millis(config.consolidator.trim_interval_ms),
-            },
-        );
-        checks.push(Arc::new(fluxo_balance::Readiness::new(db.clone())));
-        let client = client.clone();
-        let stop = stop_rx.clone();
-        tasks.push(tokio::spawn(async move {
-            // The group may not exist yet and Redis may be down: keep trying.
-            let mut attempt = 0u32;
-            while let Err(error) = ensure_group(&client, &names).await {
-                attempt += 1;
-                if attempt == 1 || attempt.is_multiple_of(10) {
-                    tracing::warn!(%error, "cannot create the consumer group yet; retrying");
-                }
-                tokio::select! {
-                    () = stopped(stop.clone()) => return,
-                    () = tokio::time::sleep(Duration::from_millis(500)) => {}
-                }
-            }
-            tracing::info!("consuming the ledger stream");
-            consumer.run(stopped(stop)).await;
-        }));
+    if runs(Target::Consolidator) {
+        process.add_consolidator()?;
     }
     let mut rest = None;
     if let (true, Some(callers)) = (runs(Target::Gateway), &callers) {
-        let gateway = gateway(&config, redis.clone(), addr, callers.verifier.clone())?;
-        let router = gateway.clone().router(cors(&config)?);
-        let listener = tokio::net::TcpListener::bind(config.gateway.listen)
-            .await
-            .with_context(|| format!("cannot listen on {} (gateway.listen)", config.gateway.listen))?;
-        let rest_addr = listener.local_addr()?;
-        let settings = fluxo_gateway::server::HttpSettings {
-            header_read_timeout: Duration::from_millis(config.gateway.header_read_timeout_ms),
-            drain_timeout: Duration::from_millis(config.grpc.shutdown_timeout_ms),
-        };
-        let delay = Duration::from_millis(config.grpc.shutdown_delay_ms);
-        let front = front_rx.clone();
-        let shutdown = async move {
-            stopped(front).await;
-            // /readyz answers 503 at once; requests are still served for the
-            // delay, while load balancers drop this endpoint.
-            gateway.drain();
-            tokio::time::sleep(delay).await;
-        };
-        let served = tokio::spawn(async move {
-            if let Err(error) = fluxo_gateway::server::serve(listener, router, settings, shutdown).await {
-                tracing::error!(%error, "the REST gateway stopped");
-            }
-        });
-        // The gRPC services keep accepting until the gateway has answered every
-        // REST request it took (under --target all it calls them on loopback).
-        server.keep_accepting_until(async move {
-            let _ = served.await;
-        });
-        rest = Some((rest_addr, callers.token.clone()));
+        rest = Some((
+            process.add_gateway(addr, callers.verifier.clone(), front_rx).await?,
+            callers.token.clone(),
+        ));
     }
+    let (mut server, checks, tasks) = process.finish();
     server.add_reflection(fluxo_proto::FILE_DESCRIPTOR_SET)?;
     tracing::info!(%addr, targets = %name, otlp = telemetry.exporting(), redis = redis.is_some(), "listening");
     banner(&config, &db, &name, addr, redis.is_some(), rest.as_ref());
+    if let Some(path) = &ready_file {
+        let (rest_addr, token) = rest.as_ref().map_or((None, None), |(a, t)| (Some(*a), t.as_deref()));
+        write_ready_file(path, &Ready { target: &name, grpc: addr, rest: rest_addr, token })?;
+    }
 
     let signal = async move {
         fluxo_server::shutdown_signal().await;
@@ -242,6 +166,178 @@ pub(crate) async fn serve(config: Config, target: Target) -> anyhow::Result<()> 
     }
     telemetry.shutdown();
     Ok(result?)
+}
+
+/// One process being wired: what its targets share (database, Redis, the
+/// gRPC server, the read model and its cache) and what they add to it (gRPC
+/// services, readiness checks, background tasks). One `add_*` per target.
+struct Process<'a> {
+    config: &'a Config,
+    db: Db,
+    redis: Option<fred::prelude::Client>,
+    server: GrpcServer,
+    checks: Vec<Arc<dyn Readiness>>,
+    // A part of this process reads or writes the read model: its readiness
+    // check is registered once, however many do.
+    needs_read_model: bool,
+    tasks: Vec<JoinHandle<()>>,
+    stop: watch::Receiver<bool>,
+    cache: Option<BalanceCache>,
+    consolidator: Consolidator,
+}
+
+impl<'a> Process<'a> {
+    fn new(
+        config: &'a Config,
+        db: Db,
+        redis: Option<fred::prelude::Client>,
+        server: GrpcServer,
+        stop: watch::Receiver<bool>,
+    ) -> Self {
+        let cache = redis.as_ref().map(|client| {
+            BalanceCache::new(client.clone(), config.balance.cache_ttl_ms, config.balance.stale_ttl_ms)
+                .with_prefix(&config.balance.cache_prefix)
+        });
+        let mut consolidator = Consolidator::new(BalanceStore::new(db.clone()));
+        if let Some(cache) = &cache {
+            // Every commit to the read model drops the cached answers it changed.
+            consolidator = consolidator.with_listener(Arc::new(Invalidator(cache.clone())));
+        }
+        Self {
+            config,
+            db,
+            redis,
+            server,
+            checks: Vec::new(),
+            needs_read_model: false,
+            tasks: Vec::new(),
+            stop,
+            cache,
+            consolidator,
+        }
+    }
+
+    /// The ledger's gRPC service and, unless switched off, its outbox relay:
+    /// to the Redis stream, or without Redis straight into the read model.
+    async fn add_ledger(&mut self) -> anyhow::Result<()> {
+        let config = self.config;
+        let store = LedgerStore::with_group_commit(
+            self.db.clone(),
+            GroupCommit { writers: config.ledger.writers, max_batch: config.ledger.max_batch },
+        );
+        let commits = store.commits();
+        let ledger = Ledger::new(store, config.time_zone()?);
+        self.server.add_service(fluxo_ledger::grpc::server(ledger, config.grpc.max_message_bytes)).await;
+        self.checks.push(Arc::new(fluxo_ledger::readiness(self.db.clone())));
+        if config.relay.enabled {
+            let sink: Arc<dyn EventSink> = match &self.redis {
+                Some(client) => Arc::new(RedisSink::new(client.clone(), &config.consolidator.stream)),
+                None => {
+                    self.needs_read_model = true;
+                    Arc::new(InProcessSink::new(self.consolidator.clone()))
+                }
+            };
+            let relay = Relay::new(self.db.clone(), sink, config.relay.relay_config(), commits);
+            self.tasks.push(tokio::spawn(relay.run(stopped(self.stop.clone()))));
+        }
+        Ok(())
+    }
+
+    /// The balance queries' gRPC service, over the shared cache.
+    async fn add_balance(&mut self) {
+        let balances = Balances::new(self.consolidator.store().clone());
+        let service =
+            fluxo_balance::grpc::server(balances, self.cache.clone(), self.config.grpc.max_message_bytes);
+        self.server.add_service(service).await;
+        self.needs_read_model = true;
+    }
+
+    /// A consumer of the Redis stream applying events to the read model
+    /// (nothing to add without Redis: the relay delivers in process then).
+    fn add_consolidator(&mut self) -> anyhow::Result<()> {
+        let Some(client) = self.redis.clone() else { return Ok(()) };
+        let config = self.config;
+        let settings = config.redis_config().context("redis settings")?;
+        // Blocking reads hold their connection; they get one of their own.
+        let reader = fluxo_queue::client(&fluxo_queue::RedisConfig {
+            command_timeout: Duration::from_millis(config.consolidator.block_ms) + settings.command_timeout,
+            ..settings
+        })?;
+        let names = config.stream_names();
+        let consumer = StreamConsumer::new(
+            reader,
+            client.clone(),
+            self.consolidator.clone(),
+            config.consolidator.consumer_config(names.clone(), consumer_name(config)),
+        );
+        self.needs_read_model = true;
+        let stop = self.stop.clone();
+        self.tasks.push(tokio::spawn(async move {
+            // The group may not exist yet and Redis may be down: keep trying.
+            let mut attempt = 0u32;
+            while let Err(error) = ensure_group(&client, &names).await {
+                attempt += 1;
+                if attempt == 1 || attempt.is_multiple_of(10) {
+                    tracing::warn!(%error, "cannot create the consumer group yet; retrying");
+                }
+                tokio::select! {
+                    () = stopped(stop.clone()) => return,
+                    () = tokio::time::sleep(Duration::from_millis(500)) => {}
+                }
+            }
+            tracing::info!("consuming the ledger stream");
+            consumer.run(stopped(stop)).await;
+        }));
+        Ok(())
+    }
+
+    /// The REST gateway, calling the gRPC services at `grpc` unless
+    /// configured elsewhere; drains when `front` fires. Its address.
+    async fn add_gateway(
+        &mut self,
+        grpc: std::net::SocketAddr,
+        verifier: fluxo_gateway::auth::Verifier,
+        front: watch::Receiver<bool>,
+    ) -> anyhow::Result<std::net::SocketAddr> {
+        let config = self.config;
+        let gateway = gateway(config, self.redis.clone(), grpc, verifier)?;
+        let router = gateway.clone().router(cors(config)?);
+        let listener = tokio::net::TcpListener::bind(config.gateway.listen)
+            .await
+            .with_context(|| format!("cannot listen on {} (gateway.listen)", config.gateway.listen))?;
+        let rest_addr = listener.local_addr()?;
+        let settings = fluxo_gateway::server::HttpSettings {
+            header_read_timeout: Duration::from_millis(config.gateway.header_read_timeout_ms),
+            drain_timeout: Duration::from_millis(config.grpc.shutdown_timeout_ms),
+        };
+        let delay = Duration::from_millis(config.grpc.shutdown_delay_ms);
+        let shutdown = async move {
+            stopped(front).await;
+            // /readyz answers 503 at once; requests are still served for the
+            // delay, while load balancers drop this endpoint.
+            gateway.drain();
+            tokio::time::sleep(delay).await;
+        };
+        let served = tokio::spawn(async move {
+            if let Err(error) = fluxo_gateway::server::serve(listener, router, settings, shutdown).await {
+                tracing::error!(%error, "the REST gateway stopped");
+            }
+        });
+        // The gRPC services keep accepting until the gateway has answered every
+        // REST request it took (under --target all it calls them on loopback).
+        self.server.keep_accepting_until(async move {
+            let _ = served.await;
+        });
+        Ok(rest_addr)
+    }
+
+    /// The server, every readiness check and the background tasks.
+    fn finish(mut self) -> (GrpcServer, Vec<Arc<dyn Readiness>>, Vec<JoinHandle<()>>) {
+        if self.needs_read_model {
+            self.checks.push(Arc::new(fluxo_balance::readiness(self.db.clone())));
+        }
+        (self.server, self.checks, self.tasks)
+    }
 }
 
 /// The keys tokens are verified with (REST, and gRPC under `grpc.auth = jwt`),
@@ -282,7 +378,7 @@ fn gateway(
     grpc: std::net::SocketAddr,
     verifier: fluxo_gateway::auth::Verifier,
 ) -> anyhow::Result<fluxo_gateway::Gateway> {
-    use fluxo_gateway::ratelimit::{Fallback, Limits, Rate, RateLimiter};
+    use fluxo_gateway::ratelimit::{Limits, Rate, RateLimiter};
     let g = &config.gateway;
     // Under --target all the services are in this process: call them on loopback.
     let local = format!("http://127.0.0.1:{}", grpc.port());
@@ -306,11 +402,7 @@ fn gateway(
                 shared: Rate { per_second: r.shared_per_second, burst: r.shared_burst },
                 unverified: rate(&r.unverified),
                 unverified_pool: rate(&r.unverified_shared),
-                fallback: match r.on_redis_error.as_str() {
-                    "allow" => Fallback::Allow,
-                    "deny" => Fallback::Deny,
-                    _ => Fallback::Local,
-                },
+                fallback: r.on_redis_error.into(),
             },
         )
     });
@@ -353,7 +445,7 @@ fn cors(config: &Config) -> anyhow::Result<Option<tower_http::cors::CorsLayer>> 
 }
 
 /// Applies every pending migration, retrying while the database is unreachable.
-pub(crate) async fn migrate(config: Config, wait_secs: u64) -> anyhow::Result<()> {
+pub async fn migrate(config: Config, wait_secs: u64) -> anyhow::Result<()> {
     let telemetry = telemetry(&config, "migrate")?;
     let db = connect_waiting(&config, wait_secs).await?;
     migrate_all(&db).await?;
@@ -386,7 +478,7 @@ async fn open_for_serving(config: &Config) -> anyhow::Result<Db> {
 }
 
 /// Connects, retrying for up to `wait_secs` while the database is unreachable.
-pub(crate) async fn connect_waiting(config: &Config, wait_secs: u64) -> anyhow::Result<Db> {
+pub async fn connect_waiting(config: &Config, wait_secs: u64) -> anyhow::Result<Db> {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(wait_secs);
     loop {
         let attempt = Db::connect(&config.db_config()).await;

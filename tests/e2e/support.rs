@@ -25,6 +25,32 @@ pub(crate) fn fluxo_command(data_dir: &Path, env: &[(&str, &str)]) -> Command {
     command
 }
 
+/// Polls for the JSON `fluxo serve --ready-file` writes once it serves,
+/// failing with what the process printed if it exits or `within` passes first.
+/// Lines read from `stderr` while waiting are kept in the failure message only.
+pub(crate) fn wait_for_ready_file(
+    path: &Path,
+    child: &mut Child,
+    stderr: &mpsc::Receiver<String>,
+    within: Duration,
+) -> serde_json::Value {
+    let deadline = Instant::now() + within;
+    let mut seen = Vec::new();
+    loop {
+        if let Ok(text) = std::fs::read_to_string(path) {
+            return serde_json::from_str(&text).unwrap_or_else(|e| panic!("ready file {text:?}: {e}"));
+        }
+        seen.extend(stderr.try_iter());
+        if let Some(status) = child.try_wait().unwrap() {
+            std::thread::sleep(Duration::from_millis(100));
+            seen.extend(stderr.try_iter());
+            panic!("fluxo exited ({status}) before it was ready; stderr:\n{}", seen.join("\n"));
+        }
+        assert!(Instant::now() < deadline, "fluxo not ready within {within:?}; stderr:\n{}", seen.join("\n"));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// A running `fluxo serve`.
 pub(crate) struct Fluxo {
     child: Option<Child>,
@@ -37,15 +63,18 @@ pub(crate) struct Fluxo {
 }
 
 impl Fluxo {
-    /// Starts `fluxo serve` and waits for its ready banner.
+    /// Starts `fluxo serve` and waits for its ready file.
     pub(crate) fn start(data_dir: &Path, env: &[(&str, &str)]) -> Self {
         Self::start_target(data_dir, "all", env)
     }
 
-    /// Starts `fluxo serve --target <target>` and waits for its ready banner.
+    /// Starts `fluxo serve --target <target>` and waits until it has written
+    /// its ready file (`--ready-file`), which says where it answers.
     pub(crate) fn start_target(data_dir: &Path, target: &str, env: &[(&str, &str)]) -> Self {
+        let ready_file = data_dir.join(format!("ready-{target}-{}.json", ulid::Ulid::new()));
         let mut child = fluxo_command(data_dir, env)
-            .args(["serve", "--target", target])
+            .args(["serve", "--target", target, "--ready-file"])
+            .arg(&ready_file)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -57,26 +86,10 @@ impl Fluxo {
                 let _ = tx.send(line);
             }
         });
-        let deadline = Instant::now() + Duration::from_secs(20);
-        let mut seen = Vec::new();
-        let (mut rest, mut token) = (None, None);
-        let addr = loop {
-            let line = rx
-                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-                .unwrap_or_else(|_| panic!("no ready banner; stderr so far:\n{}", seen.join("\n")));
-            let trimmed = line.trim();
-            if let Some(addr) = trimmed.strip_prefix("gRPC") {
-                break addr.split_whitespace().next().unwrap().to_owned();
-            }
-            if let Some(url) = trimmed.strip_prefix("REST") {
-                rest = url.split_whitespace().next().map(|u| u.trim_start_matches("http://").to_owned());
-            }
-            if let Some(t) = trimmed.strip_prefix("export FLUXO_TOKEN=") {
-                token = Some(t.to_owned());
-            }
-            seen.push(line);
-        };
-        Self { child: Some(child), addr, rest, token, stderr: rx }
+        let ready = wait_for_ready_file(&ready_file, &mut child, &rx, Duration::from_secs(20));
+        let text = |key: &str| ready[key].as_str().map(str::to_owned);
+        let addr = text("grpc").expect("a gRPC address in the ready file");
+        Self { child: Some(child), addr, rest: text("rest"), token: text("token"), stderr: rx }
     }
 
     /// Calls `method` with a JSON request: the JSON response, or grpcurl's error text.

@@ -345,19 +345,22 @@ impl Proc {
         let stdout = logs.join(format!("{target}.stdout"));
         let stderr = logs.join(format!("{target}.stderr"));
         let refs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        let ready_file = logs.join(format!("{target}.ready.json"));
         let child = fluxo_command(install.dir.path(), &refs)
-            .args(["serve", "--target", target])
+            .args(["serve", "--target", target, "--ready-file"])
+            .arg(&ready_file)
             .stdout(File::create(&stdout).unwrap())
             .stderr(File::create(&stderr).unwrap())
             .spawn()
             .expect("start fluxo");
         let deadline = Instant::now() + Duration::from_secs(30);
         let addr = loop {
-            let err = std::fs::read_to_string(&stderr).unwrap_or_default();
-            if let Some(addr) = err.lines().find_map(|l| l.trim().strip_prefix("gRPC")) {
-                break addr.split_whitespace().next().unwrap().to_owned();
+            if let Ok(ready) = std::fs::read_to_string(&ready_file) {
+                let ready: serde_json::Value = serde_json::from_str(&ready).unwrap();
+                break ready["grpc"].as_str().unwrap().to_owned();
             }
-            assert!(Instant::now() < deadline, "{target}: no ready banner; stderr:\n{err}");
+            let err = std::fs::read_to_string(&stderr).unwrap_or_default();
+            assert!(Instant::now() < deadline, "{target}: not ready; stderr:\n{err}");
             std::thread::sleep(Duration::from_millis(50));
         };
         Self { child, name: target.to_owned(), stdout, stderr, addr }

@@ -2,9 +2,12 @@
 //! committed money durable, and hides the one behavioural difference between
 //! them that the services must respect: SQLite admits one writer at a time.
 
+pub mod migration;
+
 use std::{path::Path, sync::Arc, time::Duration};
 
-use sea_orm::{ConnectOptions, DatabaseConnection, DbBackend, DbErr};
+pub use sea_orm::DbErr;
+use sea_orm::{ConnectOptions, DatabaseConnection, DbBackend};
 use secrecy::{ExposeSecret, SecretString};
 use tokio::sync::{Mutex, MutexGuard};
 
@@ -46,6 +49,77 @@ pub enum DbError {
         /// The driver's reason, with any URL credentials removed.
         reason: String,
     },
+}
+
+/// Why a store could not read or write, in terms a caller can act on. Every
+/// store of fluxo answers with this one enum; the gRPC edge maps it to a status
+/// in one place (`fluxo_server::status`).
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StoreError {
+    /// The database cannot be reached, or refused for a passing reason (a
+    /// deadlock, a serialization failure, a busy SQLite file): another attempt
+    /// may pass.
+    #[error("database unavailable: {0}")]
+    Unavailable(DbErr),
+    /// The database refused the statement (a constraint, a type).
+    #[error("database error: {0}")]
+    Failed(DbErr),
+    /// A sum would leave 64-bit minor units. `field` names the request field
+    /// whose value took it there, when a request did.
+    #[error("{message}")]
+    OutOfRange {
+        /// What passed the limit.
+        message: String,
+        /// The request field to blame, if any.
+        field: Option<&'static str>,
+    },
+    /// A stored row that no longer parses: a bug or a hand edit, never caller input.
+    #[error("stored {what} is unreadable: {reason}")]
+    Corrupt {
+        /// The row, e.g. `entry 01J…`.
+        what: String,
+        /// What did not parse.
+        reason: String,
+    },
+    /// A broken invariant inside the store: a bug, never the caller's fault.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl From<DbErr> for StoreError {
+    fn from(error: DbErr) -> Self {
+        match error {
+            DbErr::ConnectionAcquire(_) | DbErr::Conn(_) => Self::Unavailable(error),
+            other if is_transient(&other) => Self::Unavailable(other),
+            other => Self::Failed(other),
+        }
+    }
+}
+
+impl StoreError {
+    /// Whether another attempt may pass.
+    pub fn is_unavailable(&self) -> bool {
+        matches!(self, Self::Unavailable(_))
+    }
+
+    /// Whether the database refused a statement because a number left its
+    /// column's range (see [`is_out_of_range`]).
+    pub fn is_out_of_range(&self) -> bool {
+        match self {
+            Self::OutOfRange { .. } => true,
+            Self::Failed(e) => is_out_of_range(e),
+            _ => false,
+        }
+    }
+}
+
+/// Refusals that say nothing about the statement: a deadlock, a serialization
+/// failure, a timeout or a busy SQLite file. Another attempt may pass.
+pub fn is_transient(error: &DbErr) -> bool {
+    let text = error.to_string();
+    ["deadlock detected", "could not serialize", "canceling statement", "database is locked", "lock timeout"]
+        .iter()
+        .any(|t| text.contains(t))
 }
 
 /// An open database: a connection pool plus, for SQLite, the process-wide
@@ -212,21 +286,6 @@ pub fn statement(backend: DbBackend, sql: &str, values: Vec<sea_orm::Value>) -> 
         sql.to_owned()
     };
     sea_orm::Statement::from_sql_and_values(backend, sql, values)
-}
-
-/// A service's readiness: `db` answers and `schema_current` (the service's
-/// own migrator) says its schema is up to date. `Err` says why not.
-pub async fn readiness(
-    db: &Db,
-    component: &str,
-    schema_current: impl Future<Output = Result<bool, DbErr>>,
-) -> Result<(), String> {
-    db.ping().await.map_err(|e| format!("database unreachable: {e}"))?;
-    match schema_current.await {
-        Ok(true) => Ok(()),
-        Ok(false) => Err(format!("the {component} schema is not current: run `fluxo migrate`")),
-        Err(e) => Err(format!("cannot read the {component} schema version: {e}")),
-    }
 }
 
 /// `PostgreSQL` or `SQLite`, for messages.

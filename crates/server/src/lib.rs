@@ -15,6 +15,7 @@
 mod admission;
 pub mod identity;
 mod malformed;
+pub mod status;
 
 use std::{convert::Infallible, future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
@@ -34,6 +35,34 @@ pub const LIVENESS_SERVICE: &str = "liveness";
 pub trait Readiness: Send + Sync + 'static {
     /// `Ok` when ready; otherwise why not, for the logs.
     async fn check(&self) -> Result<(), String>;
+}
+
+/// Ready when the database answers and every migration of `M` (a service's
+/// migrator) is applied.
+pub struct SchemaReadiness<M> {
+    db: fluxo_db::Db,
+    component: &'static str,
+    migrator: std::marker::PhantomData<fn() -> M>,
+}
+
+impl<M> SchemaReadiness<M> {
+    /// Checks `db` for the schema of `component` (`ledger`, `balance`: named in the reason).
+    pub fn new(db: fluxo_db::Db, component: &'static str) -> Self {
+        Self { db, component, migrator: std::marker::PhantomData }
+    }
+}
+
+impl<M> std::fmt::Debug for SchemaReadiness<M> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SchemaReadiness").field("component", &self.component).finish_non_exhaustive()
+    }
+}
+
+#[async_trait::async_trait]
+impl<M: sea_orm_migration::MigratorTrait + 'static> Readiness for SchemaReadiness<M> {
+    async fn check(&self) -> Result<(), String> {
+        fluxo_db::migration::readiness::<M>(&self.db, self.component).await
+    }
 }
 
 /// Ready when every one of its checks is.

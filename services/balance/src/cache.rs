@@ -95,10 +95,9 @@ pub enum Lookup {
     Miss(String),
 }
 
-// Every fred command is a future of about 5 KB. Awaited in place it makes every
+// Every fred command is a future of kilobytes. Awaited in place it makes every
 // enclosing future (down to the one tonic boxes per call) as large, and each is
-// moved — copied — on its way: memmove was ~15% of the balance service's CPU at
-// its maximum. Boxed, it is copied once and its callers stay small.
+// moved — copied — on its way. Boxed, it is copied once and its callers stay small.
 
 /// The shared balance cache.
 #[derive(Clone)]

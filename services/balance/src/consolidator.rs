@@ -146,10 +146,7 @@ pub fn decode(event: &StreamEvent) -> Result<Posting, ApplyError> {
         date,
         direction,
         amount: money.minor_units(),
-        committed_at_micros: committed
-            .seconds
-            .saturating_mul(1_000_000)
-            .saturating_add(i64::from(committed.nanos / 1_000)),
+        committed_at_micros: fluxo_proto::time::to_micros(&committed),
     })
 }
 

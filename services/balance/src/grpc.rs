@@ -8,13 +8,11 @@ use std::{future::Future, sync::Arc};
 
 use bytes::Bytes;
 use prost::Message;
-use tonic::{Code, Request, Response, Status};
-use tonic_types::{ErrorDetails, StatusExt};
+use tonic::{Request, Response, Status};
 
 use crate::{
     cache::{BalanceCache, CacheKey, Loaded, Lookup},
     query::{BalanceView, Balances, QueryError},
-    store::StoreError,
 };
 
 /// `fluxo.balance.v1.BalanceService` over [`Balances`], with an optional shared cache.
@@ -46,10 +44,7 @@ pub(crate) fn message(view: &BalanceView) -> pb::DailyBalance {
         opening_balance_minor: view.day.opening,
         closing_balance_minor: view.day.closing,
         entry_count: view.day.count,
-        as_of: view.as_of_micros.map(|us| prost_types::Timestamp {
-            seconds: us.div_euclid(1_000_000),
-            nanos: i32::try_from(us.rem_euclid(1_000_000) * 1_000).unwrap_or(0),
-        }),
+        as_of: view.as_of_micros.map(fluxo_proto::time::from_micros),
         possibly_stale: view.missing_events,
     }
 }
@@ -61,34 +56,10 @@ impl From<QueryError> for Status {
 }
 
 fn status(error: &QueryError) -> Status {
-    {
-        let text = error.to_string();
-        match error {
-            QueryError::Invalid(violations) => {
-                let mut details = ErrorDetails::new();
-                for v in violations.list() {
-                    details.add_bad_request_violation(v.field.clone(), v.description.clone());
-                }
-                Status::with_error_details(Code::InvalidArgument, text, details)
-            }
-            QueryError::NoBalances(_) => Status::not_found(text),
-            // Retryable, and never a guessed number.
-            QueryError::Store(StoreError::Unavailable(cause)) => {
-                tracing::warn!(error = %cause, "read model unavailable");
-                Status::unavailable("the balance database is unavailable; retry later")
-            }
-            // Sums past 64 bits (the ledger refuses entries that would get there,
-            // so only a read model written before that limit can hold them): the
-            // caller asked for a number fluxo cannot express, not a server fault.
-            QueryError::Store(StoreError::Overflow(_)) => Status::out_of_range(text),
-            QueryError::Store(StoreError::Failed(cause)) if fluxo_db::is_out_of_range(cause) => {
-                Status::out_of_range("a balance of this merchant passes 64-bit minor units")
-            }
-            QueryError::Store(cause) => {
-                tracing::error!(error = %cause, "read model failure");
-                Status::internal("internal error")
-            }
-        }
+    match error {
+        QueryError::Invalid(violations) => fluxo_server::status::invalid(error.to_string(), violations),
+        QueryError::NoBalances(_) => Status::not_found(error.to_string()),
+        QueryError::Store(cause) => fluxo_server::status::store("balance", cause),
     }
 }
 
@@ -130,7 +101,7 @@ impl BalanceGrpc {
         };
         match cache.load_once(&key, &generation, load).await {
             Ok(answer) => Ok((answer, false)),
-            Err(error) if matches!(*error, QueryError::Store(StoreError::Unavailable(_))) => {
+            Err(error) if matches!(&*error, QueryError::Store(e) if e.is_unavailable()) => {
                 match cache.last_known(&key).await {
                     Ok(Some(answer)) => Ok((answer, true)),
                     _ => Err(status(&error)),

@@ -19,23 +19,7 @@ pub use consolidator::{ApplyError, Consolidator, InProcessSink, OnApplied};
 pub use query::Balances;
 pub use store::{BalanceStore, Migrator};
 
-/// Readiness of a balance-side target: the database answers and the read
-/// model's schema is current.
-#[derive(Debug, Clone)]
-pub struct Readiness {
-    db: Db,
-}
-
-impl Readiness {
-    /// Checks `db`.
-    pub fn new(db: Db) -> Self {
-        Self { db }
-    }
-}
-
-#[async_trait::async_trait]
-impl fluxo_server::Readiness for Readiness {
-    async fn check(&self) -> Result<(), String> {
-        fluxo_db::readiness(&self.db, "balance", BalanceStore::schema_is_current(&self.db)).await
-    }
+/// Readiness of a balance-side target: the database answers and the balance schema is current.
+pub fn readiness(db: Db) -> fluxo_server::SchemaReadiness<Migrator> {
+    fluxo_server::SchemaReadiness::new(db, "balance")
 }

@@ -58,20 +58,25 @@ impl Balances {
         Self { store }
     }
 
-    async fn currency(&self, target: &Target) -> Result<String, QueryError> {
+    async fn currency(&self, target: &Target) -> Result<Currency, QueryError> {
         if let Some(c) = target.currency {
-            return Ok(c.code().to_owned());
+            return Ok(c);
         }
-        let merchant = target.merchant.as_str();
+        let merchant = &target.merchant;
         let mut currencies = self.store.currencies(merchant).await?;
         match currencies.len() {
-            0 => Err(QueryError::NoBalances(merchant.to_owned())),
+            0 => Err(QueryError::NoBalances(merchant.as_str().to_owned())),
             1 => Ok(currencies.remove(0)),
             _ => {
+                let codes: Vec<&str> = currencies.iter().map(Currency::code).collect();
                 let mut v = Violations::default();
                 v.add(
                     "currency_code",
-                    format!("is required: merchant {merchant} has balances in {}", currencies.join(", ")),
+                    format!(
+                        "is required: merchant {} has balances in {}",
+                        merchant.as_str(),
+                        codes.join(", ")
+                    ),
                 );
                 Err(QueryError::Invalid(v))
             }
@@ -133,21 +138,21 @@ impl Balances {
         end: NaiveDate,
     ) -> Result<Vec<BalanceView>, QueryError> {
         let currency = self.currency(target).await?;
-        let merchant = target.merchant.as_str();
+        let merchant = &target.merchant;
         let (opening, as_of) = self.store.opening(merchant, &currency, start).await?;
         let days = self.store.days(merchant, &currency, start, end).await?;
         let parked_since = self.store.parked_since(merchant).await?;
         let report = report(opening, &days, start, end).ok_or_else(|| {
-            StoreError::Overflow(crate::domain::Overflow {
-                merchant_id: merchant.to_owned(),
-                currency: currency.clone(),
+            StoreError::from(crate::domain::Overflow {
+                merchant_id: merchant.as_str().to_owned(),
+                currency: currency.code().to_owned(),
             })
         })?;
         Ok(report
             .into_iter()
             .map(|day| BalanceView {
-                merchant_id: merchant.to_owned(),
-                currency: currency.clone(),
+                merchant_id: merchant.as_str().to_owned(),
+                currency: currency.code().to_owned(),
                 missing_events: parked_since.is_some_and(|since| day.date >= since),
                 day,
                 as_of_micros: as_of,

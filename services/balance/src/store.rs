@@ -7,45 +7,19 @@ use std::collections::{BTreeMap, BTreeSet, HashSet};
 
 use chrono::NaiveDate;
 use fluxo_db::{Db, statement};
+use fluxo_types::{Currency, MerchantId};
 use sea_orm::{ConnectionTrait, DbErr, Statement, TransactionTrait, Value};
-use sea_orm_migration::MigratorTrait;
 
 pub use migrations::Migrator;
 
 use crate::domain::{DayKey, DayTotals, Delta, Overflow, Posting, fold};
 
-/// Why the read model could not be read or written.
-#[derive(Debug, thiserror::Error)]
-pub enum StoreError {
-    /// The database cannot be reached right now.
-    #[error("database unavailable: {0}")]
-    Unavailable(DbErr),
-    /// The database refused the statement (a constraint, an overflow).
-    #[error("database error: {0}")]
-    Failed(DbErr),
-    /// A sum would leave the exact range.
-    #[error(transparent)]
-    Overflow(#[from] Overflow),
-}
+pub use fluxo_db::StoreError;
 
-impl From<DbErr> for StoreError {
-    fn from(error: DbErr) -> Self {
-        match error {
-            DbErr::ConnectionAcquire(_) | DbErr::Conn(_) => Self::Unavailable(error),
-            other if is_transient(&other) => Self::Unavailable(other),
-            other => Self::Failed(other),
-        }
+impl From<Overflow> for StoreError {
+    fn from(overflow: Overflow) -> Self {
+        Self::OutOfRange { message: overflow.to_string(), field: None }
     }
-}
-
-/// Refusals that say nothing about the event: a deadlock, a serialization
-/// failure, a timeout or a busy SQLite file. Another attempt may pass, so they
-/// are retried, never parked.
-fn is_transient(error: &DbErr) -> bool {
-    let text = error.to_string();
-    ["deadlock detected", "could not serialize", "canceling statement", "database is locked", "lock timeout"]
-        .iter()
-        .any(|t| text.contains(t))
 }
 
 /// An event the read model refused, kept aside.
@@ -101,12 +75,12 @@ impl BalanceStore {
 
     /// Creates or upgrades the read model's tables.
     pub async fn migrate(db: &Db) -> Result<(), DbErr> {
-        Migrator::up(db.conn(), None).await
+        fluxo_db::migration::migrate::<Migrator>(db).await
     }
 
     /// True when every read-model migration has been applied.
     pub async fn schema_is_current(db: &Db) -> Result<bool, DbErr> {
-        Ok(Migrator::get_pending_migrations(db.conn()).await?.is_empty())
+        fluxo_db::migration::schema_is_current::<Migrator>(db).await
     }
 
     /// Applies `postings` in one transaction: each event is recorded as
@@ -221,39 +195,47 @@ impl BalanceStore {
 
     /// The earliest business date of the merchant's parked events: its
     /// balances from that day on may be missing them.
-    pub async fn parked_since(&self, merchant_id: &str) -> Result<Option<NaiveDate>, StoreError> {
+    pub async fn parked_since(&self, merchant: &MerchantId) -> Result<Option<NaiveDate>, StoreError> {
         let row = self
             .db
             .conn()
             .query_one_raw(statement(
                 self.db.backend(),
                 "SELECT MIN(booking_date) FROM balance_parked_events WHERE merchant_id = ?",
-                vec![merchant_id.into()],
+                vec![merchant.as_str().into()],
             ))
             .await?;
         Ok(row.map(|r| r.try_get_by_index::<Option<NaiveDate>>(0)).transpose()?.flatten())
     }
 
     /// The currencies a merchant has balances in.
-    pub async fn currencies(&self, merchant_id: &str) -> Result<Vec<String>, StoreError> {
+    pub async fn currencies(&self, merchant: &MerchantId) -> Result<Vec<Currency>, StoreError> {
         let rows = self
             .db
             .conn()
             .query_all_raw(statement(
                 self.db.backend(),
                 "SELECT DISTINCT currency_code FROM balance_daily WHERE merchant_id = ? ORDER BY currency_code",
-                vec![merchant_id.into()],
+                vec![merchant.as_str().into()],
             ))
             .await?;
-        Ok(rows.iter().map(|r| r.try_get_by_index::<String>(0)).collect::<Result<_, _>>()?)
+        rows.iter()
+            .map(|r| {
+                let code = r.try_get_by_index::<String>(0)?;
+                Currency::parse(&code).map_err(|e| StoreError::Corrupt {
+                    what: format!("currency of merchant {}", merchant.as_str()),
+                    reason: e.to_string(),
+                })
+            })
+            .collect()
     }
 
     /// The balance carried into `start` and the newest commit reflected in
     /// this merchant's balance in this currency.
     pub async fn opening(
         &self,
-        merchant_id: &str,
-        currency: &str,
+        merchant: &MerchantId,
+        currency: &Currency,
         start: NaiveDate,
     ) -> Result<(i64, Option<i64>), StoreError> {
         let row = self
@@ -263,7 +245,7 @@ impl BalanceStore {
                 self.db.backend(),
                 "SELECT CAST(COALESCE(SUM(CASE WHEN booking_date < ? THEN credits_minor - debits_minor ELSE 0 END), 0) AS BIGINT), \
                  MAX(as_of_micros) FROM balance_daily WHERE merchant_id = ? AND currency_code = ?",
-                vec![start.into(), merchant_id.into(), currency.into()],
+                vec![start.into(), merchant.as_str().into(), currency.code().into()],
             ))
             .await?;
         match row {
@@ -275,8 +257,8 @@ impl BalanceStore {
     /// Stored totals for each day with entries between `start` and `end`.
     pub async fn days(
         &self,
-        merchant_id: &str,
-        currency: &str,
+        merchant: &MerchantId,
+        currency: &Currency,
         start: NaiveDate,
         end: NaiveDate,
     ) -> Result<BTreeMap<NaiveDate, DayTotals>, StoreError> {
@@ -288,7 +270,7 @@ impl BalanceStore {
                 "SELECT booking_date, credits_minor, debits_minor, entry_count FROM balance_daily \
                  WHERE merchant_id = ? AND currency_code = ? AND booking_date >= ? AND booking_date <= ? \
                  ORDER BY booking_date",
-                vec![merchant_id.into(), currency.into(), start.into(), end.into()],
+                vec![merchant.as_str().into(), currency.code().into(), start.into(), end.into()],
             ))
             .await?;
         rows.iter().map(|r| Ok((r.try_get_by_index::<NaiveDate>(0)?, day_totals(r, 1)?))).collect()

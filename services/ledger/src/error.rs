@@ -1,7 +1,6 @@
-use crate::{
-    domain::{EntryId, RequestId, ReversalRefused, Violations},
-    store::StoreError,
-};
+use fluxo_db::StoreError;
+
+use crate::domain::{EntryId, RequestId, ReversalRefused, Violations};
 
 /// Everything a ledger operation can answer besides success.
 #[derive(Debug, thiserror::Error)]
@@ -29,10 +28,7 @@ pub enum LedgerError {
     /// A concurrent transaction got in the way; retrying is safe.
     #[error("{0}")]
     Contention(String),
-    /// The database failed.
+    /// The store failed (see [`StoreError`]).
     #[error(transparent)]
     Store(#[from] StoreError),
-    /// A broken invariant: a bug, never the caller's fault.
-    #[error("internal error: {0}")]
-    Internal(String),
 }

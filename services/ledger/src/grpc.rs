@@ -9,9 +9,8 @@ use fluxo_proto::ledger_v1::{
 use tonic::{Request, Response, Status};
 
 use crate::{
-    Ledger,
+    Booked, Ledger,
     domain::{EntryKind, KindError, RecordCommand, ReverseCommand},
-    store::Booked,
     wire,
 };
 

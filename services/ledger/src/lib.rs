@@ -17,25 +17,10 @@ mod wire;
 use fluxo_db::Db;
 
 pub use error::LedgerError;
-pub use service::{EntryPage, Ledger};
+pub use service::{Booked, EntryPage, Ledger};
 pub use store::{GroupCommit, LedgerStore, Migrator};
 
-/// The ledger's readiness: the database answers and its schema is current.
-#[derive(Debug, Clone)]
-pub struct Readiness {
-    db: Db,
-}
-
-impl Readiness {
-    /// Checks `db`.
-    pub fn new(db: Db) -> Self {
-        Self { db }
-    }
-}
-
-#[async_trait::async_trait]
-impl fluxo_server::Readiness for Readiness {
-    async fn check(&self) -> Result<(), String> {
-        fluxo_db::readiness(&self.db, "ledger", LedgerStore::schema_is_current(&self.db)).await
-    }
+/// Readiness of a ledger target: the database answers and the ledger schema is current.
+pub fn readiness(db: Db) -> fluxo_server::SchemaReadiness<Migrator> {
+    fluxo_server::SchemaReadiness::new(db, "ledger")
 }

@@ -22,9 +22,14 @@ use chrono::{DateTime, Utc};
 use fluxo_db::{Db, statement};
 use fluxo_queue::{EventSink, StreamEvent};
 use fluxo_telemetry::opentelemetry::metrics::ObservableGauge;
-use sea_orm::{ConnectionTrait, DbBackend, DbErr, TransactionTrait, Value};
+use sea_orm::{
+    ColumnTrait, ConnectionTrait, DbBackend, DbErr, EntityTrait, QueryFilter, QueryOrder, QuerySelect,
+    TransactionTrait, sea_query::Expr,
+};
 use tokio::sync::Notify;
 use tracing::Instrument;
+
+use crate::store::schema::outbox;
 
 /// How often the relay measures the backlog for its gauges.
 const BACKLOG_INTERVAL: Duration = Duration::from_secs(5);
@@ -212,7 +217,8 @@ impl Relay {
         }
     }
 
-    /// Claims and marks a batch in one statement, publishes it, then commits:
+    /// Claims and marks a batch in one statement, publishes it, then commits
+    /// (SQL by hand: the query builder has no `UPDATE … FROM` a locking subquery):
     /// the rows stay locked (other relays skip them) until the commit, and a
     /// failed publish rolls the marks back. One statement instead of a locking
     /// read and an update per pass: each row is written once, not locked and
@@ -250,17 +256,13 @@ impl Relay {
         // One process owns an SQLite file, so one relay: no claim needed. No
         // transaction is held while publishing, because the in-process sink
         // writes the read model in the same file.
-        let rows = self
-            .db
-            .conn()
-            .query_all_raw(statement(
-                DbBackend::Sqlite,
-                "SELECT position, event_id, payload, traceparent, tracestate FROM ledger_outbox \
-                 WHERE published_at IS NULL ORDER BY position LIMIT ?",
-                vec![i64::from(self.config.batch_size).into()],
-            ))
+        let rows = outbox::Entity::find()
+            .filter(outbox::Column::PublishedAt.is_null())
+            .order_by_asc(outbox::Column::Position)
+            .limit(u64::from(self.config.batch_size))
+            .all(self.db.conn())
             .await?;
-        let events = decode(&rows)?;
+        let events: Vec<StreamEvent> = rows.into_iter().map(stream_event).collect();
         if events.is_empty() {
             return Ok(0);
         }
@@ -279,33 +281,26 @@ impl Relay {
     async fn delete_published(&self) -> Result<u64, DbErr> {
         let cutoff = Utc::now() - chrono::Duration::from_std(self.config.retention).unwrap_or_default();
         let _writer = self.db.write_guard().await;
-        let result = self
-            .db
-            .conn()
-            .execute_raw(statement(
-                self.db.backend(),
-                "DELETE FROM ledger_outbox WHERE published_at IS NOT NULL AND published_at < ?",
-                vec![cutoff.into()],
-            ))
+        let result = outbox::Entity::delete_many()
+            .filter(outbox::Column::PublishedAt.is_not_null())
+            .filter(outbox::Column::PublishedAt.lt(cutoff))
+            .exec(self.db.conn())
             .await?;
-        Ok(result.rows_affected())
+        Ok(result.rows_affected)
     }
 }
 
 /// Unpublished events and the age of the oldest, for operators and metrics.
 pub async fn backlog(db: &Db) -> Result<Backlog, DbErr> {
-    let row = db
-        .conn()
-        .query_one_raw(statement(
-            db.backend(),
-            "SELECT COUNT(*), MIN(created_at) FROM ledger_outbox WHERE published_at IS NULL",
-            vec![],
-        ))
-        .await?;
-    let (events, oldest) = match row {
-        Some(r) => (r.try_get_by_index::<i64>(0)?, r.try_get_by_index::<Option<DateTime<Utc>>>(1)?),
-        None => (0, None),
-    };
+    let (events, oldest): (i64, Option<DateTime<Utc>>) = outbox::Entity::find()
+        .select_only()
+        .column_as(outbox::Column::Position.count(), "events")
+        .column_as(outbox::Column::CreatedAt.min(), "oldest")
+        .filter(outbox::Column::PublishedAt.is_null())
+        .into_tuple()
+        .one(db.conn())
+        .await?
+        .unwrap_or_default();
     let oldest_age = oldest.map(|t| (Utc::now() - t).to_std().unwrap_or_default()).unwrap_or_default();
     Ok(Backlog { events, oldest_age })
 }
@@ -326,10 +321,21 @@ fn decode(rows: &[sea_orm::QueryResult]) -> Result<Vec<StreamEvent>, DbErr> {
 
 /// Marks `events` published (SQLite; PostgreSQL marks them as it claims them).
 async fn mark_published(txn: &sea_orm::DatabaseTransaction, events: &[StreamEvent]) -> Result<(), DbErr> {
-    let placeholders = vec!["?"; events.len()].join(", ");
-    let mut values: Vec<Value> = vec![Utc::now().into()];
-    values.extend(events.iter().map(|e| Value::from(e.position)));
-    let update = format!("UPDATE ledger_outbox SET published_at = ? WHERE position IN ({placeholders})");
-    txn.execute_raw(statement(DbBackend::Sqlite, &update, values)).await?;
+    outbox::Entity::update_many()
+        .col_expr(outbox::Column::PublishedAt, Expr::value(Utc::now()))
+        .filter(outbox::Column::Position.is_in(events.iter().map(|e| e.position)))
+        .exec(txn)
+        .await?;
     Ok(())
+}
+
+/// An outbox row as the stream carries it.
+fn stream_event(row: outbox::Model) -> StreamEvent {
+    StreamEvent {
+        position: row.position,
+        event_id: row.event_id,
+        payload: Bytes::from(row.payload),
+        traceparent: row.traceparent,
+        tracestate: row.tracestate,
+    }
 }

@@ -7,8 +7,40 @@ use crate::{
         decide_reversal,
     },
     error::LedgerError,
-    store::{Booked, LedgerStore},
+    store::{Booking, LedgerStore, Reversal},
 };
+
+/// What booking a request did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Booked {
+    /// A new entry was committed.
+    New(Entry),
+    /// The key had booked this entry already, for the same request.
+    Replayed(Entry),
+}
+
+impl Booked {
+    /// The entry, new or original.
+    pub fn entry(&self) -> &Entry {
+        match self {
+            Self::New(e) | Self::Replayed(e) => e,
+        }
+    }
+
+    /// The answer to a booking: the store's outcome, or why the request is refused.
+    fn from_store(booking: Booking) -> Result<Self, LedgerError> {
+        match booking {
+            Booking::New(entry) => Ok(Self::New(entry)),
+            Booking::Replayed(entry) => Ok(Self::Replayed(entry)),
+            Booking::KeyReused { request_id, entry_id } => {
+                Err(LedgerError::KeyReused { request_id, entry_id })
+            }
+            Booking::KeyReleased => {
+                Err(LedgerError::Contention("the idempotency key was released concurrently; retry".into()))
+            }
+        }
+    }
+}
 
 /// The ledger's use cases: parse the command, apply the rules, store the result.
 #[derive(Debug, Clone)]
@@ -40,18 +72,24 @@ impl Ledger {
     /// Books an entry, or replays the one its key booked before.
     pub async fn record(&self, command: RecordCommand<'_>) -> Result<Booked, LedgerError> {
         let (entry, fingerprint) = command.parse(self.today()).map_err(LedgerError::Invalid)?;
-        self.store.record(entry, &fingerprint).await
+        Booked::from_store(self.store.record(entry, &fingerprint).await?)
     }
 
     /// Books the reversal of an entry, or replays the one its key booked before.
     pub async fn reverse(&self, command: ReverseCommand<'_>) -> Result<Booked, LedgerError> {
         let request = command.parse(self.today()).map_err(LedgerError::Invalid)?;
         let idempotency = request.idempotency.as_ref().map(|(key, fp)| (key, fp));
-        self.store
+        let reversal = self
+            .store
             .reverse(&request.merchant_id, request.entry_id, idempotency, |original| {
-                Ok(decide_reversal(original, &request)?)
+                decide_reversal(original, &request)
             })
-            .await
+            .await?;
+        match reversal {
+            Reversal::Booked(booking) => Booked::from_store(booking),
+            Reversal::NotFound => Err(LedgerError::NotFound { entry_id: request.entry_id }),
+            Reversal::Refused(refused) => Err(LedgerError::Refused(refused)),
+        }
     }
 
     /// One entry.

@@ -4,7 +4,7 @@
 
 mod group;
 mod migrations;
-mod schema;
+pub(crate) mod schema;
 
 use std::sync::Arc;
 
@@ -17,7 +17,6 @@ use sea_orm::{
     QueryOrder, QuerySelect, SqlErr, TransactionTrait,
     sea_query::OnConflict,
 };
-use sea_orm_migration::MigratorTrait;
 use tokio::sync::Notify;
 
 pub use group::GroupCommit;
@@ -27,67 +26,61 @@ use schema::{entry, idempotency_key, outbox};
 use crate::{
     domain::{
         BookingDate, Currency, DateRange, Description, Entry, EntryId, EntryKind, Fingerprint, MerchantId,
-        Money, NewEntry, PageCursor, PageRequest, RequestId,
+        Money, NewEntry, PageCursor, PageRequest, RequestId, ReversalRefused,
     },
-    error::LedgerError,
     wire,
 };
 
-/// Why the store failed, in terms a caller can act on.
-#[derive(Debug, Clone, thiserror::Error)]
-pub enum StoreError {
-    /// The database cannot be reached right now; the call may be retried.
-    #[error("database unavailable: {0}")]
-    Unavailable(DbErr),
-    /// Anything else the database refused.
-    #[error("database error: {0}")]
-    Failed(DbErr),
-    /// Booking would take the merchant's all-time credits or debits in a
-    /// currency past 64-bit minor units: more than the daily balances can hold.
-    #[error("the total {kind} of merchant {merchant_id} in {currency} would pass {max} minor units", max = i64::MAX)]
-    LimitExceeded {
-        /// The merchant.
-        merchant_id: String,
-        /// The currency.
-        currency: String,
-        /// `credits` or `debits`.
-        kind: &'static str,
-    },
-    /// A stored row that no longer parses: a bug or a hand edit, never caller input.
-    #[error("stored entry {id} is unreadable: {reason}")]
-    Corrupt {
-        /// The entry id.
-        id: String,
-        /// What did not parse.
-        reason: String,
-    },
-}
+pub use fluxo_db::StoreError;
 
-impl From<DbErr> for StoreError {
-    fn from(error: DbErr) -> Self {
-        match error {
-            DbErr::ConnectionAcquire(_) | DbErr::Conn(_) => Self::Unavailable(error),
-            other => Self::Failed(other),
-        }
-    }
-}
-
-/// What booking a request did.
+/// What the store did with a booking under an idempotency key.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Booked {
+pub enum Booking {
     /// A new entry was committed.
     New(Entry),
     /// The key had booked this entry already, for the same request.
     Replayed(Entry),
+    /// The key had booked a different request.
+    KeyReused {
+        /// The key.
+        request_id: RequestId,
+        /// The entry it booked.
+        entry_id: String,
+    },
+    /// The key was held by a transaction that rolled back while this one
+    /// waited for it: nothing is booked, and a retry may book.
+    KeyReleased,
 }
 
-impl Booked {
-    /// The entry, new or original.
-    pub fn entry(&self) -> &Entry {
-        match self {
-            Self::New(e) | Self::Replayed(e) => e,
-        }
+/// What the store did with a reversal.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reversal {
+    /// Booked or replayed (see [`Booking`]).
+    Booked(Booking),
+    /// The merchant has no such entry.
+    NotFound,
+    /// The ledger's rules refused it.
+    Refused(ReversalRefused),
+}
+
+/// Booking would take a merchant's all-time credits or debits in a currency
+/// past 64-bit minor units: more than the daily balances can hold.
+pub(crate) fn limit_exceeded(merchant: &str, currency: &str, kind: EntryKind) -> StoreError {
+    let kind = match kind {
+        EntryKind::Credit => "credits",
+        EntryKind::Debit => "debits",
+    };
+    StoreError::OutOfRange {
+        message: format!(
+            "the total {kind} of merchant {merchant} in {currency} would pass {} minor units",
+            i64::MAX
+        ),
+        field: Some("amount.minor_units"),
     }
+}
+
+fn corrupt(id: &str, reason: impl ToString) -> StoreError {
+    StoreError::Corrupt { what: format!("entry {id}"), reason: reason.to_string() }
 }
 
 /// The ledger's tables.
@@ -119,24 +112,24 @@ impl LedgerStore {
 
     /// Creates or upgrades the ledger's tables.
     pub async fn migrate(db: &Db) -> Result<(), DbErr> {
-        Migrator::up(db.conn(), None).await
+        fluxo_db::migration::migrate::<Migrator>(db).await
     }
 
     /// True when every migration this build knows has been applied.
     pub async fn schema_is_current(db: &Db) -> Result<bool, DbErr> {
-        Ok(Migrator::get_pending_migrations(db.conn()).await?.is_empty())
+        fluxo_db::migration::schema_is_current::<Migrator>(db).await
     }
 
     /// Books `new` under its idempotency key: the entry, the key and the outbox
-    /// event commit together. A key already used returns the original entry
-    /// when `fingerprint` matches, and [`LedgerError::KeyReused`] otherwise.
-    pub async fn record(&self, new: NewEntry, fingerprint: &Fingerprint) -> Result<Booked, LedgerError> {
+    /// event commit together. A key used before replays its entry when
+    /// `fingerprint` matches (see [`Booking`]).
+    pub async fn record(&self, new: NewEntry, fingerprint: &Fingerprint) -> Result<Booking, StoreError> {
         let Some(key) = new.request_id.clone() else {
-            return Err(LedgerError::Internal("record without an idempotency key".into()));
+            return Err(StoreError::Internal("record without an idempotency key".into()));
         };
         let merchant = new.merchant_id.clone();
         match self.writers.book(new, fingerprint).await? {
-            group::Outcome::Booked(entry) => Ok(Booked::New(entry)),
+            group::Outcome::Booked(entry) => Ok(Booking::New(entry)),
             // Boxed: a database read is a future of kilobytes, and in place it would
             // make every booking's future (copied on each move) as large.
             group::Outcome::KeyTaken => Box::pin(self.replay(&merchant, &key, fingerprint)).await,
@@ -150,20 +143,21 @@ impl LedgerStore {
         merchant: &MerchantId,
         entry_id: EntryId,
         idempotency: Option<(&RequestId, &Fingerprint)>,
-        decide: impl FnOnce(&Entry) -> Result<NewEntry, LedgerError>,
-    ) -> Result<Booked, LedgerError> {
+        decide: impl FnOnce(&Entry) -> Result<NewEntry, ReversalRefused>,
+    ) -> Result<Reversal, StoreError> {
         if let Some((key, fingerprint)) = idempotency {
             // A repeated reversal with its key replays, before the rules
             // (which would now say "already reversed") are consulted.
             if self.find_key(merchant, key).await?.is_some() {
-                return self.replay(merchant, key, fingerprint).await;
+                return Ok(Reversal::Booked(self.replay(merchant, key, fingerprint).await?));
             }
         }
         let outcome = {
             let _writer = self.db.write_guard().await;
-            let txn = self.db.conn().begin().await.map_err(StoreError::from)?;
-            let original =
-                load_entry(&txn, merchant, entry_id).await?.ok_or(LedgerError::NotFound { entry_id })?;
+            let txn = self.db.conn().begin().await?;
+            let Some(original) = load_entry(&txn, merchant, entry_id).await? else {
+                return Ok(Reversal::NotFound);
+            };
             let decided = decide(&original);
             // The key is claimed before the rules' answer counts: a retry racing
             // the request that booked this very reversal waits here for it and
@@ -178,11 +172,11 @@ impl LedgerStore {
             match (claimed, decided) {
                 (true, Ok(reversal)) => Some(self.insert_reversal(txn, reversal, entry_id).await),
                 (true, Err(refused)) => {
-                    txn.rollback().await.map_err(StoreError::from)?;
-                    return Err(refused);
+                    txn.rollback().await?;
+                    return Ok(Reversal::Refused(refused));
                 }
                 (false, _) => {
-                    txn.rollback().await.map_err(StoreError::from)?;
+                    txn.rollback().await?;
                     None
                 }
             }
@@ -190,8 +184,10 @@ impl LedgerStore {
         match (outcome, idempotency) {
             (Some(result), _) => result,
             // Lost a race for the key to an identical or different request.
-            (None, Some((key, fingerprint))) => self.replay(merchant, key, fingerprint).await,
-            (None, None) => Err(LedgerError::Internal("reversal neither booked nor replayed".into())),
+            (None, Some((key, fingerprint))) => {
+                Ok(Reversal::Booked(self.replay(merchant, key, fingerprint).await?))
+            }
+            (None, None) => Err(StoreError::Internal("reversal neither booked nor replayed".into())),
         }
     }
 
@@ -200,33 +196,30 @@ impl LedgerStore {
         txn: DatabaseTransaction,
         reversal: NewEntry,
         original: EntryId,
-    ) -> Result<Booked, LedgerError> {
+    ) -> Result<Reversal, StoreError> {
         match insert_entry(&txn, reversal).await {
             Ok(entry) => {
-                txn.commit().await.map_err(StoreError::from)?;
+                txn.commit().await?;
                 self.committed.notify_one();
-                Ok(Booked::New(entry))
+                Ok(Reversal::Booked(Booking::New(entry)))
             }
-            Err(LedgerError::Store(StoreError::Failed(error)))
+            Err(StoreError::Failed(error))
                 if matches!(error.sql_err(), Some(SqlErr::UniqueConstraintViolation(_))) =>
             {
                 // A concurrent reversal of the same entry committed first.
-                txn.rollback().await.map_err(StoreError::from)?;
+                txn.rollback().await?;
                 let by = self
                     .reversal_of(original)
                     .await?
-                    .ok_or_else(|| LedgerError::Internal("reversal conflict without a reversal".into()))?;
-                Err(LedgerError::Refused(crate::domain::ReversalRefused::AlreadyReversed {
-                    entry: original,
-                    by,
-                }))
+                    .ok_or_else(|| StoreError::Internal("reversal conflict without a reversal".into()))?;
+                Ok(Reversal::Refused(ReversalRefused::AlreadyReversed { entry: original, by }))
             }
             Err(other) => Err(other),
         }
     }
 
     /// One entry of a merchant, with the reversal that cancels it, if any.
-    pub async fn get(&self, merchant: &MerchantId, id: EntryId) -> Result<Option<Entry>, LedgerError> {
+    pub async fn get(&self, merchant: &MerchantId, id: EntryId) -> Result<Option<Entry>, StoreError> {
         load_entry(self.db.conn(), merchant, id).await
     }
 
@@ -237,7 +230,7 @@ impl LedgerStore {
         merchant: &MerchantId,
         range: &DateRange,
         page: &PageRequest,
-    ) -> Result<(Vec<Entry>, Option<PageCursor>), LedgerError> {
+    ) -> Result<(Vec<Entry>, Option<PageCursor>), StoreError> {
         let mut query = entry::Entity::find().filter(entry::Column::MerchantId.eq(merchant.as_str()));
         if let Some(start) = range.start {
             query = query.filter(entry::Column::BookingDate.gte(start));
@@ -260,8 +253,7 @@ impl LedgerStore {
             .order_by_asc(entry::Column::Id)
             .limit(page.size + 1)
             .all(self.db.conn())
-            .await
-            .map_err(StoreError::from)?;
+            .await?;
         let more = rows.len() as u64 > page.size;
         rows.truncate(usize::try_from(page.size).unwrap_or(usize::MAX));
         let ids: Vec<String> = rows.iter().map(|r| r.id.clone()).collect();
@@ -272,8 +264,7 @@ impl LedgerStore {
             .filter(entry::Column::ReversesEntryId.is_in(ids))
             .into_tuple()
             .all(self.db.conn())
-            .await
-            .map_err(StoreError::from)?;
+            .await?;
         let entries = rows
             .into_iter()
             .map(|row| {
@@ -297,7 +288,7 @@ impl LedgerStore {
         &self,
         merchant: Option<&MerchantId>,
         range: &DateRange,
-    ) -> Result<Vec<Entry>, LedgerError> {
+    ) -> Result<Vec<Entry>, StoreError> {
         let mut query = entry::Entity::find();
         if let Some(m) = merchant {
             query = query.filter(entry::Column::MerchantId.eq(m.as_str()));
@@ -313,9 +304,8 @@ impl LedgerStore {
             .order_by_asc(entry::Column::BookingDate)
             .order_by_asc(entry::Column::Id)
             .all(self.db.conn())
-            .await
-            .map_err(StoreError::from)?;
-        rows.into_iter().map(|row| Ok(to_domain(row, None)?)).collect()
+            .await?;
+        rows.into_iter().map(|row| to_domain(row, None)).collect()
     }
 
     async fn find_key(
@@ -333,21 +323,20 @@ impl LedgerStore {
         merchant: &MerchantId,
         key: &RequestId,
         fingerprint: &Fingerprint,
-    ) -> Result<Booked, LedgerError> {
-        let claimed = self.find_key(merchant, key).await?.ok_or_else(|| {
-            // The key's transaction rolled back between our conflict and this read.
-            LedgerError::Contention("the idempotency key was released concurrently; retry".into())
-        })?;
+    ) -> Result<Booking, StoreError> {
+        // None: the key's transaction rolled back between our conflict and this read.
+        let Some(claimed) = self.find_key(merchant, key).await? else {
+            return Ok(Booking::KeyReleased);
+        };
         if claimed.fingerprint != fingerprint.to_hex() {
-            return Err(LedgerError::KeyReused { request_id: key.clone(), entry_id: claimed.entry_id });
+            return Ok(Booking::KeyReused { request_id: key.clone(), entry_id: claimed.entry_id });
         }
-        let id = EntryId::parse(&claimed.entry_id)
-            .map_err(|e| StoreError::Corrupt { id: claimed.entry_id.clone(), reason: e.to_string() })?;
+        let id = EntryId::parse(&claimed.entry_id).map_err(|e| corrupt(&claimed.entry_id, e))?;
         let entry = self
             .get(merchant, id)
             .await?
-            .ok_or_else(|| LedgerError::Internal(format!("idempotency key points at missing entry {id}")))?;
-        Ok(Booked::Replayed(entry))
+            .ok_or_else(|| StoreError::Internal(format!("idempotency key points at missing entry {id}")))?;
+        Ok(Booking::Replayed(entry))
     }
 
     async fn reversal_of(&self, id: EntryId) -> Result<Option<EntryId>, StoreError> {
@@ -385,10 +374,10 @@ async fn claim_key(
 
 /// Inserts the entry and its `EntryRecorded` event, and adds it to its
 /// merchant's totals.
-async fn insert_entry(txn: &DatabaseTransaction, new: NewEntry) -> Result<Entry, LedgerError> {
+async fn insert_entry(txn: &DatabaseTransaction, new: NewEntry) -> Result<Entry, StoreError> {
     let (row, event, entry) = entry_rows(new, now(), fluxo_telemetry::current_trace_context());
     entry::Entity::insert(row).exec_without_returning(txn).await.map_err(StoreError::Failed)?;
-    outbox::Entity::insert(event).exec_without_returning(txn).await.map_err(StoreError::from)?;
+    outbox::Entity::insert(event).exec_without_returning(txn).await?;
     add_to_totals(txn, [&entry.booked]).await?;
     Ok(entry)
 }
@@ -405,15 +394,13 @@ async fn add_to_totals<'a>(
     for new in entries {
         let key = (new.merchant_id.as_str(), new.amount.currency().code());
         let (credits, debits) = sums.entry(key).or_default();
-        let (sum, kind) = match new.kind {
-            EntryKind::Credit => (credits, "credits"),
-            EntryKind::Debit => (debits, "debits"),
+        let sum = match new.kind {
+            EntryKind::Credit => credits,
+            EntryKind::Debit => debits,
         };
-        *sum = sum.checked_add(new.amount.minor_units()).ok_or_else(|| StoreError::LimitExceeded {
-            merchant_id: key.0.to_owned(),
-            currency: key.1.to_owned(),
-            kind,
-        })?;
+        *sum = sum
+            .checked_add(new.amount.minor_units())
+            .ok_or_else(|| limit_exceeded(key.0, key.1, new.kind))?;
     }
     if sums.is_empty() {
         return Ok(());
@@ -438,11 +425,7 @@ async fn add_to_totals<'a>(
             // Which one passed the limit is not said by the database; with one
             // entry (how a refused batch is retried) it is that entry's.
             let ((m, c), (credits, _)) = sums.iter().next().map(|(k, v)| (*k, *v)).unwrap_or_default();
-            Err(StoreError::LimitExceeded {
-                merchant_id: m.to_owned(),
-                currency: c.to_owned(),
-                kind: if credits > 0 { "credits" } else { "debits" },
-            })
+            Err(limit_exceeded(m, c, if credits > 0 { EntryKind::Credit } else { EntryKind::Debit }))
         }
         Err(error) => Err(error.into()),
     }
@@ -462,7 +445,35 @@ fn entry_rows(
     trace: (Option<String>, Option<String>),
 ) -> (entry::ActiveModel, outbox::ActiveModel, Entry) {
     let (entry, event) = booked_entry(new, created_at, trace);
-    (entry_row(&entry), event, entry)
+    (entry_row(&entry), event.row(&entry), entry)
+}
+
+/// The `ledger_outbox` row of a booked entry, but for what the entry itself
+/// says (its id, merchant and commit time).
+#[derive(Debug, Clone)]
+struct EventRow {
+    event_id: String,
+    /// Protobuf-encoded `fluxo.ledger.v1.EntryRecorded`.
+    payload: Vec<u8>,
+    traceparent: Option<String>,
+    tracestate: Option<String>,
+}
+
+impl EventRow {
+    /// The row to insert; the database assigns its position.
+    fn row(&self, entry: &Entry) -> outbox::ActiveModel {
+        outbox::ActiveModel {
+            position: NotSet,
+            event_id: Set(self.event_id.clone()),
+            entry_id: Set(entry.booked.id.to_string()),
+            merchant_id: Set(entry.booked.merchant_id.as_str().to_owned()),
+            payload: Set(self.payload.clone()),
+            traceparent: Set(self.traceparent.clone()),
+            tracestate: Set(self.tracestate.clone()),
+            created_at: Set(entry.created_at),
+            published_at: Set(None),
+        }
+    }
 }
 
 /// The entry as booked at `created_at`, and its outbox event.
@@ -470,21 +481,11 @@ fn booked_entry(
     new: NewEntry,
     created_at: DateTime<Utc>,
     (traceparent, tracestate): (Option<String>, Option<String>),
-) -> (Entry, outbox::ActiveModel) {
+) -> (Entry, EventRow) {
     let entry = Entry { booked: new, created_at, reversed_by: None };
     let event_id = ulid::Ulid::new().to_string();
-    let event = outbox::ActiveModel {
-        position: NotSet,
-        event_id: Set(event_id.clone()),
-        entry_id: Set(entry.booked.id.to_string()),
-        merchant_id: Set(entry.booked.merchant_id.as_str().to_owned()),
-        payload: Set(wire::entry_recorded(&entry, event_id, created_at).encode_to_vec()),
-        traceparent: Set(traceparent),
-        tracestate: Set(tracestate),
-        created_at: Set(created_at),
-        published_at: Set(None),
-    };
-    (entry, event)
+    let payload = wire::entry_recorded(&entry, event_id.clone(), created_at).encode_to_vec();
+    (entry, EventRow { event_id, payload, traceparent, tracestate })
 }
 
 /// The `ledger_entries` row of `entry`.
@@ -508,17 +509,16 @@ async fn load_entry(
     conn: &impl ConnectionTrait,
     merchant: &MerchantId,
     id: EntryId,
-) -> Result<Option<Entry>, LedgerError> {
+) -> Result<Option<Entry>, StoreError> {
     let Some(row) = entry::Entity::find_by_id(id.to_string())
         .filter(entry::Column::MerchantId.eq(merchant.as_str()))
         .one(conn)
-        .await
-        .map_err(StoreError::from)?
+        .await?
     else {
         return Ok(None);
     };
     let by = reversal_of(conn, id).await?.map(|id| id.to_string());
-    Ok(Some(to_domain(row, by)?))
+    to_domain(row, by).map(Some)
 }
 
 async fn reversal_of(conn: &impl ConnectionTrait, id: EntryId) -> Result<Option<EntryId>, StoreError> {
@@ -529,9 +529,7 @@ async fn reversal_of(conn: &impl ConnectionTrait, id: EntryId) -> Result<Option<
         .into_tuple()
         .one(conn)
         .await?;
-    found
-        .map(|s| EntryId::parse(&s).map_err(|e| StoreError::Corrupt { id: s.clone(), reason: e.to_string() }))
-        .transpose()
+    found.map(|s| EntryId::parse(&s).map_err(|e| corrupt(&s, e))).transpose()
 }
 
 /// Commit timestamps at the precision both databases store (microseconds), so a
@@ -541,7 +539,7 @@ fn now() -> DateTime<Utc> {
 }
 
 fn to_domain(row: entry::Model, reversed_by: Option<String>) -> Result<Entry, StoreError> {
-    let corrupt = |reason: String| StoreError::Corrupt { id: row.id.clone(), reason };
+    let corrupt = |reason: String| corrupt(&row.id, reason);
     let parse_id = |s: &str| EntryId::parse(s).map_err(|e| corrupt(e.to_string()));
     let currency = Currency::parse(&row.currency_code).map_err(|e| corrupt(e.to_string()))?;
     let booked = NewEntry {

@@ -6,12 +6,9 @@ use fluxo_proto::ledger_v1 as pb;
 
 use crate::domain::{Entry, EntryKind};
 
-/// A UTC instant as a protobuf timestamp.
+/// A UTC instant as a protobuf timestamp (instants are stored to the microsecond).
 pub(crate) fn timestamp(at: DateTime<Utc>) -> prost_types::Timestamp {
-    prost_types::Timestamp {
-        seconds: at.timestamp(),
-        nanos: i32::try_from(at.timestamp_subsec_nanos()).unwrap_or(0),
-    }
+    fluxo_proto::time::from_micros(at.timestamp_micros())
 }
 
 /// The API view of an entry.

@@ -1,9 +1,9 @@
-//! The read model's schema, owned by the balance side. Written as SQL per
-//! backend so the constraints that keep sums exact are stated exactly: on
-//! SQLite an integer overflow silently turns into a float, so every amount
-//! column also checks it is still an integer.
+//! The read model's schema, owned by the balance side, as SQL per backend
+//! (see [`fluxo_db::migration`]) so the constraints that keep sums exact are
+//! stated exactly: on SQLite an integer overflow silently turns into a float,
+//! so every amount column also checks it is still an integer.
 
-use sea_orm::DbBackend;
+use fluxo_db::migration::{Sql, SqlMigration, boxed};
 use sea_orm_migration::prelude::*;
 
 /// Runs the balance side's migrations, tracked in `balance_schema_migrations`.
@@ -13,7 +13,7 @@ pub struct Migrator;
 #[async_trait::async_trait]
 impl MigratorTrait for Migrator {
     fn migrations() -> Vec<Box<dyn MigrationTrait>> {
-        vec![Box::new(CreateReadModel), Box::new(CreateParkedEvents)]
+        boxed(&[CREATE_READ_MODEL, CREATE_PARKED_EVENTS])
     }
 
     fn migration_table_name() -> DynIden {
@@ -21,13 +21,12 @@ impl MigratorTrait for Migrator {
     }
 }
 
-struct CreateReadModel;
-
-impl MigrationName for CreateReadModel {
-    fn name(&self) -> &str {
-        "m20261121_000001_create_read_model"
-    }
-}
+/// Daily totals, and the record of which entries were applied.
+const CREATE_READ_MODEL: SqlMigration = SqlMigration {
+    name: "m20261121_000001_create_read_model",
+    up: Sql { postgres: POSTGRES_UP, sqlite: SQLITE_UP },
+    down: Sql::both("DROP TABLE balance_applied_events; DROP TABLE balance_daily;"),
+};
 
 const POSTGRES_UP: &str = r#"
 CREATE TABLE balance_daily (
@@ -72,40 +71,15 @@ CREATE TABLE balance_applied_events (
 );
 "#;
 
-#[async_trait::async_trait]
-impl MigrationTrait for CreateReadModel {
-    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
-        let sql = match manager.get_database_backend() {
-            DbBackend::Postgres => POSTGRES_UP,
-            DbBackend::Sqlite => SQLITE_UP,
-            other => {
-                return Err(DbErr::Migration(format!("unsupported database backend {other:?}")));
-            }
-        };
-        manager.get_connection().execute_unprepared(sql).await?;
-        Ok(())
-    }
-
-    async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
-        manager
-            .get_connection()
-            .execute_unprepared("DROP TABLE balance_applied_events; DROP TABLE balance_daily;")
-            .await?;
-        Ok(())
-    }
-}
-
 /// Events the read model refused (unreadable, or a sum it cannot hold), parked
 /// so they never hold back the events behind them. A merchant with parked
 /// events reads its balances from the earliest parked day on as possibly
 /// stale, until an operator replays or drops them (`fluxo dlq`).
-struct CreateParkedEvents;
-
-impl MigrationName for CreateParkedEvents {
-    fn name(&self) -> &str {
-        "m20261201_000002_create_parked_events"
-    }
-}
+const CREATE_PARKED_EVENTS: SqlMigration = SqlMigration {
+    name: "m20261201_000002_create_parked_events",
+    up: Sql { postgres: PARKED_POSTGRES, sqlite: PARKED_SQLITE },
+    down: Sql::both("DROP TABLE balance_parked_events;"),
+};
 
 const PARKED_POSTGRES: &str = r#"
 CREATE TABLE balance_parked_events (
@@ -131,20 +105,3 @@ CREATE TABLE balance_parked_events (
 );
 CREATE INDEX balance_parked_by_merchant ON balance_parked_events (merchant_id, booking_date);
 "#;
-
-#[async_trait::async_trait]
-impl MigrationTrait for CreateParkedEvents {
-    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
-        let sql = match manager.get_database_backend() {
-            DbBackend::Postgres => PARKED_POSTGRES,
-            _ => PARKED_SQLITE,
-        };
-        manager.get_connection().execute_unprepared(sql).await?;
-        Ok(())
-    }
-
-    async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
-        manager.get_connection().execute_unprepared("DROP TABLE balance_parked_events;").await?;
-        Ok(())
-    }
-}

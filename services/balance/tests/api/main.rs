@@ -60,7 +60,7 @@ async fn spawn(backend: Backend, cached: bool) -> App {
     .unwrap();
     let addr = server.local_addr().unwrap();
     server.add_service(fluxo_balance::grpc::server(Balances::new(store), cache.clone(), 1 << 20)).await;
-    let readiness = Arc::new(fluxo_balance::Readiness::new(db.clone()));
+    let readiness = Arc::new(fluxo_balance::readiness(db.clone()));
     tokio::spawn(server.serve(readiness, futures::future::pending()));
     let client = BalanceServiceClient::connect(format!("http://{addr}")).await.unwrap();
     App { client, consolidator, cache, db, _test_db: test_db }

@@ -1,13 +1,14 @@
-//! The one place where ledger errors become gRPC statuses: the code a client
-//! or the mesh acts on (retry or not), google.rpc details it can act on, and
-//! nothing internal leaked.
+//! Where the ledger's own errors become gRPC statuses: the code a client or
+//! the mesh acts on (retry or not) and google.rpc details it can act on.
+//! Invalid fields and store failures are mapped by `fluxo_server::status`,
+//! the same for every service.
 
 use std::collections::HashMap;
 
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
-use crate::{LedgerError, domain::ReversalRefused, store::StoreError};
+use crate::{LedgerError, domain::ReversalRefused};
 
 const DOMAIN: &str = "ledger.fluxo";
 
@@ -15,13 +16,7 @@ impl From<LedgerError> for Status {
     fn from(error: LedgerError) -> Self {
         let message = error.to_string();
         match error {
-            LedgerError::Invalid(violations) => {
-                let mut details = ErrorDetails::new();
-                for v in violations.list() {
-                    details.add_bad_request_violation(v.field.clone(), v.description.clone());
-                }
-                Status::with_error_details(Code::InvalidArgument, message, details)
-            }
+            LedgerError::Invalid(violations) => fluxo_server::status::invalid(message, &violations),
             LedgerError::NotFound { entry_id } => Status::with_error_details(
                 Code::NotFound,
                 message,
@@ -61,24 +56,7 @@ impl From<LedgerError> for Status {
             ),
             // Retryable: a new attempt will not meet the same concurrent writer.
             LedgerError::Contention(_) => Status::aborted(message),
-            // Not retryable: the same entry would pass the same limit again.
-            LedgerError::Store(StoreError::LimitExceeded { .. }) => {
-                let mut details = ErrorDetails::new();
-                details.add_bad_request_violation("amount.minor_units", message.clone());
-                Status::with_error_details(Code::OutOfRange, message, details)
-            }
-            LedgerError::Store(StoreError::Unavailable(cause)) => {
-                tracing::warn!(error = %cause, "database unavailable");
-                Status::unavailable("the ledger database is unavailable; retry later")
-            }
-            LedgerError::Store(cause) => {
-                tracing::error!(error = %cause, "database failure");
-                Status::internal("internal error")
-            }
-            LedgerError::Internal(cause) => {
-                tracing::error!(error = %cause, "internal error");
-                Status::internal("internal error")
-            }
+            LedgerError::Store(error) => fluxo_server::status::store("ledger", &error),
         }
     }
 }

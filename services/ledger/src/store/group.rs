@@ -43,13 +43,10 @@ use sea_orm::{
 use tokio::sync::{Mutex, Notify, mpsc, oneshot};
 
 use super::{
-    StoreError, add_to_totals, booked_entry, entry_rows, is_overflow, now,
+    EventRow, StoreError, add_to_totals, booked_entry, entry_rows, is_overflow, limit_exceeded, now,
     schema::{entry, idempotency_key, outbox},
 };
-use crate::{
-    domain::{Entry, Fingerprint, NewEntry},
-    error::LedgerError,
-};
+use crate::domain::{Entry, Fingerprint, NewEntry};
 
 /// How booking is batched.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -114,11 +111,7 @@ impl Writers {
     }
 
     /// Books `new` (which carries its idempotency key) in the next batch.
-    pub(super) async fn book(
-        &self,
-        new: NewEntry,
-        fingerprint: &Fingerprint,
-    ) -> Result<Outcome, LedgerError> {
+    pub(super) async fn book(&self, new: NewEntry, fingerprint: &Fingerprint) -> Result<Outcome, StoreError> {
         let (reply, answer) = oneshot::channel();
         let pending = Pending {
             new,
@@ -130,10 +123,8 @@ impl Writers {
         self.queue()
             .send(pending)
             .await
-            .map_err(|_| LedgerError::Internal("the ledger's writers have stopped".into()))?;
-        let outcome =
-            answer.await.map_err(|_| LedgerError::Internal("a ledger writer stopped mid-batch".into()))?;
-        Ok(outcome?)
+            .map_err(|_| StoreError::Internal("the ledger's writers have stopped".into()))?;
+        answer.await.map_err(|_| StoreError::Internal("a ledger writer stopped mid-batch".into()))?
     }
 
     fn queue(&self) -> &mpsc::Sender<Pending> {
@@ -390,11 +381,7 @@ async fn write_postgres(db: &Db, batch: &[Pending]) -> Result<Vec<Option<Entry>>
             // batch of one (how a refused batch is retried) names its entry.
             Err(error) if is_overflow(&error) => {
                 let new = &batch[live[0]].new;
-                return Err(StoreError::LimitExceeded {
-                    merchant_id: new.merchant_id.as_str().to_owned(),
-                    currency: new.amount.currency().code().to_owned(),
-                    kind: if new.kind == crate::domain::EntryKind::Credit { "credits" } else { "debits" },
-                });
+                return Err(limit_exceeded(new.merchant_id.as_str(), new.amount.currency().code(), new.kind));
             }
             Err(error) => return Err(error.into()),
         };
@@ -418,7 +405,7 @@ async fn write_postgres(db: &Db, batch: &[Pending]) -> Result<Vec<Option<Entry>>
 /// The parameters of [`PG_BOOK`] for the rows at `live`.
 fn book_values(
     batch: &[Pending],
-    rows: &[(Entry, outbox::ActiveModel)],
+    rows: &[(Entry, EventRow)],
     live: &[usize],
     created_at: DateTime<Utc>,
 ) -> Vec<Value> {
@@ -436,10 +423,46 @@ fn book_values(
         Value::from(live.iter().map(|&i| entry(i).booking_date.date()).collect::<Vec<_>>()),
         text(&|i| entry(i).description.as_str().to_owned()),
         text(&|i| entry(i).reverses.map(|id| id.to_string()).unwrap_or_default()),
-        text(&|i| event(i).event_id.clone().unwrap()),
-        Value::from(live.iter().map(|&i| event(i).payload.clone().unwrap()).collect::<Vec<_>>()),
-        text(&|i| event(i).traceparent.clone().unwrap().unwrap_or_default()),
-        text(&|i| event(i).tracestate.clone().unwrap().unwrap_or_default()),
+        text(&|i| event(i).event_id.clone()),
+        Value::from(live.iter().map(|&i| event(i).payload.clone()).collect::<Vec<_>>()),
+        text(&|i| event(i).traceparent.clone().unwrap_or_default()),
+        text(&|i| event(i).tracestate.clone().unwrap_or_default()),
         created_at.into(),
     ]
+}
+
+#[cfg(test)]
+mod tests {
+    use sea_orm::{EntityName, IdenStatic, Iterable};
+
+    use super::*;
+
+    /// The columns `PG_BOOK` inserts into `table`, as written in the statement.
+    fn inserted_columns(table: &str) -> Vec<String> {
+        let start = PG_BOOK.find(&format!("INSERT INTO {table} (")).expect("an INSERT into the table");
+        let list = &PG_BOOK[start + table.len() + 14..];
+        let list = &list[..list.find(')').unwrap()];
+        list.split(',').map(|c| c.trim().to_owned()).collect()
+    }
+
+    fn columns<E: EntityTrait>(except: &[&str]) -> Vec<String> {
+        E::Column::iter().map(|c| c.as_str().to_owned()).filter(|c| !except.contains(&c.as_str())).collect()
+    }
+
+    /// The hand-written PostgreSQL batch statement writes the same rows as the
+    /// entities every other write path uses: a column added to a table (and
+    /// its entity) without it fails here.
+    #[test]
+    fn the_postgres_batch_writes_every_column_of_the_entities() {
+        assert_eq!(inserted_columns(entry::Entity.table_name()), columns::<entry::Entity>(&[]));
+        assert_eq!(
+            inserted_columns(idempotency_key::Entity.table_name()),
+            columns::<idempotency_key::Entity>(&[])
+        );
+        // The database assigns the position; a new event is unpublished.
+        assert_eq!(
+            inserted_columns(outbox::Entity.table_name()),
+            columns::<outbox::Entity>(&["position", "published_at"])
+        );
+    }
 }

@@ -1,20 +1,19 @@
-//! The ledger's schema, versioned. Written as SQL per backend rather than with
-//! the schema builder so that every constraint that protects money (checks,
-//! uniqueness, immutability triggers, partial indexes) is stated exactly.
+//! The ledger's schema, versioned, as SQL per backend (see
+//! [`fluxo_db::migration`]). Its bookkeeping table is its own
+//! (`ledger_schema_migrations`), so services owning other tables in the same
+//! database migrate independently.
 
-use sea_orm::DbBackend;
+use fluxo_db::migration::{Sql, SqlMigration, boxed};
 use sea_orm_migration::prelude::*;
 
-/// Runs the ledger's migrations. Its bookkeeping table is its own
-/// (`ledger_schema_migrations`), so services owning other tables in the same
-/// database migrate independently.
+/// Runs the ledger's migrations.
 #[derive(Debug)]
 pub struct Migrator;
 
 #[async_trait::async_trait]
 impl MigratorTrait for Migrator {
     fn migrations() -> Vec<Box<dyn MigrationTrait>> {
-        vec![Box::new(CreateLedger), Box::new(DropRedundantForeignKeys), Box::new(CreateTotals)]
+        boxed(&[CREATE_LEDGER, DROP_REDUNDANT_FOREIGN_KEYS, CREATE_TOTALS])
     }
 
     fn migration_table_name() -> DynIden {
@@ -22,13 +21,17 @@ impl MigratorTrait for Migrator {
     }
 }
 
-struct CreateLedger;
-
-impl MigrationName for CreateLedger {
-    fn name(&self) -> &str {
-        "m20261121_000001_create_ledger"
-    }
-}
+/// Entries (immutable: triggers refuse UPDATE and DELETE), idempotency keys
+/// and the outbox.
+const CREATE_LEDGER: SqlMigration = SqlMigration {
+    name: "m20261121_000001_create_ledger",
+    up: Sql { postgres: POSTGRES_UP, sqlite: SQLITE_UP },
+    down: Sql {
+        postgres: "DROP TABLE ledger_outbox; DROP TABLE ledger_idempotency_keys; DROP TABLE ledger_entries; \
+                   DROP FUNCTION ledger_entries_are_immutable();",
+        sqlite: "DROP TABLE ledger_outbox; DROP TABLE ledger_idempotency_keys; DROP TABLE ledger_entries;",
+    },
+};
 
 const POSTGRES_UP: &str = r#"
 CREATE TABLE ledger_entries (
@@ -121,83 +124,27 @@ CREATE TABLE ledger_outbox (
 CREATE INDEX ledger_outbox_unpublished ON ledger_outbox (position) WHERE published_at IS NULL;
 "#;
 
-const DOWN: &str = r#"
-DROP TABLE ledger_outbox;
-DROP TABLE ledger_idempotency_keys;
-DROP TABLE ledger_entries;
-"#;
-
-#[async_trait::async_trait]
-impl MigrationTrait for CreateLedger {
-    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
-        let sql = match manager.get_database_backend() {
-            DbBackend::Postgres => POSTGRES_UP,
-            DbBackend::Sqlite => SQLITE_UP,
-            other => {
-                return Err(DbErr::Migration(format!("unsupported database backend {other:?}")));
-            }
-        };
-        manager.get_connection().execute_unprepared(sql).await?;
-        Ok(())
-    }
-
-    async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
-        let conn = manager.get_connection();
-        conn.execute_unprepared(DOWN).await?;
-        if manager.get_database_backend() == DbBackend::Postgres {
-            conn.execute_unprepared("DROP FUNCTION ledger_entries_are_immutable();").await?;
-        }
-        Ok(())
-    }
-}
-
 /// Drops, on PostgreSQL, the foreign keys from an idempotency key and an
 /// outbox event to their entry. Both rows are only ever inserted in the
 /// transaction that inserts their entry, and entries are never deleted (a
-/// trigger refuses it), so the constraints could not fail; but each was
-/// checked per row, by a query that also locks the entry — about a fifth of
-/// PostgreSQL's work for a batch of bookings (pgbench, batches of 16, fsync
-/// on: 3,000 against 2,360 transactions/s). The reference from a reversal to
-/// the entry it reverses is caller input and keeps its foreign key. SQLite
-/// keeps both: there they cost little and dropping one rebuilds the table.
-struct DropRedundantForeignKeys;
-
-impl MigrationName for DropRedundantForeignKeys {
-    fn name(&self) -> &str {
-        "m20261121_000002_drop_redundant_foreign_keys"
-    }
-}
-
-#[async_trait::async_trait]
-impl MigrationTrait for DropRedundantForeignKeys {
-    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
-        if manager.get_database_backend() == DbBackend::Postgres {
-            manager
-                .get_connection()
-                .execute_unprepared(
-                    "ALTER TABLE ledger_idempotency_keys DROP CONSTRAINT ledger_idempotency_keys_entry_id_fkey; \
-                     ALTER TABLE ledger_outbox DROP CONSTRAINT ledger_outbox_entry_id_fkey;",
-                )
-                .await?;
-        }
-        Ok(())
-    }
-
-    async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
-        if manager.get_database_backend() == DbBackend::Postgres {
-            manager
-                .get_connection()
-                .execute_unprepared(
-                    "ALTER TABLE ledger_idempotency_keys ADD CONSTRAINT ledger_idempotency_keys_entry_id_fkey \
-                       FOREIGN KEY (entry_id) REFERENCES ledger_entries (id) DEFERRABLE INITIALLY DEFERRED; \
-                     ALTER TABLE ledger_outbox ADD CONSTRAINT ledger_outbox_entry_id_fkey \
-                       FOREIGN KEY (entry_id) REFERENCES ledger_entries (id);",
-                )
-                .await?;
-        }
-        Ok(())
-    }
-}
+/// trigger refuses it), so the constraints could not fail; yet each was
+/// checked per row by a query that also locks the entry, a large share of
+/// PostgreSQL's work per booking. The reference from a reversal to the entry
+/// it reverses is caller input and keeps its foreign key. SQLite keeps both:
+/// there they cost little, and dropping one rebuilds the table.
+const DROP_REDUNDANT_FOREIGN_KEYS: SqlMigration = SqlMigration {
+    name: "m20261121_000002_drop_redundant_foreign_keys",
+    up: Sql::postgres_only(
+        "ALTER TABLE ledger_idempotency_keys DROP CONSTRAINT ledger_idempotency_keys_entry_id_fkey; \
+         ALTER TABLE ledger_outbox DROP CONSTRAINT ledger_outbox_entry_id_fkey;",
+    ),
+    down: Sql::postgres_only(
+        "ALTER TABLE ledger_idempotency_keys ADD CONSTRAINT ledger_idempotency_keys_entry_id_fkey \
+           FOREIGN KEY (entry_id) REFERENCES ledger_entries (id) DEFERRABLE INITIALLY DEFERRED; \
+         ALTER TABLE ledger_outbox ADD CONSTRAINT ledger_outbox_entry_id_fkey \
+           FOREIGN KEY (entry_id) REFERENCES ledger_entries (id);",
+    ),
+};
 
 /// Every booking adds its amount to its merchant's all-time credits or debits
 /// in `ledger_totals`, in the booking's transaction. Every number the daily
@@ -207,13 +154,11 @@ impl MigrationTrait for DropRedundantForeignKeys {
 /// 22003; SQLite turns an overflowing sum into a REAL, which the CHECK
 /// refuses) guarantees that whatever the ledger accepts, the read model can
 /// hold. Existing entries are summed in.
-struct CreateTotals;
-
-impl MigrationName for CreateTotals {
-    fn name(&self) -> &str {
-        "m20261201_000003_create_totals"
-    }
-}
+const CREATE_TOTALS: SqlMigration = SqlMigration {
+    name: "m20261201_000003_create_totals",
+    up: Sql { postgres: TOTALS_POSTGRES, sqlite: TOTALS_SQLITE },
+    down: Sql::both("DROP TABLE ledger_totals;"),
+};
 
 const TOTALS_POSTGRES: &str = r#"
 CREATE TABLE ledger_totals (
@@ -244,20 +189,3 @@ SELECT merchant_id, currency_code,
        COALESCE(SUM(CASE WHEN kind = 'DEBIT' THEN amount_minor END), 0)
 FROM ledger_entries GROUP BY merchant_id, currency_code;
 "#;
-
-#[async_trait::async_trait]
-impl MigrationTrait for CreateTotals {
-    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
-        let sql = match manager.get_database_backend() {
-            DbBackend::Postgres => TOTALS_POSTGRES,
-            _ => TOTALS_SQLITE,
-        };
-        manager.get_connection().execute_unprepared(sql).await?;
-        Ok(())
-    }
-
-    async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
-        manager.get_connection().execute_unprepared("DROP TABLE ledger_totals;").await?;
-        Ok(())
-    }
-}

@@ -4,7 +4,7 @@
 use std::{sync::Arc, time::Duration};
 
 use fluxo_db::Db;
-use fluxo_ledger::{GroupCommit, Ledger, LedgerStore, Readiness};
+use fluxo_ledger::{GroupCommit, Ledger, LedgerStore, readiness};
 use fluxo_proto::ledger_v1::{self as pb, ledger_service_client::LedgerServiceClient};
 use fluxo_server::{GrpcServer, ServerConfig};
 use fluxo_testing::{Backend, TestDb};
@@ -67,7 +67,7 @@ pub(crate) async fn spawn_with(test_db: TestDb, options: Options) -> TestApp {
     server.add_service(fluxo_ledger::grpc::server(ledger, 64 * 1024)).await;
     server.add_reflection(fluxo_proto::FILE_DESCRIPTOR_SET).unwrap();
     let (tx, rx) = oneshot::channel::<()>();
-    let readiness = Arc::new(Readiness::new(db.clone()));
+    let readiness = Arc::new(readiness(db.clone()));
     let handle = tokio::spawn(server.serve(readiness, async {
         let _ = rx.await;
     }));
