@@ -166,6 +166,11 @@ impl Fixture {
         self.router.clone().oneshot(request).await.unwrap()
     }
 
+    /// The answer to `request`, as [`shown`].
+    async fn answer(&self, request: Request<Body>) -> String {
+        shown(self.send(request).await).await
+    }
+
     /// The metadata of the calls the fake ledger received.
     fn calls(&self) -> Vec<MetadataMap> {
         self.ledger.calls.lock().unwrap().clone()
@@ -181,16 +186,26 @@ fn from_peer(method: Method, uri: &str, ip: [u8; 4]) -> http::request::Builder {
     Request::builder().method(method).uri(uri).extension(ConnectInfo(SocketAddr::from((ip, 40000))))
 }
 
+/// A request with no token and no body.
+fn bare(method: Method, uri: &str) -> Request<Body> {
+    from(method, uri).body(Body::empty()).unwrap()
+}
+
 fn bearer(token: &str) -> String {
     format!("Bearer {token}")
 }
 
 /// `POST /v1/merchants/{merchant}/entries` with `token` and a JSON body.
 fn post_entry(merchant: &str, token: &str, body: &'static str) -> Request<Body> {
+    post(merchant, token, "application/json", Body::from(body))
+}
+
+/// `POST /v1/merchants/{merchant}/entries` with `token`, and `body` of `content_type`.
+fn post(merchant: &str, token: &str, content_type: &str, body: Body) -> Request<Body> {
     from(Method::POST, &format!("/v1/merchants/{merchant}/entries"))
         .header(header::AUTHORIZATION, bearer(token))
-        .header(header::CONTENT_TYPE, "application/json")
-        .body(Body::from(body))
+        .header(header::CONTENT_TYPE, content_type)
+        .body(body)
         .unwrap()
 }
 
@@ -237,57 +252,51 @@ async fn shown(response: Response<Body>) -> String {
 #[tokio::test]
 async fn probes_and_the_document_answer_before_routing() {
     let f = fixture(true).await;
-    let probe = |path: &str| from(Method::GET, path).body(Body::empty()).unwrap();
     assert_eq!(
-        shown(f.send(probe("/healthz")).await).await,
+        f.answer(bare(Method::GET, "/healthz")).await,
         "200\ncontent-type: text/plain; charset=utf-8\nx-request-id: <ulid>\ncontent-length: 3\n\nok\n"
     );
     assert_eq!(
-        shown(f.send(probe("/readyz")).await).await,
+        f.answer(bare(Method::GET, "/readyz")).await,
         "200\ncontent-type: text/plain; charset=utf-8\nx-request-id: <ulid>\ncontent-length: 6\n\nready\n"
     );
-    let document = f.send(probe("/openapi.json")).await;
+    let document = f.send(bare(Method::GET, "/openapi.json")).await;
     assert_eq!(document.headers()[header::CONTENT_TYPE], "application/json");
     let body = document.into_body().collect().await.unwrap().to_bytes();
     assert_eq!(body, fluxo_gateway::openapi_json().unwrap().as_bytes());
     // Only GET is a probe; other methods are looked up as routes.
-    let post = from(Method::POST, "/healthz").body(Body::empty()).unwrap();
+    let post = bare(Method::POST, "/healthz");
     assert_eq!(f.send(post).await.status(), 404);
     // HEAD is no probe either; its answer has no body.
-    let head = from(Method::HEAD, "/healthz").body(Body::empty()).unwrap();
+    let head = bare(Method::HEAD, "/healthz");
     assert_eq!(
-        shown(f.send(head).await).await,
+        f.answer(head).await,
         "404\ncontent-type: application/json\nx-request-id: <ulid>\ncontent-length: 49\n\n"
+    );
+    // Not ready while a backend is not serving, nor once draining.
+    let down = fixture(false).await;
+    assert_eq!(
+        down.answer(bare(Method::GET, "/readyz")).await,
+        "503\ncontent-type: text/plain; charset=utf-8\nx-request-id: <ulid>\ncontent-length: 10\n\nnot ready\n"
     );
     f.gateway.drain();
     assert_eq!(
-        shown(f.send(probe("/readyz")).await).await,
+        f.answer(bare(Method::GET, "/readyz")).await,
         "503\ncontent-type: text/plain; charset=utf-8\nx-request-id: <ulid>\ncontent-length: 14\n\nshutting down\n"
-    );
-}
-
-#[tokio::test]
-async fn readiness_needs_every_backend_serving() {
-    let f = fixture(false).await;
-    let probe = from(Method::GET, "/readyz").body(Body::empty()).unwrap();
-    assert_eq!(
-        shown(f.send(probe).await).await,
-        "503\ncontent-type: text/plain; charset=utf-8\nx-request-id: <ulid>\ncontent-length: 10\n\nnot ready\n"
     );
 }
 
 #[tokio::test]
 async fn unknown_routes_and_methods_are_refused_before_authentication() {
     let f = fixture(true).await;
-    let unknown = from(Method::GET, "/v2/nothing").body(Body::empty()).unwrap();
     assert_eq!(
-        shown(f.send(unknown).await).await,
+        f.answer(bare(Method::GET, "/v2/nothing")).await,
         "404\ncontent-type: application/json\nx-request-id: <ulid>\ncontent-length: 49\n\n\
          {\"code\":5,\"details\":[],\"message\":\"no such route\"}"
     );
-    let delete = from(Method::DELETE, "/v1/merchants/m-1/entries").body(Body::empty()).unwrap();
+    let delete = bare(Method::DELETE, "/v1/merchants/m-1/entries");
     assert_eq!(
-        shown(f.send(delete).await).await,
+        f.answer(delete).await,
         "405\ncontent-type: application/json\nallow: POST, GET\nx-request-id: <ulid>\ncontent-length: 55\n\n\
          {\"code\":12,\"details\":[],\"message\":\"method not allowed\"}"
     );
@@ -298,7 +307,7 @@ async fn unknown_routes_and_methods_are_refused_before_authentication() {
         .body(stalled())
         .unwrap();
     assert_eq!(
-        shown(f.send(large).await).await,
+        f.answer(large).await,
         "404\ncontent-type: application/json\nconnection: close\nx-request-id: <ulid>\ncontent-length: 49\n\n\
          {\"code\":5,\"details\":[],\"message\":\"no such route\"}"
     );
@@ -313,19 +322,15 @@ async fn a_declared_oversize_body_is_refused_unread_before_authentication() {
         .body(watched(polled.clone()))
         .unwrap();
     assert_eq!(
-        shown(f.send(large).await).await,
+        f.answer(large).await,
         "413\ncontent-type: application/json\nconnection: close\nx-request-id: <ulid>\ncontent-length: 71\n\n\
          {\"code\":3,\"details\":[],\"message\":\"request body larger than 1024 bytes\"}"
     );
     assert!(!*polled.lock().unwrap(), "the body was not read");
     // At the limit it is read.
     let body = " ".repeat(MAX_BODY);
-    let at_limit = from(Method::POST, "/v1/merchants/m-1/entries")
-        .header(header::AUTHORIZATION, bearer(&f.shop()))
-        .header(header::CONTENT_TYPE, "application/json")
-        .header(header::CONTENT_LENGTH, MAX_BODY.to_string())
-        .body(Body::from(body))
-        .unwrap();
+    let mut at_limit = post("m-1", &f.shop(), "application/json", Body::from(body));
+    at_limit.headers_mut().insert(header::CONTENT_LENGTH, MAX_BODY.into());
     assert_eq!(f.send(at_limit).await.status(), 200);
 }
 
@@ -335,15 +340,15 @@ async fn requests_without_a_valid_token_are_401_with_the_scheme() {
     let missing = from(Method::POST, "/v1/merchants/m-1/entries").body(Body::from(ENTRY)).unwrap();
     let expected = "401\ncontent-type: application/json\nwww-authenticate: Bearer\nx-request-id: <ulid>\ncontent-length: 69\n\n\
          {\"code\":16,\"details\":[],\"message\":\"a valid bearer token is required\"}";
-    assert_eq!(shown(f.send(missing).await).await, expected);
+    assert_eq!(f.answer(missing).await, expected);
     let expired = f.token(&TokenSpec { valid_for_secs: -60, ..TokenSpec::new("shop", &["m-1"]) });
-    assert_eq!(shown(f.send(post_entry("m-1", &expired, ENTRY)).await).await, expected);
+    assert_eq!(f.answer(post_entry("m-1", &expired, ENTRY)).await, expected);
     // A body that cannot be drained in time leaves the connection closing.
     // (From another address: this one has spent its allowance of tokens to verify.)
     let stalling =
         from_peer(Method::POST, "/v1/merchants/m-1/entries", [10, 0, 0, 3]).body(stalls_after("{")).unwrap();
     assert_eq!(
-        shown(f.send(stalling).await).await,
+        f.answer(stalling).await,
         "401\ncontent-type: application/json\nwww-authenticate: Bearer\nconnection: close\n\
          x-request-id: <ulid>\ncontent-length: 69\n\n\
          {\"code\":16,\"details\":[],\"message\":\"a valid bearer token is required\"}"
@@ -359,7 +364,7 @@ async fn tokens_to_verify_are_limited_per_address_before_their_signature_is_chec
     assert_eq!(f.send(get("/v1/merchants/m-1/entries", &shop)).await.status(), 200);
     assert_eq!(f.send(get("/v1/merchants/m-1/entries", "forged.1.x")).await.status(), 401);
     assert_eq!(
-        shown(f.send(get("/v1/merchants/m-1/entries", "forged.2.x")).await).await,
+        f.answer(get("/v1/merchants/m-1/entries", "forged.2.x")).await,
         "429\ncontent-type: application/json\nretry-after: 1\nratelimit-limit: 2\nratelimit-remaining: 0\n\
          ratelimit-reset: 2\nx-request-id: <ulid>\ncontent-length: 68\n\n\
          {\"code\":8,\"details\":[],\"message\":\"rate limit exceeded; retry later\"}"
@@ -390,7 +395,7 @@ async fn the_subject_limit_applies_after_authentication_and_reports_on_forwarded
         "{first}"
     );
     assert_eq!(
-        shown(f.send(get("/v1/merchants/m-1/entries", &tiny)).await).await,
+        f.answer(get("/v1/merchants/m-1/entries", &tiny)).await,
         "429\ncontent-type: application/json\nretry-after: 1\nratelimit-limit: 1\nratelimit-remaining: 0\n\
          ratelimit-reset: 1\nx-request-id: <ulid>\ncontent-length: 68\n\n\
          {\"code\":8,\"details\":[],\"message\":\"rate limit exceeded; retry later\"}"
@@ -417,24 +422,16 @@ async fn bodies_are_bounded_in_size_and_in_time() {
     let chunks = futures::stream::iter(
         [Bytes::from(vec![b' '; 700]), Bytes::from(vec![b' '; 700])].map(Ok::<_, std::io::Error>),
     );
-    let streamed = from(Method::POST, "/v1/merchants/m-1/entries")
-        .header(header::AUTHORIZATION, bearer(&shop))
-        .header(header::CONTENT_TYPE, "application/json")
-        .body(Body::from_stream(chunks))
-        .unwrap();
+    let streamed = post("m-1", &shop, "application/json", Body::from_stream(chunks));
     assert_eq!(
-        shown(f.send(streamed).await).await,
+        f.answer(streamed).await,
         "413\ncontent-type: application/json\nconnection: close\nx-request-id: <ulid>\ncontent-length: 71\n\n\
          {\"code\":3,\"details\":[],\"message\":\"request body larger than 1024 bytes\"}"
     );
-    let slow = from(Method::POST, "/v1/merchants/m-1/entries")
-        .header(header::AUTHORIZATION, bearer(&shop))
-        .header(header::CONTENT_TYPE, "application/json")
-        .header(header::CONTENT_LENGTH, "100")
-        .body(stalls_after("{\"type\""))
-        .unwrap();
+    let mut slow = post("m-1", &shop, "application/json", stalls_after("{\"type\""));
+    slow.headers_mut().insert(header::CONTENT_LENGTH, 100.into());
     assert_eq!(
-        shown(f.send(slow).await).await,
+        f.answer(slow).await,
         "408\ncontent-type: application/json\nconnection: close\nx-request-id: <ulid>\ncontent-length: 81\n\n\
          {\"code\":4,\"details\":[],\"message\":\"the request body did not arrive within 300 ms\"}"
     );
@@ -445,18 +442,14 @@ async fn bodies_are_bounded_in_size_and_in_time() {
 async fn a_read_request_is_checked_then_authorised_without_rate_headers() {
     let f = fixture(true).await;
     let shop = f.shop();
-    let text = from(Method::POST, "/v1/merchants/m-1/entries")
-        .header(header::AUTHORIZATION, bearer(&shop))
-        .header(header::CONTENT_TYPE, "text/plain")
-        .body(Body::from(ENTRY))
-        .unwrap();
+    let text = post("m-1", &shop, "text/plain", Body::from(ENTRY));
     assert_eq!(
-        shown(f.send(text).await).await,
+        f.answer(text).await,
         "415\ncontent-type: application/json\nx-request-id: <ulid>\ncontent-length: 73\n\n\
          {\"code\":3,\"details\":[],\"message\":\"content type must be application/json\"}"
     );
     assert_eq!(
-        shown(f.send(post_entry("m-1", &shop, r#"{"type":"CREDIT","amount":7}"#)).await).await,
+        f.answer(post_entry("m-1", &shop, r#"{"type":"CREDIT","amount":7}"#)).await,
         "400\ncontent-type: application/json\nx-request-id: <ulid>\ncontent-length: 195\n\n\
          {\"code\":3,\"details\":[{\"@type\":\"type.googleapis.com/google.rpc.BadRequest\",\
          \"fieldViolations\":[{\"description\":\"must be a JSON object\",\"field\":\"amount\"}]}],\
@@ -465,7 +458,7 @@ async fn a_read_request_is_checked_then_authorised_without_rate_headers() {
     let mut keyed = post_entry("m-1", &shop, r#"{"requestId":"a","type":"CREDIT"}"#);
     keyed.headers_mut().insert("idempotency-key", "b".parse().unwrap());
     assert_eq!(
-        shown(f.send(keyed).await).await,
+        f.answer(keyed).await,
         "400\ncontent-type: application/json\nx-request-id: <ulid>\ncontent-length: 239\n\n\
          {\"code\":3,\"details\":[{\"@type\":\"type.googleapis.com/google.rpc.BadRequest\",\
          \"fieldViolations\":[{\"description\":\"differs from requestId in the body\",\
@@ -476,7 +469,7 @@ async fn a_read_request_is_checked_then_authorised_without_rate_headers() {
     unprintable.headers_mut().insert("idempotency-key", http::HeaderValue::from_bytes(b"\xff").unwrap());
     assert_eq!(f.send(unprintable).await.status(), 400);
     assert_eq!(
-        shown(f.send(post_entry("m-2", &shop, ENTRY)).await).await,
+        f.answer(post_entry("m-2", &shop, ENTRY)).await,
         "403\ncontent-type: application/json\nx-request-id: <ulid>\ncontent-length: 74\n\n\
          {\"code\":7,\"details\":[],\"message\":\"the token may not act for merchant m-2\"}"
     );
@@ -530,7 +523,7 @@ async fn backend_errors_are_answered_in_grpc_gateway_shape_with_rate_headers() {
     let f = fixture(true).await;
     let shop = f.shop();
     assert_eq!(
-        shown(f.send(get("/v1/merchants/m-1/entries/E9", &shop)).await).await,
+        f.answer(get("/v1/merchants/m-1/entries/E9", &shop)).await,
         "404\ncontent-type: application/json\nratelimit-limit: 1000\nratelimit-remaining: 999\n\
          ratelimit-reset: 1\nx-request-id: <ulid>\ncontent-length: 49\n\n\
          {\"code\":5,\"details\":[],\"message\":\"no such entry\"}"
@@ -555,4 +548,84 @@ async fn a_request_id_is_kept_when_sane_and_minted_otherwise() {
             assert!(ulid::Ulid::from_string(id).is_ok(), "{sent:?} → {id}");
         }
     }
+}
+
+/// Log lines written to a buffer, as fluxo's JSON lines.
+#[derive(Clone, Default)]
+struct Lines(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Lines {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Lines {
+    /// Each line without what changes from run to run (time, ids, durations).
+    fn read(&self) -> Vec<String> {
+        let text = String::from_utf8(self.0.lock().unwrap().clone()).unwrap();
+        text.lines()
+            .map(|line| {
+                let mut line: serde_json::Value = serde_json::from_str(line).unwrap();
+                let fields = line.as_object_mut().unwrap();
+                for varying in ["timestamp", "elapsed_ms", "trace_id", "span_id"] {
+                    fields.remove(varying);
+                }
+                if let Some(span) = fields.get_mut("span").and_then(serde_json::Value::as_object_mut) {
+                    span.remove("request_id");
+                }
+                line.to_string()
+            })
+            .collect()
+    }
+}
+
+#[tokio::test]
+async fn refusals_and_answers_are_logged_as_before() {
+    let config = fluxo_telemetry::TelemetryConfig {
+        service_name: "gateway-test".into(),
+        log_format: fluxo_telemetry::LogFormat::Json,
+        log_filter: "fluxo_gateway=debug,fluxo::access=debug".into(),
+    };
+    let (provider, _) = fluxo_telemetry::tracer_provider("gateway-test").unwrap();
+    let lines = Lines::default();
+    let sink = lines.clone();
+    let subscriber = fluxo_telemetry::subscriber(&config, &provider, move || sink.clone(), false).unwrap();
+    let _installed = tracing::subscriber::set_default(subscriber);
+    let f = fixture(false).await;
+    f.send(bare(Method::GET, "/healthz")).await;
+    f.send(bare(Method::GET, "/v2/nothing")).await;
+    f.send(bare(Method::POST, "/v1/merchants/m-1/entries")).await;
+    f.send(bare(Method::GET, "/v1/merchants/m-1/entries")).await;
+    f.send(bare(Method::GET, "/v1/merchants/m-1/entries")).await;
+    let tiny = f.tiny();
+    for _ in 0..2 {
+        let request = from_peer(Method::GET, "/v1/merchants/m-1/entries", [10, 0, 0, 2])
+            .header(header::AUTHORIZATION, bearer(&tiny))
+            .body(Body::empty())
+            .unwrap();
+        f.send(request).await;
+    }
+    // One access-log line per request (OK at DEBUG, the rest at INFO), after
+    // the reason for a refusal, each in the request's span.
+    assert_eq!(
+        lines.read(),
+        [
+            r#"{"level":"DEBUG","message":"request","method":"GET","path":"/healthz","span":{"http.request.method":"GET","http.response.status_code":200,"http.route":"unmatched","name":"http.server","otel.kind":"server","otel.name":"GET unmatched"},"status":200,"target":"fluxo::access"}"#,
+            r#"{"level":"INFO","message":"request","method":"GET","path":"/v2/nothing","span":{"http.request.method":"GET","http.response.status_code":404,"http.route":"unmatched","name":"http.server","otel.kind":"server","otel.name":"GET unmatched"},"status":404,"target":"fluxo::access"}"#,
+            r#"{"error":"missing bearer token","level":"DEBUG","message":"unauthenticated","span":{"http.request.method":"POST","http.route":"/v1/merchants/{merchant_id}/entries","name":"http.server","otel.kind":"server","otel.name":"POST /v1/merchants/{merchant_id}/entries"},"target":"fluxo_gateway"}"#,
+            r#"{"level":"INFO","message":"request","method":"POST","path":"/v1/merchants/m-1/entries","span":{"http.request.method":"POST","http.response.status_code":401,"http.route":"/v1/merchants/{merchant_id}/entries","name":"http.server","otel.kind":"server","otel.name":"POST /v1/merchants/{merchant_id}/entries"},"status":401,"target":"fluxo::access"}"#,
+            r#"{"error":"missing bearer token","level":"DEBUG","message":"unauthenticated","span":{"http.request.method":"GET","http.route":"/v1/merchants/{merchant_id}/entries","name":"http.server","otel.kind":"server","otel.name":"GET /v1/merchants/{merchant_id}/entries"},"target":"fluxo_gateway"}"#,
+            r#"{"level":"INFO","message":"request","method":"GET","path":"/v1/merchants/m-1/entries","span":{"http.request.method":"GET","http.response.status_code":401,"http.route":"/v1/merchants/{merchant_id}/entries","name":"http.server","otel.kind":"server","otel.name":"GET /v1/merchants/{merchant_id}/entries"},"status":401,"target":"fluxo::access"}"#,
+            r#"{"level":"DEBUG","message":"unverified requests rate limited","peer":"10.0.0.1","span":{"http.request.method":"GET","http.route":"/v1/merchants/{merchant_id}/entries","name":"http.server","otel.kind":"server","otel.name":"GET /v1/merchants/{merchant_id}/entries"},"target":"fluxo_gateway"}"#,
+            r#"{"level":"INFO","message":"request","method":"GET","path":"/v1/merchants/m-1/entries","span":{"http.request.method":"GET","http.response.status_code":429,"http.route":"/v1/merchants/{merchant_id}/entries","name":"http.server","otel.kind":"server","otel.name":"GET /v1/merchants/{merchant_id}/entries"},"status":429,"target":"fluxo::access"}"#,
+            r#"{"level":"INFO","message":"request","method":"GET","path":"/v1/merchants/m-1/entries","span":{"http.request.method":"GET","http.response.status_code":503,"http.route":"/v1/merchants/{merchant_id}/entries","name":"http.server","otel.kind":"server","otel.name":"GET /v1/merchants/{merchant_id}/entries"},"status":503,"target":"fluxo::access"}"#,
+            r#"{"level":"DEBUG","message":"rate limited","span":{"http.request.method":"GET","http.route":"/v1/merchants/{merchant_id}/entries","name":"http.server","otel.kind":"server","otel.name":"GET /v1/merchants/{merchant_id}/entries"},"subject":"tiny-shop","target":"fluxo_gateway"}"#,
+            r#"{"level":"INFO","message":"request","method":"GET","path":"/v1/merchants/m-1/entries","span":{"http.request.method":"GET","http.response.status_code":429,"http.route":"/v1/merchants/{merchant_id}/entries","name":"http.server","otel.kind":"server","otel.name":"GET /v1/merchants/{merchant_id}/entries"},"status":429,"target":"fluxo::access"}"#
+        ]
+    );
 }
