@@ -7,106 +7,23 @@ use std::collections::BTreeMap;
 use prost_reflect::{EnumDescriptor, FieldDescriptor, FileDescriptor, Kind, MessageDescriptor};
 use serde_json::{Map, Value, json};
 
-use crate::routes::Routes;
+use crate::routes::{Route, Routes};
 
 /// The document for `routes`.
 pub fn document(routes: &Routes, version: &str) -> Value {
     let mut schemas: BTreeMap<String, Value> = BTreeMap::new();
     let mut paths: BTreeMap<String, Map<String, Value>> = BTreeMap::new();
     for route in routes.all() {
-        let input = route.rpc.input();
-        let path_fields: Vec<&str> = route.template.fields().collect();
-        let mut parameters: Vec<Value> = path_fields
-            .iter()
-            .map(|f| {
-                let field = input.get_field_by_name(f);
-                let mut parameter = json!({
-                    "name": f, "in": "path", "required": true,
-                    "schema": field.as_ref().map_or(json!({"type": "string"}), scalar_schema),
-                });
-                describe(&mut parameter, field.as_ref().and_then(field_comment));
-                parameter
-            })
-            .collect();
-        if route.body.is_empty() {
-            for field in input.fields() {
-                if path_fields.contains(&field.name()) || matches!(field.kind(), Kind::Message(_)) {
-                    continue;
-                }
-                let mut parameter = json!({
-                    "name": field.json_name(), "in": "query", "required": false,
-                    "schema": field_schema(&field, &mut schemas),
-                });
-                describe(&mut parameter, field_comment(&field));
-                parameters.push(parameter);
-            }
-        }
-        if input.get_field_by_name("request_id").is_some() && !route.body.is_empty() {
-            parameters.push(json!({
-                "name": "Idempotency-Key", "in": "header", "required": false,
-                "description": "Idempotency key; the same as `requestId` in the body.",
-                "schema": {"type": "string", "minLength": 1, "maxLength": 128},
-            }));
-        }
-        let mut operation = Map::new();
-        operation.insert(
-            "operationId".into(),
-            json!(format!("{}_{}", route.rpc.parent_service().name(), route.rpc.name())),
-        );
-        operation.insert("tags".into(), json!([route.rpc.parent_service().name()]));
-        if let Some(text) = comment(&route.rpc.parent_file(), route.rpc.path()) {
-            operation.insert("summary".into(), json!(summary(&text)));
-            operation.insert("description".into(), json!(text));
-        }
-        operation.insert("parameters".into(), Value::Array(parameters));
-        if route.body == "*" {
-            let body_name = format!("{}Body", input.name());
-            schemas.entry(body_name.clone()).or_insert(Value::Null);
-            let body = message_schema(&input, &path_fields, &mut schemas);
-            schemas.insert(body_name.clone(), body);
-            operation.insert(
-                "requestBody".into(),
-                json!({"required": true, "content": {"application/json": {"schema": {"$ref": format!("#/components/schemas/{body_name}")}}}}),
-            );
-        }
-        let output = reference(&route.rpc.output(), &mut schemas);
-        operation.insert(
-            "responses".into(),
-            json!({
-                "200": {"description": "OK", "content": {"application/json": {"schema": output}}},
-                "default": {"description": "An error", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Status"}}}},
-            }),
-        );
+        let operation = operation(route, &mut schemas);
         paths
             .entry(route.template.as_str().to_owned())
             .or_default()
-            .insert(route.method.as_str().to_lowercase(), Value::Object(operation));
+            .insert(route.method.as_str().to_lowercase(), operation);
     }
-    schemas.insert(
-        "Status".into(),
-        json!({
-            "type": "object",
-            "description": "An error: the gRPC code, a message, and google.rpc details.",
-            "properties": {
-                "code": {"type": "integer", "format": "int32"},
-                "message": {"type": "string"},
-                "details": {"type": "array", "items": {"type": "object", "properties": {"@type": {"type": "string"}}, "additionalProperties": true}},
-            },
-            "required": ["code", "message", "details"],
-        }),
-    );
-    let mut tags: BTreeMap<&str, Value> = BTreeMap::new();
-    for route in routes.all() {
-        let service = route.rpc.parent_service();
-        tags.entry(service.name()).or_insert_with(|| {
-            let mut tag = json!({"name": service.name()});
-            describe(&mut tag, comment(&service.parent_file(), service.path()));
-            tag
-        });
-    }
+    schemas.insert("Status".into(), status_schema());
     json!({
         "openapi": "3.1.0",
-        "tags": tags.into_values().collect::<Vec<_>>(),
+        "tags": tags(routes),
         "info": {
             "title": "fluxo",
             "version": version,
@@ -119,6 +36,109 @@ pub fn document(routes: &Routes, version: &str) -> Value {
         },
         "security": [{"bearer": []}],
     })
+}
+
+/// The operation of one route; the schemas it refers to are added to `schemas`.
+fn operation(route: &Route, schemas: &mut BTreeMap<String, Value>) -> Value {
+    let input = route.rpc.input();
+    let path_fields: Vec<&str> = route.template.fields().collect();
+    let mut operation = Map::new();
+    operation.insert(
+        "operationId".into(),
+        json!(format!("{}_{}", route.rpc.parent_service().name(), route.rpc.name())),
+    );
+    operation.insert("tags".into(), json!([route.rpc.parent_service().name()]));
+    if let Some(text) = comment(&route.rpc.parent_file(), route.rpc.path()) {
+        operation.insert("summary".into(), json!(summary(&text)));
+        operation.insert("description".into(), json!(text));
+    }
+    operation.insert("parameters".into(), Value::Array(parameters(route, &path_fields, schemas)));
+    if route.body == "*" {
+        let body_name = format!("{}Body", input.name());
+        schemas.entry(body_name.clone()).or_insert(Value::Null);
+        let body = message_schema(&input, &path_fields, schemas);
+        schemas.insert(body_name.clone(), body);
+        operation.insert(
+            "requestBody".into(),
+            json!({"required": true, "content": {"application/json": {"schema": {"$ref": format!("#/components/schemas/{body_name}")}}}}),
+        );
+    }
+    let output = reference(&route.rpc.output(), schemas);
+    operation.insert(
+        "responses".into(),
+        json!({
+            "200": {"description": "OK", "content": {"application/json": {"schema": output}}},
+            "default": {"description": "An error", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Status"}}}},
+        }),
+    );
+    Value::Object(operation)
+}
+
+/// The path fields, then (for a route without a body) the scalar fields as
+/// query parameters, then the `Idempotency-Key` header where it applies.
+fn parameters(route: &Route, path_fields: &[&str], schemas: &mut BTreeMap<String, Value>) -> Vec<Value> {
+    let input = route.rpc.input();
+    let mut parameters: Vec<Value> = path_fields
+        .iter()
+        .map(|f| {
+            let field = input.get_field_by_name(f);
+            let mut parameter = json!({
+                "name": f, "in": "path", "required": true,
+                "schema": field.as_ref().map_or(json!({"type": "string"}), scalar_schema),
+            });
+            describe(&mut parameter, field.as_ref().and_then(field_comment));
+            parameter
+        })
+        .collect();
+    if route.body.is_empty() {
+        for field in input.fields() {
+            if path_fields.contains(&field.name()) || matches!(field.kind(), Kind::Message(_)) {
+                continue;
+            }
+            let mut parameter = json!({
+                "name": field.json_name(), "in": "query", "required": false,
+                "schema": field_schema(&field, schemas),
+            });
+            describe(&mut parameter, field_comment(&field));
+            parameters.push(parameter);
+        }
+    }
+    if input.get_field_by_name("request_id").is_some() && !route.body.is_empty() {
+        parameters.push(json!({
+            "name": "Idempotency-Key", "in": "header", "required": false,
+            "description": "Idempotency key; the same as `requestId` in the body.",
+            "schema": {"type": "string", "minLength": 1, "maxLength": 128},
+        }));
+    }
+    parameters
+}
+
+/// The error body every operation may answer.
+fn status_schema() -> Value {
+    json!({
+        "type": "object",
+        "description": "An error: the gRPC code, a message, and google.rpc details.",
+        "properties": {
+            "code": {"type": "integer", "format": "int32"},
+            "message": {"type": "string"},
+            "details": {"type": "array", "items": {"type": "object", "properties": {"@type": {"type": "string"}}, "additionalProperties": true}},
+        },
+        "required": ["code", "message", "details"],
+    })
+}
+
+/// One tag per service, described by the service's comment.
+fn tags(routes: &Routes) -> Vec<Value> {
+    let mut tags: BTreeMap<&str, Value> = BTreeMap::new();
+    for route in routes.all() {
+        let service = route.rpc.parent_service();
+        tags.entry(service.name()).or_insert_with(|| {
+            let mut tag = json!({"name": service.name()});
+            describe(&mut tag, comment(&service.parent_file(), service.path()));
+            tag
+        });
+    }
+    tags.into_values().collect()
 }
 
 fn reference(message: &MessageDescriptor, schemas: &mut BTreeMap<String, Value>) -> Value {
