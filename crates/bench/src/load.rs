@@ -115,6 +115,16 @@ impl Stats {
     }
 }
 
+/// What the requests of a run came to, shared by its senders.
+#[derive(Debug)]
+struct Tally {
+    sent: AtomicU64,
+    ok: AtomicU64,
+    shed: AtomicU64,
+    errors: AtomicU64,
+    recorder: Mutex<Recorder>,
+}
+
 #[derive(Debug)]
 struct Recorder {
     latency: Histogram<u64>,
@@ -122,22 +132,50 @@ struct Recorder {
     causes: BTreeMap<String, u64>,
 }
 
-#[derive(Debug, Default)]
-struct Counters {
-    sent: AtomicU64,
-    ok: AtomicU64,
-    shed: AtomicU64,
-    errors: AtomicU64,
-}
+impl Tally {
+    fn new() -> Self {
+        Self {
+            sent: AtomicU64::new(0),
+            ok: AtomicU64::new(0),
+            shed: AtomicU64::new(0),
+            errors: AtomicU64::new(0),
+            recorder: Mutex::new(Recorder {
+                latency: histogram(),
+                shed_latency: histogram(),
+                causes: BTreeMap::new(),
+            }),
+        }
+    }
 
-impl Counters {
-    fn count(&self, outcome: &Outcome) {
+    /// Counts `outcome` and records its latency (served or shed) or its cause (an error).
+    fn record(&self, outcome: Outcome, took: Duration) {
         match outcome {
             Outcome::Ok => &self.ok,
             Outcome::Shed => &self.shed,
             Outcome::Error(_) => &self.errors,
         }
         .fetch_add(1, Ordering::Relaxed);
+        let mut r = self.recorder.lock().expect("recorder lock");
+        match outcome {
+            Outcome::Ok => r.latency.saturating_record(micros(took)),
+            Outcome::Shed => r.shed_latency.saturating_record(micros(took)),
+            Outcome::Error(e) => *r.causes.entry(e).or_default() += 1,
+        }
+    }
+
+    fn stats(&self, label: &str, mode: Mode, elapsed: Duration) -> Stats {
+        let r = self.recorder.lock().expect("recorder lock");
+        Stats {
+            label: label.to_owned(),
+            mode,
+            ok: self.ok.load(Ordering::Relaxed),
+            shed: self.shed.load(Ordering::Relaxed),
+            errors: self.errors.load(Ordering::Relaxed),
+            causes: r.causes.clone(),
+            latency: r.latency.clone(),
+            shed_latency: r.shed_latency.clone(),
+            elapsed,
+        }
     }
 }
 
@@ -155,107 +193,104 @@ where
     Fut: Future<Output = Outcome> + Send + 'static,
 {
     let op = Arc::new(op);
-    let counters = Arc::new(Counters::default());
-    let recorder = Arc::new(Mutex::new(Recorder {
-        latency: histogram(),
-        shed_latency: histogram(),
-        causes: BTreeMap::new(),
-    }));
-    let record = {
-        let recorder = recorder.clone();
-        let counters = counters.clone();
-        move |outcome: Outcome, took: Duration| {
-            counters.count(&outcome);
-            let mut r = recorder.lock().expect("recorder lock");
-            match outcome {
-                Outcome::Ok => r.latency.saturating_record(micros(took)),
-                Outcome::Shed => r.shed_latency.saturating_record(micros(took)),
-                Outcome::Error(e) => *r.causes.entry(e).or_default() += 1,
-            }
-        }
-    };
-    let progress = tokio::spawn({
-        let counters = counters.clone();
-        let label = label.to_owned();
-        async move {
-            let start = Instant::now();
-            let mut tick = tokio::time::interval(Duration::from_secs(1));
-            tick.tick().await;
-            loop {
-                tick.tick().await;
-                eprintln!(
-                    "  [{label}] {:>3.0}s sent {} ok {} shed {} errors {}",
-                    start.elapsed().as_secs_f64(),
-                    counters.sent.load(Ordering::Relaxed),
-                    counters.ok.load(Ordering::Relaxed),
-                    counters.shed.load(Ordering::Relaxed),
-                    counters.errors.load(Ordering::Relaxed)
-                );
-            }
-        }
-    });
+    let tally = Arc::new(Tally::new());
+    let progress = tokio::spawn(progress(label.to_owned(), tally.clone()));
     let start = Instant::now();
     match mode {
-        Mode::Closed { concurrency } => {
-            let deadline = start + duration;
-            let workers = (0..concurrency).map(|_| {
-                let op = op.clone();
-                let counters = counters.clone();
-                let record = record.clone();
-                tokio::spawn(async move {
-                    while Instant::now() < deadline {
-                        let i = counters.sent.fetch_add(1, Ordering::Relaxed);
-                        let sent = Instant::now();
-                        let outcome = timed(op(i)).await;
-                        record(outcome, sent.elapsed());
-                    }
-                })
-            });
-            for w in futures::future::join_all(workers).await {
-                w.expect("load worker panicked");
-            }
-        }
-        Mode::Open { rate, max_in_flight } => {
-            let permits = Arc::new(Semaphore::new(max_in_flight));
-            let total = (rate * duration.as_secs_f64()).round() as u64;
-            for i in 0..total {
-                let intended = start + Duration::from_secs_f64(i as f64 / rate);
-                tokio::time::sleep_until(intended).await;
-                let permit = permits.clone().acquire_owned().await.expect("semaphore open");
-                counters.sent.fetch_add(1, Ordering::Relaxed);
-                let op = op.clone();
-                let record = record.clone();
-                tokio::spawn(async move {
-                    let outcome = timed(op(i)).await;
-                    // From the intended send time: waiting for a permit counts.
-                    record(outcome, intended.elapsed());
-                    drop(permit);
-                });
-            }
-            let all = u32::try_from(max_in_flight).unwrap_or(u32::MAX);
-            let _ = tokio::time::timeout(REQUEST_TIMEOUT * 2, permits.acquire_many(all)).await;
-        }
+        Mode::Closed { concurrency } => closed(op, &tally, concurrency, start + duration).await,
+        Mode::Open { rate, max_in_flight } => open(op, &tally, rate, max_in_flight, start, duration).await,
     }
     let elapsed = start.elapsed();
     progress.abort();
-    let r = recorder.lock().expect("recorder lock");
-    Stats {
-        label: label.to_owned(),
-        mode,
-        ok: counters.ok.load(Ordering::Relaxed),
-        shed: counters.shed.load(Ordering::Relaxed),
-        errors: counters.errors.load(Ordering::Relaxed),
-        causes: r.causes.clone(),
-        latency: r.latency.clone(),
-        shed_latency: r.shed_latency.clone(),
-        elapsed,
+    tally.stats(label, mode, elapsed)
+}
+
+/// Every second: what has been sent and what came of it.
+async fn progress(label: String, tally: Arc<Tally>) {
+    let start = Instant::now();
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        eprintln!(
+            "  [{label}] {:>3.0}s sent {} ok {} shed {} errors {}",
+            start.elapsed().as_secs_f64(),
+            tally.sent.load(Ordering::Relaxed),
+            tally.ok.load(Ordering::Relaxed),
+            tally.shed.load(Ordering::Relaxed),
+            tally.errors.load(Ordering::Relaxed)
+        );
     }
+}
+
+/// `concurrency` callers, each sending its next request when the last one returns, until `deadline`.
+async fn closed<F, Fut>(op: Arc<F>, tally: &Arc<Tally>, concurrency: usize, deadline: Instant)
+where
+    F: Fn(u64) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Outcome> + Send + 'static,
+{
+    let workers = (0..concurrency).map(|_| {
+        let op = op.clone();
+        let tally = tally.clone();
+        tokio::spawn(async move {
+            while Instant::now() < deadline {
+                let i = tally.sent.fetch_add(1, Ordering::Relaxed);
+                let sent = Instant::now();
+                let outcome = timed(op(i)).await;
+                tally.record(outcome, sent.elapsed());
+            }
+        })
+    });
+    for w in futures::future::join_all(workers).await {
+        w.expect("load worker panicked");
+    }
+}
+
+/// Request `i` sent at `start + i / rate` whatever came of the earlier ones
+/// (at most `max_in_flight` outstanding), then waits for the last answers.
+async fn open<F, Fut>(
+    op: Arc<F>,
+    tally: &Arc<Tally>,
+    rate: f64,
+    max_in_flight: usize,
+    start: Instant,
+    duration: Duration,
+) where
+    F: Fn(u64) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Outcome> + Send + 'static,
+{
+    let permits = Arc::new(Semaphore::new(max_in_flight));
+    let total = (rate * duration.as_secs_f64()).round() as u64;
+    for i in 0..total {
+        let intended = start + Duration::from_secs_f64(i as f64 / rate);
+        tokio::time::sleep_until(intended).await;
+        let permit = permits.clone().acquire_owned().await.expect("semaphore open");
+        tally.sent.fetch_add(1, Ordering::Relaxed);
+        let op = op.clone();
+        let tally = tally.clone();
+        tokio::spawn(async move {
+            let outcome = timed(op(i)).await;
+            // From the intended send time: waiting for a permit counts.
+            tally.record(outcome, intended.elapsed());
+            drop(permit);
+        });
+    }
+    let all = u32::try_from(max_in_flight).unwrap_or(u32::MAX);
+    let _ = tokio::time::timeout(REQUEST_TIMEOUT * 2, permits.acquire_many(all)).await;
 }
 
 async fn timed(f: impl Future<Output = Outcome>) -> Outcome {
     match tokio::time::timeout(REQUEST_TIMEOUT, f).await {
         Ok(outcome) => outcome,
         Err(_) => Outcome::Error(format!("no answer within {REQUEST_TIMEOUT:?}")),
+    }
+}
+
+/// Any other result as an outcome: there is no shedding to tell apart.
+pub(crate) fn outcome<T, E: std::fmt::Display>(result: Result<T, E>) -> Outcome {
+    match result {
+        Ok(_) => Outcome::Ok,
+        Err(e) => Outcome::Error(e.to_string()),
     }
 }
 

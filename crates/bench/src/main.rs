@@ -91,13 +91,7 @@ pub(crate) struct RunArgs {
 /// by `FLUXO_BENCH_LOG` (default `warn`; say `warn,h2::proto::connection=debug`
 /// to see why a connection closed).
 fn own_log() -> anyhow::Result<()> {
-    let Some(dir) = std::env::var_os("FLUXO_BENCH_LOGS") else { return Ok(()) };
-    let path = PathBuf::from(dir).join("fluxo-bench.log");
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&path)
-        .with_context(|| format!("opening {}", path.display()))?;
+    let Some(file) = procs::log_file("fluxo-bench")? else { return Ok(()) };
     let filter = std::env::var("FLUXO_BENCH_LOG").unwrap_or_else(|_| "warn".to_owned());
     let filter = tracing_subscriber::EnvFilter::try_new(&filter)
         .with_context(|| format!("FLUXO_BENCH_LOG is not a valid filter: {filter:?}"))?;

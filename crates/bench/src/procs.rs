@@ -5,7 +5,7 @@
 use std::{
     io::{BufRead, BufReader, Write},
     path::PathBuf,
-    process::{Child, Command, Stdio},
+    process::{Child, ChildStderr, Command, Stdio},
     sync::mpsc,
     time::{Duration, Instant},
 };
@@ -34,20 +34,9 @@ impl Proc {
     /// Its log (stdout) is dropped, or appended to `<dir>/<name>.log` when
     /// `FLUXO_BENCH_LOGS=<dir>` is set — to look into a run after the fact.
     pub(crate) async fn start(name: &str, mut command: Command) -> anyhow::Result<Self> {
-        let log_file = match std::env::var_os("FLUXO_BENCH_LOGS") {
-            Some(dir) => {
-                let path = PathBuf::from(dir).join(format!("{name}.log"));
-                let file = std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(&path)
-                    .with_context(|| format!("opening {}", path.display()))?;
-                Some(file)
-            }
-            None => None,
-        };
+        let log_file = log_file(name)?;
         // stderr (start-up banner, panics) goes to the same file.
-        let mut stderr_copy = log_file.as_ref().map(std::fs::File::try_clone).transpose()?;
+        let stderr_copy = log_file.as_ref().map(std::fs::File::try_clone).transpose()?;
         let log = log_file.map_or_else(Stdio::null, Stdio::from);
         let spawned = Instant::now();
         let mut child = command
@@ -56,17 +45,8 @@ impl Proc {
             .stderr(Stdio::piped())
             .spawn()
             .with_context(|| format!("starting {name}"))?;
-        let (tx, rx) = mpsc::channel();
         let stderr = child.stderr.take().context("stderr pipe")?;
-        // Keeps draining stderr so the process never blocks on a full pipe.
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if let Some(file) = stderr_copy.as_mut() {
-                    let _ = writeln!(file, "{line}");
-                }
-                let _ = tx.send(line);
-            }
-        });
+        let lines = drain(stderr, stderr_copy);
         let mut proc = Self {
             name: name.to_owned(),
             child: Some(child),
@@ -75,15 +55,28 @@ impl Proc {
             ready_after: Duration::ZERO,
         };
         let deadline = Instant::now() + Duration::from_secs(30);
+        proc.read_banner(&lines, deadline)?;
+        // Past the banner nobody reads the channel; the thread keeps draining the
+        // pipe (into the log file, if any) so the process never blocks on stderr.
+        drop(lines);
+        proc.wait_serving(deadline).await?;
+        proc.ready_after = spawned.elapsed();
+        Ok(proc)
+    }
+
+    /// Reads stderr's lines up to the `gRPC <addr>` line (and a `REST <url>`
+    /// line before it, if any), failing if the process exits or `deadline` passes first.
+    fn read_banner(&mut self, lines: &mpsc::Receiver<String>, deadline: Instant) -> anyhow::Result<()> {
+        let name = &self.name;
         let mut seen = Vec::new();
         loop {
-            let line = match rx.recv_timeout(Duration::from_millis(50)) {
+            let line = match lines.recv_timeout(Duration::from_millis(50)) {
                 Ok(line) => line,
                 Err(mpsc::RecvTimeoutError::Timeout) => {
                     if Instant::now() > deadline {
                         bail!("{name}: no ready banner within 30 s; stderr:\n{}", seen.join("\n"));
                     }
-                    if let Some(status) = proc.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                    if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
                         bail!("{name} exited ({status}) before it was ready; stderr:\n{}", seen.join("\n"));
                     }
                     continue;
@@ -94,24 +87,25 @@ impl Proc {
             };
             let trimmed = line.trim();
             if let Some(url) = trimmed.strip_prefix("REST") {
-                proc.rest = url.split_whitespace().next().map(|u| u.trim_start_matches("http://").to_owned());
+                self.rest = url.split_whitespace().next().map(|u| u.trim_start_matches("http://").to_owned());
             }
             if let Some(addr) = trimmed.strip_prefix("gRPC") {
-                proc.grpc = addr.split_whitespace().next().context("gRPC address")?.to_owned();
-                break;
+                self.grpc = addr.split_whitespace().next().context("gRPC address")?.to_owned();
+                return Ok(());
             }
             seen.push(line);
         }
-        // Past the banner nobody reads the channel; the thread keeps draining the
-        // pipe (into the log file, if any) so the process never blocks on stderr.
-        drop(rx);
+    }
+
+    /// Polls gRPC health on the banner's address until it reports SERVING.
+    async fn wait_serving(&self, deadline: Instant) -> anyhow::Result<()> {
         let mut health = None;
         loop {
             if Instant::now() > deadline {
-                bail!("{name} did not report SERVING within 30 s");
+                bail!("{} did not report SERVING within 30 s", self.name);
             }
             if health.is_none() {
-                health = tonic::transport::Channel::from_shared(format!("http://{}", proc.grpc))?
+                health = tonic::transport::Channel::from_shared(format!("http://{}", self.grpc))?
                     .connect()
                     .await
                     .ok()
@@ -121,12 +115,10 @@ impl Proc {
                 && let Ok(reply) = client.check(HealthCheckRequest { service: String::new() }).await
                 && reply.into_inner().status == ServingStatus::Serving as i32
             {
-                break;
+                return Ok(());
             }
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
-        proc.ready_after = spawned.elapsed();
-        Ok(proc)
     }
 
     pub(crate) fn pid(&self) -> u32 {
@@ -166,6 +158,34 @@ impl Drop for Proc {
             child.wait().ok();
         }
     }
+}
+
+/// `<dir>/<name>.log` opened for appending when `FLUXO_BENCH_LOGS=<dir>` is set.
+pub(crate) fn log_file(name: &str) -> anyhow::Result<Option<std::fs::File>> {
+    let Some(dir) = std::env::var_os("FLUXO_BENCH_LOGS") else { return Ok(None) };
+    let path = PathBuf::from(dir).join(format!("{name}.log"));
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    Ok(Some(file))
+}
+
+/// Keeps draining `stderr` on a thread of its own so the process never
+/// blocks on a full pipe, copying each line to `copy` (if any) and sending it
+/// to the receiver while there is one.
+fn drain(stderr: ChildStderr, mut copy: Option<std::fs::File>) -> mpsc::Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Some(file) = copy.as_mut() {
+                let _ = writeln!(file, "{line}");
+            }
+            let _ = tx.send(line);
+        }
+    });
+    rx
 }
 
 /// Resident set size in bytes of any process (VmRSS of /proc/<pid>/status).
