@@ -18,7 +18,7 @@ use crate::{
     procs::Proc,
 };
 
-/// Messages a consumer reads with one XREADGROUP, as many as a consolidator does.
+/// Messages a consumer reads with one XREADGROUP: a consolidator's default batch.
 const BATCH: u64 = 500;
 
 /// The bare tonic server, kept running until the balance phases have been
