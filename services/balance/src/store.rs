@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, BTreeSet, HashSet};
 use chrono::NaiveDate;
 use fluxo_db::{Db, statement};
 use fluxo_types::{Currency, MerchantId};
-use sea_orm::{ConnectionTrait, DbErr, Statement, TransactionTrait, Value};
+use sea_orm::{ConnectionTrait, DbErr, QueryResult, Statement, TransactionTrait, Value};
 
 pub use migrations::Migrator;
 
@@ -71,6 +71,16 @@ impl BalanceStore {
     /// The database.
     pub fn db(&self) -> &Db {
         &self.db
+    }
+
+    /// One row of `sql` (`?` placeholders) on the pool.
+    async fn query_one(&self, sql: &str, values: Vec<Value>) -> Result<Option<QueryResult>, DbErr> {
+        self.db.conn().query_one_raw(statement(self.db.backend(), sql, values)).await
+    }
+
+    /// Every row of `sql` (`?` placeholders) on the pool.
+    async fn query_all(&self, sql: &str, values: Vec<Value>) -> Result<Vec<QueryResult>, DbErr> {
+        self.db.conn().query_all_raw(statement(self.db.backend(), sql, values)).await
     }
 
     /// Creates or upgrades the read model's tables.
@@ -144,14 +154,11 @@ impl BalanceStore {
     /// Parked events, oldest first.
     pub async fn parked(&self, count: u64) -> Result<Vec<Parked>, StoreError> {
         let rows = self
-            .db
-            .conn()
-            .query_all_raw(statement(
-                self.db.backend(),
+            .query_all(
                 "SELECT event_id, merchant_id, booking_date, reason, payload FROM balance_parked_events \
                  ORDER BY parked_at_micros, event_id LIMIT ?",
                 vec![i64::try_from(count).unwrap_or(i64::MAX).into()],
-            ))
+            )
             .await?;
         rows.iter()
             .map(|r| {
@@ -169,11 +176,7 @@ impl BalanceStore {
 
     /// How many events are parked.
     pub async fn parked_count(&self) -> Result<u64, StoreError> {
-        let row = self
-            .db
-            .conn()
-            .query_one_raw(statement(self.db.backend(), "SELECT COUNT(*) FROM balance_parked_events", vec![]))
-            .await?;
+        let row = self.query_one("SELECT COUNT(*) FROM balance_parked_events", vec![]).await?;
         let n: i64 = row.map(|r| r.try_get_by_index(0)).transpose()?.unwrap_or(0);
         Ok(u64::try_from(n).unwrap_or(0))
     }
@@ -197,28 +200,17 @@ impl BalanceStore {
     /// balances from that day on may be missing them.
     pub async fn parked_since(&self, merchant: &MerchantId) -> Result<Option<NaiveDate>, StoreError> {
         let row = self
-            .db
-            .conn()
-            .query_one_raw(statement(
-                self.db.backend(),
+            .query_one(
                 "SELECT MIN(booking_date) FROM balance_parked_events WHERE merchant_id = ?",
                 vec![merchant.as_str().into()],
-            ))
+            )
             .await?;
         Ok(row.map(|r| r.try_get_by_index::<Option<NaiveDate>>(0)).transpose()?.flatten())
     }
 
     /// The currencies a merchant has balances in.
     pub async fn currencies(&self, merchant: &MerchantId) -> Result<Vec<Currency>, StoreError> {
-        let rows = self
-            .db
-            .conn()
-            .query_all_raw(statement(
-                self.db.backend(),
-                "SELECT DISTINCT currency_code FROM balance_daily WHERE merchant_id = ? ORDER BY currency_code",
-                vec![merchant.as_str().into()],
-            ))
-            .await?;
+        let rows = self.query_all("SELECT DISTINCT currency_code FROM balance_daily WHERE merchant_id = ? ORDER BY currency_code", vec![merchant.as_str().into()]).await?;
         rows.iter()
             .map(|r| {
                 let code = r.try_get_by_index::<String>(0)?;
@@ -238,16 +230,8 @@ impl BalanceStore {
         currency: &Currency,
         start: NaiveDate,
     ) -> Result<(i64, Option<i64>), StoreError> {
-        let row = self
-            .db
-            .conn()
-            .query_one_raw(statement(
-                self.db.backend(),
-                "SELECT CAST(COALESCE(SUM(CASE WHEN booking_date < ? THEN credits_minor - debits_minor ELSE 0 END), 0) AS BIGINT), \
-                 MAX(as_of_micros) FROM balance_daily WHERE merchant_id = ? AND currency_code = ?",
-                vec![start.into(), merchant.as_str().into(), currency.code().into()],
-            ))
-            .await?;
+        let row = self.query_one("SELECT CAST(COALESCE(SUM(CASE WHEN booking_date < ? THEN credits_minor - debits_minor ELSE 0 END), 0) AS BIGINT), \
+                 MAX(as_of_micros) FROM balance_daily WHERE merchant_id = ? AND currency_code = ?", vec![start.into(), merchant.as_str().into(), currency.code().into()]).await?;
         match row {
             Some(row) => Ok((row.try_get_by_index::<i64>(0)?, row.try_get_by_index::<Option<i64>>(1)?)),
             None => Ok((0, None)),
@@ -263,15 +247,12 @@ impl BalanceStore {
         end: NaiveDate,
     ) -> Result<BTreeMap<NaiveDate, DayTotals>, StoreError> {
         let rows = self
-            .db
-            .conn()
-            .query_all_raw(statement(
-                self.db.backend(),
+            .query_all(
                 "SELECT booking_date, credits_minor, debits_minor, entry_count FROM balance_daily \
                  WHERE merchant_id = ? AND currency_code = ? AND booking_date >= ? AND booking_date <= ? \
                  ORDER BY booking_date",
                 vec![merchant.as_str().into(), currency.code().into(), start.into(), end.into()],
-            ))
+            )
             .await?;
         rows.iter().map(|r| Ok((r.try_get_by_index::<NaiveDate>(0)?, day_totals(r, 1)?))).collect()
     }
@@ -292,7 +273,7 @@ impl BalanceStore {
                 vec![],
             ),
         };
-        let rows = self.db.conn().query_all_raw(statement(self.db.backend(), sql, values)).await?;
+        let rows = self.query_all(sql, values).await?;
         rows.iter()
             .map(|r| {
                 Ok((
@@ -350,13 +331,10 @@ impl BalanceStore {
     /// The entries of a merchant already in the read model.
     pub async fn applied_entries(&self, merchant_id: &str) -> Result<HashSet<String>, StoreError> {
         let rows = self
-            .db
-            .conn()
-            .query_all_raw(statement(
-                self.db.backend(),
+            .query_all(
                 "SELECT entry_id FROM balance_applied_events WHERE merchant_id = ?",
                 vec![merchant_id.into()],
-            ))
+            )
             .await?;
         Ok(rows.iter().map(|r| r.try_get_by_index::<String>(0)).collect::<Result<_, _>>()?)
     }
@@ -406,7 +384,7 @@ async fn insert_applied<P: std::borrow::Borrow<Posting>>(
 }
 
 /// A day's credits, debits and entry count from columns `first`, `first + 1`, `first + 2`.
-fn day_totals(row: &sea_orm::QueryResult, first: usize) -> Result<DayTotals, DbErr> {
+fn day_totals(row: &QueryResult, first: usize) -> Result<DayTotals, DbErr> {
     Ok(DayTotals {
         credits: row.try_get_by_index(first)?,
         debits: row.try_get_by_index(first + 1)?,
