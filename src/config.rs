@@ -93,6 +93,8 @@ pub struct RateLimitSettings {
     /// per client address, and of all addresses together.
     pub unverified: TierSettings,
     pub unverified_shared: TierSettings,
+    /// Prefix of every rate-limit bucket's Redis key (installations sharing a Redis need their own).
+    pub key_prefix: String,
 }
 
 impl Default for GatewaySettings {
@@ -140,6 +142,7 @@ impl Default for RateLimitSettings {
             on_redis_error: OnRedisError::Local,
             unverified: TierSettings { per_second: 20, burst: 40 },
             unverified_shared: TierSettings { per_second: 200, burst: 400 },
+            key_prefix: fluxo_gateway::ratelimit::DEFAULT_KEY_PREFIX.to_owned(),
         }
     }
 }
@@ -510,11 +513,15 @@ impl Config {
 
     /// Redis and the balance cache kept in it.
     fn validate_redis(&self, problems: &mut Vec<String>) {
-        let prefix = &self.balance.cache_prefix;
-        if prefix.is_empty() || prefix.chars().any(char::is_whitespace) {
-            problems.push(format!(
-                "balance.cache_prefix must be a non-empty Redis key prefix without spaces, got {prefix:?}"
-            ));
+        for (setting, prefix) in [
+            ("balance.cache_prefix", &self.balance.cache_prefix),
+            ("rate_limit.key_prefix", &self.rate_limit.key_prefix),
+        ] {
+            if prefix.is_empty() || prefix.chars().any(char::is_whitespace) {
+                problems.push(format!(
+                    "{setting} must be a non-empty Redis key prefix without spaces, got {prefix:?}"
+                ));
+            }
         }
         if let Some(url) = &self.redis.url {
             let url = secrecy::ExposeSecret::expose_secret(url);

@@ -403,6 +403,7 @@ fn gateway(
                 unverified: rate(&r.unverified),
                 unverified_pool: rate(&r.unverified_shared),
                 fallback: r.on_redis_error.into(),
+                key_prefix: r.key_prefix.clone(),
             },
         )
     });

@@ -62,7 +62,12 @@ pub struct Limits {
     pub unverified_pool: Rate,
     /// When Redis is unreachable.
     pub fallback: Fallback,
+    /// Prefix of every bucket's Redis key (installations sharing a Redis need their own).
+    pub key_prefix: String,
 }
+
+/// The default [`Limits::key_prefix`].
+pub const DEFAULT_KEY_PREFIX: &str = "fluxo:rl";
 
 /// A decision with what the RateLimit headers report.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -152,15 +157,17 @@ impl RateLimiter {
         let tier = tier.unwrap_or(&self.limits.default_tier).to_owned();
         let rate = self.rate(&tier);
         let priority = self.limits.priority_tiers.contains(&tier);
-        let bucket = format!("fluxo:rl:{{all}}:client:{client_id}");
-        let pool = (!priority).then(|| ("fluxo:rl:{all}:shared".to_owned(), self.limits.shared));
+        let prefix = &self.limits.key_prefix;
+        let bucket = format!("{prefix}:{{all}}:client:{client_id}");
+        let pool = (!priority).then(|| (format!("{prefix}:{{all}}:shared"), self.limits.shared));
         self.decide(bucket, rate, pool).await
     }
 
     /// Decides for a request from `address` whose token is still to be verified.
     pub async fn check_unverified(&self, address: &str) -> Decision {
-        let bucket = format!("fluxo:rl:{{all}}:unverified:{address}");
-        let pool = Some(("fluxo:rl:{all}:unverified".to_owned(), self.limits.unverified_pool));
+        let prefix = &self.limits.key_prefix;
+        let bucket = format!("{prefix}:{{all}}:unverified:{address}");
+        let pool = Some((format!("{prefix}:{{all}}:unverified"), self.limits.unverified_pool));
         self.decide(bucket, self.limits.unverified, pool).await
     }
 
@@ -259,6 +266,7 @@ mod tests {
             unverified: Rate { per_second: 10, burst: 3 },
             unverified_pool: Rate { per_second: 10, burst: 4 },
             fallback: Fallback::Local,
+            key_prefix: DEFAULT_KEY_PREFIX.into(),
         }
     }
 
@@ -325,5 +333,35 @@ mod tests {
         assert!(from("10.0.0.2").await.allowed, "another address has its own allowance");
         assert!(!from("10.0.0.3").await.allowed, "the unverified pool of 4 is spent");
         assert!(limiter.check("a", None).await.allowed, "verified clients do not draw from it");
+    }
+
+    /// On the suite's real Redis: limiters with different key prefixes (two
+    /// installations sharing a Redis) keep apart buckets; the same prefix shares them.
+    #[tokio::test]
+    async fn installations_with_their_own_key_prefix_do_not_share_buckets() {
+        let url = std::env::var("FLUXO_TEST_REDIS_URL")
+            .expect("FLUXO_TEST_REDIS_URL is not set: run the suite with ./scripts/test.sh");
+        let redis = fluxo_queue::client(&fluxo_queue::RedisConfig {
+            url: url.into(),
+            command_timeout: Duration::from_secs(5),
+            tls_ca_file: None,
+        })
+        .unwrap();
+        fred::prelude::ClientLike::wait_for_connect(&redis).await.unwrap();
+        let run = ulid::Ulid::new();
+        // One token a second: none comes back between the calls below.
+        let slow = Rate { per_second: 1, burst: 5 };
+        let with_prefix = |prefix: String| {
+            let tiers = HashMap::from([("standard".into(), slow)]);
+            let shared = Rate { per_second: 1, burst: 100 };
+            RateLimiter::new(Some(redis.clone()), Limits { key_prefix: prefix, tiers, shared, ..limits() })
+        };
+        let first = with_prefix(format!("test:{run}:a"));
+        let spent = futures::future::join_all((0..6).map(|_| first.check("client", None))).await;
+        assert_eq!(spent.iter().filter(|d| d.allowed).count(), 5, "a burst of 5 in Redis");
+        let same = with_prefix(format!("test:{run}:a"));
+        assert!(!same.check("client", None).await.allowed, "the same prefix shares the bucket");
+        let other = with_prefix(format!("test:{run}:b"));
+        assert!(other.check("client", None).await.allowed, "another prefix has buckets of its own");
     }
 }

@@ -104,6 +104,7 @@ fn limits() -> Limits {
         unverified: Rate { per_second: 1, burst: 2 },
         unverified_pool: Rate { per_second: 10_000, burst: 10_000 },
         fallback: Fallback::Local,
+        key_prefix: fluxo_gateway::ratelimit::DEFAULT_KEY_PREFIX.into(),
     }
 }
 
