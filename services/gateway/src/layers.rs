@@ -1,5 +1,5 @@
 //! The middleware of the gateway's stack, one module per concern, and what
-//! they share: the shape of a layer ([`layer_fn`]), the rest of the stack as a
+//! they share: the shape of a layer ([`middleware`]), the rest of the stack as a
 //! layer sees it ([`Next`]), and [`Refusal`], the one way a layer answers a
 //! request itself, turned into a response once by [`refusals`].
 //!
@@ -31,7 +31,7 @@ pub(crate) type Next<B = Body, E = Refusal> = BoxCloneSyncService<Request<B>, Re
 /// rest of the stack: `step(state, request, next)` answers the request itself
 /// or calls `next`. Each layer's future is boxed, so no request carries the
 /// largest future of every layer (gRPC and Redis calls are kilobytes) in place.
-pub(crate) fn layer_fn<T, B, S, E, F, Fut>(
+pub(crate) fn middleware<T, B, S, E, F, Fut>(
     state: T,
     step: F,
 ) -> impl Layer<S, Service = BoxCloneSyncService<Request<B>, Response, E>> + Clone
@@ -86,7 +86,7 @@ impl Refusal {
 
 /// Turns refusals into responses, the one place errors are answered.
 pub(crate) fn refusals(limits: RequestLimits) -> impl Layer<Next, Service = Next<Body, Infallible>> + Clone {
-    layer_fn(limits, answered)
+    middleware(limits, answered)
 }
 
 async fn answered(limits: RequestLimits, request: Request<Body>, next: Next) -> Result<Response, Infallible> {

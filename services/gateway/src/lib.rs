@@ -3,7 +3,9 @@
 //! Routes, request binding and JSON come from the protos' `google.api.http`
 //! annotations and descriptors at run time ([`routes`], [`transcode`]); calls
 //! are forwarded over gRPC to the ledger and balance targets with the
-//! caller's verified identity, request id and trace context.
+//! caller's verified identity, request id and trace context. A request goes
+//! through a stack of tower layers ([`Gateway::router`]), one per check, down
+//! to the handler that forwards it.
 //!
 //! Why descriptor-driven rather than generated code: the gateway runs as its
 //! own Deployment and forwards over gRPC, so it needs no handler per RPC — one

@@ -8,14 +8,14 @@ use http::{HeaderMap, HeaderName, HeaderValue};
 use tower::{Layer, ServiceExt};
 use tracing::Instrument;
 
-use super::{Next, layer_fn, route::Routed};
+use super::{Next, middleware, route::Routed};
 use crate::LOG_TARGET;
 
 /// Gives every answer the caller's request id (or a new one), runs the rest
 /// of the stack in an `http.server` span continuing the caller's trace, and
 /// writes one access-log line per request.
 pub(crate) fn layer() -> impl Layer<Next<Body, Infallible>, Service = Next<Body, Infallible>> + Clone {
-    layer_fn((), logged)
+    middleware((), logged)
 }
 
 async fn logged((): (), request: Request, next: Next<Body, Infallible>) -> Result<Response, Infallible> {

@@ -6,14 +6,14 @@ use http::{HeaderValue, header};
 use tonic::Code;
 use tower::{Layer, ServiceExt};
 
-use super::{Next, Refusal, layer_fn};
+use super::{Next, Refusal, middleware};
 use crate::{Gateway, LOG_TARGET, error::ApiError};
 
 /// Refuses a request without a valid bearer token (401 with
 /// `WWW-Authenticate: Bearer`); puts the [`crate::auth::Identity`] it grants
 /// in the request's extensions.
 pub(crate) fn authenticate(gateway: Gateway) -> impl Layer<Next, Service = Next> + Clone {
-    layer_fn(gateway, authenticated)
+    middleware(gateway, authenticated)
 }
 
 async fn authenticated(gateway: Gateway, mut request: Request, next: Next) -> Result<Response, Refusal> {

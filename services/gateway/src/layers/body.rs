@@ -9,13 +9,13 @@ use tonic::Code;
 use tower::{Layer, ServiceBuilder, ServiceExt};
 use tower_http::limit::{RequestBodyLimitLayer, ResponseBody};
 
-use super::{Next, Refusal, layer_fn};
+use super::{Next, Refusal, middleware};
 use crate::{RequestLimits, error::ApiError};
 
 /// Refuses a request whose `Content-Length` is over the limit (413) without
 /// reading a byte of its body; the connection closes rather than take it in.
 pub(crate) fn refuse_declared_oversize(limits: RequestLimits) -> impl Layer<Next, Service = Next> + Clone {
-    layer_fn(limits, declared)
+    middleware(limits, declared)
 }
 
 async fn declared(limits: RequestLimits, request: Request, next: Next) -> Result<Response, Refusal> {
@@ -44,7 +44,7 @@ pub(crate) fn limit(limits: RequestLimits) -> impl Layer<Next, Service = Next> +
 /// Reads the whole body, within the limit (413) and the time allowed (408),
 /// and hands it to the handler as bytes.
 pub(crate) fn read(limits: RequestLimits) -> impl Layer<Next<Bytes>, Service = Next> + Clone {
-    layer_fn(limits, read_body)
+    middleware(limits, read_body)
 }
 
 async fn read_body(limits: RequestLimits, request: Request, next: Next<Bytes>) -> Result<Response, Refusal> {

@@ -10,7 +10,7 @@ use http::{HeaderName, HeaderValue, header};
 use tonic::Code;
 use tower::{Layer, ServiceExt};
 
-use super::{Next, Refusal, layer_fn};
+use super::{Next, Refusal, middleware};
 use crate::{Gateway, LOG_TARGET, auth::Identity, error::ApiError, ratelimit::Decision, server};
 
 /// Limits requests whose token was not verified lately, per client address.
@@ -18,7 +18,7 @@ use crate::{Gateway, LOG_TARGET, auth::Identity, error::ApiError, ratelimit::Dec
 /// allowance, apart from the verified clients', so a flood of forged or
 /// missing tokens is cheap to refuse and starves no one.
 pub(crate) fn unverified(gateway: Gateway) -> impl Layer<Next, Service = Next> + Clone {
-    layer_fn(gateway, limit_unverified)
+    middleware(gateway, limit_unverified)
 }
 
 async fn limit_unverified(gateway: Gateway, request: Request, next: Next) -> Result<Response, Refusal> {
@@ -41,7 +41,7 @@ async fn limit_unverified(gateway: Gateway, request: Request, next: Next) -> Res
 /// extensions) by its tier, and reports its allowance on the answers the
 /// backends gave.
 pub(crate) fn per_subject(gateway: Gateway) -> impl Layer<Next, Service = Next> + Clone {
-    layer_fn(gateway, limit_subject)
+    middleware(gateway, limit_subject)
 }
 
 async fn limit_subject(gateway: Gateway, request: Request, next: Next) -> Result<Response, Refusal> {

@@ -13,12 +13,12 @@ use tonic_health::pb::{
 };
 use tower::{Layer, ServiceExt};
 
-use super::{Next, Refusal, layer_fn};
+use super::{Next, Refusal, middleware};
 use crate::Gateway;
 
 /// Answers the probes and the document; passes every other request on.
 pub(crate) fn layer(gateway: Gateway) -> impl Layer<Next, Service = Next> + Clone {
-    layer_fn(gateway, probe)
+    middleware(gateway, probe)
 }
 
 async fn probe(gateway: Gateway, request: Request, next: Next) -> Result<Response, Refusal> {

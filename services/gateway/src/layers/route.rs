@@ -7,7 +7,7 @@ use http::{HeaderValue, Method, StatusCode, header};
 use tonic::Code;
 use tower::{Layer, ServiceExt};
 
-use super::{Next, Refusal, layer_fn};
+use super::{Next, Refusal, middleware};
 use crate::{
     Gateway,
     error::ApiError,
@@ -40,7 +40,7 @@ pub(crate) struct Matched {
 pub(crate) fn lookup(
     gateway: Gateway,
 ) -> impl Layer<Next<Body, Infallible>, Service = Next<Body, Infallible>> + Clone {
-    layer_fn(gateway, looked_up)
+    middleware(gateway, looked_up)
 }
 
 async fn looked_up(
@@ -61,10 +61,10 @@ async fn looked_up(
 /// other methods, 404 otherwise. A routed request goes on with its
 /// [`Matched`] route in its extensions.
 pub(crate) fn refuse_unrouted() -> impl Layer<Next, Service = Next> + Clone {
-    layer_fn((), routed)
+    middleware((), refusing_unrouted)
 }
 
-async fn routed((): (), mut request: Request, next: Next) -> Result<Response, Refusal> {
+async fn refusing_unrouted((): (), mut request: Request, next: Next) -> Result<Response, Refusal> {
     let error = match request.extensions_mut().remove::<Routed>() {
         Some(Routed::Found(matched)) => {
             request.extensions_mut().insert(matched);
