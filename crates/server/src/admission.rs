@@ -137,9 +137,11 @@ fn exempt(path: &str) -> bool {
 }
 
 /// The caller's request id when it is a sane token; a fresh one otherwise.
-fn request_id(request: &Request<Body>) -> HeaderValue {
-    request
-        .headers()
+/// The caller's `x-request-id` when it is a sensible one (1 to 128 visible
+/// ASCII characters), else a new ULID: the id a request is logged, traced and
+/// answered under, in gRPC and REST alike.
+pub fn request_id(headers: &HeaderMap) -> HeaderValue {
+    headers
         .get(REQUEST_ID_HEADER)
         .filter(|v| !v.is_empty() && v.len() <= 128 && v.as_bytes().iter().all(u8::is_ascii_graphic))
         .cloned()
@@ -295,7 +297,7 @@ where
             }
         };
         let path = request.uri().path().to_owned();
-        let id = request_id(&request);
+        let id = request_id(request.headers());
         let (service, method) = path.trim_start_matches('/').split_once('/').unwrap_or((&path, ""));
         let span = tracing::info_span!(
             "grpc.server",
@@ -342,7 +344,7 @@ impl<S> Admission<S> {
         let mut response: Response<Body> =
             Status::resource_exhausted("server overloaded: too many concurrent calls, retry with backoff")
                 .into_http();
-        response.headers_mut().insert(REQUEST_ID_HEADER, request_id(request));
+        response.headers_mut().insert(REQUEST_ID_HEADER, request_id(request.headers()));
         let response = metered(response, record);
         Box::pin(async move { Ok(response) })
     }

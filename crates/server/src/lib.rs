@@ -23,7 +23,7 @@ use tokio::{net::TcpListener, sync::oneshot};
 use tonic::{body::Body, server::NamedService, service::RoutesBuilder, transport::server::TcpIncoming};
 use tonic_health::{ServingStatus, server::HealthReporter};
 
-pub use admission::{ACCESS, AdmissionLayer, REQUEST_ID_HEADER};
+pub use admission::{ACCESS, AdmissionLayer, REQUEST_ID_HEADER, request_id};
 pub use malformed::MalformedRequestLayer;
 
 /// Health service name that reports the process alive (for liveness and

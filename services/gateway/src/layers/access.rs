@@ -4,7 +4,7 @@ use std::convert::Infallible;
 
 use axum::{body::Body, extract::Request, response::Response};
 use fluxo_server::REQUEST_ID_HEADER;
-use http::{HeaderMap, HeaderName, HeaderValue};
+use http::HeaderName;
 use tower::{Layer, ServiceExt};
 use tracing::Instrument;
 
@@ -18,8 +18,10 @@ pub(crate) fn layer() -> impl Layer<Next<Body, Infallible>, Service = Next<Body,
     middleware((), logged)
 }
 
-async fn logged((): (), request: Request, next: Next<Body, Infallible>) -> Result<Response, Infallible> {
-    let id = request_id(request.headers());
+async fn logged((): (), mut request: Request, next: Next<Body, Infallible>) -> Result<Response, Infallible> {
+    let id = fluxo_server::request_id(request.headers());
+    // The backends see the id the answer carries (the caller's, or the one minted here).
+    request.headers_mut().insert(HeaderName::from_static(REQUEST_ID_HEADER), id.clone());
     // The span is named by its route template (bounded cardinality), known before it starts.
     let route = match request.extensions().get::<Routed>() {
         Some(Routed::Found(matched)) => matched.route.template.as_str(),
@@ -54,15 +56,4 @@ async fn logged((): (), request: Request, next: Next<Body, Infallible>) -> Resul
         }
     });
     Ok(response)
-}
-
-/// The caller's request id when it is a sane token; a fresh one otherwise.
-fn request_id(headers: &HeaderMap) -> HeaderValue {
-    headers
-        .get(REQUEST_ID_HEADER)
-        .filter(|v| !v.is_empty() && v.len() <= 128 && v.as_bytes().iter().all(u8::is_ascii_graphic))
-        .cloned()
-        .unwrap_or_else(|| {
-            HeaderValue::from_str(&ulid::Ulid::new().to_string()).unwrap_or(HeaderValue::from_static("-"))
-        })
 }

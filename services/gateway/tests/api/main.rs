@@ -514,9 +514,17 @@ async fn calls_are_forwarded_with_the_callers_identity_and_request_id() {
     assert!(call.get("authorization").is_none(), "the identity travels, not the token");
     assert_eq!(call.get("x-request-id").unwrap(), "caller-id-1");
 
+    // Without an id of its own (or with one that is not sane) the caller is
+    // answered under the id minted for it, and the backend logs the same one.
     let admin = f.token(&TokenSpec::admin("ops"));
-    assert_eq!(f.send(get("/v1/merchants/m-9/entries", &admin)).await.status(), 200);
+    let mut unnamed = get("/v1/merchants/m-9/entries", &admin);
+    unnamed.headers_mut().insert("x-request-id", "has spaces".parse().unwrap());
+    let answer = f.send(unnamed).await;
+    assert_eq!(answer.status(), 200);
+    let minted = answer.headers()["x-request-id"].to_str().unwrap().to_owned();
+    assert!(ulid::Ulid::from_string(&minted).is_ok(), "{minted}");
     assert_eq!(f.calls()[1].get("x-fluxo-admin").unwrap(), "true");
+    assert_eq!(f.calls()[1].get("x-request-id").unwrap(), minted.as_str());
 }
 
 #[tokio::test]
