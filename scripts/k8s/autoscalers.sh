@@ -20,8 +20,15 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 
 # ---- pinned versions -----------------------------------------------------------------------
-KEDA_VERSION=v2.21.0        # k8s.io/* v0.36 clients: within client-go's skew of a v1.35 API server
-KARPENTER_VERSION=v1.14.1   # k8s.io/* v0.35.1, controller-runtime v0.23: built for v1.35 servers
+# KEDA: the version whose CRDs and scaler source scripts/validate-k8s.sh checks the chart against
+# (v2.21.0: k8s.io/* v0.36 clients, within client-go's skew of the v1.35 API server).
+KEDA_VERSION="$(sed -n 's/^KEDA_VERSION=\([^ ]*\).*/\1/p' "$ROOT/scripts/validate-k8s.sh")"
+# Karpenter's core module (its kwok provider). v1.14.1: k8s.io/* v0.35.1 and controller-runtime
+# v0.23 (made for v1.35 API servers), and a go directive (1.26.6) the Go toolchain here builds;
+# v1.14.3 and v1.15.0 need a newer Go (GOTOOLCHAIN=local refuses them). validate-k8s.sh pins
+# karpenter-provider-aws separately for the EC2NodeClass CRD.
+KARPENTER_VERSION=v1.14.1
+[ -n "$KEDA_VERSION" ] || { echo "autoscalers.sh: KEDA_VERSION not found in scripts/validate-k8s.sh" >&2; exit 1; }
 
 KEDA_BIN="$ROOT/target/k8s-bin/keda-$KEDA_VERSION"
 KARPENTER_BIN="$ROOT/target/k8s-bin/karpenter-$KARPENTER_VERSION"
