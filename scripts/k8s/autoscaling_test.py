@@ -69,13 +69,17 @@ LEDGER_ADDR = ""
 GHZ = ""
 VAL = {}            # the test values, parsed
 FIG = {}            # measured figures, printed at the end
+# Local iteration only (refused under CI): no Karpenter, pods on the cluster's static kwok nodes.
+NO_KARPENTER = bool(os.environ.get("FLUXO_AUTOSCALING_NO_KARPENTER"))
 
 
 # ---- processes -----------------------------------------------------------------------------------
 def spawn(name, cmd, env=None, cwd=None):
+    if not os.access(cmd[0], os.X_OK):
+        raise Fail(f"{cmd[0]} not found: scripts/k8s/autoscalers.sh build (or cargo build) makes it")
     log = STATE / f"{name}.log"
     f = open(log, "ab")
-    full_env = dict(os.environ)
+    full_env = base_env(cmd)
     full_env.update(env or {})
     p = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=full_env,
                          cwd=cwd, start_new_session=True)
@@ -115,6 +119,8 @@ def log_tail(name, pattern=None, n=6):
                 lines = log.read_text(errors="replace").splitlines()
             except OSError:
                 return []
+            # Log records only (they start with a timestamp), not the stack traces under them.
+            lines = [x for x in lines if x[:1].isdigit()]
             if pattern:
                 lines = [x for x in lines if re.search(pattern, x, re.I)]
             return [redact(x)[:300] for x in lines[-n:]]
@@ -369,14 +375,23 @@ def so_story():
     evs.sort(key=lambda e: int(e["metadata"]["resourceVersion"]))
     for e in evs[-4:]:
         lines.append(f"event {e['type']} {e['reason']}: {e['message'][:240]}")
-    for x in log_tail("keda-operator", pattern=r"error|ERROR", n=3):
+    for x in log_tail("keda-operator", pattern=r"\tERROR\t", n=3):
         lines.append(f"keda-operator: {x}")
     return "\n".join(lines)
 
 
 # ---- set-up ---------------------------------------------------------------------------------------
-def sh(*cmd, env=None, timeout=300, what=None):
+def base_env(cmd):
+    """The environment a child inherits; fluxo gets no FLUXO_* variable but those the test sets
+    (it refuses unknown ones, and the scripts export e.g. FLUXO_K8S_CLUSTER_DIR)."""
     e = dict(os.environ)
+    if cmd and cmd[0] == FLUXO:
+        e = {k: v for k, v in e.items() if not k.startswith("FLUXO_")}
+    return e
+
+
+def sh(*cmd, env=None, timeout=300, what=None):
+    e = base_env(cmd)
     e.update(env or {})
     p = subprocess.run(cmd, capture_output=True, text=True, env=e, timeout=timeout)
     if p.returncode != 0:
@@ -674,6 +689,8 @@ def drain_backlog(secs=180):
 # ---- helm -------------------------------------------------------------------------------------------
 def helm_values(*sets):
     args = ["--values", str(VALUES)]
+    if NO_KARPENTER:
+        args += ["--set", "karpenter.enabled=false"]
     for s in sets:
         args += ["--set", s]
     return args
@@ -730,7 +747,7 @@ def rbac_scenario():
             if hpa:
                 raise Fail(f"an HPA was made although the ScaledObject is not Ready:\n{e}")
             story = so_story()
-            if not re.search(r"secret|forbidden", story, re.I):
+            if not re.search(r"secret", story, re.I):
                 raise Fail(f"not Ready, but KEDA does not say why in terms of Secrets:\n{story}")
             return "not Ready, no HPA; KEDA says:\n" + "\n".join(
                 x for x in story.splitlines() if re.search(r"secret|forbidden|Ready", x, re.I))[:1200]
@@ -789,45 +806,49 @@ def wake(secs, label):
     return seen - xadd
 
 
-def broken(what, sets, pattern, prepare=None, undo=None):
+def good_at_zero():
+    """The chart as shipped, the stream drained by real consolidators, the Deployment back at 0."""
+    helm_upgrade()
+    g = REDIS.group_info() or {}
+    if g.get("lag") or g.get("pending"):
+        drain_backlog()
+    poll("consolidator Deployment back at 0 with the working ScaledObject", 180,
+         lambda: (replicas() == 0, f"replicas {replicas()}"), interval=0.5)
+
+
+def broken(what, sets, pattern, prepare=None):
     """Self-test: a broken ScaledObject must not wake the consolidator, and KEDA must say why."""
     def run():
+        good_at_zero()
         helm_upgrade(*sets)
         if prepare:
             prepare()
-        poll("consolidator Deployment at 0", 60, lambda: (replicas() == 0, f"replicas {replicas()}"), interval=0.5)
         try:
             took = wake(30, f"broken-{what.split()[0]}")
         except Fail as e:
             story = so_story()
+            if replicas() != 0:
+                raise Fail(f"scaled to {replicas()} replicas although the ScaledObject is broken\n{story}")
             if not re.search(pattern, story, re.I | re.S):
                 raise Fail(f"did not wake, but KEDA's error does not match /{pattern}/:\n{story}")
             lines = [x for x in story.splitlines() if re.search(pattern, x, re.I)]
-            raise Fail("did not wake; KEDA: " + (lines[0] if lines else story.splitlines()[0]))
+            raise Fail("did not wake; KEDA: " + (lines[-1] if lines else story.splitlines()[0]))
         return f"woke after {took:.1f}s"
-    try:
-        pt.expect_fail(f"self-test: {what}: no scale-up, KEDA's own error visible", pattern, run)
-    finally:
-        if undo:
-            undo()
+    pt.expect_fail(f"self-test: {what}: no scale-up, KEDA's own error visible", pattern, run)
 
 
 def self_tests():
-    pending_before = REDIS.group_info()
     # Wrong group (finding 2): without the guard, the lag trigger reads XLEN and scales to the maximum.
-    broken("wrong consumer group (finding 2: no XLEN fallback scaling)",
-           [f"config.consolidator.group={GROUP}-typo"], r"NOGROUP")
-    check("finding 2: with the wrong group nothing was scaled up",
-          lambda: "replicas 0" if replicas() == 0 else (_ for _ in ()).throw(Fail(f"replicas {replicas()}")))
+    broken("wrong consumer group (finding 2: no scaling on XLEN)", [f"config.consolidator.group={GROUP}-typo"],
+           r"NOGROUP")
     broken("wrong stream name", [f"config.consolidator.stream={STREAM}-typo"], r"NOGROUP|no such key")
 
     def drop_ta():
-        pt.kubectl("-n", NS, "delete", "triggerauthentication", f"{SO}-redis", "--ignore-not-found")
-    broken("missing TriggerAuthentication", [], r"triggerauthentication|not found|no address|address", prepare=drop_ta)
-    helm_upgrade()
-    # What the self-tests booked is drained by real consolidators before the real wake-from-zero.
-    drain_backlog()
-    return pending_before
+        pt.kubectl("-n", NS, "delete", "triggerauthentication", f"{SO}-redis")
+        # A spec change makes KEDA rebuild its scalers (it caches them while the spec is unchanged).
+        pt.kubectl("-n", NS, "patch", "scaledobject", SO, "--type", "merge", "-p", '{"spec":{"pollingInterval":6}}')
+    broken("missing TriggerAuthentication", [], r"triggerauthentication|not found", prepare=drop_ta)
+    good_at_zero()
 
 
 def scenarios():
@@ -923,7 +944,9 @@ def scenarios():
         zones = sorted({n["metadata"]["labels"].get("topology.kubernetes.io/zone") for n in nodes})
         return (f"{len(nodes)} nodes ({', '.join(types)}; zones {', '.join(zones)}; {cpu}m CPU <= limit {limit}m), "
                 f"all {maxr} consolidators Running {FIG['karpenter_provision_s']:.1f}s after the first went Pending")
-    if not check("Karpenter: the NodePool provisions nodes for the Pending consolidators (taint, limits)", provisioned):
+    if NO_KARPENTER:
+        poll("consolidators Running", 120, lambda: (sum(p["status"].get("phase") == "Running" for p in consolidator_pods()) >= maxr, ""))
+    elif not check("Karpenter: the NodePool provisions nodes for the Pending consolidators (taint, limits)", provisioned):
         stop_ev.set()
         return
 
@@ -966,7 +989,7 @@ def scenarios():
             if r == 0:
                 raise Fail(f"scaled to zero {time.time() - t0:.0f}s after the drain with a message pending\n{so_story()}")
             time.sleep(0.5)
-        node_ok = held_node_intact(held)
+        node_ok = "" if NO_KARPENTER else held_node_intact(held)
         return (f"{time.time() - t0:.0f}s (cooldown {cooldown}s) with lag 0 and 1 pending: replicas never below "
                 f"{floor}; {node_ok}")
     check("scale to zero never while a message is delivered but unacknowledged (the pending trigger)", held_keeps_one)
@@ -985,8 +1008,9 @@ def scenarios():
         return (f"{msg}; other consumer nodes consolidated in {FIG['karpenter_consolidate_scale_in_s']:.0f}s; "
                 f"{len(evs)} DisruptionBlocked events name do-not-disrupt"
                 + (f" ({evs[0]['message'][:160]})" if evs else ""))
-    check("Karpenter: consolidation after scale-in spares the do-not-disrupt pod's node, budgets respected",
-          do_not_disrupt)
+    if not NO_KARPENTER:
+        check("Karpenter: consolidation after scale-in spares the do-not-disrupt pod's node, budgets respected",
+              do_not_disrupt)
 
     def to_zero():
         # The held message is claimed and applied by a consolidator that claims quickly.
@@ -1008,7 +1032,8 @@ def scenarios():
              f"consumer nodes left: {[n['metadata']['name'] for n in pool_nodes('fluxo-consumers')]}"), interval=1)
         FIG["karpenter_consolidate_empty_s"] = time.time() - t0
         return f"the last consumer node removed {FIG['karpenter_consolidate_empty_s']:.0f}s after its pods went; max nodes disrupted at once {DISRUPT['max']} (budget {DISRUPT['budget']})"
-    check("Karpenter: empty nodes consolidated after scale to zero", consolidate_empty)
+    if not NO_KARPENTER:
+        check("Karpenter: empty nodes consolidated after scale to zero", consolidate_empty)
     stop_ev.set()
     FIG["timeline"] = timeline
 
@@ -1199,7 +1224,6 @@ def main():
     atexit.register(stop_all)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     signal.signal(signal.SIGINT, lambda *_: sys.exit(130))
-    VAL = yaml.safe_load(VALUES.read_text())
     start = time.monotonic()
 
     section("autoscaling: KEDA and Karpenter on the control plane, fluxo on the test suite's PostgreSQL and Redis")
@@ -1227,8 +1251,20 @@ def main():
         ("fluxo's database and consumer group", create_database),
         ("fluxo ledger", start_ledger),
         ("KEDA operator, metrics API server, admission webhooks", lambda: start_keda(paths, a.cluster_dir)),
-        ("Karpenter (kwok provider) and the repository's NodePools", lambda: start_karpenter(paths, a.cluster_dir)),
     ]
+    if NO_KARPENTER:
+        if os.environ.get("CI"):
+            bad("FLUXO_AUTOSCALING_NO_KARPENTER", "is for local iteration only; CI runs Karpenter")
+            print(f"\n{pt.passed} passed, {pt.failed} failed")
+            return 1
+        print("  (FLUXO_AUTOSCALING_NO_KARPENTER: Karpenter not run, its checks skipped)")
+    else:
+        steps.append(("Karpenter (kwok provider) and the repository's NodePools", lambda: start_karpenter(paths, a.cluster_dir)))
+    so_doc = next(d for d in render() if d["kind"] == "ScaledObject")["spec"]
+    lag_trigger = next(tr for tr in so_doc["triggers"] if tr["name"] == "lag")
+    VAL.update(keda={"pollingInterval": so_doc["pollingInterval"], "cooldownPeriod": so_doc["cooldownPeriod"],
+                     "maxReplicaCount": so_doc["maxReplicaCount"], "lagCount": lag_trigger["metadata"]["lagCount"],
+                     "behavior": so_doc["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]})
     pt.install_crds()
     for what, fn in steps[1:]:
         if check(what, fn) is None:
