@@ -1003,24 +1003,12 @@ def scenarios():
              lambda: (len(pool_nodes("fluxo-consumers")) == 1, f"consumer nodes: {[n['metadata']['name'] for n in pool_nodes('fluxo-consumers')]}"),
              interval=1)
         FIG["karpenter_consolidate_scale_in_s"] = time.time() - t0
-        held_node_intact(held)
-        # Now make Karpenter want that node too: a template change drifts every node of the pool.
-        pt.kubectl("patch", "nodepool", "fluxo-consumers", "--type", "merge",
-                   "-p", '{"spec":{"template":{"metadata":{"labels":{"fluxo.dev/platform-test-drift":"1"}}}}}')
-
-        def blocked():
-            held_node_intact(held)
-            evs = [e for e in API.get("/api/v1/events?fieldSelector=reason%3DDisruptionBlocked")["items"]
-                   if "do-not-disrupt" in e.get("message", "")]
-            return bool(evs), "no DisruptionBlocked event naming do-not-disrupt yet"
-        poll("Karpenter: the drifted node's disruption blocked by the do-not-disrupt pod", 90, blocked, interval=1)
-        evs = [e for e in API.get("/api/v1/events?fieldSelector=reason%3DDisruptionBlocked")["items"]
-               if "do-not-disrupt" in e.get("message", "")]
+        # (Not drift: with the pool's terminationGracePeriod Karpenter v1 disrupts a drifted node even
+        # under a do-not-disrupt pod, which waits out that grace period; see karpenter/README.md.)
         return (f"{held_node_intact(held)}; the other consumer nodes consolidated in "
-                f"{FIG['karpenter_consolidate_scale_in_s']:.0f}s; with the pool drifted, Karpenter says: "
-                f"{evs[-1]['involvedObject']['kind']} {evs[-1]['message'][:160]}")
+                f"{FIG['karpenter_consolidate_scale_in_s']:.0f}s, budget respected")
     if not NO_KARPENTER:
-        check("Karpenter: consolidation and drift after scale-in spare the do-not-disrupt pod's node",
+        check("Karpenter: consolidation after scale-in spares the do-not-disrupt pod's node",
               do_not_disrupt)
 
     def to_zero():
