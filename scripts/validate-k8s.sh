@@ -465,6 +465,9 @@ expect_failure "kubeconform: misspelled ScaledObject spec field (cooldownPeriood
 sed 's/activationLagCount:/activationLagCnt:/' "$defaults" >"$WORK/broken/trigger-metadata.yaml"
 expect_failure "invariants: misspelled redis-streams metadata key (activationLagCnt)" \
     python3 "$K8S_SCRIPTS/check_manifests.py" --manifests "$WORK/broken/trigger-metadata.yaml" --namespace "$NAMESPACE" --keda-zip "${ZIP[keda]}"
+sed 's/formula: "max(lag, pending \* \(.*\))"/formula: "lag"/' "$defaults" >"$WORK/broken/scaling-modifiers.yaml"
+expect_failure "invariants: a formula that ignores the pending trigger (a missing group would scale on XLEN)" \
+    python3 "$K8S_SCRIPTS/check_manifests.py" --manifests "$WORK/broken/scaling-modifiers.yaml" --namespace "$NAMESPACE" --keda-zip "${ZIP[keda]}"
 sed 's/consecutiveGatewayErrors:/consecutiveGatewayError:/' "$defaults" >"$WORK/broken/destinationrule-field.yaml"
 expect_failure "kubeconform: misspelled DestinationRule field (consecutiveGatewayError)" kubeconform_strict "$WORK/broken/destinationrule-field.yaml"
 sed '0,/terminationGracePeriodSeconds:/s//terminationGracePeriodSecond:/' "$defaults" >"$WORK/broken/deployment-field.yaml"

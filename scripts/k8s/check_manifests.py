@@ -411,6 +411,21 @@ def main():
         c.check(so["spec"].get("advanced", {}).get("horizontalPodAutoscalerConfig", {}).get("behavior", {}).get("scaleDown") is not None,
                 f"{name_of(so)}: HPA scaleDown behavior set (no thrash)")
         c.check("fallback" in so["spec"], f"{name_of(so)}: fallback set")
+        # With a pending trigger beside the lag trigger, one scalingModifiers formula over both: KEDA
+        # evaluates it only when every trigger answers, so a missing consumer group (XPENDING:
+        # NOGROUP) scales nothing, where the lag trigger alone would read XLEN and scale to the
+        # maximum (found running KEDA 2.21 on the platform tests).
+        pending = [t for t in triggers if t["type"] == "redis-streams" and "pendingEntriesCount" in t.get("metadata", {})
+                   and "lagCount" not in t.get("metadata", {})]
+        if lag and pending:
+            sm = so["spec"].get("advanced", {}).get("scalingModifiers") or {}
+            formula = sm.get("formula", "")
+            names = [t.get("name", "") for t in lag + pending]
+            c.check(all(names) and all(re.search(rf"\b{re.escape(n)}\b", formula) for n in names),
+                    f"{name_of(so)}: scalingModifiers formula over the lag and pending triggers ({formula!r})")
+            c.check(sm.get("target") == lag[0]["metadata"].get("lagCount") and sm.get("activationTarget") == "0"
+                    and sm.get("metricType", "AverageValue") == "AverageValue",
+                    f"{name_of(so)}: scalingModifiers target = lagCount, activationTarget \"0\", AverageValue")
         for t in triggers:
             tid = f"{name_of(so)} trigger {t.get('name', t['type'])}"
             if t["type"] != "redis-streams":

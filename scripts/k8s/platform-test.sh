@@ -10,8 +10,20 @@
 # installs and downloads: run that first (scripts/test.sh does).
 # Prints "N passed, M failed" last; exits non-zero on any failure.
 #
+# Two suites, each on a fresh cluster:
+#   chart        scripts/k8s/platform_test.py: install, upgrade, rollback, drain, uninstall
+#   autoscaling  scripts/k8s/autoscaling_test.py: the real KEDA (operator, metrics API server,
+#                admission webhooks) and Karpenter (kwok provider) built by scripts/k8s/autoscalers.sh,
+#                scaling the chart's consolidators on the test suite's Redis, fed by real fluxo
+#                processes. Needs FLUXO_TEST_POSTGRES_URL / FLUXO_TEST_REDIS_URL (run it inside
+#                scripts/test.sh: FLUXO_TEST_CMD=./scripts/k8s/platform-test.sh ./scripts/test.sh),
+#                grpcurl and ghz (FLUXO_TEST_GRPCURL / FLUXO_TEST_GHZ, which test.sh installs) and
+#                the fluxo binary (FLUXO_BIN, default target/debug/fluxo, built when missing).
+#
 # Environment:
 #   FLUXO_PLATFORM_HELM_TIMEOUT   helm --timeout for install/upgrade/rollback (default 180s)
+#   FLUXO_PLATFORM_SUITES         suites to run (default "chart autoscaling"); all of them under CI
+#   FLUXO_BIN                     the fluxo binary for the autoscaling suite
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
@@ -38,8 +50,21 @@ if ! python3 -c 'import yaml' 2>/dev/null; then
     python3 -c 'import yaml' 2>/dev/null || die "PyYAML not found: run scripts/validate-k8s.sh first"
 fi
 
+SUITES="${FLUXO_PLATFORM_SUITES:-chart autoscaling}"
+if [ -n "${CI:-}" ] && [ "$SUITES" != "chart autoscaling" ]; then
+    die "FLUXO_PLATFORM_SUITES is for local iteration only; CI runs every platform suite"
+fi
+FLUXO_BIN="${FLUXO_BIN:-$ROOT/target/debug/fluxo}"
+
 start=$SECONDS
 "$ROOT/scripts/k8s/cluster.sh" build || die "could not build the control plane binaries"
+if [[ " $SUITES " == *" autoscaling "* ]]; then
+    "$ROOT/scripts/k8s/autoscalers.sh" build || die "could not build KEDA and Karpenter (scripts/k8s/autoscalers.sh)"
+    if [ ! -x "$FLUXO_BIN" ]; then
+        log "$FLUXO_BIN not found: cargo build --locked --bin fluxo"
+        (cd "$ROOT" && cargo build --locked --bin fluxo) >&2 || die "cargo build of the fluxo binary failed"
+    fi
+fi
 build_secs=$((SECONDS - start))
 
 cleanup() {
@@ -52,13 +77,54 @@ trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
-up_start=$SECONDS
-kubeconfig="$("$ROOT/scripts/k8s/cluster.sh" up)" || die "the cluster did not come up (logs in $FLUXO_K8S_CLUSTER_DIR)"
-log "binaries ready in ${build_secs}s, cluster up in $((SECONDS - up_start))s"
-
 bin="$ROOT/target/k8s-bin/$(sed -n 's/^KUBE_VERSION=\([^ ]*\).*/\1/p' "$ROOT/scripts/k8s/cluster.sh")"
 status=0
-python3 "$ROOT/scripts/k8s/platform_test.py" --kubeconfig "$kubeconfig" --kubectl "$bin/kubectl" \
-    --helm "$TOOLS/helm" --istioctl "$TOOLS/istioctl" "$@" || status=$?
+total_passed=0
+total_failed=0
+out_dir="$FLUXO_K8S_CLUSTER_DIR.out"
+mkdir -p "$out_dir"
+
+# run_suite name command...: a fresh cluster, the suite, the cluster down again; adds up the counts.
+run_suite() {
+    local name=$1 rc=0 up_start=$SECONDS kubeconfig line
+    shift
+    if ! kubeconfig="$("$ROOT/scripts/k8s/cluster.sh" up)"; then
+        log "the cluster did not come up for the $name suite (logs in $FLUXO_K8S_CLUSTER_DIR)"
+        total_failed=$((total_failed + 1))
+        status=1
+        return
+    fi
+    log "$name: cluster up in $((SECONDS - up_start))s"
+    local suite_start=$SECONDS
+    "$@" --kubeconfig "$kubeconfig" 2>&1 | tee "$out_dir/$name.log" || rc=$?
+    line="$(grep -E '^[0-9]+ passed, [0-9]+ failed$' "$out_dir/$name.log" | tail -n 1)"
+    if [ -n "$line" ]; then
+        total_passed=$((total_passed + ${line%% passed*}))
+        local f=${line#*, }
+        total_failed=$((total_failed + ${f%% failed*}))
+    else
+        total_failed=$((total_failed + 1))
+        rc=1
+    fi
+    [ "$rc" -eq 0 ] || status=1
+    log "$name suite: ${line:-no result line} in $((SECONDS - suite_start))s"
+    "$ROOT/scripts/k8s/cluster.sh" down || { log "cluster.sh down failed"; status=1; }
+}
+
+for suite in $SUITES; do
+    case "$suite" in
+    chart)
+        run_suite chart python3 "$ROOT/scripts/k8s/platform_test.py" --kubectl "$bin/kubectl" \
+            --helm "$TOOLS/helm" --istioctl "$TOOLS/istioctl" "$@"
+        ;;
+    autoscaling)
+        run_suite autoscaling python3 "$ROOT/scripts/k8s/autoscaling_test.py" --kubectl "$bin/kubectl" \
+            --helm "$TOOLS/helm" --cluster-dir "$FLUXO_K8S_CLUSTER_DIR" --fluxo "$FLUXO_BIN"
+        ;;
+    *) die "unknown platform suite $suite (chart, autoscaling)" ;;
+    esac
+done
 log "total ${SECONDS}s (binaries ${build_secs}s)"
+echo
+echo "$total_passed passed, $total_failed failed"
 exit "$status"
