@@ -205,6 +205,12 @@ pub struct ConsolidatorSettings {
     pub claim_idle_ms: u64,
     pub max_deliveries: u64,
     pub trim_interval_ms: u64,
+    /// In a pod (POD_NAME and POD_NAMESPACE set), keep its
+    /// `controller.kubernetes.io/pod-deletion-cost` at the number of messages
+    /// this consumer holds, so a scale-in deletes idle consolidators first.
+    pub pod_deletion_cost: bool,
+    /// The least time between two updates of that annotation.
+    pub pod_deletion_cost_interval_ms: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -265,6 +271,8 @@ impl Default for ConsolidatorSettings {
             claim_idle_ms: millis(consumer.claim_idle),
             max_deliveries: consumer.max_deliveries,
             trim_interval_ms: millis(consumer.trim_interval),
+            pod_deletion_cost: true,
+            pod_deletion_cost_interval_ms: 10_000,
         }
     }
 }

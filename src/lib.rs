@@ -9,9 +9,11 @@
 //! `consolidator`); `gateway` → `fluxo_gateway`. Shared: `fluxo_server` (the
 //! gRPC stack and the one error → status mapping), `fluxo_db` (connections,
 //! the store error, migrations), `fluxo_queue` (the event contract and its
-//! Redis adapter).
+//! Redis adapter), `fluxo_kube` (the Kubernetes API: `fluxo doctor` in
+//! [`doctor`], the consolidators' pod-deletion cost).
 
 pub mod config;
+pub mod doctor;
 pub mod ops;
 pub mod serve;
 

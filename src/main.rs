@@ -58,6 +58,20 @@ enum Command {
     },
     /// Print the OpenAPI document of the REST API (the one served at /openapi.json).
     Openapi,
+    /// Check a live Kubernetes installation of the chart and say how to fix what is wrong.
+    ///
+    /// Reads the release's Deployments, Pods, Services, hook Jobs, PodDisruptionBudgets,
+    /// HorizontalPodAutoscalers, KEDA ScaledObjects (and KEDA's metric), Istio
+    /// PeerAuthentications and AuthorizationPolicies, and Karpenter NodePools, through a
+    /// kubeconfig or the pod's ServiceAccount. Given fluxo's settings (FLUXO_DATABASE__URL,
+    /// FLUXO_REDIS__URL, as the release's pods have them), it also checks the schema and the
+    /// consumer group and holds KEDA's view of the lag against fluxo's own.
+    ///
+    /// Each check passes, fails with the fix, or is skipped with why. Exit status: 0 when
+    /// nothing failed, 1 when a check failed or the cluster could not be read, 2 on bad usage. Needs get/list on those
+    /// objects in the namespace, get on ServiceAccounts the policies name, list on NodePools
+    /// and get on the external metrics API (a cluster's `view` role plus those).
+    Doctor(#[command(flatten)] fluxo::doctor::DoctorArgs),
     /// Rebuild or reconcile the daily balances from the ledger.
     Balances {
         #[command(subcommand)]
@@ -114,6 +128,7 @@ fn main() -> ExitCode {
             Command::Queue { command: QueueCommand::Status } => ops::queue_status(&config).await,
             Command::Dlq { command } => ops::dlq(&config, command).await,
             Command::Openapi => ops::openapi(),
+            Command::Doctor(args) => fluxo::doctor::doctor(&config, &args).await,
             Command::Balances { command: BalancesCommand::Rebuild { scope } } => {
                 ops::rebuild(&config, &scope).await
             }

@@ -130,7 +130,7 @@ pub async fn serve(
         process.add_balance().await;
     }
     if runs(Target::Consolidator) {
-        process.add_consolidator()?;
+        process.add_consolidator().await?;
     }
     let mut rest = None;
     if let (true, Some(callers)) = (runs(Target::Gateway), &callers) {
@@ -254,7 +254,7 @@ impl<'a> Process<'a> {
 
     /// A consumer of the Redis stream applying events to the read model
     /// (nothing to add without Redis: the relay delivers in process then).
-    fn add_consolidator(&mut self) -> anyhow::Result<()> {
+    async fn add_consolidator(&mut self) -> anyhow::Result<()> {
         let Some(client) = self.redis.clone() else { return Ok(()) };
         let config = self.config;
         let settings = config.redis_config().context("redis settings")?;
@@ -270,6 +270,7 @@ impl<'a> Process<'a> {
             self.consolidator.clone(),
             config.consolidator.consumer_config(names.clone(), consumer_name(config)),
         );
+        let consumer = self.with_deletion_cost(consumer).await;
         self.needs_read_model = true;
         let stop = self.stop.clone();
         self.tasks.push(tokio::spawn(async move {
@@ -289,6 +290,21 @@ impl<'a> Process<'a> {
             consumer.run(stopped(stop)).await;
         }));
         Ok(())
+    }
+
+    /// In a pod, reports the messages `consumer` holds as the pod's deletion
+    /// cost (see [`fluxo_kube::DeletionCost`]); elsewhere `consumer` as is.
+    async fn with_deletion_cost(&mut self, consumer: StreamConsumer) -> StreamConsumer {
+        let settings = &self.config.consolidator;
+        if !settings.pod_deletion_cost || fluxo_kube::own_pod().is_none() {
+            return consumer;
+        }
+        let Some(reporter) = fluxo_kube::DeletionCost::for_own_pod().await else { return consumer };
+        let reporter = reporter.min_interval(Duration::from_millis(settings.pod_deletion_cost_interval_ms));
+        let (held, watched) = watch::channel(0);
+        let stop = self.stop.clone();
+        self.tasks.push(tokio::spawn(reporter.run(watched, stopped(stop))));
+        consumer.report_held(held)
     }
 
     /// The REST gateway, calling the gRPC services at `grpc` unless

@@ -45,6 +45,7 @@ import urllib.parse
 
 import yaml
 
+import doctor_test
 import platform_test as pt
 from platform_test import Fail, bad, check, ok, section, poll
 
@@ -70,6 +71,7 @@ GHZ = ""
 VAL = {}            # the test values, parsed
 FIG = {}            # measured figures, printed at the end
 # Local iteration only (refused under CI): no Karpenter, pods on the cluster's static kwok nodes.
+CLUSTER_DIR = ""
 NO_KARPENTER = bool(os.environ.get("FLUXO_AUTOSCALING_NO_KARPENTER"))
 
 
@@ -422,9 +424,9 @@ def openssl_certs():
     return d
 
 
-def token_kubeconfig(sa, cluster_dir):
+def token_kubeconfig(sa, cluster_dir, ns=KEDA_NS):
     """A kubeconfig for a ServiceAccount (a bound token, never printed)."""
-    token = pt.kubectl("-n", KEDA_NS, "create", "token", sa, "--duration", "3h").strip()
+    token = pt.kubectl("-n", ns, "create", "token", sa, "--duration", "3h").strip()
     port = (pathlib.Path(cluster_dir) / "api-port").read_text().strip()
     path = STATE / f"{sa}.kubeconfig"
     cfg = {"apiVersion": "v1", "kind": "Config",
@@ -1224,7 +1226,7 @@ def trim_guard():
 
 
 def main():
-    global STATE, REDIS, PROXY, FLUXO, GHZ, GRPCURL, VAL, API
+    global STATE, REDIS, PROXY, FLUXO, GHZ, GRPCURL, VAL, API, CLUSTER_DIR
     ap = argparse.ArgumentParser()
     ap.add_argument("--kubeconfig", required=True)
     ap.add_argument("--kubectl", required=True)
@@ -1234,6 +1236,7 @@ def main():
     ap.add_argument("--no-self-tests", action="store_true")
     a = ap.parse_args()
     pt.KUBECTL, pt.HELM, pt.KUBECONFIG = a.kubectl, a.helm, a.kubeconfig
+    CLUSTER_DIR = a.cluster_dir
     pt.VERSIONS = pt.read_pins()
     pt.KUBE_VERSION = pt.VERSIONS["KUBE_VERSION"]
     STATE = ROOT / "target" / "k8s-autoscaling"
@@ -1310,6 +1313,7 @@ def main():
     redis_unreachable()
     section("trimming (finding 4)")
     trim_guard()
+    doctor_test.run(sys.modules[__name__])
     if DISRUPT.get("violations"):
         bad("Karpenter disruption budget", f"more consumer nodes disrupted at once than the budget allows: {DISRUPT}")
     section("figures")

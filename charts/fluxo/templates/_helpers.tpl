@@ -302,3 +302,10 @@ which grpcurl uses first to learn the Health service's schema (v1, then v1alpha 
 {{- $a := .root.Values.progressiveDelivery.argoRollouts -}}
 {{- if and $a.enabled (has .target $a.targets) }}true{{ end -}}
 {{- end -}}
+
+{{/* "true" when this target (dict "root" "target") sets its pod-deletion cost. */}}
+{{- define "fluxo.podDeletionCost" -}}
+{{- if and (eq .target "consolidator") .root.Values.consolidator.podDeletionCost.enabled -}}
+true
+{{- end -}}
+{{- end -}}

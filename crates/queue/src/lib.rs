@@ -139,8 +139,8 @@ pub trait EventSink: Send + Sync + 'static {
 }
 
 pub use redis::{
-    GroupInfo, RedisConfig, RedisSink, StreamStatus, client, ensure_group, groups, redacted_url,
-    stream_status,
+    GroupInfo, RedisConfig, RedisSink, StreamStatus, client, consumer_pending, ensure_group, groups,
+    redacted_url, stream_status,
 };
 
 #[cfg(test)]

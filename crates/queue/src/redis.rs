@@ -72,6 +72,22 @@ pub async fn groups(client: &Client, stream: &str) -> Result<Vec<GroupInfo>, fre
         .collect())
 }
 
+/// Messages delivered to `consumer` of `names`' group and not yet
+/// acknowledged (its share of the group's pending entries, XINFO CONSUMERS);
+/// 0 for a consumer the group does not know.
+pub async fn consumer_pending(
+    client: &Client,
+    names: &StreamNames,
+    consumer: &str,
+) -> Result<u64, fred::error::Error> {
+    let consumers: Vec<HashMap<String, Value>> = client.xinfo_consumers(&names.stream, &names.group).await?;
+    Ok(consumers
+        .iter()
+        .find(|c| c.get("name").and_then(Value::as_string).as_deref() == Some(consumer))
+        .and_then(|c| c.get("pending").and_then(Value::as_u64))
+        .unwrap_or(0))
+}
+
 /// Where the events of a stream are, measured in one go.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StreamStatus {
