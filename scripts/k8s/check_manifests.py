@@ -225,9 +225,19 @@ def main():
             continue
         meta = pod_meta(d)
         psc = spec.get("securityContext") or {}
-        c.check(spec.get("automountServiceAccountToken") is False,
-                f"{name_of(d)}: automountServiceAccountToken false")
         sa = spec.get("serviceAccountName")
+        if spec.get("automountServiceAccountToken") is False:
+            c.check(True, f"{name_of(d)}: automountServiceAccountToken false")
+        else:
+            # Only the consolidators hold a token, to patch their own pod-deletion cost: their
+            # ServiceAccount is bound to one Role that allows patch on pods and nothing else.
+            rules = [r.get("rules") for b in get("RoleBinding")
+                     if any(s_.get("kind") == "ServiceAccount" and s_.get("name") == sa for s_ in b.get("subjects") or [])
+                     for r in get("Role") if r["metadata"]["name"] == b["roleRef"]["name"]]
+            least = [[{"apiGroups": [""], "resources": ["pods"], "verbs": ["patch"]}]]
+            c.check(d["metadata"]["name"].endswith("-consolidator") and rules == least,
+                    f"{name_of(d)}: a mounted token only for the consolidator, whose Role is patch on pods alone "
+                    f"(bound rules: {rules})")
         c.check(sa in sa_names, f"{name_of(d)}: serviceAccountName {sa!r} is rendered by the chart")
         for ctr, is_init in containers(spec):
             cid = f"{name_of(d)} container {ctr['name']}"

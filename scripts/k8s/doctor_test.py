@@ -93,9 +93,11 @@ def injector():
         except KeyError as e:
             raise Fail(f"istioctl manifest generate has no {e} ConfigMap data") from e
     script = state / "inject.sh"
+    # kube-inject also lists MutatingWebhookConfigurations (there are none here) before it injects
+    # from the files; client-go's watch-list is off as for kubectl (see cluster.sh).
     script.write_text(
-        "#!/bin/sh\nexec " + istioctl + f" kube-inject -f - --meshConfigFile {mesh} "
-        f"--injectConfigFile {inject} --valuesFile {values}\n")
+        "#!/bin/sh\nKUBE_FEATURE_WatchListClient=false exec " + istioctl + f" kube-inject -f - --kubeconfig {pt.KUBECONFIG} "
+        f"--meshConfigFile {mesh} --injectConfigFile {inject} --valuesFile {values}\n")
     script.chmod(0o755)
     return str(script)
 

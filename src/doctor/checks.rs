@@ -69,22 +69,15 @@ fn template_labels(deployment: &Deployment) -> BTreeMap<String, String> {
 }
 
 fn template_annotation<'a>(deployment: &'a Deployment, key: &str) -> Option<&'a str> {
-    deployment
-        .spec
-        .as_ref()?
-        .template
-        .metadata
-        .as_ref()?
-        .annotations
-        .as_ref()?
-        .get(key)
-        .map(String::as_str)
+    deployment.spec.as_ref()?.template.metadata.as_ref()?.annotations.as_ref()?.get(key).map(String::as_str)
 }
 
 /// The check's answer when a read it needs failed.
 fn unreadable(id: &'static str, what: &str, error: &ReadError) -> Check {
     let fix = match error {
-        ReadError::Forbidden(_) => format!("doctor needs get/list on {what} in this namespace (see `fluxo doctor --help`)"),
+        ReadError::Forbidden(_) => {
+            format!("doctor needs get/list on {what} in this namespace (see `fluxo doctor --help`)")
+        }
         ReadError::NotInstalled => format!("install the component that serves {what}"),
         ReadError::Failed(_) => "check the API server is reachable and try again".to_owned(),
     };
@@ -119,13 +112,19 @@ fn deployments(state: &State) -> Check {
         let want = spec.and_then(|s| s.replicas).unwrap_or(1);
         let available = status.available_replicas.unwrap_or(0);
         let updated = status.updated_replicas.unwrap_or(0);
-        let current = d.metadata.generation.is_none_or(|g| status.observed_generation.is_some_and(|o| o >= g));
+        let current =
+            d.metadata.generation.is_none_or(|g| status.observed_generation.is_some_and(|o| o >= g));
         let stuck = status.conditions.iter().flatten().find(|c| {
-            c.type_ == "Progressing" && c.status == "False" || c.type_ == "ReplicaFailure" && c.status == "True"
+            c.type_ == "Progressing" && c.status == "False"
+                || c.type_ == "ReplicaFailure" && c.status == "True"
         });
         let line = format!("{}: {available}/{want} available, {updated} updated", name(d));
         if let Some(c) = stuck {
-            bad.push(format!("{line}: {} ({})", c.reason.clone().unwrap_or_default(), c.message.clone().unwrap_or_default()));
+            bad.push(format!(
+                "{line}: {} ({})",
+                c.reason.clone().unwrap_or_default(),
+                c.message.clone().unwrap_or_default()
+            ));
         } else if want == 0 && SERVED.contains(&target) {
             bad.push(format!("{line}: a served target at zero replicas refuses every call"));
         } else if available < want || updated < want || !current {
@@ -143,7 +142,10 @@ fn deployments(state: &State) -> Check {
         Check::failed(
             ID,
             summary,
-            format!("kubectl -n {} describe deploy -l app.kubernetes.io/instance={}; kubectl get events", state.namespace, state.release),
+            format!(
+                "kubectl -n {} describe deploy -l app.kubernetes.io/instance={}; kubectl get events",
+                state.namespace, state.release
+            ),
         )
         .details(bad)
     }
@@ -169,14 +171,23 @@ fn version(state: &State) -> Check {
     }
     if let Ok(pods) = &state.pods {
         for pod in pods.iter().filter(|p| is_running(p)) {
-            let label = pod.metadata.labels.as_ref().and_then(|l| l.get(VERSION)).cloned().unwrap_or_else(|| "?".into());
+            let label = pod
+                .metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(VERSION))
+                .cloned()
+                .unwrap_or_else(|| "?".into());
             let image = pod.spec.as_ref().and_then(fluxo_image).unwrap_or_else(|| "?".into());
             seen.entry(format!("{label} ({image})")).or_default().push(format!("pod/{}", name(pod)));
         }
     }
     let details: Vec<String> = seen.iter().map(|(v, w)| format!("{v}: {}", w.join(", "))).collect();
     match seen.len() {
-        1 => Check::passed(ID, format!("every Deployment and running pod is on {}", seen.keys().next().map_or("", |s| s))),
+        1 => Check::passed(
+            ID,
+            format!("every Deployment and running pod is on {}", seen.keys().next().map_or("", |s| s)),
+        ),
         n => Check::failed(
             ID,
             format!("{n} fluxo versions are running at once"),
@@ -198,7 +209,11 @@ fn services(state: &State) -> Check {
         Ok(s) => s,
     };
     if services.is_empty() {
-        return Check::failed(ID, "the release has no Services: nothing can call fluxo", "helm upgrade the release (the chart creates one per served target)");
+        return Check::failed(
+            ID,
+            "the release has no Services: nothing can call fluxo",
+            "helm upgrade the release (the chart creates one per served target)",
+        );
     }
     let mut bad = Vec::new();
     let mut grpc = 0;
@@ -222,12 +237,19 @@ fn services(state: &State) -> Check {
         }
     }
     if bad.is_empty() && grpc > 0 {
-        Check::passed(ID, format!("{grpc} gRPC port(s) on {} Service(s), each with appProtocol: grpc", services.len()))
+        Check::passed(
+            ID,
+            format!("{grpc} gRPC port(s) on {} Service(s), each with appProtocol: grpc", services.len()),
+        )
     } else if grpc == 0 {
         Check::failed(ID, "no Service port of the release serves gRPC", "helm upgrade the release")
     } else {
-        Check::failed(ID, format!("{} gRPC port(s) without appProtocol: grpc", bad.len()), "set appProtocol: grpc on the port (helm upgrade restores the chart's Services)")
-            .details(bad)
+        Check::failed(
+            ID,
+            format!("{} gRPC port(s) without appProtocol: grpc", bad.len()),
+            "set appProtocol: grpc on the port (helm upgrade restores the chart's Services)",
+        )
+        .details(bad)
     }
 }
 
@@ -239,11 +261,21 @@ fn migrations(state: &State) -> Check {
         Err(e) => return unreadable(ID, "Jobs", e),
         Ok(jobs) => {
             for job in jobs.iter().filter(|j| {
-                j.metadata.labels.as_ref().and_then(|l| l.get(COMPONENT)).is_some_and(|c| c == "migrate" || c == "queue-init")
+                j.metadata
+                    .labels
+                    .as_ref()
+                    .and_then(|l| l.get(COMPONENT))
+                    .is_some_and(|c| c == "migrate" || c == "queue-init")
             }) {
                 let status = job.status.clone().unwrap_or_default();
-                let failed = status.conditions.iter().flatten().any(|c| c.type_ == "Failed" && c.status == "True");
-                let line = format!("job/{}: {} succeeded, {} failed", name(job), status.succeeded.unwrap_or(0), status.failed.unwrap_or(0));
+                let failed =
+                    status.conditions.iter().flatten().any(|c| c.type_ == "Failed" && c.status == "True");
+                let line = format!(
+                    "job/{}: {} succeeded, {} failed",
+                    name(job),
+                    status.succeeded.unwrap_or(0),
+                    status.failed.unwrap_or(0)
+                );
                 if failed { bad.push(line) } else { details.push(line) }
             }
         }
@@ -252,7 +284,10 @@ fn migrations(state: &State) -> Check {
         return Check::failed(
             ID,
             "a hook Job failed",
-            format!("kubectl -n {} logs job/<name> shows why; fix it and `helm upgrade` again (the hook reruns)", state.namespace),
+            format!(
+                "kubectl -n {} logs job/<name> shows why; fix it and `helm upgrade` again (the hook reruns)",
+                state.namespace
+            ),
         )
         .details(bad);
     }
@@ -279,7 +314,11 @@ fn consumer_group(state: &State) -> Check {
     const ID: &str = "consumer-group";
     match &state.stream {
         None => Check::skipped(ID, "no Redis settings given (FLUXO_REDIS__URL): the group is not checked"),
-        Some(Err(e)) => Check::failed(ID, format!("cannot read the stream: {e}"), "check FLUXO_REDIS__URL and that Redis is reachable from here"),
+        Some(Err(e)) => Check::failed(
+            ID,
+            format!("cannot read the stream: {e}"),
+            "check FLUXO_REDIS__URL and that Redis is reachable from here",
+        ),
         Some(Ok(view)) => match view.before.group(&view.names.group) {
             Some(g) => Check::passed(
                 ID,
@@ -294,7 +333,10 @@ fn consumer_group(state: &State) -> Check {
             ),
             None => Check::failed(
                 ID,
-                format!("consumer group {} does not exist on stream {}: nothing consumes the ledger's events and KEDA cannot read a lag", view.names.group, view.names.stream),
+                format!(
+                    "consumer group {} does not exist on stream {}: nothing consumes the ledger's events and KEDA cannot read a lag",
+                    view.names.group, view.names.stream
+                ),
                 "run `fluxo queue init` with the release's settings (the chart's hook: helm upgrade)",
             ),
         },
@@ -336,11 +378,18 @@ fn scaled_object(state: &State) -> Check {
     const ID: &str = "scaledobject";
     let intended = keda_intended(state);
     if !intended && consolidator_scaled_object(state).is_none() {
-        return Check::skipped(ID, "the release does not scale its consolidators with KEDA (keda.enabled=false)");
+        return Check::skipped(
+            ID,
+            "the release does not scale its consolidators with KEDA (keda.enabled=false)",
+        );
     }
     if let Err(e) = &state.scaled_objects {
         return match e {
-            ReadError::NotInstalled => Check::failed(ID, "KEDA is not installed (no ScaledObject API) but the release expects it", "install KEDA (keda/README.md) or set keda.enabled=false"),
+            ReadError::NotInstalled => Check::failed(
+                ID,
+                "KEDA is not installed (no ScaledObject API) but the release expects it",
+                "install KEDA (keda/README.md) or set keda.enabled=false",
+            ),
             e => unreadable(ID, "ScaledObjects", e),
         };
     }
@@ -357,25 +406,41 @@ fn scaled_object(state: &State) -> Check {
         return Check::failed(
             ID,
             format!("ScaledObject {so_name} is not Ready: {why}"),
-            format!("kubectl -n {} describe scaledobject {so_name}; the KEDA operator's log says why", state.namespace),
+            format!(
+                "kubectl -n {} describe scaledobject {so_name}; the KEDA operator's log says why",
+                state.namespace
+            ),
         );
     }
     let (active, _) = condition(so, "Active").unwrap_or(("Unknown", String::new()));
-    let lag = state.stream.as_ref().and_then(|s| s.as_ref().ok()).and_then(|v| group_lag(&v.before, &v.names.group));
+    let lag = state
+        .stream
+        .as_ref()
+        .and_then(|s| s.as_ref().ok())
+        .and_then(|v| group_lag(&v.before, &v.names.group));
     let activation = trigger(so, "lag").and_then(|t| meta_int(t, "activationLagCount")).unwrap_or(0);
     match lag {
         Some((lag, pending)) if (lag > activation || pending > 0) && active != "True" => Check::failed(
             ID,
-            format!("ScaledObject {so_name} is Ready but not Active while the group has lag {lag}, pending {pending}"),
+            format!(
+                "ScaledObject {so_name} is Ready but not Active while the group has lag {lag}, pending {pending}"
+            ),
             "KEDA does not see the work fluxo sees: check the trigger's stream, group and address (the keda-lag check)",
         ),
-        Some((lag, pending)) => Check::passed(ID, format!("ScaledObject {so_name} Ready, Active {active} (lag {lag}, pending {pending})")),
+        Some((lag, pending)) => Check::passed(
+            ID,
+            format!("ScaledObject {so_name} Ready, Active {active} (lag {lag}, pending {pending})"),
+        ),
         None => Check::passed(ID, format!("ScaledObject {so_name} Ready, Active {active}")),
     }
 }
 
 fn trigger<'a>(so: &'a DynamicObject, name: &str) -> Option<&'a serde_json::Value> {
-    so.data.pointer("/spec/triggers")?.as_array()?.iter().find(|t| t.get("name").and_then(|n| n.as_str()) == Some(name))
+    so.data
+        .pointer("/spec/triggers")?
+        .as_array()?
+        .iter()
+        .find(|t| t.get("name").and_then(|n| n.as_str()) == Some(name))
 }
 
 fn meta_int(trigger: &serde_json::Value, key: &str) -> Option<i64> {
@@ -387,7 +452,12 @@ fn meta_str<'a>(trigger: &'a serde_json::Value, key: &str) -> Option<&'a str> {
 }
 
 /// fluxo's value of the chart's formula, max(lag, pending × lagCount / pendingEntriesCount), in milli-units.
-fn fluxo_value(status: &StreamStatus, group: &str, lag_count: i64, pending_count: Option<i64>) -> Option<i64> {
+fn fluxo_value(
+    status: &StreamStatus,
+    group: &str,
+    lag_count: i64,
+    pending_count: Option<i64>,
+) -> Option<i64> {
     let (lag, pending) = group_lag(status, group)?;
     let by_pending = match pending_count {
         Some(p) if p > 0 => pending.saturating_mul(1000).saturating_mul(lag_count) / p,
@@ -405,16 +475,24 @@ fn keda_lag(state: &State) -> Check {
     let Some(view) = state.stream.as_ref().and_then(|s| s.as_ref().ok()) else {
         return Check::skipped(ID, "fluxo's own lag is unknown (no readable Redis: see consumer-group)");
     };
-    let Some(lag_trigger) = trigger(so, "lag").or_else(|| {
-        so.data.pointer("/spec/triggers").and_then(|t| t.as_array()).and_then(|t| t.first())
-    }) else {
-        return Check::failed(ID, format!("ScaledObject {so_name} has no trigger"), "helm upgrade the release");
+    let Some(lag_trigger) = trigger(so, "lag")
+        .or_else(|| so.data.pointer("/spec/triggers").and_then(|t| t.as_array()).and_then(|t| t.first()))
+    else {
+        return Check::failed(
+            ID,
+            format!("ScaledObject {so_name} has no trigger"),
+            "helm upgrade the release",
+        );
     };
-    let (stream, group) = (meta_str(lag_trigger, "stream").unwrap_or(""), meta_str(lag_trigger, "consumerGroup").unwrap_or(""));
+    let (stream, group) =
+        (meta_str(lag_trigger, "stream").unwrap_or(""), meta_str(lag_trigger, "consumerGroup").unwrap_or(""));
     if stream != view.names.stream || group != view.names.group {
         return Check::failed(
             ID,
-            format!("KEDA reads stream {stream:?} group {group:?}, fluxo consumes stream {:?} group {:?}", view.names.stream, view.names.group),
+            format!(
+                "KEDA reads stream {stream:?} group {group:?}, fluxo consumes stream {:?} group {:?}",
+                view.names.stream, view.names.group
+            ),
             "set config.consolidator.stream/group once (the chart gives both to the ScaledObject and the pods) and helm upgrade",
         );
     }
@@ -446,11 +524,23 @@ fn keda_lag(state: &State) -> Check {
     let slack = lag_count.saturating_mul(1000);
     let shown = |m: i64| format!("{}.{:03}", m / 1000, m % 1000);
     if keda >= low - slack && keda <= high + slack {
-        Check::passed(ID, format!("KEDA's metric {} agrees with fluxo's {} (within lagCount {lag_count})", shown(keda), shown(*high)))
+        Check::passed(
+            ID,
+            format!(
+                "KEDA's metric {} agrees with fluxo's {} (within lagCount {lag_count})",
+                shown(keda),
+                shown(*high)
+            ),
+        )
     } else {
         Check::failed(
             ID,
-            format!("KEDA's metric {} disagrees with fluxo's {}–{} (more than lagCount {lag_count} apart)", shown(keda), shown(*low), shown(*high)),
+            format!(
+                "KEDA's metric {} disagrees with fluxo's {}–{} (more than lagCount {lag_count} apart)",
+                shown(keda),
+                shown(*low),
+                shown(*high)
+            ),
             "KEDA reads another Redis or a stale value: check the trigger's address (Secret key or keda.redis.address) and the operator's log",
         )
     }
@@ -462,10 +552,15 @@ fn hpa(state: &State) -> Check {
         Err(e) => return unreadable(ID, "HorizontalPodAutoscalers", e),
         Ok(h) => h,
     };
-    let targets: BTreeSet<String> = state.deployments.as_ref().map(|d| d.iter().map(name).collect()).unwrap_or_default();
+    let targets: BTreeSet<String> =
+        state.deployments.as_ref().map(|d| d.iter().map(name).collect()).unwrap_or_default();
     let mine: Vec<_> = hpas
         .iter()
-        .filter(|h| h.spec.as_ref().is_some_and(|s| s.scale_target_ref.kind == "Deployment" && targets.contains(&s.scale_target_ref.name)))
+        .filter(|h| {
+            h.spec.as_ref().is_some_and(|s| {
+                s.scale_target_ref.kind == "Deployment" && targets.contains(&s.scale_target_ref.name)
+            })
+        })
         .collect();
     if mine.is_empty() {
         return Check::skipped(ID, "no HorizontalPodAutoscaler scales the release's Deployments");
@@ -483,7 +578,12 @@ fn hpa(state: &State) -> Check {
         });
         let line = format!("hpa/{}: current {current}, desired {desired}", name(h));
         match failing {
-            Some(c) => bad.push(format!("{line}: {} {} ({})", c.type_, c.reason.clone().unwrap_or_default(), c.message.clone().unwrap_or_default())),
+            Some(c) => bad.push(format!(
+                "{line}: {} {} ({})",
+                c.type_,
+                c.reason.clone().unwrap_or_default(),
+                c.message.clone().unwrap_or_default()
+            )),
             None if current != desired => details.push(format!("{line} (scaling)")),
             None => details.push(line),
         }
@@ -491,8 +591,12 @@ fn hpa(state: &State) -> Check {
     if bad.is_empty() {
         Check::passed(ID, details.join("; "))
     } else {
-        Check::failed(ID, format!("{} HPA(s) cannot scale", bad.len()), "kubectl describe hpa shows the metric error; for KEDA's, see the keda-lag check")
-            .details(bad)
+        Check::failed(
+            ID,
+            format!("{} HPA(s) cannot scale", bad.len()),
+            "kubectl describe hpa shows the metric error; for KEDA's, see the keda-lag check",
+        )
+        .details(bad)
     }
 }
 
@@ -516,7 +620,9 @@ fn selects(selector: Option<&LabelSelector>, labels: &BTreeMap<String, String>) 
 fn blocks_every_eviction(pdb: &PodDisruptionBudget, replicas: i32, scales_to_zero: bool) -> Option<String> {
     let spec = pdb.spec.as_ref()?;
     let status = pdb.status.as_ref();
-    let zero = |v: &IntOrString| matches!(v, IntOrString::Int(0)) || matches!(v, IntOrString::String(s) if s.trim() == "0%");
+    let zero = |v: &IntOrString| {
+        matches!(v, IntOrString::Int(0)) || matches!(v, IntOrString::String(s) if s.trim() == "0%")
+    };
     if let Some(max) = &spec.max_unavailable
         && zero(max)
     {
@@ -528,12 +634,16 @@ fn blocks_every_eviction(pdb: &PodDisruptionBudget, replicas: i32, scales_to_zer
             return Some(format!("minAvailable {min} ≥ the {replicas} replica(s) it protects"));
         }
         Some(IntOrString::Int(min)) if *min >= 1 && scales_to_zero => {
-            return Some(format!("minAvailable {min} on a target that scales to zero: its last pods can never be evicted"));
+            return Some(format!(
+                "minAvailable {min} on a target that scales to zero: its last pods can never be evicted"
+            ));
         }
         _ => {}
     }
     let status = status?;
-    (status.disruptions_allowed == 0 && status.expected_pods > 0 && status.current_healthy >= status.desired_healthy)
+    (status.disruptions_allowed == 0
+        && status.expected_pods > 0
+        && status.current_healthy >= status.desired_healthy)
         .then(|| format!("0 disruptions allowed with all {} pod(s) healthy", status.current_healthy))
 }
 
@@ -550,7 +660,8 @@ fn pdb(state: &State) -> Check {
         let selector = pdb.spec.as_ref().and_then(|s| s.selector.as_ref());
         for d in deployments.iter().filter(|d| selects(selector, &template_labels(d))) {
             let replicas = d.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
-            let scales_to_zero = d.metadata.annotations.as_ref().and_then(|a| a.get(SCALED_BY)).is_some_and(|s| s == "keda");
+            let scales_to_zero =
+                d.metadata.annotations.as_ref().and_then(|a| a.get(SCALED_BY)).is_some_and(|s| s == "keda");
             match blocks_every_eviction(pdb, replicas, scales_to_zero) {
                 Some(why) => bad.push(format!("pdb/{} on deployment/{}: {why}", name(pdb), name(d))),
                 None => details.push(format!("pdb/{} on deployment/{}", name(pdb), name(d))),
@@ -567,7 +678,8 @@ fn pdb(state: &State) -> Check {
     } else if details.is_empty() {
         Check::skipped(ID, "no PodDisruptionBudget covers the release's pods")
     } else {
-        Check::passed(ID, format!("{} PodDisruptionBudget(s) allow evictions", details.len())).details(details)
+        Check::passed(ID, format!("{} PodDisruptionBudget(s) allow evictions", details.len()))
+            .details(details)
     }
 }
 
@@ -582,7 +694,11 @@ fn mesh_mtls(state: &State) -> Check {
     }
     let pas = match &state.peer_authentications {
         Err(ReadError::NotInstalled) => {
-            return Check::failed(ID, "the release expects Istio but its APIs are not served", "install Istio (istio/README.md) or set istio.enabled=false");
+            return Check::failed(
+                ID,
+                "the release expects Istio but its APIs are not served",
+                "install Istio (istio/README.md) or set istio.enabled=false",
+            );
         }
         Err(e) => return unreadable(ID, "PeerAuthentications", e),
         Ok(p) => p,
@@ -619,7 +735,11 @@ fn mesh_injection(state: &State) -> Check {
         Ok(p) => p,
     };
     let live: Vec<&Pod> = pods.iter().filter(|p| p.metadata.deletion_timestamp.is_none()).collect();
-    let missing: Vec<String> = live.iter().filter(|p| !injected(p)).map(|p| format!("pod/{} has no istio-proxy", name(*p))).collect();
+    let missing: Vec<String> = live
+        .iter()
+        .filter(|p| !injected(p))
+        .map(|p| format!("pod/{} has no istio-proxy", name(*p)))
+        .collect();
     if missing.is_empty() {
         Check::passed(ID, format!("all {} pod(s) have the Istio sidecar", live.len()))
     } else {
@@ -651,12 +771,17 @@ fn authorization(state: &State) -> Check {
             .collect();
         match exists {
             Ok(true) => good += 1,
-            Ok(false) => bad.push(format!("serviceaccount {ns}/{sa} (named by {}) does not exist", users.join(", "))),
+            Ok(false) => {
+                bad.push(format!("serviceaccount {ns}/{sa} (named by {}) does not exist", users.join(", ")))
+            }
             Err(e) => bad.push(format!("serviceaccount {ns}/{sa}: cannot read ({e})")),
         }
     }
     if bad.is_empty() {
-        Check::passed(ID, format!("{} AuthorizationPolicy(ies) name {good} existing ServiceAccount(s)", policies.len()))
+        Check::passed(
+            ID,
+            format!("{} AuthorizationPolicy(ies) name {good} existing ServiceAccount(s)", policies.len()),
+        )
     } else {
         Check::failed(
             ID,
@@ -673,7 +798,9 @@ fn node_pools(state: &State) -> Check {
         .deployments
         .as_ref()
         .map(|ds| {
-            ds.iter().filter_map(|d| template_spec(d)?.node_selector.as_ref()?.get(NODEPOOL).cloned()).collect()
+            ds.iter()
+                .filter_map(|d| template_spec(d)?.node_selector.as_ref()?.get(NODEPOOL).cloned())
+                .collect()
         })
         .unwrap_or_default();
     if wanted.is_empty() {
@@ -681,7 +808,11 @@ fn node_pools(state: &State) -> Check {
     }
     let pools = match &state.node_pools {
         Err(ReadError::NotInstalled) => {
-            return Check::failed(ID, "the release's pods select Karpenter NodePools but Karpenter is not installed", "install Karpenter and karpenter/nodepools.yaml, or set karpenter.enabled=false");
+            return Check::failed(
+                ID,
+                "the release's pods select Karpenter NodePools but Karpenter is not installed",
+                "install Karpenter and karpenter/nodepools.yaml, or set karpenter.enabled=false",
+            );
         }
         Err(e) => return unreadable(ID, "NodePools", e),
         Ok(p) => p,
@@ -701,8 +832,12 @@ fn node_pools(state: &State) -> Check {
     if bad.is_empty() {
         Check::passed(ID, format!("NodePools Ready: {}", good.join(", ")))
     } else {
-        Check::failed(ID, format!("{} NodePool(s) the release needs are not Ready", bad.len()), "kubectl apply -f karpenter/nodepools.yaml; kubectl describe nodepool shows why one is not Ready")
-            .details(bad)
+        Check::failed(
+            ID,
+            format!("{} NodePool(s) the release needs are not Ready", bad.len()),
+            "kubectl apply -f karpenter/nodepools.yaml; kubectl describe nodepool shows why one is not Ready",
+        )
+        .details(bad)
     }
 }
 
@@ -712,9 +847,17 @@ mod tests {
 
     use super::*;
 
-    fn pdb(max: Option<IntOrString>, min: Option<IntOrString>, status: Option<(i32, i32, i32, i32)>) -> PodDisruptionBudget {
+    fn pdb(
+        max: Option<IntOrString>,
+        min: Option<IntOrString>,
+        status: Option<(i32, i32, i32, i32)>,
+    ) -> PodDisruptionBudget {
         PodDisruptionBudget {
-            spec: Some(PodDisruptionBudgetSpec { max_unavailable: max, min_available: min, ..Default::default() }),
+            spec: Some(PodDisruptionBudgetSpec {
+                max_unavailable: max,
+                min_available: min,
+                ..Default::default()
+            }),
             status: status.map(|(allowed, healthy, desired, expected)| PodDisruptionBudgetStatus {
                 disruptions_allowed: allowed,
                 current_healthy: healthy,
@@ -729,14 +872,26 @@ mod tests {
     #[test]
     fn a_pdb_that_can_never_let_a_pod_go_is_told_from_one_that_can() {
         assert!(blocks_every_eviction(&pdb(Some(IntOrString::Int(0)), None, None), 2, false).is_some());
-        assert!(blocks_every_eviction(&pdb(Some(IntOrString::String("0%".into())), None, None), 2, false).is_some());
+        assert!(
+            blocks_every_eviction(&pdb(Some(IntOrString::String("0%".into())), None, None), 2, false)
+                .is_some()
+        );
         assert!(blocks_every_eviction(&pdb(None, Some(IntOrString::Int(2)), None), 2, false).is_some());
         assert!(blocks_every_eviction(&pdb(None, Some(IntOrString::Int(1)), None), 3, true).is_some());
-        assert!(blocks_every_eviction(&pdb(None, Some(IntOrString::String("100%".into())), None), 3, false).is_some());
+        assert!(
+            blocks_every_eviction(&pdb(None, Some(IntOrString::String("100%".into())), None), 3, false)
+                .is_some()
+        );
         assert!(blocks_every_eviction(&pdb(None, None, Some((0, 2, 2, 2))), 2, false).is_some());
         // Healthy: one may go; or zero allowed only because a pod is already down.
-        assert!(blocks_every_eviction(&pdb(Some(IntOrString::Int(1)), None, Some((1, 2, 1, 2))), 2, false).is_none());
-        assert!(blocks_every_eviction(&pdb(Some(IntOrString::Int(1)), None, Some((0, 1, 2, 2))), 2, false).is_none());
+        assert!(
+            blocks_every_eviction(&pdb(Some(IntOrString::Int(1)), None, Some((1, 2, 1, 2))), 2, false)
+                .is_none()
+        );
+        assert!(
+            blocks_every_eviction(&pdb(Some(IntOrString::Int(1)), None, Some((0, 1, 2, 2))), 2, false)
+                .is_none()
+        );
         assert!(blocks_every_eviction(&pdb(None, Some(IntOrString::Int(1)), None), 3, false).is_none());
     }
 

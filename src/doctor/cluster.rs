@@ -122,7 +122,8 @@ pub(crate) async fn gather(
     let c = || client.clone();
 
     progress.step(1, STEPS, "Deployments, Pods, Services and Jobs");
-    let deployments = bounded(timeout, "Deployments", list(Api::<Deployment>::namespaced(c(), ns), sel)).await;
+    let deployments =
+        bounded(timeout, "Deployments", list(Api::<Deployment>::namespaced(c(), ns), sel)).await;
     // Nothing readable at all: say so once instead of a page of failed checks.
     if let Err(ReadError::Failed(why)) = &deployments {
         anyhow::bail!("cannot read the cluster: {why}");
@@ -133,26 +134,37 @@ pub(crate) async fn gather(
     let config_maps = bounded(timeout, "ConfigMaps", list(Api::<ConfigMap>::namespaced(c(), ns), sel)).await;
 
     progress.step(2, STEPS, "PodDisruptionBudgets and HorizontalPodAutoscalers");
-    let pdbs = bounded(timeout, "PodDisruptionBudgets", list(Api::<PodDisruptionBudget>::namespaced(c(), ns), None))
-        .await;
-    let hpas =
-        bounded(timeout, "HorizontalPodAutoscalers", list(Api::<HorizontalPodAutoscaler>::namespaced(c(), ns), None))
+    let pdbs =
+        bounded(timeout, "PodDisruptionBudgets", list(Api::<PodDisruptionBudget>::namespaced(c(), ns), None))
             .await;
+    let hpas = bounded(
+        timeout,
+        "HorizontalPodAutoscalers",
+        list(Api::<HorizontalPodAutoscaler>::namespaced(c(), ns), None),
+    )
+    .await;
 
     progress.step(3, STEPS, "KEDA ScaledObjects");
     let so = resource("keda.sh", "v1alpha1", "ScaledObject", "scaledobjects");
     let scaled_objects =
-        bounded(timeout, "ScaledObjects", list(Api::<DynamicObject>::namespaced_with(c(), ns, &so), sel)).await;
+        bounded(timeout, "ScaledObjects", list(Api::<DynamicObject>::namespaced_with(c(), ns, &so), sel))
+            .await;
 
     progress.step(4, STEPS, "Istio PeerAuthentications and AuthorizationPolicies");
     let pa = resource("security.istio.io", "v1", "PeerAuthentication", "peerauthentications");
-    let peer_authentications =
-        bounded(timeout, "PeerAuthentications", list(Api::<DynamicObject>::namespaced_with(c(), ns, &pa), sel))
-            .await;
+    let peer_authentications = bounded(
+        timeout,
+        "PeerAuthentications",
+        list(Api::<DynamicObject>::namespaced_with(c(), ns, &pa), sel),
+    )
+    .await;
     let ap = resource("security.istio.io", "v1", "AuthorizationPolicy", "authorizationpolicies");
-    let authorization_policies =
-        bounded(timeout, "AuthorizationPolicies", list(Api::<DynamicObject>::namespaced_with(c(), ns, &ap), sel))
-            .await;
+    let authorization_policies = bounded(
+        timeout,
+        "AuthorizationPolicies",
+        list(Api::<DynamicObject>::namespaced_with(c(), ns, &ap), sel),
+    )
+    .await;
 
     progress.step(5, STEPS, "ServiceAccounts named by the AuthorizationPolicies");
     let mut principals = Vec::new();
@@ -170,19 +182,21 @@ pub(crate) async fn gather(
 
     progress.step(6, STEPS, "Karpenter NodePools");
     let np = resource("karpenter.sh", "v1", "NodePool", "nodepools");
-    let node_pools = bounded(timeout, "NodePools", list(Api::<DynamicObject>::all_with(c(), &np), None)).await;
+    let node_pools =
+        bounded(timeout, "NodePools", list(Api::<DynamicObject>::all_with(c(), &np), None)).await;
 
     progress.step(7, STEPS, "fluxo's stream and KEDA's metric");
     let names = stream_names(config, config_maps.as_ref().ok().map(Vec::as_slice));
-    let redis = match config.redis_config() {
-        Some(settings) => Some(fluxo_queue::client(&settings).map_err(|e| ReadError::Failed(e.to_string()))),
-        None => None,
-    };
+    let redis = config
+        .redis_config()
+        .map(|settings| fluxo_queue::client(&settings).map_err(|e| ReadError::Failed(e.to_string())));
     let read_stream = |client: fred::prelude::Client| {
         let names = names.clone();
         async move {
             bounded(timeout, "the Redis stream", async {
-                fluxo_queue::stream_status(&client, &names).await.map_err(|e| ReadError::Failed(format!("redis: {e}")))
+                fluxo_queue::stream_status(&client, &names)
+                    .await
+                    .map_err(|e| ReadError::Failed(format!("redis: {e}")))
             })
             .await
         }
@@ -269,7 +283,12 @@ pub(crate) fn parse_principal(principal: &str) -> Option<(String, String)> {
 
 /// KEDA's current value of the metric its HPA for `scaled_object` scales on,
 /// from the external metrics API, in milli-units.
-async fn keda_value(client: &Client, ns: &str, scaled_object: &str, hpas: &[HorizontalPodAutoscaler]) -> Read<i64> {
+async fn keda_value(
+    client: &Client,
+    ns: &str,
+    scaled_object: &str,
+    hpas: &[HorizontalPodAutoscaler],
+) -> Read<i64> {
     let metric = hpas
         .iter()
         .filter(|h| h.spec.as_ref().is_some_and(|s| s.scale_target_ref.kind == "Deployment"))
@@ -284,7 +303,9 @@ async fn keda_value(client: &Client, ns: &str, scaled_object: &str, hpas: &[Hori
                 .is_some_and(|n| n == scaled_object)
         })
         .map(|e| e.metric.name)
-        .ok_or_else(|| ReadError::Failed(format!("no HPA scales on ScaledObject {scaled_object}'s metric")))?;
+        .ok_or_else(|| {
+            ReadError::Failed(format!("no HPA scales on ScaledObject {scaled_object}'s metric"))
+        })?;
     let selector = format!("scaledobject.keda.sh/name={scaled_object}");
     let uri = format!(
         "/apis/external.metrics.k8s.io/v1beta1/namespaces/{ns}/{metric}?labelSelector={}",
@@ -296,7 +317,8 @@ async fn keda_value(client: &Client, ns: &str, scaled_object: &str, hpas: &[Hori
         .pointer("/items/0/value")
         .and_then(|v| v.as_str())
         .ok_or_else(|| ReadError::Failed(format!("KEDA returned no value for {metric}")))?;
-    quantity_milli(value).ok_or_else(|| ReadError::Failed(format!("KEDA's value {value:?} is not a quantity")))
+    quantity_milli(value)
+        .ok_or_else(|| ReadError::Failed(format!("KEDA's value {value:?} is not a quantity")))
 }
 
 fn percent_encode(s: &str) -> String {
@@ -331,9 +353,12 @@ pub(crate) fn quantity_milli(q: &str) -> Option<i64> {
 async fn schema(config: &Config) -> Read<(bool, bool)> {
     let failed = |e: &dyn fmt::Display| ReadError::Failed(format!("database: {e}"));
     let db = fluxo_db::Db::connect(&config.db_config()).await.map_err(|e| failed(&e))?;
-    let ledger = fluxo_db::migration::schema_is_current::<fluxo_ledger::Migrator>(&db).await.map_err(|e| failed(&e))?;
-    let balance =
-        fluxo_db::migration::schema_is_current::<fluxo_balance::Migrator>(&db).await.map_err(|e| failed(&e))?;
+    let ledger = fluxo_db::migration::schema_is_current::<fluxo_ledger::Migrator>(&db)
+        .await
+        .map_err(|e| failed(&e))?;
+    let balance = fluxo_db::migration::schema_is_current::<fluxo_balance::Migrator>(&db)
+        .await
+        .map_err(|e| failed(&e))?;
     Ok((ledger, balance))
 }
 

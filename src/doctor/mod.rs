@@ -89,7 +89,13 @@ impl Check {
     }
 
     fn failed(id: &'static str, summary: impl Into<String>, fix: impl Into<String>) -> Self {
-        Self { id, status: Status::Failed, summary: summary.into(), details: Vec::new(), fix: Some(fix.into()) }
+        Self {
+            id,
+            status: Status::Failed,
+            summary: summary.into(),
+            details: Vec::new(),
+            fix: Some(fix.into()),
+        }
     }
 
     fn skipped(id: &'static str, why: impl Into<String>) -> Self {
@@ -152,7 +158,8 @@ pub async fn doctor(config: &Config, args: &DoctorArgs) -> anyhow::Result<()> {
     let healthy = checks.iter().all(|c| c.status != Status::Failed);
     match args.output {
         Output::Json => {
-            let report = Report { release: &args.release, namespace: &args.namespace, healthy, checks: &checks };
+            let report =
+                Report { release: &args.release, namespace: &args.namespace, healthy, checks: &checks };
             println!("{}", serde_json::to_string_pretty(&report)?);
         }
         Output::Text => print_text(&args.release, &args.namespace, &checks),

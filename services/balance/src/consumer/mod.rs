@@ -141,7 +141,8 @@ impl StreamConsumer {
     /// Measures what this consumer holds and reports it.
     async fn measure_held(&self) -> Result<(), ConsumerError> {
         let Some(held) = &self.held else { return Ok(()) };
-        let pending = fluxo_queue::consumer_pending(&self.client, &self.config.names, &self.config.consumer).await?;
+        let pending =
+            fluxo_queue::consumer_pending(&self.client, &self.config.names, &self.config.consumer).await?;
         held.send_if_modified(|last| std::mem::replace(last, pending) != pending);
         Ok(())
     }
@@ -432,6 +433,40 @@ mod tests {
         assert_eq!(batch.len(), 1);
         assert_eq!(batch[0].0, id);
         assert_eq!(batch[0].1.get("event_id").and_then(Value::as_string).as_deref(), Some("e-1"));
+        let _: () = redis.del(&stream).await.unwrap();
+    }
+
+    /// What a consumer holds (its pod-deletion cost) is its own share of the
+    /// group's pending entries, read from the suite's Redis.
+    #[tokio::test]
+    async fn a_consumer_holds_what_it_read_and_did_not_acknowledge() {
+        let url = std::env::var("FLUXO_TEST_REDIS_URL")
+            .expect("FLUXO_TEST_REDIS_URL is not set: run the suite with ./scripts/test.sh");
+        let redis = fluxo_queue::client(&fluxo_queue::RedisConfig {
+            url: url.into(),
+            command_timeout: Duration::from_secs(5),
+            tls_ca_file: None,
+        })
+        .unwrap();
+        redis.wait_for_connect().await.unwrap();
+        let stream = format!("test:held:{}", ulid::Ulid::new());
+        let names = StreamNames::new(&stream, "g");
+        ensure_group(&redis, &names).await.unwrap();
+        for i in 0..3 {
+            let _: String =
+                redis.xadd(&stream, false, None, "*", vec![("event_id", format!("e-{i}"))]).await.unwrap();
+        }
+        let reply: Value = redis.xreadgroup("g", "busy", Some(3), None, false, &stream, ">").await.unwrap();
+        let read = messages(reply).unwrap();
+        assert_eq!(read.len(), 3);
+        let held = |consumer: &'static str| {
+            let (redis, names) = (redis.clone(), names.clone());
+            async move { fluxo_queue::consumer_pending(&redis, &names, consumer).await.unwrap() }
+        };
+        assert_eq!(held("busy").await, 3);
+        assert_eq!(held("idle").await, 0, "a consumer the group does not know holds nothing");
+        let _: i64 = redis.xack(&stream, "g", read[0].0.clone()).await.unwrap();
+        assert_eq!(held("busy").await, 2);
         let _: () = redis.del(&stream).await.unwrap();
     }
 }
