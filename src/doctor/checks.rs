@@ -734,7 +734,14 @@ fn mesh_injection(state: &State) -> Check {
         Err(e) => return unreadable(ID, "Pods", e),
         Ok(p) => p,
     };
-    let live: Vec<&Pod> = pods.iter().filter(|p| p.metadata.deletion_timestamp.is_none()).collect();
+    // Pods that run or are about to (not finished Job pods, not those going away).
+    let live: Vec<&Pod> = pods
+        .iter()
+        .filter(|p| p.metadata.deletion_timestamp.is_none())
+        .filter(|p| {
+            !matches!(p.status.as_ref().and_then(|s| s.phase.as_deref()), Some("Succeeded" | "Failed"))
+        })
+        .collect();
     let missing: Vec<String> = live
         .iter()
         .filter(|p| !injected(p))
