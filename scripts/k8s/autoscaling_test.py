@@ -1303,6 +1303,14 @@ def main():
     if rbac_scenario() is None:
         print(f"\n{pt.passed} passed, {pt.failed} failed")
         return 1
+    if os.environ.get("FLUXO_AUTOSCALING_DOCTOR_ONLY"):
+        # Local iteration only (refused under CI): the doctor and deletion-cost tests alone.
+        if os.environ.get("CI"):
+            bad("FLUXO_AUTOSCALING_DOCTOR_ONLY", "is for local iteration only; CI runs the whole suite")
+        else:
+            doctor_test.run(sys.modules[__name__])
+        print(f"\n{pt.passed} passed, {pt.failed} failed")
+        return 1 if pt.failed else 0
     check("KEDA's admission webhook rejects a second ScaledObject for the same Deployment", webhook_rejects)
     if not a.no_self_tests:
         section("broken ScaledObjects (self-tests): nothing scales, KEDA's own error shown")
