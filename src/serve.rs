@@ -10,7 +10,7 @@ use fluxo_balance::{
 };
 use fluxo_db::{Db, backend_name};
 use fluxo_ledger::{GroupCommit, Ledger, LedgerStore, relay::Relay};
-use fluxo_queue::{EventSink, RedisSink};
+use fluxo_queue::{EventSink, RedisSink, StreamNames};
 use fluxo_server::{AllReady, GrpcServer, Readiness, identity::CallerAuth};
 use sea_orm::DbBackend;
 use tokio::{sync::watch, task::JoinHandle};
@@ -49,6 +49,9 @@ fn consumer_name(config: &Config) -> String {
 }
 
 /// Waits until the shared stop signal fires.
+/// How often a consolidator measures the messages it holds (its pod-deletion cost).
+const HELD_INTERVAL: Duration = Duration::from_secs(2);
+
 async fn stopped(mut stop: watch::Receiver<bool>) {
     let _ = stop.wait_for(|s| *s).await;
 }
@@ -264,13 +267,14 @@ impl<'a> Process<'a> {
             ..settings
         })?;
         let names = config.stream_names();
+        let name = consumer_name(config);
         let consumer = StreamConsumer::new(
             reader,
             client.clone(),
             self.consolidator.clone(),
-            config.consolidator.consumer_config(names.clone(), consumer_name(config)),
+            config.consolidator.consumer_config(names.clone(), name.clone()),
         );
-        let consumer = self.with_deletion_cost(consumer).await;
+        self.add_deletion_cost(client.clone(), names.clone(), name).await;
         self.needs_read_model = true;
         let stop = self.stop.clone();
         self.tasks.push(tokio::spawn(async move {
@@ -292,19 +296,33 @@ impl<'a> Process<'a> {
         Ok(())
     }
 
-    /// In a pod, reports the messages `consumer` holds as the pod's deletion
-    /// cost (see [`fluxo_kube::DeletionCost`]); elsewhere `consumer` as is.
-    async fn with_deletion_cost(&mut self, consumer: StreamConsumer) -> StreamConsumer {
+    /// In a pod, keeps its deletion cost at the messages consumer `name` holds
+    /// (see [`fluxo_kube::DeletionCost`]). Measured by a task of its own, so a
+    /// consumer stuck on its database still reports the work it holds.
+    async fn add_deletion_cost(&mut self, client: fred::prelude::Client, names: StreamNames, name: String) {
         let settings = &self.config.consolidator;
         if !settings.pod_deletion_cost || fluxo_kube::own_pod().is_none() {
-            return consumer;
+            return;
         }
-        let Some(reporter) = fluxo_kube::DeletionCost::for_own_pod().await else { return consumer };
+        let Some(reporter) = fluxo_kube::DeletionCost::for_own_pod().await else { return };
         let reporter = reporter.min_interval(Duration::from_millis(settings.pod_deletion_cost_interval_ms));
         let (held, watched) = watch::channel(0);
+        self.tasks.push(tokio::spawn(reporter.run(watched, stopped(self.stop.clone()))));
         let stop = self.stop.clone();
-        self.tasks.push(tokio::spawn(reporter.run(watched, stopped(stop))));
-        consumer.report_held(held)
+        self.tasks.push(tokio::spawn(async move {
+            loop {
+                match fluxo_queue::consumer_pending(&client, &names, &name).await {
+                    Ok(pending) => {
+                        held.send_if_modified(|last| std::mem::replace(last, pending) != pending);
+                    }
+                    Err(error) => tracing::debug!(%error, "cannot measure the messages this consumer holds"),
+                }
+                tokio::select! {
+                    () = stopped(stop.clone()) => return,
+                    () = tokio::time::sleep(HELD_INTERVAL) => {}
+                }
+            }
+        }));
     }
 
     /// The REST gateway, calling the gRPC services at `grpc` unless

@@ -117,34 +117,13 @@ pub struct StreamConsumer {
     client: Client,
     consolidator: Consolidator,
     config: ConsumerConfig,
-    /// Where this consumer reports the messages it holds (see [`Self::report_held`]).
-    held: Option<tokio::sync::watch::Sender<u64>>,
 }
 
 impl StreamConsumer {
     /// A consumer reading with `reader` (dedicated to blocking reads) and
     /// acknowledging, claiming and dead-lettering with `client`.
     pub fn new(reader: Client, client: Client, consolidator: Consolidator, config: ConsumerConfig) -> Self {
-        Self { reader, client, consolidator, config, held: None }
-    }
-
-    /// Reports, every few seconds, how many messages this consumer holds
-    /// (delivered to it, not yet acknowledged) on `held`: what it would
-    /// leave to be re-claimed if it were stopped now. The consolidator's
-    /// pod-deletion cost is set from it.
-    #[must_use]
-    pub fn report_held(mut self, held: tokio::sync::watch::Sender<u64>) -> Self {
-        self.held = Some(held);
-        self
-    }
-
-    /// Measures what this consumer holds and reports it.
-    async fn measure_held(&self) -> Result<(), ConsumerError> {
-        let Some(held) = &self.held else { return Ok(()) };
-        let pending =
-            fluxo_queue::consumer_pending(&self.client, &self.config.names, &self.config.consumer).await?;
-        held.send_if_modified(|last| std::mem::replace(last, pending) != pending);
-        Ok(())
+        Self { reader, client, consolidator, config }
     }
 
     pub(super) fn failures_key(&self) -> String {
@@ -349,13 +328,10 @@ impl Chores {
             }
             due
         };
-        if due(&mut self.gauges, GAUGE_INTERVAL, true) {
-            if let Err(error) = consumer.measure().await {
-                tracing::debug!(%error, "cannot measure the stream");
-            }
-            if let Err(error) = consumer.measure_held().await {
-                tracing::debug!(%error, "cannot measure the messages this consumer holds");
-            }
+        if due(&mut self.gauges, GAUGE_INTERVAL, true)
+            && let Err(error) = consumer.measure().await
+        {
+            tracing::debug!(%error, "cannot measure the stream");
         }
         if due(&mut self.claim, consumer.claim_interval(), false)
             && let Err(error) = consumer.reclaim().await
