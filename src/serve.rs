@@ -313,7 +313,9 @@ impl<'a> Process<'a> {
             loop {
                 match fluxo_queue::consumer_pending(&client, &names, &name).await {
                     Ok(pending) => {
-                        held.send_if_modified(|last| std::mem::replace(last, pending) != pending);
+                        if held.send_if_modified(|last| std::mem::replace(last, pending) != pending) {
+                            tracing::debug!(pending, "messages this consumer holds");
+                        }
                     }
                     Err(error) => tracing::debug!(%error, "cannot measure the messages this consumer holds"),
                 }

@@ -123,6 +123,8 @@ impl DeletionCost {
                     Ok(()) => {
                         if reported.is_none() || failures > 0 {
                             tracing::info!(pod = %self.pod, cost, "pod-deletion cost reported");
+                        } else {
+                            tracing::debug!(pod = %self.pod, cost, "pod-deletion cost reported");
                         }
                         reported = Some(cost);
                         failures = 0;
