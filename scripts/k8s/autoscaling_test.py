@@ -288,6 +288,12 @@ class Relay:
         """Redis unreachable: the listener goes (connections refused) and open connections drop."""
         if self.lsock:
             try:
+                # shutdown first: close() alone leaves the socket listening while the accept
+                # thread is blocked in accept(), and one more connection would still get through.
+                self.lsock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            try:
                 self.lsock.close()
             except OSError:
                 pass
