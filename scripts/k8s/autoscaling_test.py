@@ -20,6 +20,9 @@ FLUXO_TEST_REDIS_URL). What runs, all as processes on 127.0.0.1:
 KEDA reaches Redis through a TCP relay in this process, so "Redis unreachable for KEDA" is a
 real broken connection while fluxo keeps its own.
 
+Then scripts/k8s/doctor_test.py: `fluxo doctor` and the pod-deletion cost on this installation
+(FLUXO_AUTOSCALING_DOCTOR_ONLY=1 runs only those after the set-up, for local iteration).
+
 Each scenario prints its figures. The last line is "N passed, M failed".
 """
 

@@ -19,6 +19,8 @@
 #                scripts/test.sh: FLUXO_TEST_CMD=./scripts/k8s/platform-test.sh ./scripts/test.sh),
 #                grpcurl and ghz (FLUXO_TEST_GRPCURL / FLUXO_TEST_GHZ, which test.sh installs) and
 #                the fluxo binary (FLUXO_BIN, default target/debug/fluxo, built when missing).
+#                Then scripts/k8s/doctor_test.py on the same cluster: `fluxo doctor` on a healthy and
+#                on broken installs, and the consolidators' pod-deletion cost on a scale-in.
 #
 # Environment:
 #   FLUXO_PLATFORM_HELM_TIMEOUT   helm --timeout for install/upgrade/rollback (default 180s)
