@@ -831,8 +831,30 @@ def eviction_honours_pdb(case):
             raise Fail(f"second eviction refused for another reason: {r.stderr.strip()}")
     finally:
         set_cordon(nodes, False)
+        if target is not None:
+            replace_pending(case, by_comp[target])
     wait_available(case)
     return f"{target}: {a} evicted, {b} refused (would violate the PDB), replaced once uncordoned"
+
+
+def replace_pending(case, before):
+    """The replacements of evicted pods waited while every node was cordoned; the scheduler put them
+    on whichever node was uncordoned first, which no spread rule would choose. Delete them once every
+    node is schedulable again so their ReplicaSet makes new ones the scheduler places on all nodes,
+    and the next check starts from the state the chart's rules make, not from the test's cordons."""
+    known = {p["metadata"]["name"] for p in before}
+    comp = before[0]["metadata"]["labels"].get("app.kubernetes.io/component")
+    fresh = [p["metadata"]["name"] for p in pods(case.ns, f"{INSTANCE},app.kubernetes.io/component={comp}")
+             if p["metadata"]["name"] not in known and not p["metadata"].get("deletionTimestamp")]
+    if not fresh:
+        return
+
+    def gone():
+        left = {p["metadata"]["name"] for p in pods(case.ns)} & set(fresh)
+        return not left, f"still there: {sorted(left)}"
+
+    kubectl("delete", "pod", "-n", case.ns, "--wait=false", *fresh)
+    poll("replacements made under cordon deleted", 120, gone)
 
 
 def drain(case, timeout="120s"):
@@ -843,6 +865,10 @@ def drain(case, timeout="120s"):
         if p["spec"].get("nodeName"):
             counts[p["spec"]["nodeName"]] = counts.get(p["spec"]["nodeName"], 0) + 1
     node = max(sorted(counts), key=lambda n: counts[n])
+    try:
+        spread_ok(case)
+    except Fail as e:
+        raise Fail(f"before the drain, the spread rules already did not hold (not the drain's doing):\n{e}")
     p = run([KUBECTL, "--kubeconfig", KUBECONFIG, "drain", node, "--pod-selector", INSTANCE,
              "--delete-emptydir-data", "--ignore-daemonsets", f"--timeout={timeout}"],
             timeout=int(timeout.rstrip("s")) + 60)
