@@ -37,6 +37,7 @@ fn credit(merchant: &str, key: &str, minor_units: i64, date: &str) -> lpb::Recor
         booking_date: date.into(),
         description: String::new(),
         request_id: key.into(),
+        ..Default::default()
     }
 }
 

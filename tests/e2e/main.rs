@@ -388,6 +388,7 @@ async fn a_poison_message_is_dead_lettered_and_replayed_exactly_once() {
         booking_date: "2026-11-03".into(),
         description: String::new(),
         request_id: "p-1".into(),
+        ..Default::default()
     };
     client.record_entry(poison).await.unwrap();
     // The rest keeps flowing meanwhile.
@@ -467,6 +468,7 @@ fn the_rest_api_serves_every_route_with_grpc_gateway_errors_and_authorization() 
     let data = tempfile::tempdir().unwrap();
     let fluxo = Fluxo::start(data.path(), &[]);
     rest::every_route_and_error_mapping(&fluxo);
+    rest::metadata_and_filters(&fluxo);
     rest::authorization_matrix(&fluxo, data.path());
     fluxo.stop();
 }

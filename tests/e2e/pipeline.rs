@@ -185,6 +185,7 @@ pub(crate) async fn record_many(
                     booking_date: date.clone(),
                     description: String::new(),
                     request_id: format!("{prefix}-{k}"),
+                    ..Default::default()
                 };
                 // Transient refusals (shedding) are retried with the same key: safe by design.
                 let mut attempt = 0;

@@ -285,3 +285,65 @@ pub(crate) fn authorization_matrix(fluxo: &Fluxo, data: &std::path::Path) {
         assert!(admin_reply.status < 500, "{method} {path} admin");
     }
 }
+
+/// Labels booked over REST and the ListEntries filters as query parameters:
+/// `metadata[key]=value` (grpc-gateway's map syntax), `type` by name,
+/// `createdAfter` as RFC 3339.
+pub(crate) fn metadata_and_filters(fluxo: &Fluxo) {
+    let rest = Client::new(fluxo.rest.as_deref().expect("a REST address in the banner"));
+    let token = fluxo.token.clone().expect("a development token in the banner");
+    let t = Some(token.as_str());
+    let book = |key: &str, kind: &str, labels: Value| {
+        let body = json!({"type": kind, "amount": {"currencyCode": "BRL", "minorUnits": "700"},
+                          "bookingDate": "2026-11-22", "requestId": key, "metadata": labels});
+        let reply = rest.post("/v1/merchants/m-1/entries", t, &body);
+        assert_eq!(reply.status, 200, "{:?}", reply.body);
+        reply.body
+    };
+    let first = book("md-1", "CREDIT", json!({"invoice": "INV-77", "channel": "pos"}));
+    assert_eq!(first["metadata"], json!({"invoice": "INV-77", "channel": "pos"}));
+    let second = book("md-2", "DEBIT", json!({"invoice": "INV-77"}));
+    book("md-3", "CREDIT", json!({"invoice": "INV-78"}));
+
+    let list = |query: &str| {
+        let reply = rest.get(&format!("/v1/merchants/m-1/entries?{query}"), t);
+        assert_eq!(reply.status, 200, "{query}: {:?}", reply.body);
+        reply.body["entries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["id"].as_str().unwrap().to_owned())
+            .collect::<Vec<_>>()
+    };
+    let mut both = vec![first["id"].as_str().unwrap().to_owned(), second["id"].as_str().unwrap().to_owned()];
+    both.sort();
+    assert_eq!(list("metadata%5Binvoice%5D=INV-77"), both);
+    assert_eq!(list("metadata[invoice]=INV-77&type=DEBIT"), [second["id"].as_str().unwrap()]);
+    let since = second["createdAt"].as_str().unwrap();
+    assert_eq!(
+        list(&format!("metadata[invoice]=INV-77&createdAfter={since}")),
+        [second["id"].as_str().unwrap()]
+    );
+
+    // Bad labels and filters: 400 naming the field.
+    let bad = rest.post(
+        "/v1/merchants/m-1/entries",
+        t,
+        &json!({"type": "CREDIT", "amount": {"currencyCode": "BRL", "minorUnits": "1"}, "requestId": "md-4",
+                "metadata": {"note": ""}}),
+    );
+    assert_eq!(bad.status, 400);
+    assert_eq!(bad.body["details"][0]["fieldViolations"][0]["field"], "metadata[note]");
+    for (query, field) in [
+        ("metadata=INV-77", "metadata"),
+        ("metadata[invoice]=a&metadata[invoice]=b", "metadata[invoice]"),
+        ("createdAfter=yesterday", "createdAfter"),
+        ("type=REFUND", "type"),
+    ] {
+        let reply = rest.get(&format!("/v1/merchants/m-1/entries?{query}"), t);
+        assert_eq!(reply.status, 400, "{query}: {:?}", reply.body);
+        let named =
+            reply.body["details"][0]["fieldViolations"][0]["field"].as_str().unwrap_or_default().to_owned();
+        assert_eq!(named, field, "{query}: {:?}", reply.body);
+    }
+}

@@ -358,6 +358,16 @@ fn well_known(descriptor: &MessageDescriptor, json: &Json, path: &str) -> Result
         .map_err(|e| err(path, format!("is not a valid {}: {e}", descriptor.name())))
 }
 
+/// A well-known type from its JSON string form (an RFC 3339 timestamp, a
+/// duration like `1.5s`), as a query parameter carries it.
+pub(crate) fn well_known_from_str(
+    descriptor: &MessageDescriptor,
+    raw: &str,
+    path: &str,
+) -> Result<DynamicMessage, BindError> {
+    well_known(descriptor, &Json::String(raw.to_owned()), path)
+}
+
 fn no_repeated_keys(json: &Json, path: &str) -> Result<(), BindError> {
     match json {
         Json::Object(entries) => {

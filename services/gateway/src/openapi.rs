@@ -92,13 +92,27 @@ fn parameters(route: &Route, path_fields: &[&str], schemas: &mut BTreeMap<String
         .collect();
     if route.body.is_empty() {
         for field in input.fields() {
-            if path_fields.contains(&field.name()) || matches!(field.kind(), Kind::Message(_)) {
+            if path_fields.contains(&field.name()) {
                 continue;
             }
-            let mut parameter = json!({
-                "name": field.json_name(), "in": "query", "required": false,
-                "schema": field_schema(&field, schemas),
-            });
+            let mut parameter = match field.kind() {
+                // A map is sent one entry per parameter: `metadata[order]=A-1042`.
+                Kind::Message(_) if field.is_map() => json!({
+                    "name": field.json_name(), "in": "query", "required": false,
+                    "style": "deepObject", "explode": true,
+                    "schema": field_schema(&field, schemas),
+                }),
+                // Timestamps and durations travel in their JSON string forms.
+                Kind::Message(m) if !field.is_list() && well_known(&m).is_some() => json!({
+                    "name": field.json_name(), "in": "query", "required": false,
+                    "schema": well_known(&m),
+                }),
+                Kind::Message(_) => continue,
+                _ => json!({
+                    "name": field.json_name(), "in": "query", "required": false,
+                    "schema": field_schema(&field, schemas),
+                }),
+            };
             describe(&mut parameter, field_comment(&field));
             parameters.push(parameter);
         }

@@ -6,7 +6,9 @@
 
 use bytes::Buf;
 use prost::Message;
-use prost_reflect::{DynamicMessage, FieldDescriptor, Kind, MessageDescriptor, SerializeOptions, Value};
+use prost_reflect::{
+    DynamicMessage, FieldDescriptor, Kind, MapKey, MessageDescriptor, SerializeOptions, Value,
+};
 use tonic::{
     Status,
     codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder},
@@ -49,12 +51,26 @@ pub fn request(
     // Query parameters bind only fields that neither the path nor the body binds.
     if route.body != "*" {
         for (key, value) in url::form_urlencoded::parse(query.unwrap_or_default().as_bytes()) {
+            // `name[key]=value` sets one entry of a map field, as grpc-gateway reads it.
+            let (name, map_key) = match key.strip_suffix(']').and_then(|k| k.split_once('[')) {
+                Some((name, map_key)) => (name, Some(map_key)),
+                None => (key.as_ref(), None),
+            };
             // Unknown parameters are ignored, as grpc-gateway does.
-            let Some(field) = field_named(&input, &key) else { continue };
+            let Some(field) = field_named(&input, name) else { continue };
             if route.template.fields().any(|f| f == field.name()) {
                 continue;
             }
-            set_scalar(&mut message, &field, &key, &value)?;
+            match map_key {
+                Some(map_key) if field.is_map() => {
+                    set_map_entry(&mut message, &field, map_key, &value, &key)?
+                }
+                Some(_) => return Err(bind_error(&key, format!("{name} is not a map field"))),
+                None if field.is_map() => {
+                    return Err(bind_error(name, format!("is a map: give each entry as {name}[key]=value")));
+                }
+                None => set_scalar(&mut message, &field, &key, &value)?,
+            }
         }
     }
     for (name, value) in path {
@@ -79,13 +95,53 @@ fn parse_json(
     crate::json::parse(descriptor, body, prefix)
 }
 
+/// Sets `map_key` of the map `field` from the query parameter `name`.
+fn set_map_entry(
+    message: &mut DynamicMessage,
+    field: &FieldDescriptor,
+    map_key: &str,
+    raw: &str,
+    name: &str,
+) -> Result<(), BindError> {
+    let Kind::Message(entry) = field.kind() else { return Err(bind_error(name, "is not a map")) };
+    let key = match crate::json::scalar_from_str(&entry.map_entry_key_field().kind(), map_key, name)? {
+        Value::String(s) => MapKey::String(s),
+        Value::Bool(b) => MapKey::Bool(b),
+        Value::I32(v) => MapKey::I32(v),
+        Value::I64(v) => MapKey::I64(v),
+        Value::U32(v) => MapKey::U32(v),
+        Value::U64(v) => MapKey::U64(v),
+        _ => return Err(bind_error(name, "is not a valid map key")),
+    };
+    let value = crate::json::scalar_from_str(&entry.map_entry_value_field().kind(), raw, name)?;
+    let mut map = match message.get_field(field).into_owned() {
+        Value::Map(m) => m,
+        _ => Default::default(),
+    };
+    if map.insert(key, value).is_some() {
+        return Err(bind_error(name, "given more than once"));
+    }
+    message.set_field(field, Value::Map(map));
+    Ok(())
+}
+
 fn set_scalar(
     message: &mut DynamicMessage,
     field: &FieldDescriptor,
     name: &str,
     raw: &str,
 ) -> Result<(), BindError> {
-    if matches!(field.kind(), Kind::Message(_)) {
+    if let Kind::Message(kind) = field.kind() {
+        // Well-known types with a string form (Timestamp, Duration, FieldMask)
+        // are read as their JSON strings are; other messages cannot be.
+        if matches!(
+            kind.full_name(),
+            "google.protobuf.Timestamp" | "google.protobuf.Duration" | "google.protobuf.FieldMask"
+        ) && !field.is_list()
+        {
+            message.set_field(field, Value::Message(crate::json::well_known_from_str(&kind, raw, name)?));
+            return Ok(());
+        }
         return Err(bind_error(name, "cannot be set from the URL"));
     }
     let value = crate::json::scalar_from_str(&field.kind(), raw, name)?;

@@ -12,6 +12,6 @@ pub use entry::{
 };
 pub use fluxo_types::{
     BookingDate, Currency, DateRange, Description, EntryId, FieldViolation, MAX_AMOUNT_MINOR, MerchantId,
-    Money, RequestId, Violations,
+    Metadata, Money, RequestId, Violations,
 };
-pub use page::{PageCursor, PageRequest};
+pub use page::{EntryFilter, FilterFields, PageCursor, PageRequest};

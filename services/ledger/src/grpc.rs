@@ -10,7 +10,7 @@ use tonic::{Request, Response, Status};
 
 use crate::{
     Booked, Ledger,
-    domain::{EntryKind, KindError, RecordCommand, ReverseCommand},
+    domain::{EntryKind, FilterFields, KindError, RecordCommand, ReverseCommand},
     wire,
 };
 
@@ -39,6 +39,10 @@ fn kind(value: i32) -> Result<EntryKind, KindError> {
     }
 }
 
+fn pairs(map: &std::collections::HashMap<String, String>) -> Vec<(&str, &str)> {
+    map.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect()
+}
+
 fn booked(result: Booked) -> Response<pb::Entry> {
     let replayed = matches!(result, Booked::Replayed(_));
     let mut response = Response::new(wire::entry(result.entry()));
@@ -64,6 +68,7 @@ impl LedgerService for LedgerGrpc {
             booking_date: &r.booking_date,
             description: &r.description,
             request_id: &r.request_id,
+            metadata: pairs(&r.metadata),
         };
         Ok(booked(self.ledger.record(command).await?))
     }
@@ -83,8 +88,16 @@ impl LedgerService for LedgerGrpc {
     ) -> Result<Response<pb::ListEntriesResponse>, Status> {
         let r = request.get_ref();
         fluxo_server::identity::authorize(request.metadata(), &r.merchant_id)?;
-        let page =
-            self.ledger.list(&r.merchant_id, &r.start_date, &r.end_date, r.page_size, &r.page_token).await?;
+        let at = |t: &Option<prost_types::Timestamp>| t.as_ref().map(|t| (t.seconds, t.nanos));
+        let filter = FilterFields {
+            start_date: &r.start_date,
+            end_date: &r.end_date,
+            kind: Some(kind(r.r#type)),
+            metadata: pairs(&r.metadata),
+            created_after: at(&r.created_after),
+            created_before: at(&r.created_before),
+        };
+        let page = self.ledger.list(&r.merchant_id, &filter, r.page_size, &r.page_token).await?;
         Ok(Response::new(pb::ListEntriesResponse {
             entries: page.entries.iter().map(wire::entry).collect(),
             next_page_token: page.next_page_token,
@@ -104,6 +117,7 @@ impl LedgerService for LedgerGrpc {
             request_id: &r.request_id,
             booking_date: &r.booking_date,
             description: &r.description,
+            metadata: pairs(&r.metadata),
         };
         Ok(booked(self.ledger.reverse(command).await?))
     }

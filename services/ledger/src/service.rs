@@ -3,8 +3,8 @@ use chrono_tz::Tz;
 
 use crate::{
     domain::{
-        DateRange, Entry, EntryId, MerchantId, PageRequest, RecordCommand, ReverseCommand, Violations,
-        decide_reversal,
+        Entry, EntryFilter, EntryId, FilterFields, MerchantId, PageRequest, RecordCommand, ReverseCommand,
+        Violations, decide_reversal,
     },
     error::LedgerError,
     store::{Booking, LedgerStore, Reversal},
@@ -105,20 +105,19 @@ impl Ledger {
     pub async fn list(
         &self,
         merchant_id: &str,
-        start_date: &str,
-        end_date: &str,
+        filter: &FilterFields<'_>,
         page_size: i32,
         page_token: &str,
     ) -> Result<EntryPage, LedgerError> {
         let mut v = Violations::default();
         let merchant = v.check("merchant_id", MerchantId::parse(merchant_id));
-        let range = DateRange::parse(start_date, end_date, &mut v);
-        let page = PageRequest::parse(page_size, page_token, merchant.as_ref(), &range, &mut v);
+        let filter = EntryFilter::parse(filter, &mut v);
+        let page = PageRequest::parse(page_size, page_token, merchant.as_ref(), &filter, &mut v);
         let merchant = v.finish(|| merchant).map_err(LedgerError::Invalid)?;
-        let (entries, next) = self.store.list(&merchant, &range, &page).await?;
+        let (entries, next) = self.store.list(&merchant, &filter, &page).await?;
         Ok(EntryPage {
             entries,
-            next_page_token: next.map(|c| c.encode(&merchant, &range)).unwrap_or_default(),
+            next_page_token: next.map(|c| c.encode(&merchant, &filter)).unwrap_or_default(),
         })
     }
 }

@@ -21,12 +21,12 @@ use tokio::sync::Notify;
 
 pub use group::GroupCommit;
 pub use migrations::Migrator;
-use schema::{entry, idempotency_key, outbox};
+use schema::{entry, entry_metadata, idempotency_key, outbox};
 
 use crate::{
     domain::{
-        BookingDate, Currency, DateRange, Description, Entry, EntryId, EntryKind, Fingerprint, MerchantId,
-        Money, NewEntry, PageCursor, PageRequest, RequestId, ReversalRefused,
+        BookingDate, Currency, DateRange, Description, Entry, EntryFilter, EntryId, EntryKind, Fingerprint,
+        MerchantId, Metadata, Money, NewEntry, PageCursor, PageRequest, RequestId, ReversalRefused,
     },
     wire,
 };
@@ -129,7 +129,7 @@ impl LedgerStore {
         };
         let merchant = new.merchant_id.clone();
         match self.writers.book(new, fingerprint).await? {
-            group::Outcome::Booked(entry) => Ok(Booking::New(entry)),
+            group::Outcome::Booked(entry) => Ok(Booking::New(*entry)),
             // Boxed: a database read is a future of kilobytes, and in place it would
             // make every booking's future (copied on each move) as large.
             group::Outcome::KeyTaken => Box::pin(self.replay(&merchant, &key, fingerprint)).await,
@@ -225,18 +225,71 @@ impl LedgerStore {
 
     /// One page of a merchant's entries in (booking date, id) order, and the
     /// cursor of the next page when there is one.
+    ///
+    /// Each filter has an index behind it: dates and type ride the (merchant,
+    /// booking date, id) index; each label is an `id IN` over the metadata
+    /// index's range for (merchant, key, value), which is already in keyset
+    /// order; the insertion-time range uses (merchant, created_at).
     pub async fn list(
         &self,
         merchant: &MerchantId,
-        range: &DateRange,
+        filter: &EntryFilter,
         page: &PageRequest,
     ) -> Result<(Vec<Entry>, Option<PageCursor>), StoreError> {
+        let range = &filter.dates;
         let mut query = entry::Entity::find().filter(entry::Column::MerchantId.eq(merchant.as_str()));
         if let Some(start) = range.start {
             query = query.filter(entry::Column::BookingDate.gte(start));
         }
         if let Some(end) = range.end {
             query = query.filter(entry::Column::BookingDate.lte(end));
+        }
+        if let Some(kind) = filter.kind {
+            query = query.filter(entry::Column::Kind.eq(kind.as_str()));
+        }
+        if let Some(after) = filter.created_after {
+            query = query.filter(entry::Column::CreatedAt.gte(after));
+        }
+        if let Some(before) = filter.created_before {
+            query = query.filter(entry::Column::CreatedAt.lt(before));
+        }
+        let sole_filter = filter.metadata.len() == 1
+            && filter.kind.is_none()
+            && filter.created_after.is_none()
+            && filter.created_before.is_none();
+        for (key, value) in filter.metadata.iter() {
+            let mut labelled = sea_orm::sea_query::Query::select();
+            labelled
+                .column(entry_metadata::Column::EntryId)
+                .from(entry_metadata::Entity)
+                .and_where(entry_metadata::Column::MerchantId.eq(merchant.as_str()))
+                .and_where(entry_metadata::Column::Key.eq(key))
+                .and_where(entry_metadata::Column::Value.eq(value));
+            if let Some(start) = range.start {
+                labelled.and_where(entry_metadata::Column::BookingDate.gte(start));
+            }
+            if let Some(end) = range.end {
+                labelled.and_where(entry_metadata::Column::BookingDate.lte(end));
+            }
+            if sole_filter {
+                // The label's index range is in the page's own order (the
+                // entry's booking date and id are copied into it), so the
+                // page is its first rows after the cursor: read only those.
+                if let Some(after) = page.after {
+                    labelled.cond_where(
+                        Condition::any().add(entry_metadata::Column::BookingDate.gt(after.booking_date)).add(
+                            Condition::all()
+                                .add(entry_metadata::Column::BookingDate.eq(after.booking_date))
+                                .add(entry_metadata::Column::EntryId.gt(after.id.to_string())),
+                        ),
+                    );
+                }
+                labelled
+                    .order_by(entry_metadata::Column::BookingDate, sea_orm::Order::Asc)
+                    .order_by(entry_metadata::Column::EntryId, sea_orm::Order::Asc)
+                    .limit(page.size + 1);
+            }
+            query = query.filter(entry::Column::Id.in_subquery(labelled));
         }
         if let Some(after) = page.after {
             query = query.filter(
@@ -261,10 +314,11 @@ impl LedgerStore {
             .select_only()
             .column(entry::Column::Id)
             .column(entry::Column::ReversesEntryId)
-            .filter(entry::Column::ReversesEntryId.is_in(ids))
+            .filter(entry::Column::ReversesEntryId.is_in(ids.clone()))
             .into_tuple()
             .all(self.db.conn())
             .await?;
+        let mut labels = metadata_of(self.db.conn(), ids).await?;
         let entries = rows
             .into_iter()
             .map(|row| {
@@ -272,7 +326,8 @@ impl LedgerStore {
                     .iter()
                     .find(|(_, of)| of.as_deref() == Some(row.id.as_str()))
                     .map(|(id, _)| id.clone());
-                to_domain(row, by)
+                let metadata = labels.remove(&row.id).unwrap_or_default();
+                to_domain(row, by, metadata)
             })
             .collect::<Result<Vec<_>, _>>()?;
         let next = more
@@ -283,7 +338,8 @@ impl LedgerStore {
     }
 
     /// Every entry, optionally of one merchant and booking-date range, in
-    /// (merchant, date, id) order: the ledger side of reconciliation and rebuilds.
+    /// (merchant, date, id) order: the ledger side of reconciliation and
+    /// rebuilds. Without their metadata, which neither needs.
     pub async fn entries(
         &self,
         merchant: Option<&MerchantId>,
@@ -305,7 +361,7 @@ impl LedgerStore {
             .order_by_asc(entry::Column::Id)
             .all(self.db.conn())
             .await?;
-        rows.into_iter().map(|row| to_domain(row, None)).collect()
+        rows.into_iter().map(|row| to_domain(row, None, Metadata::default())).collect()
     }
 
     async fn find_key(
@@ -377,6 +433,10 @@ async fn claim_key(
 async fn insert_entry(txn: &DatabaseTransaction, new: NewEntry) -> Result<Entry, StoreError> {
     let (row, event, entry) = entry_rows(new, now(), fluxo_telemetry::current_trace_context());
     entry::Entity::insert(row).exec_without_returning(txn).await.map_err(StoreError::Failed)?;
+    let labels = metadata_rows(&entry);
+    if !labels.is_empty() {
+        entry_metadata::Entity::insert_many(labels).exec_without_returning(txn).await?;
+    }
     outbox::Entity::insert(event).exec_without_returning(txn).await?;
     add_to_totals(txn, [&entry.booked]).await?;
     Ok(entry)
@@ -505,6 +565,45 @@ fn entry_row(entry: &Entry) -> entry::ActiveModel {
     }
 }
 
+/// The `ledger_entry_metadata` rows of `entry`.
+fn metadata_rows(entry: &Entry) -> Vec<entry_metadata::ActiveModel> {
+    let new = &entry.booked;
+    new.metadata
+        .iter()
+        .map(|(key, value)| entry_metadata::ActiveModel {
+            entry_id: Set(new.id.to_string()),
+            key: Set(key.to_owned()),
+            value: Set(value.to_owned()),
+            merchant_id: Set(new.merchant_id.as_str().to_owned()),
+            booking_date: Set(new.booking_date.date()),
+        })
+        .collect()
+}
+
+/// The labels of the entries `ids`, by entry id.
+async fn metadata_of(
+    conn: &impl ConnectionTrait,
+    ids: Vec<String>,
+) -> Result<std::collections::HashMap<String, Metadata>, StoreError> {
+    if ids.is_empty() {
+        return Ok(Default::default());
+    }
+    let rows: Vec<(String, String, String)> = entry_metadata::Entity::find()
+        .select_only()
+        .column(entry_metadata::Column::EntryId)
+        .column(entry_metadata::Column::Key)
+        .column(entry_metadata::Column::Value)
+        .filter(entry_metadata::Column::EntryId.is_in(ids))
+        .into_tuple()
+        .all(conn)
+        .await?;
+    let mut by_entry: std::collections::HashMap<String, Vec<(String, String)>> = Default::default();
+    for (id, key, value) in rows {
+        by_entry.entry(id).or_default().push((key, value));
+    }
+    Ok(by_entry.into_iter().map(|(id, pairs)| (id, Metadata::from_stored(pairs))).collect())
+}
+
 async fn load_entry(
     conn: &impl ConnectionTrait,
     merchant: &MerchantId,
@@ -518,7 +617,8 @@ async fn load_entry(
         return Ok(None);
     };
     let by = reversal_of(conn, id).await?.map(|id| id.to_string());
-    to_domain(row, by).map(Some)
+    let metadata = metadata_of(conn, vec![row.id.clone()]).await?.remove(&row.id).unwrap_or_default();
+    to_domain(row, by, metadata).map(Some)
 }
 
 async fn reversal_of(conn: &impl ConnectionTrait, id: EntryId) -> Result<Option<EntryId>, StoreError> {
@@ -538,7 +638,11 @@ fn now() -> DateTime<Utc> {
     Utc::now().trunc_subsecs(6)
 }
 
-fn to_domain(row: entry::Model, reversed_by: Option<String>) -> Result<Entry, StoreError> {
+fn to_domain(
+    row: entry::Model,
+    reversed_by: Option<String>,
+    metadata: Metadata,
+) -> Result<Entry, StoreError> {
     let corrupt = |reason: String| corrupt(&row.id, reason);
     let parse_id = |s: &str| EntryId::parse(s).map_err(|e| corrupt(e.to_string()));
     let currency = Currency::parse(&row.currency_code).map_err(|e| corrupt(e.to_string()))?;
@@ -556,6 +660,7 @@ fn to_domain(row: entry::Model, reversed_by: Option<String>) -> Result<Entry, St
             .transpose()
             .map_err(|e| corrupt(e.to_string()))?,
         reverses: row.reverses_entry_id.as_deref().map(parse_id).transpose()?,
+        metadata,
     };
     Ok(Entry {
         booked,

@@ -32,6 +32,7 @@ pub(crate) fn entry(entry: &Entry) -> pb::Entry {
         created_at: Some(timestamp(entry.created_at)),
         reverses_entry_id: booked.reverses.map(|id| id.to_string()).unwrap_or_default(),
         reversed_by_entry_id: entry.reversed_by.map(|id| id.to_string()).unwrap_or_default(),
+        metadata: booked.metadata.iter().map(|(k, v)| (k.to_owned(), v.to_owned())).collect(),
     }
 }
 

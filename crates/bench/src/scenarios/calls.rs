@@ -58,6 +58,7 @@ pub(super) fn entry(merchant: String, request_id: String, date: &str, i: u64) ->
         booking_date: date.to_owned(),
         description: "bench".into(),
         request_id,
+        ..Default::default()
     }
 }
 

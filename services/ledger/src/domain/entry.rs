@@ -3,7 +3,9 @@ use std::fmt;
 use chrono::{DateTime, NaiveDate, Utc};
 use sha2::{Digest, Sha256};
 
-use super::{BookingDate, Currency, Description, EntryId, MerchantId, Money, RequestId, Violations};
+use super::{
+    BookingDate, Currency, Description, EntryId, MerchantId, Metadata, Money, RequestId, Violations,
+};
 
 /// Whether an entry brings money in or takes it out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -99,6 +101,8 @@ pub struct NewEntry {
     pub request_id: Option<RequestId>,
     /// For a reversal: the entry it cancels.
     pub reverses: Option<EntryId>,
+    /// The caller's labels.
+    pub metadata: Metadata,
 }
 
 /// A committed entry as read from the ledger.
@@ -127,6 +131,8 @@ pub struct RecordCommand<'a> {
     pub description: &'a str,
     /// `request_id`.
     pub request_id: &'a str,
+    /// `metadata`, in any order.
+    pub metadata: Vec<(&'a str, &'a str)>,
 }
 
 impl RecordCommand<'_> {
@@ -155,8 +161,9 @@ impl RecordCommand<'_> {
         let booking_date = v.check("booking_date", BookingDate::parse_or_today(self.booking_date, today));
         let description = v.check("description", Description::parse(self.description));
         let request_id = v.check("request_id", RequestId::parse(self.request_id));
+        let metadata = Metadata::parse("metadata", self.metadata.iter().copied(), Metadata::MAX_KEYS, &mut v);
         v.finish(|| {
-            let (kind, amount) = (kind?, amount?);
+            let (kind, amount, metadata) = (kind?, amount?, metadata?);
             let fingerprint = Fingerprint::of(&[
                 "record",
                 kind.as_str(),
@@ -164,6 +171,7 @@ impl RecordCommand<'_> {
                 &amount.minor_units().to_string(),
                 self.booking_date,
                 self.description,
+                &metadata.canonical(),
             ]);
             Some((
                 NewEntry {
@@ -175,6 +183,7 @@ impl RecordCommand<'_> {
                     description: description?,
                     request_id: Some(request_id?),
                     reverses: None,
+                    metadata,
                 },
                 fingerprint,
             ))
@@ -200,6 +209,8 @@ pub struct ReverseCommand<'a> {
     pub booking_date: &'a str,
     /// `description`; empty for the default.
     pub description: &'a str,
+    /// `metadata`, in any order.
+    pub metadata: Vec<(&'a str, &'a str)>,
 }
 
 /// A validated reversal request.
@@ -213,6 +224,7 @@ pub struct ParsedReversal {
     pub idempotency: Option<(RequestId, Fingerprint)>,
     booking_date: BookingDate,
     description: Option<Description>,
+    metadata: Metadata,
 }
 
 impl ReverseCommand<'_> {
@@ -228,11 +240,17 @@ impl ReverseCommand<'_> {
         };
         let booking_date = v.check("booking_date", BookingDate::parse_or_today(self.booking_date, today));
         let description = v.check("description", Description::parse(self.description));
+        let metadata = Metadata::parse("metadata", self.metadata.iter().copied(), Metadata::MAX_KEYS, &mut v);
         v.finish(|| {
-            let entry_id = entry_id?;
+            let (entry_id, metadata) = (entry_id?, metadata?);
             let idempotency = request_id?.map(|key| {
-                let fp =
-                    Fingerprint::of(&["reverse", &entry_id.to_string(), self.booking_date, self.description]);
+                let fp = Fingerprint::of(&[
+                    "reverse",
+                    &entry_id.to_string(),
+                    self.booking_date,
+                    self.description,
+                    &metadata.canonical(),
+                ]);
                 (key, fp)
             });
             let description = description?;
@@ -242,6 +260,7 @@ impl ReverseCommand<'_> {
                 idempotency,
                 booking_date: booking_date?,
                 description: (!description.as_str().is_empty()).then_some(description),
+                metadata,
             })
         })
     }
@@ -291,6 +310,7 @@ pub fn decide_reversal(original: &Entry, request: &ParsedReversal) -> Result<New
         description,
         request_id: request.idempotency.as_ref().map(|(key, _)| key.clone()),
         reverses: Some(booked.id),
+        metadata: request.metadata.clone(),
     })
 }
 
@@ -310,6 +330,7 @@ mod tests {
             booking_date: "2026-11-20",
             description: "sale 1",
             request_id: "k-1",
+            metadata: vec![("order", "A-1")],
         }
     }
 
@@ -336,6 +357,7 @@ mod tests {
             booking_date: "2026-13-01",
             description: "a\u{0}b",
             request_id: "",
+            metadata: vec![("ok", "")],
         };
         let fields: Vec<_> = cmd.parse(today()).unwrap_err().list().iter().map(|v| v.field.clone()).collect();
         assert_eq!(
@@ -347,7 +369,8 @@ mod tests {
                 "amount.minor_units",
                 "booking_date",
                 "description",
-                "request_id"
+                "request_id",
+                "metadata[ok]"
             ]
         );
     }
@@ -368,6 +391,12 @@ mod tests {
         let (_, other_text) = RecordCommand { description: "sale 2", ..credit() }.parse(today()).unwrap();
         let (_, other_kind) =
             RecordCommand { kind: Ok(EntryKind::Debit), ..credit() }.parse(today()).unwrap();
+        let (_, other_labels) =
+            RecordCommand { metadata: vec![("order", "A-2")], ..credit() }.parse(today()).unwrap();
+        let (_, reordered) =
+            RecordCommand { metadata: vec![("order", "A-1")], ..credit() }.parse(today()).unwrap();
+        assert_ne!(a, other_labels);
+        assert_eq!(a, reordered);
         assert_ne!(a, other_amount);
         assert_ne!(a, other_text);
         assert_ne!(a, other_kind);
@@ -380,6 +409,7 @@ mod tests {
             request_id: "",
             booking_date: "",
             description: "",
+            metadata: vec![],
         }
         .parse(today())
         .unwrap()

@@ -3,7 +3,7 @@
 //! Each call hands its entry to a queue and waits for its answer. A few writer
 //! tasks (`writers`) each take everything queued (up to `max_batch`) and book
 //! it in one transaction: the idempotency keys are claimed with `ON CONFLICT DO
-//! NOTHING` (what comes back says which were claimed), the entries and outbox
+//! NOTHING` (what comes back says which were claimed), the entries, their labels and outbox
 //! events of the claimed keys inserted and added to their merchants' totals
 //! (which refuse what the daily balances could not hold), and the whole
 //! committed once — so a
@@ -43,8 +43,9 @@ use sea_orm::{
 use tokio::sync::{Mutex, Notify, mpsc, oneshot};
 
 use super::{
-    EventRow, StoreError, add_to_totals, booked_entry, entry_rows, is_overflow, limit_exceeded, now,
-    schema::{entry, idempotency_key, outbox},
+    EventRow, StoreError, add_to_totals, booked_entry, entry_rows, is_overflow, limit_exceeded,
+    metadata_rows, now,
+    schema::{entry, entry_metadata, idempotency_key, outbox},
 };
 use crate::domain::{Entry, Fingerprint, NewEntry};
 
@@ -67,7 +68,7 @@ impl Default for GroupCommit {
 #[derive(Debug)]
 pub(super) enum Outcome {
     /// Booked under its key, committed.
-    Booked(Entry),
+    Booked(Box<Entry>),
     /// Its key was held by an earlier request (committed before this answer).
     KeyTaken,
 }
@@ -181,7 +182,7 @@ async fn commit(db: &Db, committed: &Notify, mut batch: Vec<Pending>) {
         Ok(claimed) => {
             committed.notify_one();
             for (pending, booked) in first.into_iter().zip(claimed) {
-                let _ = pending.reply.send(Ok(booked.map_or(Outcome::KeyTaken, Outcome::Booked)));
+                let _ = pending.reply.send(Ok(booked.map_or(Outcome::KeyTaken, |e| Outcome::Booked(Box::new(e)))));
             }
         }
         Err(error @ StoreError::Unavailable(_)) => {
@@ -198,7 +199,7 @@ async fn commit(db: &Db, committed: &Notify, mut batch: Vec<Pending>) {
                     committed.notify_one();
                 }
                 let outcome = result
-                    .map(|mut claimed| claimed.pop().flatten().map_or(Outcome::KeyTaken, Outcome::Booked));
+                    .map(|mut claimed| claimed.pop().flatten().map_or(Outcome::KeyTaken, |e| Outcome::Booked(Box::new(e))));
                 let _ = pending.reply.send(outcome);
             }
         }
@@ -262,6 +263,10 @@ async fn write(db: &Db, batch: &[Pending]) -> Result<Vec<Option<Entry>>, StoreEr
         .collect();
     if !entries.is_empty() {
         entry::Entity::insert_many(entries).exec_without_returning(&txn).await?;
+        let labels: Vec<_> = booked.iter().flatten().flat_map(metadata_rows).collect();
+        if !labels.is_empty() {
+            entry_metadata::Entity::insert_many(labels).exec_without_returning(&txn).await?;
+        }
         outbox::Entity::insert_many(events).exec_without_returning(&txn).await?;
         add_to_totals(&txn, booked.iter().flatten().map(|e| &e.booked)).await?;
     }
@@ -337,6 +342,11 @@ const PG_BOOK: &str = "WITH input AS ( \
        SELECT i.event, i.id, i.merchant, i.payload, NULLIF(i.parent, ''), NULLIF(i.state, ''), \
               $15::timestamptz \
        FROM input i JOIN claimed c ON c.entry_id = i.id ORDER BY i.n), \
+     labels AS ( \
+       INSERT INTO ledger_entry_metadata (entry_id, key, value, merchant_id, booking_date) \
+       SELECT l.id, l.key, l.value, i.merchant, i.day \
+       FROM unnest($16::text[], $17::text[], $18::text[]) AS l(id, key, value) \
+       JOIN input i ON i.id = l.id JOIN claimed c ON c.entry_id = l.id), \
      totals AS ( \
        INSERT INTO ledger_totals (merchant_id, currency_code, credits_minor, debits_minor) \
        SELECT i.merchant, i.currency, \
@@ -412,6 +422,14 @@ fn book_values(
     let text = |f: &dyn Fn(usize) -> String| Value::from(live.iter().map(|&i| f(i)).collect::<Vec<_>>());
     let entry = |i: usize| &rows[i].0.booked;
     let event = |i: usize| &rows[i].1;
+    let labels = |f: &dyn Fn(&str, &str, &str) -> String| {
+        let mut out = Vec::new();
+        for &i in live {
+            let id = entry(i).id.to_string();
+            out.extend(entry(i).metadata.iter().map(|(k, v)| f(&id, k, v)));
+        }
+        Value::from(out)
+    };
     vec![
         text(&|i| entry(i).merchant_id.as_str().to_owned()),
         text(&|i| batch[i].key().1.to_owned()),
@@ -428,6 +446,10 @@ fn book_values(
         text(&|i| event(i).traceparent.clone().unwrap_or_default()),
         text(&|i| event(i).tracestate.clone().unwrap_or_default()),
         created_at.into(),
+        // The labels, one element per (entry, key).
+        labels(&|id, _, _| id.to_owned()),
+        labels(&|_, key, _| key.to_owned()),
+        labels(&|_, _, value| value.to_owned()),
     ]
 }
 
@@ -458,6 +480,10 @@ mod tests {
         assert_eq!(
             inserted_columns(idempotency_key::Entity.table_name()),
             columns::<idempotency_key::Entity>(&[])
+        );
+        assert_eq!(
+            inserted_columns(entry_metadata::Entity.table_name()),
+            columns::<entry_metadata::Entity>(&[])
         );
         // The database assigns the position; a new event is unpublished.
         assert_eq!(

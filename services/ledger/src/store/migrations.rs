@@ -13,7 +13,7 @@ pub struct Migrator;
 #[async_trait::async_trait]
 impl MigratorTrait for Migrator {
     fn migrations() -> Vec<Box<dyn MigrationTrait>> {
-        boxed(&[CREATE_LEDGER, DROP_REDUNDANT_FOREIGN_KEYS, CREATE_TOTALS])
+        boxed(&[CREATE_LEDGER, DROP_REDUNDANT_FOREIGN_KEYS, CREATE_TOTALS, CREATE_METADATA])
     }
 
     fn migration_table_name() -> DynIden {
@@ -188,4 +188,51 @@ SELECT merchant_id, currency_code,
        COALESCE(SUM(CASE WHEN kind = 'CREDIT' THEN amount_minor END), 0),
        COALESCE(SUM(CASE WHEN kind = 'DEBIT' THEN amount_minor END), 0)
 FROM ledger_entries GROUP BY merchant_id, currency_code;
+"#;
+
+/// Entries' labels, one row per (entry, key), immutable like the entries, with
+/// the entry's merchant and booking date copied in so the metadata filter of
+/// ListEntries reads one index range in keyset order, then the entries by
+/// primary key. Also an index for the insertion-time filter. On PostgreSQL the
+/// rows have no foreign key, for the reason of
+/// [`DROP_REDUNDANT_FOREIGN_KEYS`]: they are inserted only by the statement
+/// that inserts their entry.
+const CREATE_METADATA: SqlMigration = SqlMigration {
+    name: "m20261202_000004_entry_metadata",
+    up: Sql { postgres: METADATA_POSTGRES, sqlite: METADATA_SQLITE },
+    down: Sql::both("DROP TABLE ledger_entry_metadata; DROP INDEX ledger_entries_by_merchant_created;"),
+};
+
+const METADATA_POSTGRES: &str = r#"
+CREATE TABLE ledger_entry_metadata (
+    entry_id     VARCHAR(26)  NOT NULL,
+    key          VARCHAR(40)  NOT NULL,
+    value        VARCHAR(256) NOT NULL,
+    merchant_id  VARCHAR(64)  NOT NULL,
+    booking_date DATE         NOT NULL,
+    PRIMARY KEY (entry_id, key)
+);
+CREATE INDEX ledger_entry_metadata_lookup
+    ON ledger_entry_metadata (merchant_id, key, value, booking_date, entry_id);
+CREATE TRIGGER ledger_entry_metadata_immutable BEFORE UPDATE OR DELETE ON ledger_entry_metadata
+    FOR EACH ROW EXECUTE FUNCTION ledger_entries_are_immutable();
+CREATE INDEX ledger_entries_by_merchant_created ON ledger_entries (merchant_id, created_at);
+"#;
+
+const METADATA_SQLITE: &str = r#"
+CREATE TABLE ledger_entry_metadata (
+    entry_id     TEXT NOT NULL REFERENCES ledger_entries (id),
+    key          TEXT NOT NULL CHECK (length(key) BETWEEN 1 AND 40),
+    value        TEXT NOT NULL CHECK (length(value) BETWEEN 1 AND 256),
+    merchant_id  TEXT NOT NULL,
+    booking_date TEXT NOT NULL,
+    PRIMARY KEY (entry_id, key)
+);
+CREATE INDEX ledger_entry_metadata_lookup
+    ON ledger_entry_metadata (merchant_id, key, value, booking_date, entry_id);
+CREATE TRIGGER ledger_entry_metadata_no_update BEFORE UPDATE ON ledger_entry_metadata
+BEGIN SELECT RAISE(ABORT, 'ledger entries are immutable: book a reversal instead'); END;
+CREATE TRIGGER ledger_entry_metadata_no_delete BEFORE DELETE ON ledger_entry_metadata
+BEGIN SELECT RAISE(ABORT, 'ledger entries are immutable: book a reversal instead'); END;
+CREATE INDEX ledger_entries_by_merchant_created ON ledger_entries (merchant_id, created_at);
 "#;

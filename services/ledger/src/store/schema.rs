@@ -80,3 +80,26 @@ pub mod outbox {
 
     impl ActiveModelBehavior for ActiveModel {}
 }
+
+/// `ledger_entry_metadata`: an entry's labels, one row per key; never updated
+/// or deleted. Merchant and booking date are the entry's, for the filter index.
+pub mod entry_metadata {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "ledger_entry_metadata")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub entry_id: String,
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub key: String,
+        pub value: String,
+        pub merchant_id: String,
+        pub booking_date: Date,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}

@@ -146,6 +146,7 @@ pub(crate) fn credit(merchant: &str, key: &str, minor_units: i64) -> pb::RecordE
         booking_date: "2026-11-20".into(),
         description: "sale".into(),
         request_id: key.into(),
+        ..Default::default()
     }
 }
 

@@ -2,12 +2,17 @@
 //! each test on a fresh database, every test run on SQLite and on PostgreSQL.
 
 mod helpers;
+mod labels;
 
 use std::{collections::HashSet, time::Duration};
 
 use fluxo_proto::ledger_v1 as pb;
 use fluxo_testing::{Backend, TestDb, backend_suite};
 use helpers::{Options, credit, spawn_app, spawn_with, violated_fields};
+use labels::{
+    bad_metadata_is_refused_with_the_field_and_nothing_is_booked,
+    entries_carry_metadata_and_lists_filter_on_it,
+};
 use sea_orm::{ConnectionTrait, TransactionTrait};
 use tonic::Code;
 use tonic_health::pb::health_check_response::ServingStatus;
@@ -31,6 +36,8 @@ backend_suite!(
     sheds_load_with_resource_exhausted_but_keeps_answering_health,
     rejects_oversized_messages,
     the_relay_publishes_every_event_once_and_a_failed_publish_keeps_them,
+    entries_carry_metadata_and_lists_filter_on_it,
+    bad_metadata_is_refused_with_the_field_and_nothing_is_booked,
 );
 
 async fn records_reads_lists_and_reverses(backend: Backend) {
@@ -356,6 +363,7 @@ async fn paginates_without_skips_or_repeats_while_writing(backend: Backend) {
                 end_date: "2026-11-30".into(),
                 page_size: 7,
                 page_token: token.clone(),
+                ..Default::default()
             })
             .await
             .unwrap()
@@ -404,6 +412,7 @@ async fn enforces_the_reversal_rules(backend: Backend) {
         request_id: key.into(),
         booking_date: "2026-11-21".into(),
         description: "customer refund".into(),
+        ..Default::default()
     };
 
     let reversal = client.reverse_entry(reverse(&original.id, "r-1")).await.unwrap().into_inner();
