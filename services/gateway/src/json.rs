@@ -169,15 +169,7 @@ fn field_value(field: &FieldDescriptor, json: &Json, path: &str) -> Result<Value
         let mut map = std::collections::HashMap::new();
         for (key, value) in entries {
             let at = format!("{path}[{key}]");
-            let key = match scalar_from_str(&key_field.kind(), key, &at)? {
-                Value::String(s) => MapKey::String(s),
-                Value::Bool(b) => MapKey::Bool(b),
-                Value::I32(v) => MapKey::I32(v),
-                Value::I64(v) => MapKey::I64(v),
-                Value::U32(v) => MapKey::U32(v),
-                Value::U64(v) => MapKey::U64(v),
-                _ => return Err(err(&at, "is not a valid map key")),
-            };
+            let key = map_key(&key_field.kind(), key, &at)?;
             if map.insert(key, single(&value_field.kind(), value, &at)?).is_some() {
                 return Err(err(&at, "given more than once"));
             }
@@ -356,6 +348,20 @@ fn well_known(descriptor: &MessageDescriptor, json: &Json, path: &str) -> Result
     no_repeated_keys(json, path)?;
     DynamicMessage::deserialize(descriptor.clone(), to_serde(json))
         .map_err(|e| err(path, format!("is not a valid {}: {e}", descriptor.name())))
+}
+
+/// A map key from its text (a JSON object's key, or what a query parameter's
+/// brackets hold).
+pub(crate) fn map_key(kind: &Kind, raw: &str, path: &str) -> Result<MapKey, BindError> {
+    Ok(match scalar_from_str(kind, raw, path)? {
+        Value::String(s) => MapKey::String(s),
+        Value::Bool(b) => MapKey::Bool(b),
+        Value::I32(v) => MapKey::I32(v),
+        Value::I64(v) => MapKey::I64(v),
+        Value::U32(v) => MapKey::U32(v),
+        Value::U64(v) => MapKey::U64(v),
+        _ => return Err(err(path, "is not a valid map key")),
+    })
 }
 
 /// A well-known type from its JSON string form (an RFC 3339 timestamp, a

@@ -6,9 +6,7 @@
 
 use bytes::Buf;
 use prost::Message;
-use prost_reflect::{
-    DynamicMessage, FieldDescriptor, Kind, MapKey, MessageDescriptor, SerializeOptions, Value,
-};
+use prost_reflect::{DynamicMessage, FieldDescriptor, Kind, MessageDescriptor, SerializeOptions, Value};
 use tonic::{
     Status,
     codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder},
@@ -104,15 +102,7 @@ fn set_map_entry(
     name: &str,
 ) -> Result<(), BindError> {
     let Kind::Message(entry) = field.kind() else { return Err(bind_error(name, "is not a map")) };
-    let key = match crate::json::scalar_from_str(&entry.map_entry_key_field().kind(), map_key, name)? {
-        Value::String(s) => MapKey::String(s),
-        Value::Bool(b) => MapKey::Bool(b),
-        Value::I32(v) => MapKey::I32(v),
-        Value::I64(v) => MapKey::I64(v),
-        Value::U32(v) => MapKey::U32(v),
-        Value::U64(v) => MapKey::U64(v),
-        _ => return Err(bind_error(name, "is not a valid map key")),
-    };
+    let key = crate::json::map_key(&entry.map_entry_key_field().kind(), map_key, name)?;
     let value = crate::json::scalar_from_str(&entry.map_entry_value_field().kind(), raw, name)?;
     let mut map = match message.get_field(field).into_owned() {
         Value::Map(m) => m,

@@ -182,7 +182,9 @@ async fn commit(db: &Db, committed: &Notify, mut batch: Vec<Pending>) {
         Ok(claimed) => {
             committed.notify_one();
             for (pending, booked) in first.into_iter().zip(claimed) {
-                let _ = pending.reply.send(Ok(booked.map_or(Outcome::KeyTaken, |e| Outcome::Booked(Box::new(e)))));
+                let _ = pending
+                    .reply
+                    .send(Ok(booked.map_or(Outcome::KeyTaken, |e| Outcome::Booked(Box::new(e)))));
             }
         }
         Err(error @ StoreError::Unavailable(_)) => {
@@ -198,8 +200,9 @@ async fn commit(db: &Db, committed: &Notify, mut batch: Vec<Pending>) {
                 if result.is_ok() {
                     committed.notify_one();
                 }
-                let outcome = result
-                    .map(|mut claimed| claimed.pop().flatten().map_or(Outcome::KeyTaken, |e| Outcome::Booked(Box::new(e))));
+                let outcome = result.map(|mut claimed| {
+                    claimed.pop().flatten().map_or(Outcome::KeyTaken, |e| Outcome::Booked(Box::new(e)))
+                });
                 let _ = pending.reply.send(outcome);
             }
         }
