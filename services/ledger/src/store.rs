@@ -13,8 +13,8 @@ use fluxo_db::Db;
 use prost::Message;
 use sea_orm::{
     ActiveValue::{NotSet, Set},
-    ColumnTrait, Condition, ConnectionTrait, DatabaseTransaction, DbErr, EntityTrait, QueryFilter,
-    QueryOrder, QuerySelect, SqlErr, TransactionTrait,
+    ColumnTrait, ConnectionTrait, DatabaseTransaction, DbErr, EntityTrait, QueryFilter, QueryOrder,
+    QuerySelect, SqlErr, TransactionTrait,
     sea_query::OnConflict,
 };
 use tokio::sync::Notify;
@@ -276,13 +276,11 @@ impl LedgerStore {
                 // entry's booking date and id are copied into it), so the
                 // page is its first rows after the cursor: read only those.
                 if let Some(after) = page.after {
-                    labelled.cond_where(
-                        Condition::any().add(entry_metadata::Column::BookingDate.gt(after.booking_date)).add(
-                            Condition::all()
-                                .add(entry_metadata::Column::BookingDate.eq(after.booking_date))
-                                .add(entry_metadata::Column::EntryId.gt(after.id.to_string())),
-                        ),
-                    );
+                    labelled.and_where(after_cursor(
+                        (entry_metadata::Entity, entry_metadata::Column::BookingDate),
+                        (entry_metadata::Entity, entry_metadata::Column::EntryId),
+                        &after,
+                    ));
                 }
                 labelled
                     .order_by(entry_metadata::Column::BookingDate, sea_orm::Order::Asc)
@@ -292,13 +290,11 @@ impl LedgerStore {
             query = query.filter(entry::Column::Id.in_subquery(labelled));
         }
         if let Some(after) = page.after {
-            query = query.filter(
-                Condition::any().add(entry::Column::BookingDate.gt(after.booking_date)).add(
-                    Condition::all()
-                        .add(entry::Column::BookingDate.eq(after.booking_date))
-                        .add(entry::Column::Id.gt(after.id.to_string())),
-                ),
-            );
+            query = query.filter(after_cursor(
+                (entry::Entity, entry::Column::BookingDate),
+                (entry::Entity, entry::Column::Id),
+                &after,
+            ));
         }
         // One row beyond the page tells whether another page follows.
         let mut rows = query
@@ -563,6 +559,22 @@ fn entry_row(entry: &Entry) -> entry::ActiveModel {
         reverses_entry_id: Set(new.reverses.map(|id| id.to_string())),
         created_at: Set(entry.created_at),
     }
+}
+
+/// `(date, id) > (cursor's date, cursor's id)` as one row comparison: both
+/// databases read it as a bound of the (…, booking_date, id) index, so a page
+/// deep in a long list starts where the previous one ended. Written as
+/// `date > d OR (date = d AND id > i)`, PostgreSQL scanned every earlier row
+/// of the merchant and filtered them out (at 500,000 entries, 259,000 rows
+/// and 220 ms for one page, against 101 rows and 0.1 ms).
+fn after_cursor(
+    date: impl sea_orm::sea_query::IntoColumnRef,
+    id: impl sea_orm::sea_query::IntoColumnRef,
+    after: &PageCursor,
+) -> sea_orm::sea_query::Expr {
+    use sea_orm::sea_query::{Expr, ExprTrait};
+    Expr::tuple([Expr::col(date), Expr::col(id)])
+        .gt(Expr::tuple([Expr::val(after.booking_date), Expr::val(after.id.to_string())]))
 }
 
 /// The `ledger_entry_metadata` rows of `entry`.
