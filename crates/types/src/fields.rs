@@ -32,7 +32,7 @@ pub enum TextError {
     },
 }
 
-fn check_text(
+pub(crate) fn check_text(
     input: &str,
     max: usize,
     allowed: &'static str,

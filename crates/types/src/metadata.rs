@@ -1,6 +1,9 @@
 use std::collections::BTreeMap;
 
-use crate::{Violations, fields::TextError};
+use crate::{
+    Violations,
+    fields::{TextError, check_text},
+};
 
 /// An entry's labels: at most [`Metadata::MAX_KEYS`] keys of 1 to
 /// [`Metadata::MAX_KEY_LEN`] characters from `A-Z a-z 0-9 . _ : -` (starting
@@ -88,36 +91,18 @@ impl Metadata {
 }
 
 fn check_key(key: &str) -> Result<(), TextError> {
-    if key.is_empty() {
-        return Err(TextError::Missing);
-    }
-    let len = key.chars().count();
-    if len > Metadata::MAX_KEY_LEN {
-        return Err(TextError::TooLong { max: Metadata::MAX_KEY_LEN, got: len });
-    }
     let allowed = "letters, digits, '.', '_', ':' and '-', starting with a letter or digit";
-    let mut chars = key.chars();
-    if let Some(first) = chars.next().filter(|c| !c.is_ascii_alphanumeric()) {
-        return Err(TextError::BadCharacter { allowed, found: first });
-    }
-    match chars.find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | ':' | '-'))) {
+    check_text(key, Metadata::MAX_KEY_LEN, allowed, |c| {
+        c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | ':' | '-')
+    })?;
+    match key.chars().next().filter(|c| !c.is_ascii_alphanumeric()) {
         Some(found) => Err(TextError::BadCharacter { allowed, found }),
         None => Ok(()),
     }
 }
 
 fn check_value(value: &str) -> Result<(), TextError> {
-    if value.is_empty() {
-        return Err(TextError::Missing);
-    }
-    let len = value.chars().count();
-    if len > Metadata::MAX_VALUE_LEN {
-        return Err(TextError::TooLong { max: Metadata::MAX_VALUE_LEN, got: len });
-    }
-    match value.chars().find(|c| c.is_control()) {
-        Some(found) => Err(TextError::BadCharacter { allowed: "text without control characters", found }),
-        None => Ok(()),
-    }
+    check_text(value, Metadata::MAX_VALUE_LEN, "text without control characters", |c| !c.is_control())
 }
 
 #[cfg(test)]
