@@ -12,9 +12,12 @@
 //! Redis adapter), `fluxo_kube` (the Kubernetes API: `fluxo doctor` in
 //! [`doctor`], the consolidators' pod-deletion cost).
 
+pub mod client;
 pub mod config;
 pub mod doctor;
+pub mod import;
 pub mod ops;
+pub mod periods;
 pub mod serve;
 
 use clap::ValueEnum;

@@ -77,6 +77,51 @@ enum Command {
         #[command(subcommand)]
         command: BalancesCommand,
     },
+    /// Bulk work on entries over gRPC: import a CSV file.
+    Entries {
+        #[command(subcommand)]
+        command: EntriesCommand,
+    },
+    /// Close, reopen and verify a merchant's books.
+    Ledger {
+        #[command(subcommand)]
+        command: LedgerCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum EntriesCommand {
+    /// Book every entry of a CSV file (header row), a batch at a time, with progress.
+    ///
+    /// Columns: request_id (required; the entry's idempotency key), type (CREDIT or DEBIT),
+    /// currency (ISO 4217), amount_minor (integer minor units) or amount (decimal, e.g. 10.50),
+    /// booking_date (YYYY-MM-DD, optional: backdated entries keep their dates), description
+    /// (optional), metadata.KEY (optional labels; an empty cell sets none).
+    ///
+    /// Safe to interrupt (Ctrl-C) and run again: a new run continues after the last line done
+    /// (FILE.import-state) and nothing is booked twice (each entry has its own key). Ends with
+    /// a summary: booked, replayed, and every refused line with why. Exit status 1 when any
+    /// line was refused.
+    Import(#[command(flatten)] fluxo::import::ImportArgs),
+}
+
+#[derive(Debug, Subcommand)]
+enum LedgerCommand {
+    /// Close a merchant's books through a date (gRPC; needs fluxo:close or fluxo:admin).
+    Close(#[command(flatten)] fluxo::periods::CloseArgs),
+    /// Reopen a merchant's latest close, saying why (gRPC; same scopes).
+    Reopen(#[command(flatten)] fluxo::periods::ReopenArgs),
+    /// List a merchant's closes, newest first (gRPC).
+    Closes(#[command(flatten)] fluxo::periods::ClosesArgs),
+    /// Recompute every close in force of a merchant from the entries and the daily balances
+    /// as stored now, and report each difference (on the database, like `balances reconcile`).
+    ///
+    /// Exit status 1 when anything differs from what was closed.
+    Verify {
+        /// The merchant.
+        #[arg(long, short = 'm')]
+        merchant: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -135,6 +180,13 @@ fn main() -> ExitCode {
             Command::Balances { command: BalancesCommand::Reconcile { scope, repair } } => {
                 ops::reconcile(&config, &scope, repair).await
             }
+            Command::Entries { command: EntriesCommand::Import(args) } => fluxo::import::import(&args).await,
+            Command::Ledger { command } => match command {
+                LedgerCommand::Close(args) => fluxo::periods::close(&args).await,
+                LedgerCommand::Reopen(args) => fluxo::periods::reopen(&args).await,
+                LedgerCommand::Closes(args) => fluxo::periods::closes(&args).await,
+                LedgerCommand::Verify { merchant } => fluxo::periods::verify(&config, &merchant).await,
+            },
         }
     });
     match result {

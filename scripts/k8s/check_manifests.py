@@ -488,7 +488,7 @@ def main():
             c.check(mode == "mesh", f"{name_of(d)}: FLUXO_GRPC__AUTH=mesh inside the mesh (got {mode!r})")
             denies = [a for a in policies if a["spec"].get("action") == "DENY"
                       and matches((a["spec"].get("selector") or {}).get("matchLabels") or {}, pod_meta(d).get("labels") or {})]
-            for header in ("x-fluxo-subject", "x-fluxo-merchants", "x-fluxo-admin"):
+            for header in ("x-fluxo-subject", "x-fluxo-merchants", "x-fluxo-admin", "x-fluxo-closer"):
                 denied = any(
                     any(w.get("key") == f"request.headers[{header}]" and w.get("values") == ["*"] for w in r.get("when", []) or [])
                     and any((f.get("source") or {}).get("notPrincipals") for f in r.get("from", []) or [])

@@ -26,6 +26,8 @@ const VERIFIED_FOR_SECS: u64 = 60;
 
 /// Scope that lets a token act for every merchant.
 pub const ADMIN_SCOPE: &str = "fluxo:admin";
+/// Scope that lets a token close and reopen the books of the merchants it acts for.
+pub const CLOSE_SCOPE: &str = "fluxo:close";
 
 /// Who is calling, once their token is verified.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -36,6 +38,8 @@ pub struct Identity {
     pub merchants: Vec<String>,
     /// Whether it may act for every merchant.
     pub admin: bool,
+    /// Whether it may close and reopen its merchants' books ([`CLOSE_SCOPE`]).
+    pub closer: bool,
     /// Rate-limit tier named by the token, if any.
     pub tier: Option<String>,
 }
@@ -249,6 +253,7 @@ impl Verifier {
             subject: claims.sub,
             merchants: claims.merchants,
             admin: claims.scope.split_whitespace().any(|s| s == ADMIN_SCOPE),
+            closer: claims.scope.split_whitespace().any(|s| s == CLOSE_SCOPE),
             tier: claims.tier,
         };
         Ok((identity, claims.exp))
@@ -265,6 +270,8 @@ pub struct TokenSpec<'a> {
     pub merchants: &'a [&'a str],
     /// Adds the admin scope.
     pub admin: bool,
+    /// Adds the close scope.
+    pub closer: bool,
     /// `tier`, the rate-limit tier.
     pub tier: Option<&'a str>,
     /// Seconds from now to `exp`; negative mints an expired token.
@@ -282,6 +289,7 @@ impl<'a> TokenSpec<'a> {
             subject,
             merchants,
             admin: false,
+            closer: false,
             tier: None,
             valid_for_secs: 3600,
             not_before_secs: None,
@@ -307,7 +315,12 @@ impl<'a> TokenSpec<'a> {
         let claims = Claims {
             sub: self.subject.to_owned(),
             merchants: self.merchants.iter().map(|m| (*m).to_owned()).collect(),
-            scope: if self.admin { ADMIN_SCOPE.to_owned() } else { String::new() },
+            scope: [(self.admin, ADMIN_SCOPE), (self.closer, CLOSE_SCOPE)]
+                .iter()
+                .filter(|(on, _)| *on)
+                .map(|(_, scope)| *scope)
+                .collect::<Vec<_>>()
+                .join(" "),
             tier: self.tier.map(str::to_owned),
             exp: at(self.valid_for_secs),
             nbf: self.not_before_secs.map(at),

@@ -4,7 +4,8 @@
 //! prints the same `gRPC <addr>` banner line.
 
 use fluxo_proto::balance_v1::{
-    DailyBalance, GetDailyBalanceRequest, ListDailyBalancesRequest, ListDailyBalancesResponse,
+    DailyBalance, ExportDailyBalancesRequest, ExportDailyBalancesResponse, GetDailyBalanceRequest,
+    ListDailyBalancesRequest, ListDailyBalancesResponse,
     balance_service_server::{BalanceService, BalanceServiceServer},
 };
 use tonic::{Request, Response, Status};
@@ -14,6 +15,15 @@ struct Constant(DailyBalance);
 
 #[tonic::async_trait]
 impl BalanceService for Constant {
+    type ExportDailyBalancesStream = futures::stream::Empty<Result<ExportDailyBalancesResponse, Status>>;
+
+    async fn export_daily_balances(
+        &self,
+        _request: Request<ExportDailyBalancesRequest>,
+    ) -> Result<Response<Self::ExportDailyBalancesStream>, Status> {
+        Err(Status::unimplemented("the bare server answers reads only"))
+    }
+
     async fn get_daily_balance(
         &self,
         _request: Request<GetDailyBalanceRequest>,

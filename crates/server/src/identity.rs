@@ -30,6 +30,23 @@ pub const SUBJECT: &str = "x-fluxo-subject";
 pub const MERCHANTS: &str = "x-fluxo-merchants";
 /// `true` when the caller may act for every merchant.
 pub const ADMIN: &str = "x-fluxo-admin";
+/// `true` when the caller may close and reopen its merchants' books.
+pub const CLOSER: &str = "x-fluxo-closer";
+
+/// PERMISSION_DENIED unless the caller may close or reopen `merchant_id`'s
+/// books: an admin, or a caller acting for the merchant with the close scope.
+/// With no identity (an open install on loopback) everyone may.
+pub fn authorize_close(metadata: &MetadataMap, merchant_id: &str) -> Result<(), Status> {
+    authorize(metadata, merchant_id)?;
+    let flag = |name: &str| metadata.get(name).and_then(|v| v.to_str().ok()) == Some("true");
+    if metadata.get(SUBJECT).is_none() || flag(ADMIN) || flag(CLOSER) {
+        Ok(())
+    } else {
+        Err(Status::permission_denied(format!(
+            "closing or reopening the books of merchant {merchant_id} needs the fluxo:close scope (or fluxo:admin)"
+        )))
+    }
+}
 
 /// PERMISSION_DENIED when a forwarded identity may not act for `merchant_id`.
 pub fn authorize(metadata: &MetadataMap, merchant_id: &str) -> Result<(), Status> {
@@ -110,7 +127,7 @@ where
 /// token grants; UNAUTHENTICATED without a valid token.
 fn from_token<B>(verifier: &Verifier, request: &mut Request<B>) -> Result<(), Status> {
     let headers = request.headers_mut();
-    for name in [SUBJECT, MERCHANTS, ADMIN] {
+    for name in [SUBJECT, MERCHANTS, ADMIN, CLOSER] {
         headers.remove(name);
     }
     let path = request.uri().path();
@@ -128,6 +145,9 @@ fn from_token<B>(verifier: &Verifier, request: &mut Request<B>) -> Result<(), St
     headers.insert(MERCHANTS, value(&identity.merchants.join(","))?);
     if identity.admin {
         headers.insert(ADMIN, HeaderValue::from_static("true"));
+    }
+    if identity.closer {
+        headers.insert(CLOSER, HeaderValue::from_static("true"));
     }
     Ok(())
 }

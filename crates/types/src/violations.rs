@@ -32,6 +32,16 @@ impl Violations {
         }
     }
 
+    /// The same problems with `prefix` before each field (`requests[3].` + `amount`).
+    pub fn prefixed(self, prefix: &str) -> Self {
+        Self(
+            self.0
+                .into_iter()
+                .map(|v| FieldViolation { field: format!("{prefix}{}", v.field), ..v })
+                .collect(),
+        )
+    }
+
     /// The recorded problems, in the order found.
     pub fn list(&self) -> &[FieldViolation] {
         &self.0

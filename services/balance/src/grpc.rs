@@ -118,6 +118,17 @@ fn decode<M: Message + Default>(bytes: &Bytes) -> Result<M, Status> {
 
 #[tonic::async_trait]
 impl BalanceService for BalanceGrpc {
+    type ExportDailyBalancesStream = std::pin::Pin<
+        Box<dyn futures::Stream<Item = Result<pb::ExportDailyBalancesResponse, Status>> + Send + 'static>,
+    >;
+
+    async fn export_daily_balances(
+        &self,
+        _request: Request<pb::ExportDailyBalancesRequest>,
+    ) -> Result<Response<Self::ExportDailyBalancesStream>, Status> {
+        Err(Status::unimplemented("ExportDailyBalances is not built yet"))
+    }
+
     #[tracing::instrument(name = "balance.GetDailyBalance", skip_all, fields(merchant_id = %request.get_ref().merchant_id))]
     async fn get_daily_balance(
         &self,

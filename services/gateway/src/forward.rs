@@ -159,6 +159,9 @@ fn call(
         if identity.admin {
             put(identity::ADMIN, "true");
         }
+        if identity.closer {
+            put(identity::CLOSER, "true");
+        }
     }
     if let Some(id) = headers.get(REQUEST_ID_HEADER).and_then(|v| v.to_str().ok()) {
         put(REQUEST_ID_HEADER, id);

@@ -5,6 +5,7 @@
 
 mod entry;
 mod page;
+mod period;
 
 pub use entry::{
     Entry, EntryKind, Fingerprint, KindError, NewEntry, ParsedReversal, RecordCommand, ReversalRefused,
@@ -15,3 +16,7 @@ pub use fluxo_types::{
     Metadata, Money, RequestId, Violations,
 };
 pub use page::{EntryFilter, FilterFields, PageCursor, PageRequest};
+pub use period::{
+    BooksDigest, CloseCommand, CloseRefused, DayFigures, Difference, DigestBuilder, DigestError, ParsedClose,
+    PeriodClose, PeriodClosed, ReopenCommand, Reopened, check_open, compare,
+};

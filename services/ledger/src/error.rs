@@ -1,6 +1,6 @@
 use fluxo_db::StoreError;
 
-use crate::domain::{EntryId, RequestId, ReversalRefused, Violations};
+use crate::domain::{CloseRefused, EntryId, PeriodClosed, RequestId, ReversalRefused, Violations};
 
 /// Everything a ledger operation can answer besides success.
 #[derive(Debug, thiserror::Error)]
@@ -25,6 +25,12 @@ pub enum LedgerError {
         /// The entry the key booked.
         entry_id: String,
     },
+    /// The entry is dated in the merchant's closed period.
+    #[error(transparent)]
+    PeriodClosed(#[from] PeriodClosed),
+    /// A close or reopen the rules refuse.
+    #[error(transparent)]
+    CloseRefused(#[from] CloseRefused),
     /// A concurrent transaction got in the way; retrying is safe.
     #[error("{0}")]
     Contention(String),

@@ -9,8 +9,10 @@ use fluxo_proto::ledger_v1::{
 use tonic::{Request, Response, Status};
 
 use crate::{
-    Booked, Ledger,
-    domain::{EntryKind, FilterFields, KindError, RecordCommand, ReverseCommand},
+    Booked, Ledger, LedgerError,
+    domain::{
+        CloseCommand, EntryKind, FilterFields, KindError, RecordCommand, ReopenCommand, ReverseCommand,
+    },
     wire,
 };
 
@@ -43,6 +45,59 @@ fn pairs(map: &std::collections::HashMap<String, String>) -> Vec<(&str, &str)> {
     map.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect()
 }
 
+fn record_command(r: &pb::RecordEntryRequest) -> RecordCommand<'_> {
+    RecordCommand {
+        merchant_id: &r.merchant_id,
+        kind: kind(r.r#type),
+        amount: r.amount.as_ref().map(|m| (m.currency_code.as_str(), m.minor_units)),
+        booking_date: &r.booking_date,
+        description: &r.description,
+        request_id: &r.request_id,
+        metadata: pairs(&r.metadata),
+    }
+}
+
+/// The caller's subject, as the identity layer forwarded it (empty when open).
+fn subject<T>(request: &Request<T>) -> String {
+    request
+        .metadata()
+        .get(fluxo_server::identity::SUBJECT)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned()
+}
+
+/// One entry of a batch as answered.
+fn batch_result(result: Result<Booked, LedgerError>) -> pb::BatchRecordResult {
+    use pb::batch_record_result::Outcome;
+    match result {
+        Ok(Booked::New(entry)) => pb::BatchRecordResult {
+            outcome: Outcome::Booked.into(),
+            entry: Some(wire::entry(&entry)),
+            error: None,
+        },
+        Ok(Booked::Replayed(entry)) => pb::BatchRecordResult {
+            outcome: Outcome::Replayed.into(),
+            entry: Some(wire::entry(&entry)),
+            error: None,
+        },
+        Err(error) => {
+            let status = Status::from(error);
+            // The details travel as an encoded google.rpc.Status: the same
+            // answer RecordEntry would have given for this entry alone.
+            let error = prost::Message::decode(status.details())
+                .ok()
+                .filter(|s: &fluxo_proto::google::rpc::Status| s.code != 0)
+                .unwrap_or_else(|| fluxo_proto::google::rpc::Status {
+                    code: status.code() as i32,
+                    message: status.message().to_owned(),
+                    details: Vec::new(),
+                });
+            pb::BatchRecordResult { outcome: Outcome::Refused.into(), entry: None, error: Some(error) }
+        }
+    }
+}
+
 fn booked(result: Booked) -> Response<pb::Entry> {
     let replayed = matches!(result, Booked::Replayed(_));
     let mut response = Response::new(wire::entry(result.entry()));
@@ -52,8 +107,88 @@ fn booked(result: Booked) -> Response<pb::Entry> {
     response
 }
 
+/// A server-streaming answer.
+pub type Streamed<T> = std::pin::Pin<Box<dyn futures::Stream<Item = Result<T, Status>> + Send + 'static>>;
+
 #[tonic::async_trait]
 impl LedgerService for LedgerGrpc {
+    type ExportEntriesStream = Streamed<pb::ExportEntriesResponse>;
+
+    #[tracing::instrument(
+        name = "ledger.BatchRecordEntries",
+        skip_all,
+        fields(merchant_id = %request.get_ref().merchant_id, entries = request.get_ref().requests.len())
+    )]
+    async fn batch_record_entries(
+        &self,
+        request: Request<pb::BatchRecordEntriesRequest>,
+    ) -> Result<Response<pb::BatchRecordEntriesResponse>, Status> {
+        let r = request.get_ref();
+        fluxo_server::identity::authorize(request.metadata(), &r.merchant_id)?;
+        let commands = r.requests.iter().map(record_command).collect();
+        let results = self.ledger.record_batch(&r.merchant_id, commands).await?;
+        // When the store is down for every entry, the call fails as a whole,
+        // so clients and the mesh retry it like any unavailable call.
+        let unavailable =
+            |r: &Result<Booked, LedgerError>| matches!(r, Err(LedgerError::Store(e)) if e.is_unavailable());
+        if !results.is_empty() && results.iter().all(unavailable) {
+            if let Some(Err(error)) = results.into_iter().next() {
+                return Err(error.into());
+            }
+            return Err(Status::internal("unreachable"));
+        }
+        Ok(Response::new(pb::BatchRecordEntriesResponse {
+            results: results.into_iter().map(batch_result).collect(),
+        }))
+    }
+
+    async fn export_entries(
+        &self,
+        _request: Request<pb::ExportEntriesRequest>,
+    ) -> Result<Response<Self::ExportEntriesStream>, Status> {
+        Err(Status::unimplemented("ExportEntries is not built yet"))
+    }
+
+    #[tracing::instrument(name = "ledger.ClosePeriod", skip_all, fields(merchant_id = %request.get_ref().merchant_id))]
+    async fn close_period(
+        &self,
+        request: Request<pb::ClosePeriodRequest>,
+    ) -> Result<Response<pb::PeriodClose>, Status> {
+        let r = request.get_ref();
+        fluxo_server::identity::authorize_close(request.metadata(), &r.merchant_id)?;
+        let command =
+            CloseCommand { merchant_id: &r.merchant_id, closed_through: &r.closed_through, note: &r.note };
+        let close = self.ledger.close_period(command, &subject(&request)).await?;
+        tracing::info!(closed_through = %close.closed_through, entries = close.entry_count, "books closed");
+        Ok(Response::new(wire::period_close(&close)))
+    }
+
+    #[tracing::instrument(name = "ledger.ReopenPeriod", skip_all, fields(merchant_id = %request.get_ref().merchant_id))]
+    async fn reopen_period(
+        &self,
+        request: Request<pb::ReopenPeriodRequest>,
+    ) -> Result<Response<pb::PeriodClose>, Status> {
+        let r = request.get_ref();
+        fluxo_server::identity::authorize_close(request.metadata(), &r.merchant_id)?;
+        let command = ReopenCommand { merchant_id: &r.merchant_id, reason: &r.reason };
+        let close = self.ledger.reopen_period(command, &subject(&request)).await?;
+        tracing::warn!(closed_through = %close.closed_through, "books reopened");
+        Ok(Response::new(wire::period_close(&close)))
+    }
+
+    #[tracing::instrument(name = "ledger.ListPeriodCloses", skip_all, fields(merchant_id = %request.get_ref().merchant_id))]
+    async fn list_period_closes(
+        &self,
+        request: Request<pb::ListPeriodClosesRequest>,
+    ) -> Result<Response<pb::ListPeriodClosesResponse>, Status> {
+        let r = request.get_ref();
+        fluxo_server::identity::authorize(request.metadata(), &r.merchant_id)?;
+        let closes = self.ledger.period_closes(&r.merchant_id).await?;
+        Ok(Response::new(pb::ListPeriodClosesResponse {
+            closes: closes.iter().map(wire::period_close).collect(),
+        }))
+    }
+
     #[tracing::instrument(name = "ledger.RecordEntry", skip_all, fields(merchant_id = %request.get_ref().merchant_id))]
     async fn record_entry(
         &self,
@@ -61,16 +196,7 @@ impl LedgerService for LedgerGrpc {
     ) -> Result<Response<pb::Entry>, Status> {
         let r = request.get_ref();
         fluxo_server::identity::authorize(request.metadata(), &r.merchant_id)?;
-        let command = RecordCommand {
-            merchant_id: &r.merchant_id,
-            kind: kind(r.r#type),
-            amount: r.amount.as_ref().map(|m| (m.currency_code.as_str(), m.minor_units)),
-            booking_date: &r.booking_date,
-            description: &r.description,
-            request_id: &r.request_id,
-            metadata: pairs(&r.metadata),
-        };
-        Ok(booked(self.ledger.record(command).await?))
+        Ok(booked(self.ledger.record(record_command(r)).await?))
     }
 
     #[tracing::instrument(name = "ledger.GetEntry", skip_all, fields(merchant_id = %request.get_ref().merchant_id))]

@@ -3,8 +3,8 @@ use chrono_tz::Tz;
 
 use crate::{
     domain::{
-        Entry, EntryFilter, EntryId, FilterFields, MerchantId, PageRequest, RecordCommand, ReverseCommand,
-        Violations, decide_reversal,
+        CloseCommand, Entry, EntryFilter, EntryId, FilterFields, MerchantId, PageRequest, PeriodClose,
+        RecordCommand, ReopenCommand, ReverseCommand, Violations, decide_reversal,
     },
     error::LedgerError,
     store::{Booking, LedgerStore, Reversal},
@@ -38,9 +38,13 @@ impl Booked {
             Booking::KeyReleased => {
                 Err(LedgerError::Contention("the idempotency key was released concurrently; retry".into()))
             }
+            Booking::Closed(refused) => Err(LedgerError::PeriodClosed(refused)),
         }
     }
 }
+
+/// The most entries one BatchRecordEntries call books.
+pub const MAX_BATCH: usize = 1_000;
 
 /// The ledger's use cases: parse the command, apply the rules, store the result.
 #[derive(Debug, Clone)]
@@ -73,6 +77,74 @@ impl Ledger {
     pub async fn record(&self, command: RecordCommand<'_>) -> Result<Booked, LedgerError> {
         let (entry, fingerprint) = command.parse(self.today()).map_err(LedgerError::Invalid)?;
         Booked::from_store(self.store.record(entry, &fingerprint).await?)
+    }
+
+    /// Books a batch of entries for `merchant_id`, each on its own: one
+    /// answer per command, in order. The entries go to the writers together,
+    /// so they share the group commit's transactions. Fails as a whole only
+    /// when the batch itself is malformed (merchant, count).
+    pub async fn record_batch(
+        &self,
+        merchant_id: &str,
+        commands: Vec<RecordCommand<'_>>,
+    ) -> Result<Vec<Result<Booked, LedgerError>>, LedgerError> {
+        let mut v = Violations::default();
+        let merchant = v.check("merchant_id", MerchantId::parse(merchant_id));
+        if commands.is_empty() {
+            v.add("requests", "is required: 1 to 1000 entries");
+        } else if commands.len() > MAX_BATCH {
+            v.add("requests", format!("holds {} entries: at most {MAX_BATCH} per call", commands.len()));
+        }
+        let merchant = v.finish(|| merchant).map_err(LedgerError::Invalid)?;
+        let today = self.today();
+        let name = merchant.as_str();
+        let bookings = commands.into_iter().enumerate().map(|(i, command)| {
+            let store = &self.store;
+            async move {
+                if !command.merchant_id.is_empty() && command.merchant_id != name {
+                    let mut v = Violations::default();
+                    v.add(
+                        format!("requests[{i}].merchant_id"),
+                        format!("must be empty or the batch's merchant ({name})"),
+                    );
+                    return Err(LedgerError::Invalid(v));
+                }
+                let command = RecordCommand { merchant_id: name, ..command };
+                let (entry, fingerprint) = command
+                    .parse(today)
+                    .map_err(|v| LedgerError::Invalid(v.prefixed(&format!("requests[{i}]."))))?;
+                Booked::from_store(store.record(entry, &fingerprint).await?)
+            }
+        });
+        Ok(futures::future::join_all(bookings).await)
+    }
+
+    /// Closes a merchant's books (see `ClosePeriod`), recording `by`.
+    pub async fn close_period(
+        &self,
+        command: CloseCommand<'_>,
+        by: &str,
+    ) -> Result<PeriodClose, LedgerError> {
+        let close = command.parse(self.today()).map_err(LedgerError::Invalid)?;
+        Ok(self.store.close_period(&close, by).await??)
+    }
+
+    /// Reopens a merchant's latest close (see `ReopenPeriod`), recording `by` and the reason.
+    pub async fn reopen_period(
+        &self,
+        command: ReopenCommand<'_>,
+        by: &str,
+    ) -> Result<PeriodClose, LedgerError> {
+        let (merchant, reason) = command.parse().map_err(LedgerError::Invalid)?;
+        Ok(self.store.reopen_period(&merchant, reason.as_str(), by).await??)
+    }
+
+    /// A merchant's closes, newest first.
+    pub async fn period_closes(&self, merchant_id: &str) -> Result<Vec<PeriodClose>, LedgerError> {
+        let mut v = Violations::default();
+        let merchant = v.check("merchant_id", MerchantId::parse(merchant_id));
+        let merchant = v.finish(|| merchant).map_err(LedgerError::Invalid)?;
+        Ok(self.store.period_closes(&merchant).await?)
     }
 
     /// Books the reversal of an entry, or replays the one its key booked before.

@@ -4,6 +4,7 @@
 
 mod group;
 mod migrations;
+mod periods;
 pub(crate) mod schema;
 
 use std::sync::Arc;
@@ -26,7 +27,8 @@ use schema::{entry, entry_metadata, idempotency_key, outbox};
 use crate::{
     domain::{
         BookingDate, Currency, DateRange, Description, Entry, EntryFilter, EntryId, EntryKind, Fingerprint,
-        MerchantId, Metadata, Money, NewEntry, PageCursor, PageRequest, RequestId, ReversalRefused,
+        MerchantId, Metadata, Money, NewEntry, PageCursor, PageRequest, PeriodClosed, RequestId,
+        ReversalRefused, check_open,
     },
     wire,
 };
@@ -50,6 +52,8 @@ pub enum Booking {
     /// The key was held by a transaction that rolled back while this one
     /// waited for it: nothing is booked, and a retry may book.
     KeyReleased,
+    /// Dated in the merchant's closed period: nothing is booked.
+    Closed(PeriodClosed),
 }
 
 /// What the store did with a reversal.
@@ -133,6 +137,7 @@ impl LedgerStore {
             // Boxed: a database read is a future of kilobytes, and in place it would
             // make every booking's future (copied on each move) as large.
             group::Outcome::KeyTaken => Box::pin(self.replay(&merchant, &key, fingerprint)).await,
+            group::Outcome::Closed(refused) => Ok(Booking::Closed(refused)),
         }
     }
 
@@ -155,6 +160,7 @@ impl LedgerStore {
         let outcome = {
             let _writer = self.db.write_guard().await;
             let txn = self.db.conn().begin().await?;
+            periods::lock_books_shared(&txn, &[merchant.as_str()]).await?;
             let Some(original) = load_entry(&txn, merchant, entry_id).await? else {
                 return Ok(Reversal::NotFound);
             };
@@ -170,7 +176,16 @@ impl LedgerStore {
                 None => true,
             };
             match (claimed, decided) {
-                (true, Ok(reversal)) => Some(self.insert_reversal(txn, reversal, entry_id).await),
+                (true, Ok(reversal)) => {
+                    let through = periods::closed_through(&txn, &[merchant.as_str()]).await?;
+                    if let Err(refused) =
+                        check_open(reversal.booking_date.date(), through.get(merchant.as_str()).copied())
+                    {
+                        txn.rollback().await?;
+                        return Ok(Reversal::Booked(Booking::Closed(refused)));
+                    }
+                    Some(self.insert_reversal(txn, reversal, entry_id).await)
+                }
                 (true, Err(refused)) => {
                     txn.rollback().await?;
                     return Ok(Reversal::Refused(refused));

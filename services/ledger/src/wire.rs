@@ -4,7 +4,7 @@
 use chrono::{DateTime, Utc};
 use fluxo_proto::ledger_v1 as pb;
 
-use crate::domain::{Entry, EntryKind};
+use crate::domain::{Entry, EntryKind, PeriodClose};
 
 /// A UTC instant as a protobuf timestamp (instants are stored to the microsecond).
 pub(crate) fn timestamp(at: DateTime<Utc>) -> prost_types::Timestamp {
@@ -39,4 +39,28 @@ pub(crate) fn entry(entry: &Entry) -> pb::Entry {
 /// The outbox event for a newly committed entry.
 pub(crate) fn entry_recorded(committed: &Entry, event_id: String, at: DateTime<Utc>) -> pb::EntryRecorded {
     pb::EntryRecorded { event_id, entry: Some(entry(committed)), occurred_at: Some(timestamp(at)) }
+}
+
+/// The API view of a period close.
+pub(crate) fn period_close(close: &PeriodClose) -> pb::PeriodClose {
+    let day = |d: chrono::NaiveDate| d.format("%Y-%m-%d").to_string();
+    pb::PeriodClose {
+        id: close.id.clone(),
+        merchant_id: close.merchant_id.clone(),
+        closed_through: day(close.closed_through),
+        previous_closed_through: close.previous_closed_through.map(day).unwrap_or_default(),
+        note: close.note.clone(),
+        closed_by: close.closed_by.clone(),
+        closed_at: Some(timestamp(close.closed_at)),
+        entry_count: close.entry_count,
+        digest: close.digest.clone(),
+        closing_balances: close
+            .closing_balances
+            .iter()
+            .map(|(currency, units)| pb::Money { currency_code: currency.clone(), minor_units: *units })
+            .collect(),
+        reopened_at: close.reopened.as_ref().map(|r| timestamp(r.at)),
+        reopened_by: close.reopened.as_ref().map(|r| r.by.clone()).unwrap_or_default(),
+        reopen_reason: close.reopened.as_ref().map(|r| r.reason.clone()).unwrap_or_default(),
+    }
 }

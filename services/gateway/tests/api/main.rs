@@ -39,6 +39,43 @@ struct FakeLedger {
 
 #[tonic::async_trait]
 impl LedgerService for FakeLedger {
+    type ExportEntriesStream = futures::stream::Empty<Result<lpb::ExportEntriesResponse, tonic::Status>>;
+
+    async fn batch_record_entries(
+        &self,
+        _: tonic::Request<lpb::BatchRecordEntriesRequest>,
+    ) -> Result<tonic::Response<lpb::BatchRecordEntriesResponse>, tonic::Status> {
+        Err(tonic::Status::unimplemented("not faked"))
+    }
+
+    async fn export_entries(
+        &self,
+        _: tonic::Request<lpb::ExportEntriesRequest>,
+    ) -> Result<tonic::Response<Self::ExportEntriesStream>, tonic::Status> {
+        Err(tonic::Status::unimplemented("not faked"))
+    }
+
+    async fn close_period(
+        &self,
+        _: tonic::Request<lpb::ClosePeriodRequest>,
+    ) -> Result<tonic::Response<lpb::PeriodClose>, tonic::Status> {
+        Err(tonic::Status::unimplemented("not faked"))
+    }
+
+    async fn reopen_period(
+        &self,
+        _: tonic::Request<lpb::ReopenPeriodRequest>,
+    ) -> Result<tonic::Response<lpb::PeriodClose>, tonic::Status> {
+        Err(tonic::Status::unimplemented("not faked"))
+    }
+
+    async fn list_period_closes(
+        &self,
+        _: tonic::Request<lpb::ListPeriodClosesRequest>,
+    ) -> Result<tonic::Response<lpb::ListPeriodClosesResponse>, tonic::Status> {
+        Err(tonic::Status::unimplemented("not faked"))
+    }
+
     async fn record_entry(
         &self,
         request: tonic::Request<lpb::RecordEntryRequest>,

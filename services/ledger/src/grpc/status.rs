@@ -8,7 +8,10 @@ use std::collections::HashMap;
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
-use crate::{LedgerError, domain::ReversalRefused};
+use crate::{
+    LedgerError,
+    domain::{CloseRefused, ReversalRefused},
+};
 
 const DOMAIN: &str = "ledger.fluxo";
 
@@ -54,6 +57,26 @@ impl From<LedgerError> for Status {
                     ]),
                 ),
             ),
+            LedgerError::PeriodClosed(closed) => Status::with_error_details(
+                Code::FailedPrecondition,
+                message,
+                ErrorDetails::with_precondition_failure_violation(
+                    "PERIOD_CLOSED",
+                    format!("periods/{}", closed.closed_through),
+                    format!("the books are closed through {}", closed.closed_through),
+                ),
+            ),
+            LedgerError::CloseRefused(refused) => {
+                let kind = match refused {
+                    CloseRefused::AlreadyClosed { .. } => "ALREADY_CLOSED",
+                    CloseRefused::NotClosed { .. } => "NOT_CLOSED",
+                };
+                Status::with_error_details(
+                    Code::FailedPrecondition,
+                    message,
+                    ErrorDetails::with_precondition_failure_violation(kind, "periods", refused.to_string()),
+                )
+            }
             // Retryable: a new attempt will not meet the same concurrent writer.
             LedgerError::Contention(_) => Status::aborted(message),
             LedgerError::Store(error) => fluxo_server::status::store("ledger", &error),

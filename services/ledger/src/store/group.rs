@@ -42,12 +42,13 @@ use sea_orm::{
 };
 use tokio::sync::{Mutex, Notify, mpsc, oneshot};
 
+use super::periods::{closed_through, lock_books_shared};
 use super::{
     EventRow, StoreError, add_to_totals, booked_entry, entry_rows, is_overflow, limit_exceeded,
     metadata_rows, now,
     schema::{entry, entry_metadata, idempotency_key, outbox},
 };
-use crate::domain::{Entry, Fingerprint, NewEntry};
+use crate::domain::{Entry, Fingerprint, NewEntry, PeriodClosed, check_open};
 
 /// How booking is batched.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -71,6 +72,8 @@ pub(super) enum Outcome {
     Booked(Box<Entry>),
     /// Its key was held by an earlier request (committed before this answer).
     KeyTaken,
+    /// Dated in its merchant's closed period: nothing written, key not claimed.
+    Closed(PeriodClosed),
 }
 
 struct Pending {
@@ -179,12 +182,10 @@ async fn commit(db: &Db, committed: &Notify, mut batch: Vec<Pending>) {
         seen.insert((m.to_owned(), k.to_owned()))
     });
     match write(db, &first).await {
-        Ok(claimed) => {
+        Ok(outcomes) => {
             committed.notify_one();
-            for (pending, booked) in first.into_iter().zip(claimed) {
-                let _ = pending
-                    .reply
-                    .send(Ok(booked.map_or(Outcome::KeyTaken, |e| Outcome::Booked(Box::new(e)))));
+            for (pending, outcome) in first.into_iter().zip(outcomes) {
+                let _ = pending.reply.send(Ok(outcome));
             }
         }
         Err(error @ StoreError::Unavailable(_)) => {
@@ -200,9 +201,7 @@ async fn commit(db: &Db, committed: &Notify, mut batch: Vec<Pending>) {
                 if result.is_ok() {
                     committed.notify_one();
                 }
-                let outcome = result.map(|mut claimed| {
-                    claimed.pop().flatten().map_or(Outcome::KeyTaken, |e| Outcome::Booked(Box::new(e)))
-                });
+                let outcome = result.map(|mut outcomes| outcomes.pop().unwrap_or(Outcome::KeyTaken));
                 let _ = pending.reply.send(outcome);
             }
         }
@@ -217,9 +216,8 @@ async fn commit(db: &Db, committed: &Notify, mut batch: Vec<Pending>) {
     }
 }
 
-/// Books `batch` in one transaction; per entry, `Some` when its key was
-/// claimed (and the entry booked), `None` when the key was held already.
-async fn write(db: &Db, batch: &[Pending]) -> Result<Vec<Option<Entry>>, StoreError> {
+/// Books `batch` in one transaction; per entry, what became of it.
+async fn write(db: &Db, batch: &[Pending]) -> Result<Vec<Outcome>, StoreError> {
     if db.backend() == DbBackend::Postgres {
         return write_postgres(db, batch).await;
     }
@@ -227,11 +225,15 @@ async fn write(db: &Db, batch: &[Pending]) -> Result<Vec<Option<Entry>>, StoreEr
     let txn = db.conn().begin().await?;
     let created_at = now();
     let mut claimed = claim_keys(&txn, batch, created_at).await?;
+    let merchants: Vec<&str> = batch.iter().map(|p| p.key().0).collect();
+    let closes = closed_through(&txn, &merchants).await?;
+    let closed = |p: &Pending| check_open(p.new.booking_date.date(), closes.get(p.key().0).copied()).err();
     // A caller that gave up (deadline, cancellation) while its key was being
-    // claimed gets nothing written: its key is released in this transaction.
+    // claimed gets nothing written, nor does an entry dated in a closed
+    // period: their keys are released in this transaction.
     let abandoned: Vec<(String, String)> = batch
         .iter()
-        .filter(|p| p.reply.is_closed())
+        .filter(|p| p.reply.is_closed() || closed(p).is_some())
         .map(|p| (p.key().0.to_owned(), p.key().1.to_owned()))
         .filter(|k| claimed.contains(k))
         .collect();
@@ -264,6 +266,7 @@ async fn write(db: &Db, batch: &[Pending]) -> Result<Vec<Option<Entry>>, StoreEr
             Some(entry)
         })
         .collect();
+    let abandoned: HashSet<(String, String)> = abandoned.into_iter().collect();
     if !entries.is_empty() {
         entry::Entity::insert_many(entries).exec_without_returning(&txn).await?;
         let labels: Vec<_> = booked.iter().flatten().flat_map(metadata_rows).collect();
@@ -274,7 +277,17 @@ async fn write(db: &Db, batch: &[Pending]) -> Result<Vec<Option<Entry>>, StoreEr
         add_to_totals(&txn, booked.iter().flatten().map(|e| &e.booked)).await?;
     }
     txn.commit().await?;
-    Ok(booked)
+    Ok(batch
+        .iter()
+        .zip(booked)
+        .map(|(p, booked)| match (booked, closed(p)) {
+            (Some(entry), _) => Outcome::Booked(Box::new(entry)),
+            (None, Some(refused)) if abandoned.contains(&(p.key().0.to_owned(), p.key().1.to_owned())) => {
+                Outcome::Closed(refused)
+            }
+            (None, _) => Outcome::KeyTaken,
+        })
+        .collect())
 }
 
 /// Claims the batch's keys, in the batch's order; returns those claimed now.
@@ -359,28 +372,38 @@ const PG_BOOK: &str = "WITH input AS ( \
        GROUP BY i.merchant, i.currency ORDER BY i.merchant, i.currency \
        ON CONFLICT (merchant_id, currency_code) DO UPDATE SET \
          credits_minor = ledger_totals.credits_minor + excluded.credits_minor, \
-         debits_minor = ledger_totals.debits_minor + excluded.debits_minor) \
-     SELECT entry_id FROM claimed";
+         debits_minor = ledger_totals.debits_minor + excluded.debits_minor), \
+     closes AS ( \
+       SELECT merchant_id, MAX(closed_through) AS through FROM ledger_period_closes \
+       WHERE reopened_at IS NULL AND merchant_id = ANY($1::text[]) GROUP BY merchant_id) \
+     SELECT c.entry_id, s.through FROM claimed c JOIN input i ON i.id = c.entry_id \
+     LEFT JOIN closes s ON s.merchant_id = i.merchant AND i.day <= s.through";
 
-/// Books `batch` on PostgreSQL: BEGIN, one statement, COMMIT.
+/// Books `batch` on PostgreSQL: BEGIN, the books' shared locks, one
+/// statement, COMMIT.
 ///
 /// A key held by a transaction still open makes the statement wait for it,
 /// then skip the key if it committed. A caller that gave up (deadline,
 /// cancellation) during that wait must get nothing written, and entries are
 /// never deleted: so when one did, the transaction is rolled back and the
-/// batch booked again without it.
-async fn write_postgres(db: &Db, batch: &[Pending]) -> Result<Vec<Option<Entry>>, StoreError> {
+/// batch booked again without it. The same for an entry the statement found
+/// dated in its merchant's closed period (it answers the closed-through date
+/// of each entry it claimed), which is refused.
+async fn write_postgres(db: &Db, batch: &[Pending]) -> Result<Vec<Outcome>, StoreError> {
     let created_at = now();
     // The entry and its event (the rows travel as arrays of their fields).
     let rows: Vec<_> =
         batch.iter().map(|p| booked_entry(p.new.clone(), created_at, p.trace.clone())).collect();
-    let mut gone: HashSet<usize> = HashSet::new();
+    // Left out of the batch: `None` when the caller went away, else why refused.
+    let mut gone: std::collections::HashMap<usize, Option<PeriodClosed>> = Default::default();
+    let merchants: Vec<&str> = batch.iter().map(|p| p.key().0).collect();
     loop {
-        let live: Vec<usize> = (0..batch.len()).filter(|i| !gone.contains(i)).collect();
+        let live: Vec<usize> = (0..batch.len()).filter(|i| !gone.contains_key(i)).collect();
         if live.is_empty() {
-            return Ok(vec![None; batch.len()]);
+            return Ok(outcomes(batch, &rows, &gone, &HashSet::new()));
         }
         let txn = db.conn().begin().await?;
+        lock_books_shared(&txn, &merchants).await?;
         let booked = txn
             .query_all_raw(Statement::from_sql_and_values(
                 DbBackend::Postgres,
@@ -398,21 +421,49 @@ async fn write_postgres(db: &Db, batch: &[Pending]) -> Result<Vec<Option<Entry>>
             }
             Err(error) => return Err(error.into()),
         };
-        let claimed: HashSet<String> =
-            booked.iter().map(|row| row.try_get_by_index::<String>(0)).collect::<Result<_, DbErr>>()?;
-        let is_claimed = |i: usize| claimed.contains(&rows[i].0.booked.id.to_string());
-        let left: Vec<usize> =
-            live.iter().copied().filter(|&i| is_claimed(i) && batch[i].reply.is_closed()).collect();
+        let claimed: std::collections::HashMap<String, Option<chrono::NaiveDate>> = booked
+            .iter()
+            .map(|row| Ok((row.try_get_by_index::<String>(0)?, row.try_get_by_index(1)?)))
+            .collect::<Result<_, DbErr>>()?;
+        let claim = |i: usize| claimed.get(&rows[i].0.booked.id.to_string());
+        let mut left = Vec::new();
+        for &i in &live {
+            match claim(i) {
+                Some(Some(through)) => left.push((
+                    i,
+                    Some(PeriodClosed { closed_through: *through, date: batch[i].new.booking_date.date() }),
+                )),
+                Some(None) if batch[i].reply.is_closed() => left.push((i, None)),
+                _ => {}
+            }
+        }
         if !left.is_empty() {
             txn.rollback().await?;
             gone.extend(left);
             continue;
         }
         txn.commit().await?;
-        return Ok((0..batch.len())
-            .map(|i| (!gone.contains(&i) && is_claimed(i)).then(|| rows[i].0.clone()))
-            .collect());
+        let claimed: HashSet<usize> = live.iter().copied().filter(|&i| claim(i).is_some()).collect();
+        return Ok(outcomes(batch, &rows, &gone, &claimed));
     }
+}
+
+/// Per entry of `batch`: booked when `claimed`, refused when `gone` says so,
+/// else its key was taken.
+fn outcomes(
+    batch: &[Pending],
+    rows: &[(Entry, EventRow)],
+    gone: &std::collections::HashMap<usize, Option<PeriodClosed>>,
+    claimed: &HashSet<usize>,
+) -> Vec<Outcome> {
+    (0..batch.len())
+        .map(|i| match gone.get(&i) {
+            Some(Some(refused)) => Outcome::Closed(*refused),
+            Some(None) => Outcome::KeyTaken,
+            None if claimed.contains(&i) => Outcome::Booked(Box::new(rows[i].0.clone())),
+            None => Outcome::KeyTaken,
+        })
+        .collect()
 }
 
 /// The parameters of [`PG_BOOK`] for the rows at `live`.

@@ -13,7 +13,13 @@ pub struct Migrator;
 #[async_trait::async_trait]
 impl MigratorTrait for Migrator {
     fn migrations() -> Vec<Box<dyn MigrationTrait>> {
-        boxed(&[CREATE_LEDGER, DROP_REDUNDANT_FOREIGN_KEYS, CREATE_TOTALS, CREATE_METADATA])
+        boxed(&[
+            CREATE_LEDGER,
+            DROP_REDUNDANT_FOREIGN_KEYS,
+            CREATE_TOTALS,
+            CREATE_METADATA,
+            CREATE_PERIOD_CLOSES,
+        ])
     }
 
     fn migration_table_name() -> DynIden {
@@ -235,4 +241,117 @@ BEGIN SELECT RAISE(ABORT, 'ledger entries are immutable: book a reversal instead
 CREATE TRIGGER ledger_entry_metadata_no_delete BEFORE DELETE ON ledger_entry_metadata
 BEGIN SELECT RAISE(ABORT, 'ledger entries are immutable: book a reversal instead'); END;
 CREATE INDEX ledger_entries_by_merchant_created ON ledger_entries (merchant_id, created_at);
+"#;
+
+/// Period closes: one row per close of a merchant's books, and the figures it
+/// closed, one row per (business date, currency) with entries on or before
+/// `closed_through`. A close is never deleted and its figures never change;
+/// the only change a close row takes is being reopened, once (who, when,
+/// why). The books of a merchant are closed through the latest close not
+/// reopened (the partial index finds it).
+const CREATE_PERIOD_CLOSES: SqlMigration = SqlMigration {
+    name: "m20261203_000005_period_closes",
+    up: Sql { postgres: CLOSES_POSTGRES, sqlite: CLOSES_SQLITE },
+    down: Sql {
+        postgres: "DROP TABLE ledger_period_close_days; DROP TABLE ledger_period_closes; \
+                   DROP FUNCTION ledger_period_closes_only_reopen();",
+        sqlite: "DROP TABLE ledger_period_close_days; DROP TABLE ledger_period_closes;",
+    },
+};
+
+const CLOSES_POSTGRES: &str = r#"
+CREATE TABLE ledger_period_closes (
+    id                      VARCHAR(26)  PRIMARY KEY,
+    merchant_id             VARCHAR(64)  NOT NULL,
+    closed_through          DATE         NOT NULL,
+    previous_closed_through DATE,
+    note                    VARCHAR(500) NOT NULL,
+    closed_by               TEXT         NOT NULL,
+    closed_at               TIMESTAMPTZ  NOT NULL,
+    entry_count             BIGINT       NOT NULL CHECK (entry_count >= 0),
+    digest                  CHAR(64)     NOT NULL,
+    reopened_at             TIMESTAMPTZ,
+    reopened_by             TEXT,
+    reopen_reason           VARCHAR(500),
+    CHECK ((reopened_at IS NULL) = (reopen_reason IS NULL))
+);
+CREATE INDEX ledger_period_closes_in_force ON ledger_period_closes (merchant_id, closed_through)
+    WHERE reopened_at IS NULL;
+CREATE INDEX ledger_period_closes_by_merchant ON ledger_period_closes (merchant_id, closed_at);
+CREATE TABLE ledger_period_close_days (
+    close_id      VARCHAR(26) NOT NULL,
+    booking_date  DATE        NOT NULL,
+    currency_code CHAR(3)     NOT NULL,
+    entry_count   BIGINT      NOT NULL,
+    credits_minor BIGINT      NOT NULL,
+    debits_minor  BIGINT      NOT NULL,
+    closing_minor BIGINT      NOT NULL,
+    digest        CHAR(64)    NOT NULL,
+    PRIMARY KEY (close_id, booking_date, currency_code)
+);
+CREATE FUNCTION ledger_period_closes_only_reopen() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF TG_OP = 'DELETE' THEN
+        RAISE EXCEPTION 'period closes are kept: reopen instead' USING ERRCODE = 'restrict_violation';
+    END IF;
+    IF OLD.reopened_at IS NOT NULL
+       OR (NEW.id, NEW.merchant_id, NEW.closed_through, NEW.previous_closed_through, NEW.note, NEW.closed_by,
+           NEW.closed_at, NEW.entry_count, NEW.digest)
+          IS DISTINCT FROM
+          (OLD.id, OLD.merchant_id, OLD.closed_through, OLD.previous_closed_through, OLD.note, OLD.closed_by,
+           OLD.closed_at, OLD.entry_count, OLD.digest) THEN
+        RAISE EXCEPTION 'a period close only changes by being reopened, once' USING ERRCODE = 'restrict_violation';
+    END IF;
+    RETURN NEW;
+END $$;
+CREATE TRIGGER ledger_period_closes_only_reopen BEFORE UPDATE OR DELETE ON ledger_period_closes
+    FOR EACH ROW EXECUTE FUNCTION ledger_period_closes_only_reopen();
+CREATE TRIGGER ledger_period_close_days_immutable BEFORE UPDATE OR DELETE ON ledger_period_close_days
+    FOR EACH ROW EXECUTE FUNCTION ledger_entries_are_immutable();
+"#;
+
+const CLOSES_SQLITE: &str = r#"
+CREATE TABLE ledger_period_closes (
+    id                      TEXT    PRIMARY KEY,
+    merchant_id             TEXT    NOT NULL,
+    closed_through          TEXT    NOT NULL,
+    previous_closed_through TEXT,
+    note                    TEXT    NOT NULL CHECK (length(note) <= 500),
+    closed_by               TEXT    NOT NULL,
+    closed_at               TEXT    NOT NULL,
+    entry_count             INTEGER NOT NULL CHECK (entry_count >= 0),
+    digest                  TEXT    NOT NULL CHECK (length(digest) = 64),
+    reopened_at             TEXT,
+    reopened_by             TEXT,
+    reopen_reason           TEXT CHECK (length(reopen_reason) <= 500),
+    CHECK ((reopened_at IS NULL) = (reopen_reason IS NULL))
+);
+CREATE INDEX ledger_period_closes_in_force ON ledger_period_closes (merchant_id, closed_through)
+    WHERE reopened_at IS NULL;
+CREATE INDEX ledger_period_closes_by_merchant ON ledger_period_closes (merchant_id, closed_at);
+CREATE TABLE ledger_period_close_days (
+    close_id      TEXT    NOT NULL REFERENCES ledger_period_closes (id),
+    booking_date  TEXT    NOT NULL,
+    currency_code TEXT    NOT NULL,
+    entry_count   INTEGER NOT NULL,
+    credits_minor INTEGER NOT NULL,
+    debits_minor  INTEGER NOT NULL,
+    closing_minor INTEGER NOT NULL,
+    digest        TEXT    NOT NULL,
+    PRIMARY KEY (close_id, booking_date, currency_code)
+);
+CREATE TRIGGER ledger_period_closes_no_delete BEFORE DELETE ON ledger_period_closes
+BEGIN SELECT RAISE(ABORT, 'period closes are kept: reopen instead'); END;
+CREATE TRIGGER ledger_period_closes_only_reopen BEFORE UPDATE ON ledger_period_closes
+WHEN OLD.reopened_at IS NOT NULL
+  OR NEW.id IS NOT OLD.id OR NEW.merchant_id IS NOT OLD.merchant_id
+  OR NEW.closed_through IS NOT OLD.closed_through
+  OR NEW.previous_closed_through IS NOT OLD.previous_closed_through OR NEW.note IS NOT OLD.note
+  OR NEW.closed_by IS NOT OLD.closed_by OR NEW.closed_at IS NOT OLD.closed_at
+  OR NEW.entry_count IS NOT OLD.entry_count OR NEW.digest IS NOT OLD.digest
+BEGIN SELECT RAISE(ABORT, 'a period close only changes by being reopened, once'); END;
+CREATE TRIGGER ledger_period_close_days_no_update BEFORE UPDATE ON ledger_period_close_days
+BEGIN SELECT RAISE(ABORT, 'the figures of a period close never change'); END;
+CREATE TRIGGER ledger_period_close_days_no_delete BEFORE DELETE ON ledger_period_close_days
+BEGIN SELECT RAISE(ABORT, 'the figures of a period close never change'); END;
 "#;

@@ -1,17 +1,29 @@
 //! The ledger's integration suite: a real gRPC client against a real server,
 //! each test on a fresh database, every test run on SQLite and on PostgreSQL.
 
+mod batch;
 mod helpers;
 mod labels;
+mod periods;
 
 use std::{collections::HashSet, time::Duration};
 
+use batch::{
+    a_batch_books_replays_and_refuses_each_entry_on_its_own,
+    a_full_batch_is_booked_exactly_and_a_rerun_replays_it,
+};
 use fluxo_proto::ledger_v1 as pb;
 use fluxo_testing::{Backend, TestDb, backend_suite};
 use helpers::{Options, credit, spawn_app, spawn_with, violated_fields};
 use labels::{
     bad_metadata_is_refused_with_the_field_and_nothing_is_booked,
     entries_carry_metadata_and_lists_filter_on_it,
+};
+use periods::{
+    a_closed_period_refuses_entries_dated_in_it_until_reopened,
+    bookings_racing_a_close_are_either_in_its_digest_or_refused,
+    closing_needs_the_close_scope_for_the_merchants_own_books,
+    the_digest_recomputes_and_changes_when_a_row_is_changed_behind_fluxo,
 };
 use sea_orm::{ConnectionTrait, TransactionTrait};
 use tonic::Code;
@@ -38,6 +50,12 @@ backend_suite!(
     the_relay_publishes_every_event_once_and_a_failed_publish_keeps_them,
     entries_carry_metadata_and_lists_filter_on_it,
     bad_metadata_is_refused_with_the_field_and_nothing_is_booked,
+    a_batch_books_replays_and_refuses_each_entry_on_its_own,
+    a_full_batch_is_booked_exactly_and_a_rerun_replays_it,
+    a_closed_period_refuses_entries_dated_in_it_until_reopened,
+    closing_needs_the_close_scope_for_the_merchants_own_books,
+    bookings_racing_a_close_are_either_in_its_digest_or_refused,
+    the_digest_recomputes_and_changes_when_a_row_is_changed_behind_fluxo,
 );
 
 async fn records_reads_lists_and_reverses(backend: Backend) {
