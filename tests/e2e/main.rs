@@ -1,6 +1,7 @@
 //! Black-box tests of the built `fluxo` binary: started as a newcomer starts
 //! it, called with grpcurl over server reflection only, stopped with SIGTERM.
 
+mod books;
 mod hardening;
 mod outage;
 mod pipeline;
@@ -581,4 +582,29 @@ async fn two_gateways_share_one_rate_limit_and_priority_keeps_its_share() {
         g.stop();
     }
     backends.stop();
+}
+
+#[test]
+fn books_on_sqlite_import_resume_close_and_verify() {
+    let data = tempfile::tempdir().unwrap();
+    let fluxo = Fluxo::start(data.path(), &[]);
+    let url = format!("sqlite://{}", data.path().join("data").join("fluxo.sqlite").display());
+    books::import_close_and_verify(&fluxo, data.path(), &[], &url);
+    fluxo.stop();
+}
+
+#[test]
+fn books_on_postgres_import_resume_close_and_verify() {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let db = runtime.block_on(TestDb::new(Backend::Postgres));
+    let data = tempfile::tempdir().unwrap();
+    let env = [
+        ("FLUXO_DATABASE__URL", db.url.as_str()),
+        ("FLUXO_AUTH__HS256_SECRET", "an-hs256-secret-for-this-test-only"),
+    ];
+    let migrate = fluxo_command(data.path(), &env).arg("migrate").output().unwrap();
+    assert!(migrate.status.success(), "{}", String::from_utf8_lossy(&migrate.stderr));
+    let fluxo = Fluxo::start(data.path(), &env);
+    books::import_close_and_verify(&fluxo, data.path(), &env, &db.url);
+    fluxo.stop();
 }
