@@ -470,6 +470,7 @@ fn the_rest_api_serves_every_route_with_grpc_gateway_errors_and_authorization() 
     let fluxo = Fluxo::start(data.path(), &[]);
     rest::every_route_and_error_mapping(&fluxo);
     rest::metadata_and_filters(&fluxo);
+    rest::batch_and_periods(&fluxo);
     rest::authorization_matrix(&fluxo, data.path());
     fluxo.stop();
 }

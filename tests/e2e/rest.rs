@@ -347,3 +347,47 @@ pub(crate) fn metadata_and_filters(fluxo: &Fluxo) {
         assert_eq!(named, field, "{query}: {:?}", reply.body);
     }
 }
+
+/// BatchRecordEntries and the period routes over REST: per-entry results with
+/// the refusal's google.rpc.Status rendered as JSON, and a close refusing a
+/// backdated entry with FAILED_PRECONDITION (HTTP 400) naming the date.
+pub(crate) fn batch_and_periods(fluxo: &Fluxo) {
+    let rest = Client::new(fluxo.rest.as_deref().expect("a REST address in the banner"));
+    let token = fluxo.token.clone().expect("a development token in the banner");
+    let t = Some(token.as_str());
+    let entry = |key: &str, date: &str, units: &str| {
+        json!({"type": "CREDIT", "amount": {"currencyCode": "BRL", "minorUnits": units},
+               "bookingDate": date, "requestId": key})
+    };
+    let body = json!({"requests": [entry("b-1", "2026-10-01", "100"), entry("b-2", "2026-10-02", "0"),
+                                   entry("b-1", "2026-10-01", "100")]});
+    let reply = rest.post("/v1/merchants/m-rest/entries:batchRecord", t, &body);
+    assert_eq!(reply.status, 200, "{:?}", reply.body);
+    let results = reply.body["results"].as_array().unwrap();
+    let outcomes: Vec<&str> = results.iter().map(|r| r["outcome"].as_str().unwrap()).collect();
+    assert_eq!(outcomes, ["BOOKED", "REFUSED", "REPLAYED"]);
+    assert_eq!(results[0]["entry"]["merchantId"], "m-rest");
+    let error = &results[1]["error"];
+    assert_eq!(error["code"], 3, "{error}");
+    let violation = &error["details"][0];
+    assert_eq!(violation["@type"], "type.googleapis.com/google.rpc.BadRequest", "{error}");
+    assert_eq!(violation["fieldViolations"][0]["field"], "requests[1].amount.minor_units", "{error}");
+
+    let close = rest.post(
+        "/v1/merchants/m-rest/periods:close",
+        t,
+        &json!({"closedThrough": "2026-10-01", "note": "September and before"}),
+    );
+    assert_eq!(close.status, 200, "{:?}", close.body);
+    assert_eq!(close.body["entryCount"], "1");
+    assert_eq!(close.body["closingBalances"], json!([{"currencyCode": "BRL", "minorUnits": "100"}]));
+    let late = rest.post("/v1/merchants/m-rest/entries", t, &entry("b-3", "2026-09-30", "5"));
+    assert_eq!(late.status, 400, "{:?}", late.body);
+    assert_eq!(late.body["code"], 9, "FAILED_PRECONDITION: {:?}", late.body);
+    assert!(late.body["message"].as_str().unwrap().contains("closed through 2026-10-01"), "{:?}", late.body);
+    let reopened =
+        rest.post("/v1/merchants/m-rest/periods:reopen", t, &json!({"reason": "a late statement arrived"}));
+    assert_eq!(reopened.status, 200, "{:?}", reopened.body);
+    let listed = rest.get("/v1/merchants/m-rest/periods", t);
+    assert_eq!(listed.body["closes"][0]["reopenReason"], "a late statement arrived", "{:?}", listed.body);
+}
