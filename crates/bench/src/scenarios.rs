@@ -75,6 +75,7 @@ async fn phases(b: &mut Bench) -> anyhow::Result<()> {
     targets.warm_up(b).await?;
     let record = writes::record(b, &targets, &insert).await?;
     writes::one_caller_and_ghz(b, &targets, pg).await?;
+    writes::bulk_import(b, &targets, &record, &insert, pg).await?;
     let balance = reads::balance(b, &targets, &bare).await?;
     reads::balance_at_half_load(b, bare, &targets, &balance).await;
     reads::rest(b, &targets, &balance).await?;

@@ -18,6 +18,7 @@ use crate::{
     ghz::GhzStats,
     load::{Mode, Stats},
 };
+use fluxo_proto::ledger_v1::{self as lpb, batch_record_result::Outcome};
 
 /// RecordEntry in a closed loop: the maximum, the WAL it writes per entry,
 /// and the verdict against single-row INSERTs at the same concurrency.
@@ -163,4 +164,80 @@ async fn wal_bytes(db: &DatabaseConnection) -> anyhow::Result<u64> {
         .await?
         .context("pg_stat_wal returned nothing")?;
     Ok(u64::try_from(row.try_get_by_index::<i64>(0)?).unwrap_or(0))
+}
+
+/// Entries per BatchRecordEntries call in the bulk-import phase (what
+/// `fluxo entries import` sends by default).
+const IMPORT_BATCH: u64 = 500;
+/// Import calls in flight (the CLI's default).
+const IMPORT_CALLS: usize = 4;
+
+/// Bulk import: BatchRecordEntries of 500 entries, 4 calls in flight (as
+/// `fluxo entries import` sends them), in entries per second against the
+/// single-call record path, the single-row INSERT ceiling and pgbench's
+/// one-row INSERT.
+pub(super) async fn bulk_import(
+    b: &mut Bench,
+    t: &Targets,
+    record: &Stats,
+    insert: &Stats,
+    pg: Option<PgYardstick>,
+) -> anyhow::Result<()> {
+    let clients = t.ledgers.clone();
+    let op = move |i: u64| {
+        let mut c = clients.get(i);
+        let merchant = format!("imp-{}", i % 16);
+        let requests = (0..IMPORT_BATCH)
+            .map(|j| {
+                let n = i * IMPORT_BATCH + j;
+                // Backdated history, one day per call, as an import of old files.
+                let mut e = calls::entry(String::new(), format!("imp-{n}"), "2026-01-01", n);
+                e.booking_date = format!("2025-{:02}-{:02}", 1 + i % 12, 1 + i % 28);
+                e
+            })
+            .collect();
+        let request = lpb::BatchRecordEntriesRequest { merchant_id: merchant, requests };
+        Box::pin(async move {
+            match c.batch_record_entries(request).await {
+                Ok(r) if r.get_ref().results.iter().all(|r| r.outcome == Outcome::Booked as i32) => {
+                    crate::load::Outcome::Ok
+                }
+                Ok(_) => crate::load::Outcome::Error("an entry of the batch was not booked".into()),
+                Err(status) => crate::load::grpc::<()>(Err(status)),
+            }
+        }) as calls::Call
+    };
+    let label = format!("bulk import (BatchRecordEntries × {IMPORT_BATCH}, {IMPORT_CALLS} in flight)");
+    let stats = b.measure(&label, Mode::Closed { concurrency: IMPORT_CALLS }, op).await;
+    let entries = stats.throughput() * IMPORT_BATCH as f64;
+    b.report.fact(
+        "bulk import, entries per second",
+        format!("{entries:.0}/s ({} calls, {} errors)", stats.ok, stats.errors),
+    );
+    b.report.fact(
+        "bulk import ÷ single-call RecordEntry",
+        format!(
+            "{entries:.0}/s vs {:.0}/s: {:.2}×",
+            record.throughput(),
+            ratio(entries, record.throughput())
+        ),
+    );
+    b.report.fact(
+        "bulk import ÷ single-row INSERT ceiling (fluxo-bench's client)",
+        format!(
+            "{entries:.0}/s vs {:.0}/s: {:.2}×",
+            insert.throughput(),
+            ratio(entries, insert.throughput())
+        ),
+    );
+    if let Some(pg) = pg {
+        let r = ratio(entries, pg.one_row.tps);
+        b.report.verdict(
+            "bulk import ≥ 1.5× pgbench one-row INSERT, in entries/s",
+            format!("{entries:.0}/s vs {:.0}/s: {r:.2}×", pg.one_row.tps),
+            r >= 1.5 && stats.errors == 0,
+        );
+    }
+    b.wait_consolidated(Duration::from_secs(600), "after bulk import").await?;
+    Ok(())
 }
