@@ -16,6 +16,7 @@ mod admission;
 pub mod identity;
 mod malformed;
 pub mod status;
+pub mod stream;
 
 use std::{convert::Infallible, future::Future, net::SocketAddr, sync::Arc, time::Duration};
 

@@ -20,6 +20,9 @@ use crate::{
 pub struct BalanceGrpc {
     balances: Balances,
     cache: Option<BalanceCache>,
+    /// Largest message taken in; streamed messages are cut to it (tonic
+    /// refuses to send one past four times it).
+    max_message_bytes: usize,
 }
 
 /// The tonic service.
@@ -28,7 +31,7 @@ pub fn server(
     cache: Option<BalanceCache>,
     max_message_bytes: usize,
 ) -> BalanceServiceServer<BalanceGrpc> {
-    BalanceServiceServer::new(BalanceGrpc { balances, cache })
+    BalanceServiceServer::new(BalanceGrpc { balances, cache, max_message_bytes })
         .max_decoding_message_size(max_message_bytes)
         .max_encoding_message_size(max_message_bytes.saturating_mul(4))
 }
@@ -118,15 +121,33 @@ fn decode<M: Message + Default>(bytes: &Bytes) -> Result<M, Status> {
 
 #[tonic::async_trait]
 impl BalanceService for BalanceGrpc {
-    type ExportDailyBalancesStream = std::pin::Pin<
-        Box<dyn futures::Stream<Item = Result<pb::ExportDailyBalancesResponse, Status>> + Send + 'static>,
-    >;
+    type ExportDailyBalancesStream = fluxo_server::stream::Streamed<pb::ExportDailyBalancesResponse>;
 
+    /// Straight from the read model: an export is not cached, and when the
+    /// database is down it fails (UNAVAILABLE) rather than answer stale days.
+    #[tracing::instrument(name = "balance.ExportDailyBalances", skip_all, fields(merchant_id = %request.get_ref().merchant_id))]
     async fn export_daily_balances(
         &self,
-        _request: Request<pb::ExportDailyBalancesRequest>,
+        request: Request<pb::ExportDailyBalancesRequest>,
     ) -> Result<Response<Self::ExportDailyBalancesStream>, Status> {
-        Err(Status::unimplemented("ExportDailyBalances is not built yet"))
+        use futures::TryStreamExt;
+        fluxo_server::identity::authorize(request.metadata(), &request.get_ref().merchant_id)?;
+        let r = request.into_inner();
+        let budget = self.max_message_bytes;
+        let messages = self
+            .balances
+            .export(&r.merchant_id, &r.start_date, &r.end_date, &r.currency_code)
+            .await?
+            .map_ok(move |views| {
+                let balances = views.iter().map(message).collect();
+                let runs = fluxo_server::stream::sized(balances, budget);
+                futures::stream::iter(
+                    runs.into_iter()
+                        .map(|balances| Ok::<_, QueryError>(pb::ExportDailyBalancesResponse { balances })),
+                )
+            })
+            .try_flatten();
+        Ok(Response::new(fluxo_server::stream::pump(messages)))
     }
 
     #[tracing::instrument(name = "balance.GetDailyBalance", skip_all, fields(merchant_id = %request.get_ref().merchant_id))]

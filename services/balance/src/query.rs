@@ -1,5 +1,7 @@
 //! Answering balance questions from the read model.
 
+mod export;
+
 use chrono::{Days, NaiveDate};
 use fluxo_types::{BookingDate, Currency, MerchantId, Violations};
 
@@ -50,6 +52,17 @@ pub struct Balances {
 struct Target {
     merchant: MerchantId,
     currency: Option<Currency>,
+}
+
+/// What every day of a report shares.
+#[derive(Debug, Clone)]
+struct Context {
+    merchant: MerchantId,
+    currency: Currency,
+    /// Newest ledger commit reflected (see [`BalanceView::as_of_micros`]).
+    as_of: Option<i64>,
+    /// The earliest date of a parked event of the merchant.
+    parked_since: Option<NaiveDate>,
 }
 
 impl Balances {
@@ -137,11 +150,30 @@ impl Balances {
         start: NaiveDate,
         end: NaiveDate,
     ) -> Result<Vec<BalanceView>, QueryError> {
+        let (context, opening) = self.context(target, start).await?;
+        self.days(&context, opening, start, end).await
+    }
+
+    /// What every day of a range starting at `start` shares, and the balance
+    /// carried into `start`.
+    async fn context(&self, target: &Target, start: NaiveDate) -> Result<(Context, i64), QueryError> {
         let currency = self.currency(target).await?;
-        let merchant = &target.merchant;
-        let (opening, as_of) = self.store.opening(merchant, &currency, start).await?;
-        let days = self.store.days(merchant, &currency, start, end).await?;
-        let parked_since = self.store.parked_since(merchant).await?;
+        let merchant = target.merchant.clone();
+        let (opening, as_of) = self.store.opening(&merchant, &currency, start).await?;
+        let parked_since = self.store.parked_since(&merchant).await?;
+        Ok((Context { merchant, currency, as_of, parked_since }, opening))
+    }
+
+    /// Every day from `start` to `end`, from `opening`, the balance carried into `start`.
+    async fn days(
+        &self,
+        context: &Context,
+        opening: i64,
+        start: NaiveDate,
+        end: NaiveDate,
+    ) -> Result<Vec<BalanceView>, QueryError> {
+        let Context { merchant, currency, as_of, parked_since } = context;
+        let days = self.store.days(merchant, currency, start, end).await?;
         let report = report(opening, &days, start, end).ok_or_else(|| {
             StoreError::from(crate::domain::Overflow {
                 merchant_id: merchant.as_str().to_owned(),
@@ -155,7 +187,7 @@ impl Balances {
                 currency: currency.code().to_owned(),
                 missing_events: parked_since.is_some_and(|since| day.date >= since),
                 day,
-                as_of_micros: as_of,
+                as_of_micros: *as_of,
             })
             .collect())
     }

@@ -6,6 +6,7 @@ use fluxo_proto::ledger_v1::{
     self as pb,
     ledger_service_server::{LedgerService, LedgerServiceServer},
 };
+use futures::TryStreamExt;
 use tonic::{Request, Response, Status};
 
 use crate::{
@@ -23,11 +24,14 @@ pub const REPLAYED_HEADER: &str = "fluxo-idempotent-replayed";
 #[derive(Debug, Clone)]
 pub struct LedgerGrpc {
     ledger: Ledger,
+    /// Largest message taken in; streamed messages are cut to it (tonic
+    /// refuses to send one past four times it).
+    max_message_bytes: usize,
 }
 
 /// The tonic service, with inbound messages bounded to `max_message_bytes`.
 pub fn server(ledger: Ledger, max_message_bytes: usize) -> LedgerServiceServer<LedgerGrpc> {
-    LedgerServiceServer::new(LedgerGrpc { ledger })
+    LedgerServiceServer::new(LedgerGrpc { ledger, max_message_bytes })
         .max_decoding_message_size(max_message_bytes)
         .max_encoding_message_size(max_message_bytes.saturating_mul(4))
 }
@@ -43,6 +47,26 @@ fn kind(value: i32) -> Result<EntryKind, KindError> {
 
 fn pairs(map: &std::collections::HashMap<String, String>) -> Vec<(&str, &str)> {
     map.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect()
+}
+
+type Instant = Option<prost_types::Timestamp>;
+
+/// The filter fields ListEntries and ExportEntries share, as sent.
+fn filter_fields<'a>(
+    (start_date, end_date): (&'a str, &'a str),
+    kind_value: i32,
+    metadata: &'a std::collections::HashMap<String, String>,
+    (created_after, created_before): (&Instant, &Instant),
+) -> FilterFields<'a> {
+    let at = |t: &Instant| t.as_ref().map(|t| (t.seconds, t.nanos));
+    FilterFields {
+        start_date,
+        end_date,
+        kind: Some(kind(kind_value)),
+        metadata: pairs(metadata),
+        created_after: at(created_after),
+        created_before: at(created_before),
+    }
 }
 
 fn record_command(r: &pb::RecordEntryRequest) -> RecordCommand<'_> {
@@ -108,7 +132,7 @@ fn booked(result: Booked) -> Response<pb::Entry> {
 }
 
 /// A server-streaming answer.
-pub type Streamed<T> = std::pin::Pin<Box<dyn futures::Stream<Item = Result<T, Status>> + Send + 'static>>;
+pub type Streamed<T> = fluxo_server::stream::Streamed<T>;
 
 #[tonic::async_trait]
 impl LedgerService for LedgerGrpc {
@@ -142,11 +166,33 @@ impl LedgerService for LedgerGrpc {
         }))
     }
 
+    #[tracing::instrument(name = "ledger.ExportEntries", skip_all, fields(merchant_id = %request.get_ref().merchant_id))]
     async fn export_entries(
         &self,
-        _request: Request<pb::ExportEntriesRequest>,
+        request: Request<pb::ExportEntriesRequest>,
     ) -> Result<Response<Self::ExportEntriesStream>, Status> {
-        Err(Status::unimplemented("ExportEntries is not built yet"))
+        let r = request.get_ref();
+        fluxo_server::identity::authorize(request.metadata(), &r.merchant_id)?;
+        let filter = filter_fields(
+            (&r.start_date, &r.end_date),
+            r.r#type,
+            &r.metadata,
+            (&r.created_after, &r.created_before),
+        );
+        let budget = self.max_message_bytes;
+        let messages = self
+            .ledger
+            .export(&r.merchant_id, &filter)?
+            .map_ok(move |chunk| {
+                let entries = chunk.iter().map(wire::entry).collect();
+                let runs = fluxo_server::stream::sized(entries, budget);
+                futures::stream::iter(
+                    runs.into_iter()
+                        .map(|entries| Ok::<_, LedgerError>(pb::ExportEntriesResponse { entries })),
+                )
+            })
+            .try_flatten();
+        Ok(Response::new(fluxo_server::stream::pump(messages)))
     }
 
     #[tracing::instrument(name = "ledger.ClosePeriod", skip_all, fields(merchant_id = %request.get_ref().merchant_id))]
@@ -214,15 +260,12 @@ impl LedgerService for LedgerGrpc {
     ) -> Result<Response<pb::ListEntriesResponse>, Status> {
         let r = request.get_ref();
         fluxo_server::identity::authorize(request.metadata(), &r.merchant_id)?;
-        let at = |t: &Option<prost_types::Timestamp>| t.as_ref().map(|t| (t.seconds, t.nanos));
-        let filter = FilterFields {
-            start_date: &r.start_date,
-            end_date: &r.end_date,
-            kind: Some(kind(r.r#type)),
-            metadata: pairs(&r.metadata),
-            created_after: at(&r.created_after),
-            created_before: at(&r.created_before),
-        };
+        let filter = filter_fields(
+            (&r.start_date, &r.end_date),
+            r.r#type,
+            &r.metadata,
+            (&r.created_after, &r.created_before),
+        );
         let page = self.ledger.list(&r.merchant_id, &filter, r.page_size, &r.page_token).await?;
         Ok(Response::new(pb::ListEntriesResponse {
             entries: page.entries.iter().map(wire::entry).collect(),

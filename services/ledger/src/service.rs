@@ -1,3 +1,5 @@
+mod export;
+
 use chrono::{NaiveDate, Utc};
 use chrono_tz::Tz;
 

@@ -2,6 +2,7 @@
 //! SQLite through sea-orm. Every write is one transaction that either books the
 //! entry, claims its key and queues its event together, or does nothing.
 
+mod export;
 mod group;
 mod migrations;
 mod periods;

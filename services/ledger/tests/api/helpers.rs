@@ -16,6 +16,7 @@ use tonic_health::pb::{
 };
 
 pub(crate) struct TestApp {
+    pub(crate) addr: std::net::SocketAddr,
     pub(crate) client: LedgerServiceClient<Channel>,
     pub(crate) health: HealthClient<Channel>,
     pub(crate) db: Db,
@@ -73,6 +74,7 @@ pub(crate) async fn spawn_with(test_db: TestDb, options: Options) -> TestApp {
     }));
     let channel = Channel::from_shared(format!("http://{addr}")).unwrap().connect().await.expect("connect");
     TestApp {
+        addr,
         client: LedgerServiceClient::new(channel.clone()),
         health: HealthClient::new(channel),
         db,

@@ -2,6 +2,7 @@
 //! each test on a fresh database, every test run on SQLite and on PostgreSQL.
 
 mod batch;
+mod export;
 mod helpers;
 mod labels;
 mod periods;
@@ -11,6 +12,11 @@ use std::{collections::HashSet, time::Duration};
 use batch::{
     a_batch_books_replays_and_refuses_each_entry_on_its_own,
     a_full_batch_is_booked_exactly_and_a_rerun_replays_it,
+};
+use export::{
+    a_client_that_stops_reading_does_not_wedge_the_server,
+    an_export_names_its_bad_filters_before_sending_anything,
+    an_export_streams_exactly_what_list_entries_pages_through,
 };
 use fluxo_proto::ledger_v1 as pb;
 use fluxo_testing::{Backend, TestDb, backend_suite};
@@ -56,6 +62,9 @@ backend_suite!(
     closing_needs_the_close_scope_for_the_merchants_own_books,
     bookings_racing_a_close_are_either_in_its_digest_or_refused,
     the_digest_recomputes_and_changes_when_a_row_is_changed_behind_fluxo,
+    an_export_streams_exactly_what_list_entries_pages_through,
+    an_export_names_its_bad_filters_before_sending_anything,
+    a_client_that_stops_reading_does_not_wedge_the_server,
 );
 
 async fn records_reads_lists_and_reverses(backend: Backend) {

@@ -1,0 +1,101 @@
+//! Server-streaming answers (the export RPCs): messages sized for the wire,
+//! read ahead on a task of their own, stopped when the caller goes away.
+
+use std::{fmt::Display, pin::Pin};
+
+use futures::{Stream, StreamExt};
+use tonic::Status;
+use tracing::Instrument;
+
+/// A server-streaming answer as tonic takes it.
+pub type Streamed<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+/// How many messages wait, made, for the transport to take them.
+const AHEAD: usize = 2;
+
+/// Drives `messages` on a task of its own, a bounded channel ahead of what
+/// the transport has taken: the next chunk is read while the previous one is
+/// on the wire, and memory stays at a few messages whatever the stream's
+/// length (a caller that reads slowly or not at all holds the task at the
+/// channel, where it costs no database connection). The task stops at the
+/// first error, which ends the stream as its status, and as soon as the
+/// caller goes away (tonic drops the stream, which closes the channel), even
+/// while a read is under way.
+pub fn pump<T, E>(messages: impl Stream<Item = Result<T, E>> + Send + 'static) -> Streamed<T>
+where
+    T: Send + 'static,
+    E: Into<Status> + Display + Send + 'static,
+{
+    let (tx, rx) = tokio::sync::mpsc::channel(AHEAD);
+    let task = async move {
+        let mut messages = std::pin::pin!(messages);
+        let mut sent = 0u64;
+        loop {
+            let next = tokio::select! {
+                next = messages.next() => next,
+                () = tx.closed() => break tracing::debug!(messages = sent, "the caller went away: stream stopped"),
+            };
+            let message = match next {
+                None => break tracing::debug!(messages = sent, "stream finished"),
+                Some(Ok(message)) => Ok(message),
+                Some(Err(error)) => {
+                    tracing::warn!(%error, messages = sent, "stream failed");
+                    Err(error.into())
+                }
+            };
+            let failed = message.is_err();
+            if tx.send(message).await.is_err() {
+                break tracing::debug!(messages = sent, "the caller went away: stream stopped");
+            }
+            if failed {
+                break;
+            }
+            sent += 1;
+        }
+    };
+    tokio::spawn(task.instrument(tracing::Span::current()));
+    Box::pin(futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|m| (m, rx)) }))
+}
+
+/// `items` cut, in order, into runs whose encoding as a repeated field takes
+/// at most `budget` bytes (a run holds at least one item, however large), so
+/// every message of a stream stays within the transport's message limit.
+pub fn sized<T: prost::Message>(items: Vec<T>, budget: usize) -> Vec<Vec<T>> {
+    let mut runs = Vec::new();
+    let mut run = Vec::new();
+    let mut used = 0usize;
+    for item in items {
+        // Tag and length prefix of a repeated message field: at most 1 + 10 bytes.
+        let len = item.encoded_len() + 11;
+        if !run.is_empty() && used + len > budget {
+            runs.push(std::mem::take(&mut run));
+            used = 0;
+        }
+        used += len;
+        run.push(item);
+    }
+    if !run.is_empty() {
+        runs.push(run);
+    }
+    runs
+}
+
+#[cfg(test)]
+mod tests {
+    use super::sized;
+
+    #[test]
+    fn runs_keep_the_order_and_stay_within_the_budget() {
+        let items: Vec<String> = (0..100).map(|i| "x".repeat(i % 7 + 1)).collect();
+        let runs = sized(items.clone(), 40);
+        assert!(runs.len() > 10);
+        for run in &runs {
+            let bytes: usize = run.iter().map(|s| prost::Message::encoded_len(s) + 11).sum();
+            assert!(bytes <= 40 || run.len() == 1, "{bytes}");
+        }
+        assert_eq!(runs.concat(), items);
+        // One item over the budget still travels, alone.
+        assert_eq!(sized(vec!["y".repeat(100)], 10).len(), 1);
+        assert!(sized(Vec::<String>::new(), 10).is_empty());
+    }
+}
