@@ -1,6 +1,7 @@
 //! Black-box tests of the built `fluxo` binary: started as a newcomer starts
 //! it, called with grpcurl over server reflection only, stopped with SIGTERM.
 
+mod export;
 mod hardening;
 mod outage;
 mod pipeline;
