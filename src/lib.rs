@@ -15,6 +15,7 @@
 pub mod client;
 pub mod config;
 pub mod doctor;
+pub mod export;
 pub mod import;
 pub mod ops;
 pub mod periods;

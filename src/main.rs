@@ -72,12 +72,12 @@ enum Command {
     /// objects in the namespace, get on ServiceAccounts the policies name, list on NodePools
     /// and get on the external metrics API (a cluster's `view` role plus those).
     Doctor(#[command(flatten)] fluxo::doctor::DoctorArgs),
-    /// Rebuild or reconcile the daily balances from the ledger.
+    /// Rebuild, reconcile or export the daily balances.
     Balances {
         #[command(subcommand)]
         command: BalancesCommand,
     },
-    /// Bulk work on entries over gRPC: import a CSV file.
+    /// Bulk work on entries over gRPC: import or export a CSV file.
     Entries {
         #[command(subcommand)]
         command: EntriesCommand,
@@ -103,6 +103,12 @@ enum EntriesCommand {
     /// a summary: booked, replayed, and every refused line with why. Exit status 1 when any
     /// line was refused.
     Import(#[command(flatten)] fluxo::import::ImportArgs),
+    /// Write a merchant's entries as CSV (to stdout, or --output FILE), streamed over gRPC.
+    ///
+    /// The same CSV as `GET /v1/merchants/{merchant_id}/entries:export` (docs/export.md): a
+    /// header row, then one row per entry in (booking date, id) order; amounts in integer minor
+    /// units beside the currency code; metadata as one JSON-object column. Progress on stderr.
+    Export(#[command(flatten)] fluxo::export::EntriesExportArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -147,6 +153,11 @@ enum BalancesCommand {
         #[arg(long)]
         repair: bool,
     },
+    /// Write a merchant's daily balances over a date range as CSV, streamed over gRPC.
+    ///
+    /// The same CSV as `GET /v1/merchants/{merchant_id}/balances:export` (docs/export.md): one row
+    /// per day, days without entries included with the carried balance. Progress on stderr.
+    Export(#[command(flatten)] fluxo::export::BalancesExportArgs),
 }
 
 fn main() -> ExitCode {
@@ -180,7 +191,11 @@ fn main() -> ExitCode {
             Command::Balances { command: BalancesCommand::Reconcile { scope, repair } } => {
                 ops::reconcile(&config, &scope, repair).await
             }
+            Command::Balances { command: BalancesCommand::Export(args) } => {
+                fluxo::export::balances(&args).await
+            }
             Command::Entries { command: EntriesCommand::Import(args) } => fluxo::import::import(&args).await,
+            Command::Entries { command: EntriesCommand::Export(args) } => fluxo::export::entries(&args).await,
             Command::Ledger { command } => match command {
                 LedgerCommand::Close(args) => fluxo::periods::close(&args).await,
                 LedgerCommand::Reopen(args) => fluxo::periods::reopen(&args).await,

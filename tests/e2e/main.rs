@@ -2,6 +2,7 @@
 //! it, called with grpcurl over server reflection only, stopped with SIGTERM.
 
 mod books;
+mod export;
 mod hardening;
 mod outage;
 mod pipeline;

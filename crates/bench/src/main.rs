@@ -67,6 +67,9 @@ pub(crate) struct RunArgs {
     /// Entries in the backlog whose drain rate is measured (the full target is 1,000,000).
     #[arg(long, default_value_t = 1_000_000)]
     backlog: u64,
+    /// Entries of the one merchant whose export is measured (gRPC and REST CSV).
+    #[arg(long, default_value_t = 10_000_000)]
+    export_entries: u64,
     /// Write rate while the end-to-end consolidation delay is measured.
     #[arg(long, default_value_t = 2_000.0)]
     pipeline_rate: f64,
@@ -110,6 +113,7 @@ fn main() -> anyhow::Result<()> {
                 args.duration.get_or_insert(1.0);
                 args.concurrency = args.concurrency.min(8);
                 args.backlog = args.backlog.min(2_000);
+                args.export_entries = args.export_entries.min(20_000);
                 args.pipeline_rate = args.pipeline_rate.min(100.0);
                 args.mixed_rate = args.mixed_rate.min(200.0);
             }

@@ -9,6 +9,7 @@ mod bench;
 mod calls;
 mod ceilings;
 mod consolidation;
+mod export;
 mod reads;
 mod target_all;
 mod targets;
@@ -83,6 +84,7 @@ async fn phases(b: &mut Bench) -> anyhow::Result<()> {
     consolidation::mixed_with_consolidator_stopped(b, &mut targets).await?;
     consolidation::backlog_drain(b, &mut targets, read_ceiling).await?;
     writes::overload(b, &targets, &record).await;
+    export::entries(b, &targets).await?;
     targets.stop(b);
 
     let peak_mb = target_all::mixed(b).await?;

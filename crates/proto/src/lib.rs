@@ -2,6 +2,8 @@
 //! `fluxo.balance.v1` packages generated from `proto/`, plus the encoded
 //! descriptor set used by gRPC reflection and the REST gateway.
 
+pub mod export;
+
 /// Encoded `google.protobuf.FileDescriptorSet` of every fluxo proto and its imports.
 pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/fluxo_descriptor.bin"));
 

@@ -119,6 +119,10 @@ async fn forward(
         tracing::warn!(target: LOG_TARGET, %error, backend = service.full_name(), "backend unavailable");
         return Err(ApiError::new(Code::Unavailable, "the service is unavailable; retry later"));
     }
+    if route.rpc.is_server_streaming() {
+        let error = |status: &tonic::Status| ApiError::from_status(status, &inner.pool);
+        return crate::download::download(&mut grpc, call, path, route, error).await;
+    }
     // Boxed: a gRPC call is a future of kilobytes.
     let reply = Box::pin(grpc.unary(call, path, DynamicCodec::new(route.rpc.output())))
         .await

@@ -16,6 +16,7 @@
 
 /// Token verification, shared with the gRPC servers.
 pub use fluxo_auth as auth;
+mod download;
 pub mod error;
 mod forward;
 mod json;

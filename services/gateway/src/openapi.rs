@@ -7,6 +7,8 @@ use std::collections::BTreeMap;
 use prost_reflect::{EnumDescriptor, FieldDescriptor, FileDescriptor, Kind, MessageDescriptor};
 use serde_json::{Map, Value, json};
 
+use fluxo_proto::export::Table;
+
 use crate::routes::{Route, Routes};
 
 /// The document for `routes`.
@@ -63,15 +65,44 @@ fn operation(route: &Route, schemas: &mut BTreeMap<String, Value>) -> Value {
             json!({"required": true, "content": {"application/json": {"schema": {"$ref": format!("#/components/schemas/{body_name}")}}}}),
         );
     }
-    let output = reference(&route.rpc.output(), schemas);
+    let ok = match Table::of_response(route.rpc.output().full_name()) {
+        Some(table) if route.rpc.is_server_streaming() => download(table),
+        _ => {
+            json!({"description": "OK", "content": {"application/json": {"schema": reference(&route.rpc.output(), schemas)}}})
+        }
+    };
     operation.insert(
         "responses".into(),
         json!({
-            "200": {"description": "OK", "content": {"application/json": {"schema": output}}},
+            "200": ok,
             "default": {"description": "An error", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Status"}}}},
         }),
     );
     Value::Object(operation)
+}
+
+/// The answer of a server-streaming route: a CSV download (see `crate::download`).
+fn download(table: Table) -> Value {
+    let columns = table.columns().iter().map(|c| format!("`{c}`")).collect::<Vec<_>>().join(", ");
+    let rows = match table {
+        Table::Entries => "one row per entry, in (booking date, id) order",
+        Table::DailyBalances => "one row per day, in date order",
+    };
+    json!({
+        "description": format!(
+            "CSV (RFC 4180): a header row, then {rows}. Columns: {columns}. Money in integer minor units \
+             beside its currency code; instants in RFC 3339. Streamed: an error before the first row is \
+             answered as a JSON Status with its HTTP status; an error after it aborts the transfer, so a \
+             body that ends without error is the whole export. See docs/export.md."
+        ),
+        "headers": {
+            "Content-Disposition": {
+                "description": "`attachment; filename=\"…csv\"`",
+                "schema": {"type": "string"},
+            },
+        },
+        "content": {"text/csv": {"schema": {"type": "string"}}},
+    })
 }
 
 /// The path fields, then (for a route without a body) the scalar fields as
@@ -322,6 +353,12 @@ mod tests {
         let kind =
             doc["components"]["schemas"]["Entry"]["properties"]["type"]["description"].as_str().unwrap();
         assert!(kind.contains("- `DEBIT`: Money out: decreases the balance."), "{kind}");
+        // The exports answer CSV.
+        let export = &doc["paths"]["/v1/merchants/{merchant_id}/entries:export"]["get"];
+        let ok = &export["responses"]["200"];
+        assert_eq!(ok["content"]["text/csv"]["schema"]["type"], "string");
+        assert!(ok["description"].as_str().unwrap().contains("`amount_minor`"), "{ok}");
+        assert!(export["parameters"].as_array().unwrap().iter().any(|p| p["name"] == "createdAfter"));
         // Each service is a tag with its own comment.
         let tags = doc["tags"].as_array().unwrap();
         let ledger = tags.iter().find(|t| t["name"] == "LedgerService").unwrap();

@@ -246,8 +246,14 @@ mod tests {
                 "GET /v1/merchants/{merchant_id}/entries/{entry_id}",
                 "GET /v1/merchants/{merchant_id}/entries",
                 "POST /v1/merchants/{merchant_id}/entries/{entry_id}:reverse",
+                "POST /v1/merchants/{merchant_id}/entries:batchRecord",
+                "GET /v1/merchants/{merchant_id}/entries:export",
+                "POST /v1/merchants/{merchant_id}/periods:close",
+                "POST /v1/merchants/{merchant_id}/periods:reopen",
+                "GET /v1/merchants/{merchant_id}/periods",
                 "GET /v1/merchants/{merchant_id}/balances/{date}",
                 "GET /v1/merchants/{merchant_id}/balances",
+                "GET /v1/merchants/{merchant_id}/balances:export",
             ]
         );
         assert!(matches!(
@@ -255,5 +261,12 @@ mod tests {
             Lookup::MethodNotAllowed(_)
         ));
         assert!(matches!(routes.lookup(&Method::GET, "/v2/nothing"), Lookup::NotFound));
+        // A custom verb is its own route, not an entry id or a merchant's list.
+        let Lookup::Found(export, bindings) = routes.lookup(&Method::GET, "/v1/merchants/m-1/entries:export")
+        else {
+            panic!("the export route is found")
+        };
+        assert_eq!(export.rpc.name(), "ExportEntries");
+        assert_eq!(bindings, [("merchant_id".to_owned(), "m-1".to_owned())]);
     }
 }
