@@ -47,6 +47,20 @@ pub(super) async fn lock_books_shared(
     Ok(())
 }
 
+/// Takes the exclusive lock of a merchant's books (PostgreSQL) for the rest
+/// of `txn`: waits for the bookings in flight, and holds new ones until it ends.
+async fn lock_books_exclusive(txn: &DatabaseTransaction, merchant: &str) -> Result<(), StoreError> {
+    if txn.get_database_backend() == DbBackend::Postgres {
+        txn.execute_raw(sea_orm::Statement::from_sql_and_values(
+            DbBackend::Postgres,
+            "SELECT pg_advisory_xact_lock($1, hashtext($2))",
+            [Value::from(BOOKS_LOCK_CLASS), Value::from(merchant)],
+        ))
+        .await?;
+    }
+    Ok(())
+}
+
 /// The closed-through date in force for each of `merchants` that has one.
 pub(super) async fn closed_through(
     conn: &impl ConnectionTrait,
@@ -84,14 +98,7 @@ impl LedgerStore {
         let merchant = close.merchant_id.as_str();
         let _writer = self.db.write_guard().await;
         let txn = self.db.conn().begin().await?;
-        if txn.get_database_backend() == DbBackend::Postgres {
-            txn.execute_raw(sea_orm::Statement::from_sql_and_values(
-                DbBackend::Postgres,
-                "SELECT pg_advisory_xact_lock($1, hashtext($2))",
-                [Value::from(BOOKS_LOCK_CLASS), Value::from(merchant)],
-            ))
-            .await?;
-        }
+        lock_books_exclusive(&txn, merchant).await?;
         let current = closed_through(&txn, &[merchant]).await?.remove(merchant);
         if let Some(current) = current
             && close.closed_through <= current
@@ -162,14 +169,7 @@ impl LedgerStore {
         let _writer = self.db.write_guard().await;
         let txn = self.db.conn().begin().await?;
         let backend = txn.get_database_backend();
-        if backend == DbBackend::Postgres {
-            txn.execute_raw(sea_orm::Statement::from_sql_and_values(
-                DbBackend::Postgres,
-                "SELECT pg_advisory_xact_lock($1, hashtext($2))",
-                [Value::from(BOOKS_LOCK_CLASS), Value::from(merchant.as_str())],
-            ))
-            .await?;
-        }
+        lock_books_exclusive(&txn, merchant.as_str()).await?;
         let latest = txn
             .query_one_raw(fluxo_db::statement(
                 backend,
