@@ -21,6 +21,9 @@
 #                                iterating locally; refused when CI is set
 #   FLUXO_TEST_TLS=0             do not make TLS certificates nor turn TLS on in the servers
 #                                started here (the TLS tests then fail, naming what is missing)
+#   FLUXO_TEST_STANDARDWEBHOOKS_PYTHON
+#                                a python with the standardwebhooks package (installed
+#                                into target/tools if unset; the webhook signature tests)
 #   FLUXO_TEST_CMD               run this shell command instead of `cargo test ...`
 #                                (extra args are appended). Handy to get a shell
 #                                with the servers running:
@@ -291,6 +294,20 @@ fi
 if [ -z "${FLUXO_TEST_GHZ:-}" ]; then
     FLUXO_TEST_GHZ=$(go_tool ghz github.com/bojand/ghz/cmd/ghz v0.120.0)
     export FLUXO_TEST_GHZ
+fi
+# Webhook signatures are checked against an implementation fluxo did not write:
+# the Standard Webhooks reference library from PyPI, in a venv of its own.
+if [ -z "${FLUXO_TEST_STANDARDWEBHOOKS_PYTHON:-}" ]; then
+    sw_version=1.3.0
+    sw_venv="$PWD/target/tools/standardwebhooks-$sw_version"
+    if [ ! -x "$sw_venv/bin/python" ] || ! "$sw_venv/bin/python" -c "import standardwebhooks" 2>/dev/null; then
+        log "installing standardwebhooks $sw_version into $sw_venv"
+        rm -rf "$sw_venv"
+        python3 -m venv "$sw_venv" || die "python3 -m venv failed (install python3-venv): it is needed for the webhook signature tests"
+        "$sw_venv/bin/pip" install --quiet --disable-pip-version-check "standardwebhooks==$sw_version" >&2 \
+            || die "could not pip install standardwebhooks==$sw_version"
+    fi
+    export FLUXO_TEST_STANDARDWEBHOOKS_PYTHON="$sw_venv/bin/python"
 fi
 if ! curl --version 2>/dev/null | grep -q HTTP2; then
     apt_install curl || true
