@@ -352,6 +352,25 @@ pub struct LedgerConfig {
     pub writers: usize,
     /// Most entries booked in one transaction (1 to 1000).
     pub max_batch: usize,
+    /// A WatchEntries stream with nothing new sends a heartbeat this often (ms).
+    pub watch_heartbeat_ms: u64,
+    /// A WatchEntries reader that has not taken the next message for this
+    /// long (ms) is cut off with RESOURCE_EXHAUSTED.
+    pub watch_slow_reader_ms: u64,
+}
+
+impl LedgerConfig {
+    /// The watches' behaviour.
+    pub fn watch(&self) -> fluxo_ledger::grpc::WatchSettings {
+        let defaults = fluxo_ledger::grpc::WatchSettings::default();
+        fluxo_ledger::grpc::WatchSettings {
+            pace: fluxo_ledger::WatchPace {
+                heartbeat: Duration::from_millis(self.watch_heartbeat_ms),
+                ..defaults.pace
+            },
+            slow_reader: Duration::from_millis(self.watch_slow_reader_ms),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -414,7 +433,14 @@ impl Default for GrpcConfig {
 impl Default for LedgerConfig {
     fn default() -> Self {
         let commit = fluxo_ledger::GroupCommit::default();
-        Self { time_zone: "UTC".into(), writers: commit.writers, max_batch: commit.max_batch }
+        let watch = fluxo_ledger::grpc::WatchSettings::default();
+        Self {
+            time_zone: "UTC".into(),
+            writers: commit.writers,
+            max_batch: commit.max_batch,
+            watch_heartbeat_ms: millis(watch.pace.heartbeat),
+            watch_slow_reader_ms: millis(watch.slow_reader),
+        }
     }
 }
 
@@ -498,6 +524,18 @@ impl Config {
             problems.push(format!(
                 "ledger.writers must be between 1 and database.max_connections ({}), got {}",
                 self.database.max_connections, self.ledger.writers
+            ));
+        }
+        if !(100..=300_000).contains(&self.ledger.watch_heartbeat_ms) {
+            problems.push(format!(
+                "ledger.watch_heartbeat_ms must be between 100 and 300000, got {}",
+                self.ledger.watch_heartbeat_ms
+            ));
+        }
+        if !(100..=3_600_000).contains(&self.ledger.watch_slow_reader_ms) {
+            problems.push(format!(
+                "ledger.watch_slow_reader_ms must be between 100 and 3600000, got {}",
+                self.ledger.watch_slow_reader_ms
             ));
         }
         if !(1..=1000).contains(&self.ledger.max_batch) {

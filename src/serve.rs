@@ -230,7 +230,13 @@ impl<'a> Process<'a> {
         );
         let commits = store.commits();
         let ledger = Ledger::new(store, config.time_zone()?);
-        self.server.add_service(fluxo_ledger::grpc::server(ledger, config.grpc.max_message_bytes)).await;
+        self.server
+            .add_service(fluxo_ledger::grpc::server_with(
+                ledger,
+                config.grpc.max_message_bytes,
+                config.ledger.watch(),
+            ))
+            .await;
         self.checks.push(Arc::new(fluxo_ledger::readiness(self.db.clone())));
         if config.relay.enabled {
             let sink: Arc<dyn EventSink> = match &self.redis {

@@ -15,6 +15,7 @@ validation source the same way.
 """
 
 import argparse
+import json
 import re
 import sys
 import zipfile
@@ -169,6 +170,27 @@ def duration_s(value):
     if not parts or "".join(n + u for n, u in parts) != str(value):
         sys.exit(f"check_manifests.py: cannot read the duration {value!r}")
     return sum(float(n) * units[u] for n, u in parts)
+
+
+# Long-lived calls: exports of any size and watches without end. The route they take must not
+# have a timeout (Istio's 0s), or the mesh cuts them mid-stream.
+STREAM_RPCS = {
+    "fluxo.ledger.v1": ["/fluxo.ledger.v1.LedgerService/ExportEntries", "/fluxo.ledger.v1.LedgerService/WatchEntries"],
+    "fluxo.balance.v1": ["/fluxo.balance.v1.BalanceService/ExportDailyBalances"],
+}
+STREAM_REST = ["/v1/merchants/m-1/entries:export", "/v1/merchants/m-1/balances:export"]
+
+
+def route_for(vs, path):
+    """The first HTTP route of a VirtualService that `path` takes (Istio's uri matches)."""
+    for route in vs["spec"].get("http", []) or []:
+        matches = route.get("match") or [{}]
+        for m in matches:
+            uri = m.get("uri") or {}
+            if (not uri or uri.get("exact") == path or ("prefix" in uri and path.startswith(uri["prefix"]))
+                    or ("regex" in uri and re.fullmatch(uri["regex"], path))):
+                return route
+    return None
 
 
 def main():
@@ -529,6 +551,15 @@ def main():
                         f"(a try cut short is reset mid-commit)")
                 c.check(not {"deadline-exceeded", "reset", "gateway-error"} & set(policies),
                         f"{rid}: carries writes and does not retry deadline-exceeded, reset or gateway-error")
+        text = json.dumps(vs["spec"])
+        mesh = (vs["spec"].get("gateways") or ["mesh"]) == ["mesh"]
+        paths = [p for pkg, ps in STREAM_RPCS.items() if mesh and pkg in text for p in ps]
+        paths += [] if mesh else STREAM_REST
+        for path in paths:
+            route = route_for(vs, path)
+            c.check(route is not None and duration_s(route.get("timeout")) == 0,
+                    f"{name_of(vs)}: {path} streams without a route timeout "
+                    f"(got {(route or {}).get('name')} with {(route or {}).get('timeout')})")
     # `helm test` through the mesh: grpcurl without proto files asks server reflection first,
     # so a policy admitting the test identity for named paths must admit reflection too.
     test_pods = [p for p in get("Pod") if "test" in ((p["metadata"].get("annotations") or {}).get("helm.sh/hook") or "")]

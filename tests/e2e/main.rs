@@ -10,6 +10,7 @@ mod rest;
 mod support;
 mod telemetry;
 mod tls;
+mod watch;
 
 use std::time::Duration;
 

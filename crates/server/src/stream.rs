@@ -1,7 +1,18 @@
-//! Server-streaming answers (the export RPCs): messages sized for the wire,
-//! read ahead on a task of their own, stopped when the caller goes away.
+//! Server-streaming answers (the export and watch RPCs): messages sized for
+//! the wire, read ahead on a task of their own, stopped when the caller goes
+//! away; a watch's reader that stops reading is cut off.
 
-use std::{fmt::Display, pin::Pin};
+use std::{
+    fmt::Display,
+    pin::Pin,
+    sync::{
+        LazyLock,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use fluxo_telemetry::opentelemetry::metrics::Counter;
 
 use futures::{Stream, StreamExt};
 use tonic::Status;
@@ -26,7 +37,50 @@ where
     T: Send + 'static,
     E: Into<Status> + Display + Send + 'static,
 {
+    pump_within(messages, None)
+}
+
+/// Like [`pump`], for a stream without end (a watch): a caller that has not
+/// taken the next message within `slow_reader` of its being ready is cut
+/// off with `RESOURCE_EXHAUSTED` (what was queued for it is dropped), so a
+/// stalled reader holds neither a task nor buffers for ever. It resumes from
+/// the last cursor it received.
+pub fn pump_live<T, E>(
+    messages: impl Stream<Item = Result<T, E>> + Send + 'static,
+    slow_reader: Duration,
+) -> Streamed<T>
+where
+    T: Send + 'static,
+    E: Into<Status> + Display + Send + 'static,
+{
+    pump_within(messages, Some(slow_reader))
+}
+
+/// Readers cut off by [`pump_live`] since the process started.
+pub fn slow_readers_cut() -> u64 {
+    CUT.load(Ordering::Relaxed)
+}
+
+static CUT: AtomicU64 = AtomicU64::new(0);
+
+static CUT_COUNTER: LazyLock<Counter<u64>> = LazyLock::new(|| {
+    fluxo_telemetry::meter()
+        .u64_counter("fluxo.stream.slow_readers")
+        .with_unit("{stream}")
+        .with_description("Watch streams cut off because their reader stopped taking messages")
+        .build()
+});
+
+fn pump_within<T, E>(
+    messages: impl Stream<Item = Result<T, E>> + Send + 'static,
+    slow_reader: Option<Duration>,
+) -> Streamed<T>
+where
+    T: Send + 'static,
+    E: Into<Status> + Display + Send + 'static,
+{
     let (tx, rx) = tokio::sync::mpsc::channel(AHEAD);
+    let (cut_tx, cut_rx) = tokio::sync::oneshot::channel::<Status>();
     let task = async move {
         let mut messages = std::pin::pin!(messages);
         let mut sent = 0u64;
@@ -44,7 +98,28 @@ where
                 }
             };
             let failed = message.is_err();
-            if tx.send(message).await.is_err() {
+            let delivered = match slow_reader {
+                None => tx.send(message).await.is_ok(),
+                Some(limit) => match tokio::time::timeout(limit, tx.send(message)).await {
+                    Ok(result) => result.is_ok(),
+                    Err(_) => {
+                        CUT.fetch_add(1, Ordering::Relaxed);
+                        CUT_COUNTER.add(1, &[]);
+                        tracing::warn!(
+                            messages = sent,
+                            ?limit,
+                            "the reader stopped taking messages: stream cut off"
+                        );
+                        let _ = cut_tx.send(Status::resource_exhausted(format!(
+                            "cut off: the next message waited more than {}s for this reader to take it; \
+                             resume from the last cursor received",
+                            limit.as_secs_f64()
+                        )));
+                        break;
+                    }
+                },
+            };
+            if !delivered {
                 break tracing::debug!(messages = sent, "the caller went away: stream stopped");
             }
             if failed {
@@ -54,7 +129,36 @@ where
         }
     };
     tokio::spawn(task.instrument(tracing::Span::current()));
-    Box::pin(futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|m| (m, rx)) }))
+    // A cut-off ends the stream at once, ahead of what was queued.
+    let state = (rx, Cut::Armed(cut_rx));
+    Box::pin(futures::stream::unfold(state, |(mut rx, cut)| async move {
+        match cut {
+            Cut::Done => None,
+            Cut::Disarmed => rx.recv().await.map(|m| (m, (rx, Cut::Disarmed))),
+            Cut::Armed(mut cut) => tokio::select! {
+                biased;
+                status = &mut cut => match status {
+                    Ok(status) => Some((Err(status), (rx, Cut::Done))),
+                    // The task ended without cutting: what it queued still goes.
+                    Err(_) => rx.recv().await.map(|m| (m, (rx, Cut::Disarmed))),
+                },
+                message = rx.recv() => match message {
+                    Some(message) => Some((message, (rx, Cut::Armed(cut)))),
+                    None => cut.await.ok().map(|status| (Err(status), (rx, Cut::Done))),
+                },
+            },
+        }
+    }))
+}
+
+/// Whether a stream can still be cut off.
+enum Cut {
+    /// The task may cut it off.
+    Armed(tokio::sync::oneshot::Receiver<Status>),
+    /// The task ended without cutting it off.
+    Disarmed,
+    /// Cut off: the stream is over.
+    Done,
 }
 
 /// `items` cut, in order, into runs whose encoding as a repeated field takes

@@ -6,6 +6,7 @@
 mod entry;
 mod page;
 mod period;
+mod watch;
 
 pub use entry::{
     Entry, EntryKind, Fingerprint, KindError, NewEntry, ParsedReversal, RecordCommand, ReversalRefused,
@@ -20,3 +21,4 @@ pub use period::{
     BooksDigest, CloseCommand, CloseRefused, DayFigures, Difference, DigestBuilder, DigestError, ParsedClose,
     PeriodClose, PeriodClosed, ReopenCommand, Reopened, check_open, compare,
 };
+pub use watch::{CursorError, WatchCursor};

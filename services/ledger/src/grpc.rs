@@ -2,6 +2,8 @@
 
 mod status;
 
+use std::time::Duration;
+
 use fluxo_proto::ledger_v1::{
     self as pb,
     ledger_service_server::{LedgerService, LedgerServiceServer},
@@ -10,7 +12,7 @@ use futures::TryStreamExt;
 use tonic::{Request, Response, Status};
 
 use crate::{
-    Booked, Ledger, LedgerError,
+    Booked, Ledger, LedgerError, WatchFrom, WatchPace,
     domain::{
         CloseCommand, EntryKind, FilterFields, KindError, RecordCommand, ReopenCommand, ReverseCommand,
     },
@@ -27,11 +29,36 @@ pub struct LedgerGrpc {
     /// Largest message taken in; streamed messages are cut to it (tonic
     /// refuses to send one past four times it).
     max_message_bytes: usize,
+    watch: WatchSettings,
+}
+
+/// How WatchEntries streams behave.
+#[derive(Debug, Clone, Copy)]
+pub struct WatchSettings {
+    /// Heartbeats and polling.
+    pub pace: WatchPace,
+    /// A reader that has not taken the next message for this long is cut off.
+    pub slow_reader: Duration,
+}
+
+impl Default for WatchSettings {
+    fn default() -> Self {
+        Self { pace: WatchPace::default(), slow_reader: Duration::from_secs(30) }
+    }
 }
 
 /// The tonic service, with inbound messages bounded to `max_message_bytes`.
 pub fn server(ledger: Ledger, max_message_bytes: usize) -> LedgerServiceServer<LedgerGrpc> {
-    LedgerServiceServer::new(LedgerGrpc { ledger, max_message_bytes })
+    server_with(ledger, max_message_bytes, WatchSettings::default())
+}
+
+/// [`server`], with the watches' behaviour set.
+pub fn server_with(
+    ledger: Ledger,
+    max_message_bytes: usize,
+    watch: WatchSettings,
+) -> LedgerServiceServer<LedgerGrpc> {
+    LedgerServiceServer::new(LedgerGrpc { ledger, max_message_bytes, watch })
         .max_decoding_message_size(max_message_bytes)
         .max_encoding_message_size(max_message_bytes.saturating_mul(4))
 }
@@ -137,6 +164,7 @@ pub type Streamed<T> = fluxo_server::stream::Streamed<T>;
 #[tonic::async_trait]
 impl LedgerService for LedgerGrpc {
     type ExportEntriesStream = Streamed<pb::ExportEntriesResponse>;
+    type WatchEntriesStream = Streamed<pb::WatchEntriesResponse>;
 
     #[tracing::instrument(
         name = "ledger.BatchRecordEntries",
@@ -193,6 +221,42 @@ impl LedgerService for LedgerGrpc {
             })
             .try_flatten();
         Ok(Response::new(fluxo_server::stream::pump(messages)))
+    }
+
+    #[tracing::instrument(name = "ledger.WatchEntries", skip_all, fields(merchant_id = %request.get_ref().merchant_id))]
+    async fn watch_entries(
+        &self,
+        request: Request<pb::WatchEntriesRequest>,
+    ) -> Result<Response<Self::WatchEntriesStream>, Status> {
+        let r = request.get_ref();
+        fluxo_server::identity::authorize(request.metadata(), &r.merchant_id)?;
+        let from = WatchFrom { cursor: &r.cursor, start_at_end: r.start_at_end };
+        let budget = self.max_message_bytes;
+        let messages = self
+            .ledger
+            .watch(&r.merchant_id, from, self.watch.pace)
+            .await?
+            .map_ok(move |batch| {
+                if batch.entries.is_empty() {
+                    let heartbeat =
+                        pb::WatchEntriesResponse { entries: vec![], cursor: batch.cursor.encode() };
+                    return futures::stream::iter(vec![Ok::<_, LedgerError>(heartbeat)]);
+                }
+                // Each message carries the cursor after its own last entry.
+                let (entries, cursors): (Vec<_>, Vec<_>) =
+                    batch.entries.iter().map(|(entry, cursor)| (wire::entry(entry), cursor)).unzip();
+                let mut cursors = cursors.into_iter();
+                let messages: Vec<_> = fluxo_server::stream::sized(entries, budget)
+                    .into_iter()
+                    .map(|entries| {
+                        let cursor = cursors.by_ref().take(entries.len()).last().map(|c| c.encode());
+                        Ok(pb::WatchEntriesResponse { entries, cursor: cursor.unwrap_or_default() })
+                    })
+                    .collect();
+                futures::stream::iter(messages)
+            })
+            .try_flatten();
+        Ok(Response::new(fluxo_server::stream::pump_live(messages, self.watch.slow_reader)))
     }
 
     #[tracing::instrument(name = "ledger.ClosePeriod", skip_all, fields(merchant_id = %request.get_ref().merchant_id))]

@@ -1,4 +1,5 @@
 mod export;
+mod watch;
 
 use chrono::{NaiveDate, Utc};
 use chrono_tz::Tz;
@@ -11,6 +12,8 @@ use crate::{
     error::LedgerError,
     store::{Booking, LedgerStore, Reversal},
 };
+
+pub use watch::{WatchBatch, WatchFrom, WatchPace};
 
 /// What booking a request did.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -7,6 +7,7 @@ mod group;
 mod migrations;
 mod periods;
 pub(crate) mod schema;
+mod watch;
 
 use std::sync::Arc;
 
@@ -19,7 +20,7 @@ use sea_orm::{
     QuerySelect, SqlErr, TransactionTrait,
     sea_query::OnConflict,
 };
-use tokio::sync::Notify;
+use tokio::sync::{Notify, watch as signal};
 
 pub use group::GroupCommit;
 pub use migrations::Migrator;
@@ -92,9 +93,28 @@ fn corrupt(id: &str, reason: impl ToString) -> StoreError {
 #[derive(Debug, Clone)]
 pub struct LedgerStore {
     db: Db,
-    // Woken after every commit so the outbox relay publishes at once.
-    committed: Arc<Notify>,
+    committed: Arc<Commits>,
     writers: Arc<group::Writers>,
+}
+
+/// Told of every commit that adds entries: wakes the outbox relay, so it
+/// publishes at once, and every watch of the entries.
+#[derive(Debug)]
+pub(crate) struct Commits {
+    relay: Arc<Notify>,
+    watches: signal::Sender<u64>,
+}
+
+impl Commits {
+    fn new() -> Self {
+        Self { relay: Arc::new(Notify::new()), watches: signal::Sender::new(0) }
+    }
+
+    /// Entries were committed.
+    pub(crate) fn committed(&self) {
+        self.relay.notify_one();
+        self.watches.send_modify(|n| *n = n.wrapping_add(1));
+    }
 }
 
 impl LedgerStore {
@@ -105,14 +125,24 @@ impl LedgerStore {
 
     /// Like [`LedgerStore::new`], with the batching of concurrent bookings set.
     pub fn with_group_commit(db: Db, config: GroupCommit) -> Self {
-        let committed = Arc::new(Notify::new());
+        let committed = Arc::new(Commits::new());
         let writers = Arc::new(group::Writers::new(db.clone(), committed.clone(), config));
         Self { db, committed, writers }
     }
 
     /// Notified after every commit that adds outbox events (for the relay).
     pub fn commits(&self) -> Arc<Notify> {
-        self.committed.clone()
+        self.committed.relay.clone()
+    }
+
+    /// Changes after every commit that adds entries (for the watches).
+    pub(crate) fn watch_commits(&self) -> signal::Receiver<u64> {
+        self.committed.watches.subscribe()
+    }
+
+    /// The backend the store runs on.
+    pub(crate) fn backend(&self) -> sea_orm::DbBackend {
+        self.db.backend()
     }
 
     /// Creates or upgrades the ledger's tables.
@@ -216,7 +246,7 @@ impl LedgerStore {
         match insert_entry(&txn, reversal).await {
             Ok(entry) => {
                 txn.commit().await?;
-                self.committed.notify_one();
+                self.committed.committed();
                 Ok(Reversal::Booked(Booking::New(entry)))
             }
             Err(StoreError::Failed(error))
@@ -321,6 +351,17 @@ impl LedgerStore {
             .await?;
         let more = rows.len() as u64 > page.size;
         rows.truncate(usize::try_from(page.size).unwrap_or(usize::MAX));
+        let entries = self.hydrate(rows).await?;
+        let next = more
+            .then(|| entries.last())
+            .flatten()
+            .map(|last| PageCursor { booking_date: last.booked.booking_date.date(), id: last.booked.id });
+        Ok((entries, next))
+    }
+
+    /// `rows` as entries, in the same order, with their reversals and metadata
+    /// (two queries for all of them).
+    async fn hydrate(&self, rows: Vec<entry::Model>) -> Result<Vec<Entry>, StoreError> {
         let ids: Vec<String> = rows.iter().map(|r| r.id.clone()).collect();
         let reversals: Vec<(String, Option<String>)> = entry::Entity::find()
             .select_only()
@@ -331,8 +372,7 @@ impl LedgerStore {
             .all(self.db.conn())
             .await?;
         let mut labels = metadata_of(self.db.conn(), ids).await?;
-        let entries = rows
-            .into_iter()
+        rows.into_iter()
             .map(|row| {
                 let by = reversals
                     .iter()
@@ -341,12 +381,7 @@ impl LedgerStore {
                 let metadata = labels.remove(&row.id).unwrap_or_default();
                 to_domain(row, by, metadata)
             })
-            .collect::<Result<Vec<_>, _>>()?;
-        let next = more
-            .then(|| entries.last())
-            .flatten()
-            .map(|last| PageCursor { booking_date: last.booked.booking_date.date(), id: last.booked.id });
-        Ok((entries, next))
+            .collect()
     }
 
     /// Every entry, optionally of one merchant and booking-date range, in

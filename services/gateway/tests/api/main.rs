@@ -40,6 +40,7 @@ struct FakeLedger {
 #[tonic::async_trait]
 impl LedgerService for FakeLedger {
     type ExportEntriesStream = futures::stream::Empty<Result<lpb::ExportEntriesResponse, tonic::Status>>;
+    type WatchEntriesStream = futures::stream::Empty<Result<lpb::WatchEntriesResponse, tonic::Status>>;
 
     async fn batch_record_entries(
         &self,
@@ -52,6 +53,13 @@ impl LedgerService for FakeLedger {
         &self,
         _: tonic::Request<lpb::ExportEntriesRequest>,
     ) -> Result<tonic::Response<Self::ExportEntriesStream>, tonic::Status> {
+        Err(tonic::Status::unimplemented("not faked"))
+    }
+
+    async fn watch_entries(
+        &self,
+        _: tonic::Request<lpb::WatchEntriesRequest>,
+    ) -> Result<tonic::Response<Self::WatchEntriesStream>, tonic::Status> {
         Err(tonic::Status::unimplemented("not faked"))
     }
 

@@ -40,7 +40,7 @@ use sea_orm::{
     ConnectionTrait, DatabaseTransaction, DbBackend, DbErr, EntityTrait, Statement, TransactionTrait, Value,
     sea_query::{OnConflict, Query},
 };
-use tokio::sync::{Mutex, Notify, mpsc, oneshot};
+use tokio::sync::{Mutex, mpsc, oneshot};
 
 use super::periods::{closed_through, lock_books_shared};
 use super::{
@@ -102,13 +102,13 @@ static BATCH_SIZE: LazyLock<Histogram<u64>> = LazyLock::new(|| {
 #[derive(Debug)]
 pub(super) struct Writers {
     db: Db,
-    committed: Arc<Notify>,
+    committed: Arc<super::Commits>,
     config: GroupCommit,
     queue: OnceLock<mpsc::Sender<Pending>>,
 }
 
 impl Writers {
-    pub(super) fn new(db: Db, committed: Arc<Notify>, config: GroupCommit) -> Self {
+    pub(super) fn new(db: Db, committed: Arc<super::Commits>, config: GroupCommit) -> Self {
         let writers = if db.backend() == DbBackend::Postgres { config.writers.max(1) } else { 1 };
         let config = GroupCommit { writers, max_batch: config.max_batch.clamp(1, 1_000) };
         Self { db, committed, config, queue: OnceLock::new() }
@@ -152,7 +152,7 @@ impl Writers {
 async fn write_loop(
     queue: Arc<Mutex<mpsc::Receiver<Pending>>>,
     db: Db,
-    committed: Arc<Notify>,
+    committed: Arc<super::Commits>,
     max_batch: usize,
 ) {
     let mut batch = Vec::with_capacity(max_batch);
@@ -167,7 +167,7 @@ async fn write_loop(
     }
 }
 
-async fn commit(db: &Db, committed: &Notify, mut batch: Vec<Pending>) {
+async fn commit(db: &Db, committed: &super::Commits, mut batch: Vec<Pending>) {
     // Callers that gave up while queued are not booked.
     batch.retain(|p| !p.reply.is_closed());
     if batch.is_empty() {
@@ -183,7 +183,7 @@ async fn commit(db: &Db, committed: &Notify, mut batch: Vec<Pending>) {
     });
     match write(db, &first).await {
         Ok(outcomes) => {
-            committed.notify_one();
+            committed.committed();
             for (pending, outcome) in first.into_iter().zip(outcomes) {
                 let _ = pending.reply.send(Ok(outcome));
             }
@@ -199,7 +199,7 @@ async fn commit(db: &Db, committed: &Notify, mut batch: Vec<Pending>) {
                 let one = std::slice::from_ref(&pending);
                 let result = write(db, one).await;
                 if result.is_ok() {
-                    committed.notify_one();
+                    committed.committed();
                 }
                 let outcome = result.map(|mut outcomes| outcomes.pop().unwrap_or(Outcome::KeyTaken));
                 let _ = pending.reply.send(outcome);

@@ -19,6 +19,7 @@ impl MigratorTrait for Migrator {
             CREATE_TOTALS,
             CREATE_METADATA,
             CREATE_PERIOD_CLOSES,
+            CREATE_COMMIT_ORDER,
         ])
     }
 
@@ -354,4 +355,44 @@ CREATE TRIGGER ledger_period_close_days_no_update BEFORE UPDATE ON ledger_period
 BEGIN SELECT RAISE(ABORT, 'the figures of a period close never change'); END;
 CREATE TRIGGER ledger_period_close_days_no_delete BEFORE DELETE ON ledger_period_close_days
 BEGIN SELECT RAISE(ABORT, 'the figures of a period close never change'); END;
+"#;
+
+/// Commit order, for WatchEntries (see [`crate::domain::WatchCursor`]).
+/// PostgreSQL: each entry records the transaction that booked it (`xid8`,
+/// which never wraps); entries booked before this migration read as
+/// transaction 0, before all others. SQLite: a position per entry, assigned
+/// by a trigger in insert order (an INTEGER PRIMARY KEY, so VACUUM keeps it),
+/// existing entries numbered in the order they were inserted.
+const CREATE_COMMIT_ORDER: SqlMigration = SqlMigration {
+    name: "m20261204_000006_commit_order",
+    up: Sql { postgres: COMMIT_ORDER_POSTGRES, sqlite: COMMIT_ORDER_SQLITE },
+    down: Sql {
+        postgres: "DROP INDEX ledger_entries_by_merchant_commit; ALTER TABLE ledger_entries DROP COLUMN commit_xid;",
+        sqlite: "DROP TRIGGER ledger_entries_positioned; DROP TABLE ledger_entry_positions;",
+    },
+};
+
+// The constant default fills existing rows without rewriting the table; the
+// second default applies to every entry booked from now on.
+const COMMIT_ORDER_POSTGRES: &str = r#"
+ALTER TABLE ledger_entries ADD COLUMN commit_xid xid8 NOT NULL DEFAULT '0';
+ALTER TABLE ledger_entries ALTER COLUMN commit_xid SET DEFAULT pg_current_xact_id();
+CREATE INDEX ledger_entries_by_merchant_commit ON ledger_entries (merchant_id, commit_xid, id);
+"#;
+
+const COMMIT_ORDER_SQLITE: &str = r#"
+CREATE TABLE ledger_entry_positions (
+    position    INTEGER PRIMARY KEY AUTOINCREMENT,
+    entry_id    TEXT    NOT NULL,
+    merchant_id TEXT    NOT NULL
+);
+INSERT INTO ledger_entry_positions (entry_id, merchant_id)
+    SELECT id, merchant_id FROM ledger_entries ORDER BY rowid;
+CREATE INDEX ledger_entry_positions_by_merchant ON ledger_entry_positions (merchant_id, position);
+CREATE TRIGGER ledger_entries_positioned AFTER INSERT ON ledger_entries
+BEGIN INSERT INTO ledger_entry_positions (entry_id, merchant_id) VALUES (NEW.id, NEW.merchant_id); END;
+CREATE TRIGGER ledger_entry_positions_no_update BEFORE UPDATE ON ledger_entry_positions
+BEGIN SELECT RAISE(ABORT, 'ledger entries are immutable: book a reversal instead'); END;
+CREATE TRIGGER ledger_entry_positions_no_delete BEFORE DELETE ON ledger_entry_positions
+BEGIN SELECT RAISE(ABORT, 'ledger entries are immutable: book a reversal instead'); END;
 "#;

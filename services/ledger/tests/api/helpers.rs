@@ -4,7 +4,7 @@
 use std::{sync::Arc, time::Duration};
 
 use fluxo_db::Db;
-use fluxo_ledger::{GroupCommit, Ledger, LedgerStore, readiness};
+use fluxo_ledger::{GroupCommit, Ledger, LedgerStore, grpc::WatchSettings, readiness};
 use fluxo_proto::ledger_v1::{self as pb, ledger_service_client::LedgerServiceClient};
 use fluxo_server::{GrpcServer, ServerConfig};
 use fluxo_testing::{Backend, TestDb};
@@ -30,6 +30,7 @@ pub(crate) struct Options {
     pub(crate) max_concurrent_requests: usize,
     pub(crate) shutdown_delay: Duration,
     pub(crate) group_commit: GroupCommit,
+    pub(crate) watch: WatchSettings,
 }
 
 impl Default for Options {
@@ -39,6 +40,7 @@ impl Default for Options {
             max_concurrent_requests: 256,
             shutdown_delay: Duration::ZERO,
             group_commit: GroupCommit::default(),
+            watch: WatchSettings::default(),
         }
     }
 }
@@ -65,7 +67,7 @@ pub(crate) async fn spawn_with(test_db: TestDb, options: Options) -> TestApp {
     let addr = server.local_addr().unwrap();
     let ledger =
         Ledger::new(LedgerStore::with_group_commit(db.clone(), options.group_commit), chrono_tz::UTC);
-    server.add_service(fluxo_ledger::grpc::server(ledger, 64 * 1024)).await;
+    server.add_service(fluxo_ledger::grpc::server_with(ledger, 64 * 1024, options.watch)).await;
     server.add_reflection(fluxo_proto::FILE_DESCRIPTOR_SET).unwrap();
     let (tx, rx) = oneshot::channel::<()>();
     let readiness = Arc::new(readiness(db.clone()));

@@ -6,6 +6,7 @@ mod export;
 mod helpers;
 mod labels;
 mod periods;
+mod watch;
 
 use std::{collections::HashSet, time::Duration};
 
@@ -35,6 +36,12 @@ use sea_orm::{ConnectionTrait, TransactionTrait};
 use tonic::Code;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_types::StatusExt;
+use watch::{
+    a_bad_watch_is_refused_naming_the_field_before_anything_is_sent,
+    a_reader_that_stops_reading_is_cut_off_and_resumes_without_a_gap,
+    a_watch_catches_up_follows_concurrent_writers_and_resumes_from_any_cursor,
+    a_watch_from_the_end_sends_new_entries_and_heartbeats_while_idle,
+};
 
 backend_suite!(
     records_reads_lists_and_reverses,
@@ -65,6 +72,10 @@ backend_suite!(
     an_export_streams_exactly_what_list_entries_pages_through,
     an_export_names_its_bad_filters_before_sending_anything,
     a_client_that_stops_reading_does_not_wedge_the_server,
+    a_watch_catches_up_follows_concurrent_writers_and_resumes_from_any_cursor,
+    a_watch_from_the_end_sends_new_entries_and_heartbeats_while_idle,
+    a_bad_watch_is_refused_naming_the_field_before_anything_is_sent,
+    a_reader_that_stops_reading_is_cut_off_and_resumes_without_a_gap,
 );
 
 async fn records_reads_lists_and_reverses(backend: Backend) {
