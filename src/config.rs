@@ -328,6 +328,30 @@ pub struct GrpcConfig {
     pub shutdown_delay_ms: u64,
     pub shutdown_timeout_ms: u64,
     pub readiness_interval_ms: u64,
+    /// A watch (WatchEntries, WatchDailyBalances) with nothing new sends a
+    /// heartbeat this often (ms).
+    pub watch_heartbeat_ms: u64,
+    /// A watch's reader that has not taken the next message for this long
+    /// (ms) is cut off with RESOURCE_EXHAUSTED.
+    pub watch_slow_reader_ms: u64,
+}
+
+impl GrpcConfig {
+    /// How the watches pace themselves.
+    pub fn watch_pace(&self) -> fluxo_server::stream::WatchPace {
+        fluxo_server::stream::WatchPace {
+            heartbeat: Duration::from_millis(self.watch_heartbeat_ms),
+            ..Default::default()
+        }
+    }
+
+    /// What ends a watch besides its caller: a slow reader, `drain`.
+    pub fn watch_live(&self, drain: tokio::sync::watch::Receiver<bool>) -> fluxo_server::stream::Live {
+        fluxo_server::stream::Live {
+            slow_reader: Duration::from_millis(self.watch_slow_reader_ms),
+            drain: Some(drain),
+        }
+    }
 }
 
 /// How gRPC callers are authenticated (see `fluxo_server::identity`).
@@ -352,25 +376,6 @@ pub struct LedgerConfig {
     pub writers: usize,
     /// Most entries booked in one transaction (1 to 1000).
     pub max_batch: usize,
-    /// A WatchEntries stream with nothing new sends a heartbeat this often (ms).
-    pub watch_heartbeat_ms: u64,
-    /// A WatchEntries reader that has not taken the next message for this
-    /// long (ms) is cut off with RESOURCE_EXHAUSTED.
-    pub watch_slow_reader_ms: u64,
-}
-
-impl LedgerConfig {
-    /// The watches' behaviour.
-    pub fn watch(&self) -> fluxo_ledger::grpc::WatchSettings {
-        let defaults = fluxo_ledger::grpc::WatchSettings::default();
-        fluxo_ledger::grpc::WatchSettings {
-            pace: fluxo_ledger::WatchPace {
-                heartbeat: Duration::from_millis(self.watch_heartbeat_ms),
-                ..defaults.pace
-            },
-            slow_reader: Duration::from_millis(self.watch_slow_reader_ms),
-        }
-    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -426,6 +431,8 @@ impl Default for GrpcConfig {
             shutdown_delay_ms: 0,
             shutdown_timeout_ms: 20_000,
             readiness_interval_ms: 5_000,
+            watch_heartbeat_ms: millis(fluxo_server::stream::WatchPace::default().heartbeat),
+            watch_slow_reader_ms: millis(fluxo_server::stream::Live::default().slow_reader),
         }
     }
 }
@@ -433,14 +440,7 @@ impl Default for GrpcConfig {
 impl Default for LedgerConfig {
     fn default() -> Self {
         let commit = fluxo_ledger::GroupCommit::default();
-        let watch = fluxo_ledger::grpc::WatchSettings::default();
-        Self {
-            time_zone: "UTC".into(),
-            writers: commit.writers,
-            max_batch: commit.max_batch,
-            watch_heartbeat_ms: millis(watch.pace.heartbeat),
-            watch_slow_reader_ms: millis(watch.slow_reader),
-        }
+        Self { time_zone: "UTC".into(), writers: commit.writers, max_batch: commit.max_batch }
     }
 }
 
@@ -513,6 +513,18 @@ impl Config {
         if g.readiness_interval_ms == 0 {
             problems.push("grpc.readiness_interval_ms must be greater than 0".to_owned());
         }
+        if !(100..=300_000).contains(&g.watch_heartbeat_ms) {
+            problems.push(format!(
+                "grpc.watch_heartbeat_ms must be between 100 and 300000, got {}",
+                g.watch_heartbeat_ms
+            ));
+        }
+        if !(100..=3_600_000).contains(&g.watch_slow_reader_ms) {
+            problems.push(format!(
+                "grpc.watch_slow_reader_ms must be between 100 and 3600000, got {}",
+                g.watch_slow_reader_ms
+            ));
+        }
     }
 
     /// The database and what the ledger asks of it.
@@ -524,18 +536,6 @@ impl Config {
             problems.push(format!(
                 "ledger.writers must be between 1 and database.max_connections ({}), got {}",
                 self.database.max_connections, self.ledger.writers
-            ));
-        }
-        if !(100..=300_000).contains(&self.ledger.watch_heartbeat_ms) {
-            problems.push(format!(
-                "ledger.watch_heartbeat_ms must be between 100 and 300000, got {}",
-                self.ledger.watch_heartbeat_ms
-            ));
-        }
-        if !(100..=3_600_000).contains(&self.ledger.watch_slow_reader_ms) {
-            problems.push(format!(
-                "ledger.watch_slow_reader_ms must be between 100 and 3600000, got {}",
-                self.ledger.watch_slow_reader_ms
             ));
         }
         if !(1..=1000).contains(&self.ledger.max_batch) {

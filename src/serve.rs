@@ -234,7 +234,10 @@ impl<'a> Process<'a> {
             .add_service(fluxo_ledger::grpc::server_with(
                 ledger,
                 config.grpc.max_message_bytes,
-                config.ledger.watch(),
+                fluxo_ledger::grpc::WatchSettings {
+                    pace: config.grpc.watch_pace(),
+                    live: config.grpc.watch_live(self.server.draining()),
+                },
             ))
             .await;
         self.checks.push(Arc::new(fluxo_ledger::readiness(self.db.clone())));

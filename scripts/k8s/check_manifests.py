@@ -526,7 +526,7 @@ def main():
         for route in vs["spec"].get("http", []) or []:
             retries = route.get("retries") or {}
             rid = f"{name_of(vs)} route {route.get('name')}"
-            c.check("timeout" in route, f"{rid}: has a timeout")
+            c.check("timeout" in route or route.get("name") in ("streams", "downloads"), f"{rid}: has a timeout")
             policies = [p for p in (retries.get("retryOn") or "").split(",") if p]
             if retry_known is not None:
                 bad = [p for p in policies if p not in retry_known and not p.isdigit()]
@@ -557,7 +557,7 @@ def main():
         paths += [] if mesh else STREAM_REST
         for path in paths:
             route = route_for(vs, path)
-            c.check(route is not None and duration_s(route.get("timeout")) == 0,
+            c.check(route is not None and not duration_s(route.get("timeout")),
                     f"{name_of(vs)}: {path} streams without a route timeout "
                     f"(got {(route or {}).get('name')} with {(route or {}).get('timeout')})")
     # `helm test` through the mesh: grpcurl without proto files asks server reflection first,

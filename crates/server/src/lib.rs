@@ -135,6 +135,9 @@ pub struct GrpcServer {
     services: Vec<&'static str>,
     callers: identity::CallerAuth,
     hold: Option<std::pin::Pin<Box<dyn Future<Output = ()> + Send>>>,
+    /// Turns true when in-flight calls start draining: streams without end
+    /// (watches) close then, so their readers resume elsewhere.
+    draining: tokio::sync::watch::Sender<bool>,
 }
 
 impl std::fmt::Debug for GrpcServer {
@@ -170,7 +173,14 @@ impl GrpcServer {
             services: Vec::new(),
             callers: Default::default(),
             hold: None,
+            draining: tokio::sync::watch::Sender::new(false),
         })
+    }
+
+    /// Turns true when this server starts draining in-flight calls (see
+    /// [`stream::Live`]).
+    pub fn draining(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.draining.subscribe()
     }
 
     /// How callers are authenticated (open by default: loopback installs).
@@ -242,7 +252,7 @@ impl GrpcServer {
         readiness: Arc<dyn Readiness>,
         shutdown: impl Future<Output = ()> + Send,
     ) -> Result<(), ServerError> {
-        let Self { listener, config, routes, health, services, callers, hold } = self;
+        let Self { listener, config, routes, health, services, callers, hold, draining } = self;
         let addr = listener.local_addr().ok();
         let (stop_accepting, accept_stopped) = oneshot::channel::<()>();
         let server = tonic::transport::Server::builder()
@@ -304,6 +314,7 @@ impl GrpcServer {
             hold.await;
         }
         tracing::info!(timeout = ?config.shutdown_timeout, "draining in-flight calls");
+        draining.send_replace(true);
         let _ = stop_accepting.send(());
         match tokio::time::timeout(config.shutdown_timeout, &mut server).await {
             Ok(result) => {

@@ -40,20 +40,33 @@ where
     pump_within(messages, None)
 }
 
-/// Like [`pump`], for a stream without end (a watch): a caller that has not
-/// taken the next message within `slow_reader` of its being ready is cut
-/// off with `RESOURCE_EXHAUSTED` (what was queued for it is dropped), so a
-/// stalled reader holds neither a task nor buffers for ever. It resumes from
-/// the last cursor it received.
-pub fn pump_live<T, E>(
-    messages: impl Stream<Item = Result<T, E>> + Send + 'static,
-    slow_reader: Duration,
-) -> Streamed<T>
+/// What ends a stream without end (a watch) besides its caller.
+#[derive(Debug, Clone)]
+pub struct Live {
+    /// A caller that has not taken the next message within this long of its
+    /// being ready is cut off with `RESOURCE_EXHAUSTED`.
+    pub slow_reader: Duration,
+    /// Turns true when the server drains ([`crate::GrpcServer::draining`]):
+    /// the stream ends with `UNAVAILABLE`, and its reader resumes elsewhere.
+    pub drain: Option<tokio::sync::watch::Receiver<bool>>,
+}
+
+impl Default for Live {
+    fn default() -> Self {
+        Self { slow_reader: Duration::from_secs(30), drain: None }
+    }
+}
+
+/// Like [`pump`], for a stream without end (a watch), ended by `live`'s
+/// rules: what was queued for a reader cut off is dropped, so a stalled
+/// reader holds neither a task nor buffers for ever. Either way the reader
+/// resumes from the last cursor it received.
+pub fn pump_live<T, E>(messages: impl Stream<Item = Result<T, E>> + Send + 'static, live: Live) -> Streamed<T>
 where
     T: Send + 'static,
     E: Into<Status> + Display + Send + 'static,
 {
-    pump_within(messages, Some(slow_reader))
+    pump_within(messages, Some(live))
 }
 
 /// Readers cut off by [`pump_live`] since the process started.
@@ -73,7 +86,7 @@ static CUT_COUNTER: LazyLock<Counter<u64>> = LazyLock::new(|| {
 
 fn pump_within<T, E>(
     messages: impl Stream<Item = Result<T, E>> + Send + 'static,
-    slow_reader: Option<Duration>,
+    live: Option<Live>,
 ) -> Streamed<T>
 where
     T: Send + 'static,
@@ -81,13 +94,31 @@ where
 {
     let (tx, rx) = tokio::sync::mpsc::channel(AHEAD);
     let (cut_tx, cut_rx) = tokio::sync::oneshot::channel::<Status>();
+    let slow_reader = live.as_ref().map(|l| l.slow_reader);
+    let mut drain = live.and_then(|l| l.drain);
     let task = async move {
         let mut messages = std::pin::pin!(messages);
         let mut sent = 0u64;
+        let draining = async {
+            let drained = match &mut drain {
+                Some(drain) => drain.wait_for(|d| *d).await.is_ok(),
+                None => false,
+            };
+            if !drained {
+                std::future::pending::<()>().await;
+            }
+        };
+        let mut draining = std::pin::pin!(draining);
         loop {
             let next = tokio::select! {
                 next = messages.next() => next,
                 () = tx.closed() => break tracing::debug!(messages = sent, "the caller went away: stream stopped"),
+                () = &mut draining => {
+                    let _ = cut_tx.send(Status::unavailable(
+                        "the server is shutting down: resume from the last cursor received",
+                    ));
+                    break tracing::debug!(messages = sent, "draining: stream closed");
+                }
             };
             let message = match next {
                 None => break tracing::debug!(messages = sent, "stream finished"),
@@ -159,6 +190,102 @@ enum Cut {
     Disarmed,
     /// Cut off: the stream is over.
     Done,
+}
+
+/// How a watch paces itself.
+#[derive(Debug, Clone, Copy)]
+pub struct WatchPace {
+    /// With nothing new, a heartbeat (nothing, the same cursor) this often.
+    pub heartbeat: Duration,
+    /// With nothing new, the source is read again at least this often
+    /// (changes made by another process wake no watch here).
+    pub poll: Duration,
+}
+
+impl Default for WatchPace {
+    fn default() -> Self {
+        Self { heartbeat: Duration::from_secs(15), poll: Duration::from_secs(1) }
+    }
+}
+
+/// After a wake-up that a read did not see yet (on PostgreSQL, while an
+/// older transaction is still open), the first re-read waits this long,
+/// doubling up to [`WatchPace::poll`].
+const FIRST_RETRY: Duration = Duration::from_millis(5);
+
+/// A live read from `cursor` on: `read(c)` answers what follows `c` and the
+/// cursor after it. The stream yields what a read finds as soon as it finds
+/// something, else a heartbeat (no items, the same cursor) every
+/// `pace.heartbeat`; its first answer goes at once, heartbeat or not. Between
+/// reads it waits for `wake` to change (something may be new: read at once)
+/// or for `pace.poll`. It ends only with an error.
+pub fn follow<C, T, E, F, Fut>(
+    cursor: C,
+    pace: WatchPace,
+    wake: Option<tokio::sync::watch::Receiver<u64>>,
+    read: F,
+) -> impl Stream<Item = Result<(Vec<T>, C), E>> + Send + 'static
+where
+    C: Clone + Send + Sync + 'static,
+    T: Send + 'static,
+    E: Send + 'static,
+    F: FnMut(C) -> Fut + Send + 'static,
+    Fut: Future<Output = Result<(Vec<T>, C), E>> + Send,
+{
+    let state = Following { cursor, pace, wake, read, sent: None };
+    futures::stream::try_unfold(state, |mut f| async move {
+        let next = f.next().await?;
+        Ok(Some((next, f)))
+    })
+}
+
+/// A [`follow`] between two answers.
+struct Following<C, F> {
+    cursor: C,
+    pace: WatchPace,
+    wake: Option<tokio::sync::watch::Receiver<u64>>,
+    read: F,
+    /// When the last answer went out.
+    sent: Option<tokio::time::Instant>,
+}
+
+impl<C: Clone, F> Following<C, F> {
+    async fn next<T, E, Fut>(&mut self) -> Result<(Vec<T>, C), E>
+    where
+        F: FnMut(C) -> Fut,
+        Fut: Future<Output = Result<(Vec<T>, C), E>>,
+    {
+        let mut retry = self.pace.poll;
+        loop {
+            // Marked seen before reading: a change from here on ends the wait below.
+            if let Some(wake) = &mut self.wake {
+                wake.borrow_and_update();
+            }
+            let (items, next) = (self.read)(self.cursor.clone()).await?;
+            self.cursor = next;
+            let now = tokio::time::Instant::now();
+            let heartbeat_at = self.sent.map_or(now, |at| at + self.pace.heartbeat);
+            if !items.is_empty() || now >= heartbeat_at {
+                self.sent = Some(now);
+                return Ok((items, self.cursor.clone()));
+            }
+            let wake_at = (now + retry).min(heartbeat_at);
+            let woken = async {
+                let changed = match &mut self.wake {
+                    Some(wake) => wake.changed().await.is_ok(),
+                    None => false,
+                };
+                if !changed {
+                    // No wake-ups (or their source is gone): the timer alone.
+                    std::future::pending::<()>().await;
+                }
+            };
+            tokio::select! {
+                () = woken => retry = FIRST_RETRY,
+                () = tokio::time::sleep_until(wake_at) => retry = (retry * 2).min(self.pace.poll),
+            }
+        }
+    }
 }
 
 /// `items` cut, in order, into runs whose encoding as a repeated field takes

@@ -2,12 +2,11 @@
 
 mod status;
 
-use std::time::Duration;
-
 use fluxo_proto::ledger_v1::{
     self as pb,
     ledger_service_server::{LedgerService, LedgerServiceServer},
 };
+use fluxo_server::stream::Live;
 use futures::TryStreamExt;
 use tonic::{Request, Response, Status};
 
@@ -33,18 +32,12 @@ pub struct LedgerGrpc {
 }
 
 /// How WatchEntries streams behave.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Default)]
 pub struct WatchSettings {
     /// Heartbeats and polling.
     pub pace: WatchPace,
-    /// A reader that has not taken the next message for this long is cut off.
-    pub slow_reader: Duration,
-}
-
-impl Default for WatchSettings {
-    fn default() -> Self {
-        Self { pace: WatchPace::default(), slow_reader: Duration::from_secs(30) }
-    }
+    /// What ends a watch: a reader too slow, the server draining.
+    pub live: Live,
 }
 
 /// The tonic service, with inbound messages bounded to `max_message_bytes`.
@@ -256,7 +249,7 @@ impl LedgerService for LedgerGrpc {
                 futures::stream::iter(messages)
             })
             .try_flatten();
-        Ok(Response::new(fluxo_server::stream::pump_live(messages, self.watch.slow_reader)))
+        Ok(Response::new(fluxo_server::stream::pump_live(messages, self.watch.live.clone())))
     }
 
     #[tracing::instrument(name = "ledger.ClosePeriod", skip_all, fields(merchant_id = %request.get_ref().merchant_id))]

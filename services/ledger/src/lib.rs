@@ -17,7 +17,8 @@ mod wire;
 use fluxo_db::Db;
 
 pub use error::LedgerError;
-pub use service::{Booked, EntryPage, Ledger, MAX_BATCH, WatchBatch, WatchFrom, WatchPace};
+pub use fluxo_server::stream::WatchPace;
+pub use service::{Booked, EntryPage, Ledger, MAX_BATCH, WatchBatch, WatchFrom};
 pub use store::{GroupCommit, LedgerStore, Migrator};
 
 /// Readiness of a ledger target: the database answers and the ledger schema is current.

@@ -13,7 +13,7 @@ use crate::{
     store::{Booking, LedgerStore, Reversal},
 };
 
-pub use watch::{WatchBatch, WatchFrom, WatchPace};
+pub use watch::{WatchBatch, WatchFrom};
 
 /// What booking a request did.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -65,9 +65,13 @@ pub(crate) async fn spawn_with(test_db: TestDb, options: Options) -> TestApp {
     .await
     .expect("bind");
     let addr = server.local_addr().unwrap();
+    let mut watch = options.watch;
+    if watch.live.drain.is_none() {
+        watch.live.drain = Some(server.draining());
+    }
     let ledger =
         Ledger::new(LedgerStore::with_group_commit(db.clone(), options.group_commit), chrono_tz::UTC);
-    server.add_service(fluxo_ledger::grpc::server_with(ledger, 64 * 1024, options.watch)).await;
+    server.add_service(fluxo_ledger::grpc::server_with(ledger, 64 * 1024, watch)).await;
     server.add_reflection(fluxo_proto::FILE_DESCRIPTOR_SET).unwrap();
     let (tx, rx) = oneshot::channel::<()>();
     let readiness = Arc::new(readiness(db.clone()));

@@ -5,6 +5,7 @@ use std::{collections::HashSet, time::Duration};
 
 use fluxo_ledger::{WatchPace, grpc::WatchSettings};
 use fluxo_proto::ledger_v1::{self as pb, ledger_service_client::LedgerServiceClient};
+use fluxo_server::stream::Live;
 use fluxo_testing::{Backend, TestDb};
 use tonic::{Code, Streaming, transport::Channel};
 
@@ -82,9 +83,11 @@ async fn book(app: &TestApp, merchant: &str, prefix: &str, n: usize) -> Vec<Stri
     for start in (0..n).step_by(200) {
         let requests =
             (start..n.min(start + 200)).map(|i| credit("", &format!("{prefix}-{i}"), 1 + i as i64)).collect();
-        let results = client
-            .batch_record_entries(pb::BatchRecordEntriesRequest { merchant_id: merchant.into(), requests })
+        let call = client
+            .batch_record_entries(pb::BatchRecordEntriesRequest { merchant_id: merchant.into(), requests });
+        let results = tokio::time::timeout(PATIENCE, call)
             .await
+            .unwrap_or_else(|_| panic!("a batch of {prefix} entries was not booked within {PATIENCE:?}"))
             .unwrap()
             .into_inner()
             .results;
@@ -229,7 +232,8 @@ static ONE_SLOW_READER_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::c
 
 pub(crate) async fn a_reader_that_stops_reading_is_cut_off_and_resumes_without_a_gap(backend: Backend) {
     let _turn = ONE_SLOW_READER_AT_A_TIME.lock().await;
-    let settings = WatchSettings { slow_reader: Duration::from_millis(300), ..WatchSettings::default() };
+    let live = Live { slow_reader: Duration::from_millis(300), drain: None };
+    let settings = WatchSettings { live, ..WatchSettings::default() };
     let app = spawn_with(TestDb::new(backend).await, Options { watch: settings, ..Options::default() }).await;
     // Small HTTP/2 windows, so little waits in the transport when the reader stops.
     let channel = Channel::from_shared(format!("http://{}", app.addr))
@@ -276,4 +280,27 @@ pub(crate) async fn a_reader_that_stops_reading_is_cut_off_and_resumes_without_a
     rest.until(&mut resumed, booked.len() - seen.ids.len()).await;
     seen.ids.extend(rest.ids);
     assert_eq!(seen.distinct(), booked);
+}
+
+pub(crate) async fn a_watch_closes_with_unavailable_when_the_server_drains(backend: Backend) {
+    let mut app = spawn_app(backend).await;
+    let mut stream = app.client.clone().watch_entries(watch("m-1", "")).await.unwrap().into_inner();
+    let first = tokio::time::timeout(PATIENCE, stream.message()).await.unwrap().unwrap().unwrap();
+
+    // SIGTERM: the watch, which would never end by itself, is closed with a
+    // status that tells its reader to resume elsewhere from its cursor.
+    app.begin_shutdown();
+    let status = loop {
+        match tokio::time::timeout(PATIENCE, stream.message()).await.expect("the watch closes") {
+            Ok(Some(heartbeat)) => assert_eq!(heartbeat.cursor, first.cursor),
+            Ok(None) => panic!("the watch ended without a status"),
+            Err(status) => break status,
+        }
+    };
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(status.message().contains("resume from the last cursor"), "{}", status.message());
+    // Nothing is left in flight: the server stops before its 10 s drain deadline.
+    drop(stream);
+    let stopped = tokio::time::timeout(Duration::from_secs(8), app.stop()).await;
+    assert!(stopped.is_ok(), "the server drained: the watch was not left running");
 }
