@@ -337,19 +337,21 @@ pub struct GrpcConfig {
 }
 
 impl GrpcConfig {
-    /// How the watches pace themselves.
-    pub fn watch_pace(&self) -> fluxo_server::stream::WatchPace {
-        fluxo_server::stream::WatchPace {
-            heartbeat: Duration::from_millis(self.watch_heartbeat_ms),
-            ..Default::default()
-        }
-    }
-
-    /// What ends a watch besides its caller: a slow reader, `drain`.
-    pub fn watch_live(&self, drain: tokio::sync::watch::Receiver<bool>) -> fluxo_server::stream::Live {
-        fluxo_server::stream::Live {
-            slow_reader: Duration::from_millis(self.watch_slow_reader_ms),
-            drain: Some(drain),
+    /// How the watches behave: paced by these settings, ended by a slow
+    /// reader or by `drain`.
+    pub fn watch_settings(
+        &self,
+        drain: tokio::sync::watch::Receiver<bool>,
+    ) -> fluxo_server::stream::WatchSettings {
+        fluxo_server::stream::WatchSettings {
+            pace: fluxo_server::stream::WatchPace {
+                heartbeat: Duration::from_millis(self.watch_heartbeat_ms),
+                ..Default::default()
+            },
+            live: fluxo_server::stream::Live {
+                slow_reader: Duration::from_millis(self.watch_slow_reader_ms),
+                drain: Some(drain),
+            },
         }
     }
 }

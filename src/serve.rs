@@ -234,10 +234,7 @@ impl<'a> Process<'a> {
             .add_service(fluxo_ledger::grpc::server_with(
                 ledger,
                 config.grpc.max_message_bytes,
-                fluxo_ledger::grpc::WatchSettings {
-                    pace: config.grpc.watch_pace(),
-                    live: config.grpc.watch_live(self.server.draining()),
-                },
+                config.grpc.watch_settings(self.server.draining()),
             ))
             .await;
         self.checks.push(Arc::new(fluxo_ledger::readiness(self.db.clone())));
@@ -258,8 +255,12 @@ impl<'a> Process<'a> {
     /// The balance queries' gRPC service, over the shared cache.
     async fn add_balance(&mut self) {
         let balances = Balances::new(self.consolidator.store().clone());
-        let service =
-            fluxo_balance::grpc::server(balances, self.cache.clone(), self.config.grpc.max_message_bytes);
+        let service = fluxo_balance::grpc::server_with(
+            balances,
+            self.cache.clone(),
+            self.config.grpc.max_message_bytes,
+            self.config.grpc.watch_settings(self.server.draining()),
+        );
         self.server.add_service(service).await;
         self.needs_read_model = true;
     }

@@ -176,7 +176,8 @@ def duration_s(value):
 # have a timeout (Istio's 0s), or the mesh cuts them mid-stream.
 STREAM_RPCS = {
     "fluxo.ledger.v1": ["/fluxo.ledger.v1.LedgerService/ExportEntries", "/fluxo.ledger.v1.LedgerService/WatchEntries"],
-    "fluxo.balance.v1": ["/fluxo.balance.v1.BalanceService/ExportDailyBalances"],
+    "fluxo.balance.v1": ["/fluxo.balance.v1.BalanceService/ExportDailyBalances",
+                         "/fluxo.balance.v1.BalanceService/WatchDailyBalances"],
 }
 STREAM_REST = ["/v1/merchants/m-1/entries:export", "/v1/merchants/m-1/balances:export"]
 

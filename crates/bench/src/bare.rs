@@ -5,7 +5,8 @@
 
 use fluxo_proto::balance_v1::{
     DailyBalance, ExportDailyBalancesRequest, ExportDailyBalancesResponse, GetDailyBalanceRequest,
-    ListDailyBalancesRequest, ListDailyBalancesResponse,
+    ListDailyBalancesRequest, ListDailyBalancesResponse, WatchDailyBalancesRequest,
+    WatchDailyBalancesResponse,
     balance_service_server::{BalanceService, BalanceServiceServer},
 };
 use tonic::{Request, Response, Status};
@@ -16,6 +17,14 @@ struct Constant(DailyBalance);
 #[tonic::async_trait]
 impl BalanceService for Constant {
     type ExportDailyBalancesStream = futures::stream::Empty<Result<ExportDailyBalancesResponse, Status>>;
+    type WatchDailyBalancesStream = futures::stream::Empty<Result<WatchDailyBalancesResponse, Status>>;
+
+    async fn watch_daily_balances(
+        &self,
+        _request: Request<WatchDailyBalancesRequest>,
+    ) -> Result<Response<Self::WatchDailyBalancesStream>, Status> {
+        Err(Status::unimplemented("the bare server answers reads only"))
+    }
 
     async fn export_daily_balances(
         &self,

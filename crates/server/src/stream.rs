@@ -57,6 +57,15 @@ impl Default for Live {
     }
 }
 
+/// How a service's watches behave.
+#[derive(Debug, Clone, Default)]
+pub struct WatchSettings {
+    /// Heartbeats and polling.
+    pub pace: WatchPace,
+    /// What ends a watch: a reader too slow, the server draining.
+    pub live: Live,
+}
+
 /// Like [`pump`], for a stream without end (a watch), ended by `live`'s
 /// rules: what was queued for a reader cut off is dropped, so a stalled
 /// reader holds neither a task nor buffers for ever. Either way the reader
@@ -311,6 +320,28 @@ pub fn sized<T: prost::Message>(items: Vec<T>, budget: usize) -> Vec<Vec<T>> {
     runs
 }
 
+/// A watch's answer as messages: `items` (each with the cursor after it) cut
+/// like [`sized`], each run with the cursor after its last item; no items is
+/// one run, a heartbeat, with `cursor`, where the watch stands.
+pub fn sized_with_cursors<T: prost::Message, C>(
+    items: Vec<(T, C)>,
+    cursor: C,
+    budget: usize,
+) -> Vec<(Vec<T>, C)> {
+    if items.is_empty() {
+        return vec![(Vec::new(), cursor)];
+    }
+    let (items, cursors): (Vec<T>, Vec<C>) = items.into_iter().unzip();
+    let mut cursors = cursors.into_iter();
+    sized(items, budget)
+        .into_iter()
+        .filter_map(|run| {
+            let last = cursors.by_ref().take(run.len()).last()?;
+            Some((run, last))
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::sized;
@@ -328,5 +359,20 @@ mod tests {
         // One item over the budget still travels, alone.
         assert_eq!(sized(vec!["y".repeat(100)], 10).len(), 1);
         assert!(sized(Vec::<String>::new(), 10).is_empty());
+    }
+
+    #[test]
+    fn every_run_of_a_watch_carries_the_cursor_after_its_last_item() {
+        let items: Vec<(String, usize)> = (0..50).map(|i| ("x".repeat(i % 5 + 1), i)).collect();
+        let runs = super::sized_with_cursors(items, 99, 30);
+        assert!(runs.len() > 5);
+        let mut seen = 0;
+        for (run, cursor) in &runs {
+            seen += run.len();
+            assert_eq!(*cursor, seen - 1);
+        }
+        assert_eq!(seen, 50);
+        // Nothing: a heartbeat with where the watch stands.
+        assert_eq!(super::sized_with_cursors(Vec::<(String, usize)>::new(), 7, 30), vec![(vec![], 7)]);
     }
 }

@@ -7,6 +7,7 @@ use fluxo_proto::balance_v1::{
 use std::{future::Future, sync::Arc};
 
 use bytes::Bytes;
+use fluxo_server::stream::WatchSettings;
 use prost::Message;
 use tonic::{Request, Response, Status};
 
@@ -23,6 +24,7 @@ pub struct BalanceGrpc {
     /// Largest message taken in; streamed messages are cut to it (tonic
     /// refuses to send one past four times it).
     max_message_bytes: usize,
+    watch: WatchSettings,
 }
 
 /// The tonic service.
@@ -31,7 +33,17 @@ pub fn server(
     cache: Option<BalanceCache>,
     max_message_bytes: usize,
 ) -> BalanceServiceServer<BalanceGrpc> {
-    BalanceServiceServer::new(BalanceGrpc { balances, cache, max_message_bytes })
+    server_with(balances, cache, max_message_bytes, WatchSettings::default())
+}
+
+/// [`server`], with the watches' behaviour set.
+pub fn server_with(
+    balances: Balances,
+    cache: Option<BalanceCache>,
+    max_message_bytes: usize,
+    watch: WatchSettings,
+) -> BalanceServiceServer<BalanceGrpc> {
+    BalanceServiceServer::new(BalanceGrpc { balances, cache, max_message_bytes, watch })
         .max_decoding_message_size(max_message_bytes)
         .max_encoding_message_size(max_message_bytes.saturating_mul(4))
 }
@@ -122,6 +134,7 @@ fn decode<M: Message + Default>(bytes: &Bytes) -> Result<M, Status> {
 #[tonic::async_trait]
 impl BalanceService for BalanceGrpc {
     type ExportDailyBalancesStream = fluxo_server::stream::Streamed<pb::ExportDailyBalancesResponse>;
+    type WatchDailyBalancesStream = fluxo_server::stream::Streamed<pb::WatchDailyBalancesResponse>;
 
     /// Straight from the read model: an export is not cached, and when the
     /// database is down it fails (UNAVAILABLE) rather than answer stale days.
@@ -148,6 +161,30 @@ impl BalanceService for BalanceGrpc {
             })
             .try_flatten();
         Ok(Response::new(fluxo_server::stream::pump(messages)))
+    }
+
+    #[tracing::instrument(name = "balance.WatchDailyBalances", skip_all, fields(merchant_id = %request.get_ref().merchant_id))]
+    async fn watch_daily_balances(
+        &self,
+        request: Request<pb::WatchDailyBalancesRequest>,
+    ) -> Result<Response<Self::WatchDailyBalancesStream>, Status> {
+        use futures::TryStreamExt;
+        fluxo_server::identity::authorize(request.metadata(), &request.get_ref().merchant_id)?;
+        let r = request.into_inner();
+        let budget = self.max_message_bytes;
+        let messages = self
+            .balances
+            .watch(&r.merchant_id, &r.cursor, r.start_at_end, self.watch.pace)
+            .await?
+            .map_ok(move |(views, cursor)| {
+                let views = views.into_iter().map(|(view, cursor)| (message(&view), cursor)).collect();
+                let runs = fluxo_server::stream::sized_with_cursors(views, cursor, budget);
+                futures::stream::iter(runs.into_iter().map(|(balances, cursor)| {
+                    Ok::<_, QueryError>(pb::WatchDailyBalancesResponse { balances, cursor: cursor.encode() })
+                }))
+            })
+            .try_flatten();
+        Ok(Response::new(fluxo_server::stream::pump_live(messages, self.watch.live.clone())))
     }
 
     #[tracing::instrument(name = "balance.GetDailyBalance", skip_all, fields(merchant_id = %request.get_ref().merchant_id))]

@@ -1,6 +1,9 @@
 //! Answering balance questions from the read model.
 
 mod export;
+mod watch;
+
+pub use watch::{ChangeCursor, ChangeCursorError};
 
 use chrono::{Days, NaiveDate};
 use fluxo_types::{BookingDate, Currency, MerchantId, Violations};

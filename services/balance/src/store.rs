@@ -2,6 +2,7 @@
 //! balance service answers from.
 
 mod migrations;
+mod watch;
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 
@@ -417,6 +418,13 @@ const ADD_TO_EXISTING_DAY: &str = " ON CONFLICT (merchant_id, currency_code, boo
        as_of_micros = CASE WHEN excluded.as_of_micros > balance_daily.as_of_micros \
                            THEN excluded.as_of_micros ELSE balance_daily.as_of_micros END";
 
+/// Where a day that changes moves in the change order (see the
+/// `change_order` migration): the current transaction on PostgreSQL (a new
+/// day takes it by default), one past the largest on SQLite.
+const CHANGE_XID: &str = ", change_xid = pg_current_xact_id()";
+const CHANGE_SEQ: &str = ", change_seq = excluded.change_seq";
+const NEXT_SEQ: &str = "(SELECT COALESCE(MAX(change_seq), 0) + 1 FROM balance_daily)";
+
 async fn upsert_days(
     conn: &impl ConnectionTrait,
     backend: sea_orm::DbBackend,
@@ -435,7 +443,7 @@ async fn upsert_days(
             format!(
                 "{insert}SELECT m, c, d, cr, de, n, a \
                  FROM unnest($1::text[], $2::text[], $3::date[], $4::int8[], $5::int8[], $6::int8[], $7::int8[]) \
-                      WITH ORDINALITY AS u(m, c, d, cr, de, n, a, o) ORDER BY o{ADD_TO_EXISTING_DAY}"
+                      WITH ORDINALITY AS u(m, c, d, cr, de, n, a, o) ORDER BY o{ADD_TO_EXISTING_DAY}{CHANGE_XID}"
             ),
             vec![
                 text(|k| &k.merchant_id),
@@ -448,10 +456,14 @@ async fn upsert_days(
             ],
         )
     } else {
+        let insert = insert.replace("as_of_micros) ", "as_of_micros, change_seq) ");
         let mut sql = format!("{insert}VALUES ");
         let mut values: Vec<Value> = Vec::with_capacity(deltas.len() * 7);
         for (i, (key, delta)) in deltas.iter().enumerate() {
-            sql.push_str(if i == 0 { "(?, ?, ?, ?, ?, ?, ?)" } else { ", (?, ?, ?, ?, ?, ?, ?)" });
+            sql.push_str(if i == 0 { "(" } else { ", (" });
+            sql.push_str("?, ?, ?, ?, ?, ?, ?, ");
+            sql.push_str(NEXT_SEQ);
+            sql.push(')');
             values.extend([
                 key.merchant_id.clone().into(),
                 key.currency.clone().into(),
@@ -463,6 +475,7 @@ async fn upsert_days(
             ]);
         }
         sql.push_str(ADD_TO_EXISTING_DAY);
+        sql.push_str(CHANGE_SEQ);
         statement(backend, &sql, values)
     };
     conn.execute_raw(upsert).await?;

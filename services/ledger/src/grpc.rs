@@ -6,12 +6,11 @@ use fluxo_proto::ledger_v1::{
     self as pb,
     ledger_service_server::{LedgerService, LedgerServiceServer},
 };
-use fluxo_server::stream::Live;
 use futures::TryStreamExt;
 use tonic::{Request, Response, Status};
 
 use crate::{
-    Booked, Ledger, LedgerError, WatchFrom, WatchPace,
+    Booked, Ledger, LedgerError, WatchFrom,
     domain::{
         CloseCommand, EntryKind, FilterFields, KindError, RecordCommand, ReopenCommand, ReverseCommand,
     },
@@ -31,14 +30,7 @@ pub struct LedgerGrpc {
     watch: WatchSettings,
 }
 
-/// How WatchEntries streams behave.
-#[derive(Debug, Clone, Default)]
-pub struct WatchSettings {
-    /// Heartbeats and polling.
-    pub pace: WatchPace,
-    /// What ends a watch: a reader too slow, the server draining.
-    pub live: Live,
-}
+pub use fluxo_server::stream::WatchSettings;
 
 /// The tonic service, with inbound messages bounded to `max_message_bytes`.
 pub fn server(ledger: Ledger, max_message_bytes: usize) -> LedgerServiceServer<LedgerGrpc> {
@@ -230,20 +222,13 @@ impl LedgerService for LedgerGrpc {
             .watch(&r.merchant_id, from, self.watch.pace)
             .await?
             .map_ok(move |batch| {
-                if batch.entries.is_empty() {
-                    let heartbeat =
-                        pb::WatchEntriesResponse { entries: vec![], cursor: batch.cursor.encode() };
-                    return futures::stream::iter(vec![Ok::<_, LedgerError>(heartbeat)]);
-                }
-                // Each message carries the cursor after its own last entry.
-                let (entries, cursors): (Vec<_>, Vec<_>) =
-                    batch.entries.iter().map(|(entry, cursor)| (wire::entry(entry), cursor)).unzip();
-                let mut cursors = cursors.into_iter();
-                let messages: Vec<_> = fluxo_server::stream::sized(entries, budget)
+                let entries =
+                    batch.entries.iter().map(|(entry, cursor)| (wire::entry(entry), cursor)).collect();
+                let runs = fluxo_server::stream::sized_with_cursors(entries, &batch.cursor, budget);
+                let messages: Vec<_> = runs
                     .into_iter()
-                    .map(|entries| {
-                        let cursor = cursors.by_ref().take(entries.len()).last().map(|c| c.encode());
-                        Ok(pb::WatchEntriesResponse { entries, cursor: cursor.unwrap_or_default() })
+                    .map(|(entries, cursor)| {
+                        Ok::<_, LedgerError>(pb::WatchEntriesResponse { entries, cursor: cursor.encode() })
                     })
                     .collect();
                 futures::stream::iter(messages)

@@ -13,7 +13,7 @@ pub struct Migrator;
 #[async_trait::async_trait]
 impl MigratorTrait for Migrator {
     fn migrations() -> Vec<Box<dyn MigrationTrait>> {
-        boxed(&[CREATE_READ_MODEL, CREATE_PARKED_EVENTS])
+        boxed(&[CREATE_READ_MODEL, CREATE_PARKED_EVENTS, CREATE_CHANGE_ORDER])
     }
 
     fn migration_table_name() -> DynIden {
@@ -104,4 +104,34 @@ CREATE TABLE balance_parked_events (
     parked_at_micros INTEGER NOT NULL
 );
 CREATE INDEX balance_parked_by_merchant ON balance_parked_events (merchant_id, booking_date);
+"#;
+
+/// The order in which days change, for WatchDailyBalances. PostgreSQL: the
+/// transaction that last changed the day (`xid8`; a watch reads only below
+/// the oldest transaction still running, so a later commit can never land
+/// behind its cursor); days stored before this migration read as
+/// transaction 0. SQLite: a number one past the largest yet, set by every
+/// write (its single writer commits in that order).
+const CREATE_CHANGE_ORDER: SqlMigration = SqlMigration {
+    name: "m20261204_000003_change_order",
+    up: Sql { postgres: CHANGE_ORDER_POSTGRES, sqlite: CHANGE_ORDER_SQLITE },
+    down: Sql {
+        postgres: "DROP INDEX balance_daily_by_merchant_change; ALTER TABLE balance_daily DROP COLUMN change_xid;",
+        sqlite: "DROP INDEX balance_daily_by_merchant_change; DROP INDEX balance_daily_by_change; \
+                 ALTER TABLE balance_daily DROP COLUMN change_seq;",
+    },
+};
+
+const CHANGE_ORDER_POSTGRES: &str = r#"
+ALTER TABLE balance_daily ADD COLUMN change_xid xid8 NOT NULL DEFAULT '0';
+ALTER TABLE balance_daily ALTER COLUMN change_xid SET DEFAULT pg_current_xact_id();
+CREATE INDEX balance_daily_by_merchant_change
+    ON balance_daily (merchant_id, change_xid, currency_code, booking_date);
+"#;
+
+const CHANGE_ORDER_SQLITE: &str = r#"
+ALTER TABLE balance_daily ADD COLUMN change_seq INTEGER NOT NULL DEFAULT 0;
+CREATE INDEX balance_daily_by_change ON balance_daily (change_seq);
+CREATE INDEX balance_daily_by_merchant_change
+    ON balance_daily (merchant_id, change_seq, currency_code, booking_date);
 "#;

@@ -2,6 +2,8 @@
 //! events into the read model, the real BalanceService over gRPC, the real
 //! Redis cache — each test on a fresh database, on SQLite and on PostgreSQL.
 
+mod watch;
+
 use std::{sync::Arc, time::Duration};
 
 use bytes::Bytes;
@@ -18,6 +20,10 @@ use fluxo_server::{GrpcServer, ServerConfig};
 use fluxo_testing::{Backend, TestDb, backend_suite};
 use prost::Message;
 use tonic::{Code, transport::Channel};
+use watch::{
+    a_bad_balance_watch_is_refused_naming_the_field,
+    a_balance_watch_sends_each_day_as_it_changes_and_resumes_from_a_cursor,
+};
 
 struct App {
     client: BalanceServiceClient<Channel>,
@@ -139,6 +145,8 @@ backend_suite!(
     the_cache_never_serves_a_balance_older_than_the_committed_read_model,
     serves_the_last_known_balance_marked_stale_when_the_database_is_down,
     reports_bad_requests_by_field,
+    a_balance_watch_sends_each_day_as_it_changes_and_resumes_from_a_cursor,
+    a_bad_balance_watch_is_refused_naming_the_field,
 );
 
 async fn a_backdated_entry_changes_that_day_and_every_later_closing_balance(backend: Backend) {
