@@ -39,6 +39,7 @@ FLUXO_METRICS = {
     "fluxo_balance_cache_hits_total": "counter",
     "fluxo_balance_cache_misses_total": "counter",
     "fluxo_gateway_rate_limited_total": "counter",
+    "fluxo_watch_slow_readers_total": "counter",
     "db_client_connection_count": "gauge",
     "db_client_connection_max": "gauge",
 }

@@ -87,7 +87,7 @@ static CUT: AtomicU64 = AtomicU64::new(0);
 
 static CUT_COUNTER: LazyLock<Counter<u64>> = LazyLock::new(|| {
     fluxo_telemetry::meter()
-        .u64_counter("fluxo.stream.slow_readers")
+        .u64_counter("fluxo.watch.slow_readers")
         .with_unit("{stream}")
         .with_description("Watch streams cut off because their reader stopped taking messages")
         .build()

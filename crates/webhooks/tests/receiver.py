@@ -1,0 +1,59 @@
+"""A webhook receiver for fluxo's tests: HTTPS with the suite's certificate,
+each delivery verified by the Standard Webhooks reference library.
+
+    receiver.py SECRET CERT KEY [SCRIPT]
+
+SCRIPT is a comma-separated list of what to do with each delivery in turn,
+then the last one for the rest: a status code (`200`, `503`, `410`), `big`
+(200 with a 64 KiB body) or `stall` (read the request, answer nothing for
+60 s). It prints `port N` once listening, then one JSON line per delivery:
+{"id", "verified", "error", "answer", "body"}.
+"""
+import http.server
+import json
+import ssl
+import sys
+import threading
+import time
+
+from standardwebhooks.webhooks import Webhook
+
+secret, cert, key = sys.argv[1:4]
+script = (sys.argv[4] if len(sys.argv) > 4 else "200").split(",")
+webhook = Webhook(secret)
+lock = threading.Lock()
+count = [0]
+
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    def do_POST(self):
+        body = self.rfile.read(int(self.headers.get("content-length", "0")))
+        with lock:
+            answer = script[min(count[0], len(script) - 1)]
+            count[0] += 1
+        try:
+            webhook.verify(body, {k.lower(): v for k, v in self.headers.items()})
+            verified, error = True, ""
+        except Exception as e:  # the library raises its own types
+            verified, error = False, repr(e)
+        print(json.dumps({"id": self.headers.get("webhook-id"), "verified": verified, "error": error,
+                          "answer": answer, "body": body.decode(errors="replace")}), flush=True)
+        if answer == "stall":
+            time.sleep(60)
+            return
+        status, payload = (200, b"x" * 65536) if answer == "big" else (int(answer), b"thanks")
+        self.send_response(status)
+        self.send_header("content-length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+    def log_message(self, *args):
+        pass
+
+
+server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+context.load_cert_chain(cert, key)
+server.socket = context.wrap_socket(server.socket, server_side=True)
+print(f"port {server.server_address[1]}", flush=True)
+server.serve_forever()
