@@ -14,6 +14,7 @@ use serde_json::{Value, json};
 use crate::{RECORD, support::Fluxo};
 
 const WATCH: &str = "fluxo.ledger.v1.LedgerService/WatchEntries";
+const BALANCE_WATCH: &str = "fluxo.balance.v1.BalanceService/WatchDailyBalances";
 
 /// A grpcurl process holding a watch open, its messages parsed as they come.
 struct Watcher {
@@ -23,9 +24,13 @@ struct Watcher {
 
 impl Watcher {
     fn start(addr: &str, request: &Value) -> Self {
+        Self::start_on(addr, WATCH, request)
+    }
+
+    fn start_on(addr: &str, method: &str, request: &Value) -> Self {
         let bin = std::env::var("FLUXO_TEST_GRPCURL").expect("FLUXO_TEST_GRPCURL (run ./scripts/test.sh)");
         let mut child = Command::new(bin)
-            .args(["-plaintext", "-d", &request.to_string(), addr, WATCH])
+            .args(["-plaintext", "-d", &request.to_string(), addr, method])
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
@@ -50,9 +55,9 @@ impl Watcher {
         Self { child, messages }
     }
 
-    /// The next message, within 30 s.
+    /// The next message, within 60 s.
     fn next(&self) -> Value {
-        self.messages.recv_timeout(Duration::from_secs(30)).expect("a watch message within 30 s")
+        self.messages.recv_timeout(Duration::from_secs(60)).expect("a watch message within 60 s")
     }
 
     /// Messages until one carries an entry: (its entry ids, its cursor).
@@ -113,4 +118,70 @@ fn grpcurl_follows_a_watch_and_resumes_it_from_a_printed_cursor() {
     .unwrap_err();
     assert!(refused.contains("InvalidArgument"), "{refused}");
     assert!(refused.contains("cursor"), "{refused}");
+}
+
+/// Two ledger replicas and a balance replica on one PostgreSQL, the consolidator
+/// in a process of its own: a watch on one replica follows what is booked on the
+/// other (its only news is its poll), and a balance watch follows what the
+/// consolidator applies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn watches_follow_what_other_processes_commit() {
+    let install =
+        crate::pipeline::Install::new(std::env::var("FLUXO_TEST_REDIS_URL").expect("FLUXO_TEST_REDIS_URL"))
+            .await;
+    let reader = install.start("ledger", &[]);
+    let writer = install.start("ledger", &[]);
+    let balance = install.start("balance", &[]);
+    let _consolidator = install.start("consolidator", &[]);
+
+    let entries = Watcher::start(&reader.addr, &json!({"merchantId":"m-w"}));
+    let days = Watcher::start_on(&balance.addr, BALANCE_WATCH, &json!({"merchantId":"m-w"}));
+    // Both streams are open (their first message, a heartbeat, has come) before anything is booked.
+    entries.next();
+    days.next();
+
+    // 400 entries over four days, eight callers at once, all through the other replica.
+    let client = crate::pipeline::ledger_client(&writer.addr).await;
+    let mut booked = std::collections::HashSet::new();
+    let calls: Vec<_> = (0..400)
+        .map(|i| {
+            let mut client = client.clone();
+            tokio::spawn(async move {
+                let request = crate::lpb::RecordEntryRequest {
+                    merchant_id: "m-w".into(),
+                    r#type: crate::lpb::EntryType::Credit.into(),
+                    amount: Some(crate::lpb::Money { currency_code: "BRL".into(), minor_units: 1 }),
+                    booking_date: format!("2026-11-{:02}", 20 + i % 4),
+                    request_id: format!("x-{i}"),
+                    ..Default::default()
+                };
+                client.record_entry(request).await.expect("booked").into_inner().id
+            })
+        })
+        .collect();
+    for call in calls {
+        booked.insert(call.await.unwrap());
+    }
+
+    let mut seen = Vec::new();
+    while seen.len() < booked.len() {
+        let (ids, _) = entries.next_entries();
+        seen.extend(ids);
+    }
+    let distinct: std::collections::HashSet<String> = seen.iter().cloned().collect();
+    assert_eq!(distinct.len(), seen.len(), "an entry came twice");
+    assert_eq!(distinct, booked);
+
+    // The balance watch ends with every day at its full count: 100 entries, closing = running total.
+    let mut last: std::collections::BTreeMap<String, (String, String)> = Default::default();
+    while last.len() < 4 || last.values().any(|(count, _)| count != "100") {
+        let message = days.next();
+        for day in message["balances"].as_array().into_iter().flatten() {
+            let count = day["entryCount"].as_str().unwrap_or("0").to_owned();
+            let closing = day["closingBalanceMinor"].as_str().unwrap_or("0").to_owned();
+            last.insert(day["date"].as_str().unwrap().to_owned(), (count, closing));
+        }
+    }
+    let closings: Vec<&str> = last.values().map(|(_, c)| c.as_str()).collect();
+    assert_eq!(closings, ["100", "200", "300", "400"]);
 }
