@@ -185,3 +185,52 @@ async fn watches_follow_what_other_processes_commit() {
     let closings: Vec<&str> = last.values().map(|(_, c)| c.as_str()).collect();
     assert_eq!(closings, ["100", "200", "300", "400"]);
 }
+
+/// Under load, through a client fluxo did not write: twenty grpcurl watches
+/// open at once on the embedded default while 500 entries are booked by
+/// sixteen callers; each watch sends every entry exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn twenty_grpcurl_watches_each_get_every_entry_once_under_load() {
+    let data = tempfile::tempdir().unwrap();
+    let fluxo = Fluxo::start(data.path(), &[]);
+    let watchers: Vec<Watcher> =
+        (0..20).map(|_| Watcher::start(&fluxo.addr, &json!({"merchantId":"m-load"}))).collect();
+    for watcher in &watchers {
+        watcher.next();
+    }
+    let client = crate::pipeline::ledger_client(&fluxo.addr).await;
+    let mut booked = std::collections::HashSet::new();
+    let callers: Vec<_> = (0..16)
+        .map(|c| {
+            let mut client = client.clone();
+            tokio::spawn(async move {
+                let mut ids = Vec::new();
+                for n in (c..500).step_by(16) {
+                    let request = crate::lpb::RecordEntryRequest {
+                        merchant_id: "m-load".into(),
+                        r#type: crate::lpb::EntryType::Debit.into(),
+                        amount: Some(crate::lpb::Money { currency_code: "BRL".into(), minor_units: 3 }),
+                        booking_date: "2026-11-21".into(),
+                        request_id: format!("l-{n}"),
+                        ..Default::default()
+                    };
+                    ids.push(client.record_entry(request).await.expect("booked").into_inner().id);
+                }
+                ids
+            })
+        })
+        .collect();
+    for caller in callers {
+        booked.extend(caller.await.unwrap());
+    }
+    assert_eq!(booked.len(), 500);
+    for (w, watcher) in watchers.iter().enumerate() {
+        let mut seen = Vec::new();
+        while seen.len() < booked.len() {
+            seen.extend(watcher.next_entries().0);
+        }
+        let distinct: std::collections::HashSet<String> = seen.iter().cloned().collect();
+        assert_eq!(distinct.len(), seen.len(), "watch {w}: an entry came twice");
+        assert_eq!(distinct, booked, "watch {w}");
+    }
+}
