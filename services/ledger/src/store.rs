@@ -98,22 +98,39 @@ pub struct LedgerStore {
 }
 
 /// Told of every commit that adds entries: wakes the outbox relay, so it
-/// publishes at once, and every watch of the entries.
+/// publishes at once, and the watches of the merchants whose entries were
+/// committed (a watch of any other merchant is not woken for nothing).
 #[derive(Debug)]
 pub(crate) struct Commits {
     relay: Arc<Notify>,
-    watches: signal::Sender<u64>,
+    watches: std::sync::Mutex<std::collections::HashMap<String, signal::Sender<u64>>>,
 }
 
 impl Commits {
     fn new() -> Self {
-        Self { relay: Arc::new(Notify::new()), watches: signal::Sender::new(0) }
+        Self { relay: Arc::new(Notify::new()), watches: Default::default() }
     }
 
-    /// Entries were committed.
-    pub(crate) fn committed(&self) {
+    /// Entries of `merchants` were committed.
+    pub(crate) fn committed<'a>(&self, merchants: impl IntoIterator<Item = &'a MerchantId>) {
         self.relay.notify_one();
-        self.watches.send_modify(|n| *n = n.wrapping_add(1));
+        let mut watches = self.watches.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if watches.is_empty() {
+            return;
+        }
+        for merchant in merchants {
+            if let Some(tx) = watches.get(merchant.as_str()) {
+                tx.send_modify(|n| *n = n.wrapping_add(1));
+            }
+        }
+        // Merchants nobody watches any more.
+        watches.retain(|_, tx| tx.receiver_count() > 0);
+    }
+
+    /// Changes after every commit of `merchant`'s entries.
+    fn subscribe(&self, merchant: &MerchantId) -> signal::Receiver<u64> {
+        let mut watches = self.watches.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        watches.entry(merchant.as_str().to_owned()).or_insert_with(|| signal::Sender::new(0)).subscribe()
     }
 }
 
@@ -135,9 +152,9 @@ impl LedgerStore {
         self.committed.relay.clone()
     }
 
-    /// Changes after every commit that adds entries (for the watches).
-    pub(crate) fn watch_commits(&self) -> signal::Receiver<u64> {
-        self.committed.watches.subscribe()
+    /// Changes after every commit of `merchant`'s entries (for its watches).
+    pub(crate) fn watch_commits(&self, merchant: &MerchantId) -> signal::Receiver<u64> {
+        self.committed.subscribe(merchant)
     }
 
     /// The backend the store runs on.
@@ -246,7 +263,7 @@ impl LedgerStore {
         match insert_entry(&txn, reversal).await {
             Ok(entry) => {
                 txn.commit().await?;
-                self.committed.committed();
+                self.committed.committed([&entry.booked.merchant_id]);
                 Ok(Reversal::Booked(Booking::New(entry)))
             }
             Err(StoreError::Failed(error))
@@ -730,4 +747,27 @@ fn to_domain(
         created_at: row.created_at,
         reversed_by: reversed_by.as_deref().map(parse_id).transpose()?,
     })
+}
+
+#[cfg(test)]
+mod commit_tests {
+    use super::Commits;
+    use crate::domain::MerchantId;
+
+    #[test]
+    fn a_commit_wakes_the_watches_of_its_merchants_only() {
+        let commits = Commits::new();
+        let (m1, m2) = (MerchantId::parse("m-1").unwrap(), MerchantId::parse("m-2").unwrap());
+        let (mut w1, mut w2) = (commits.subscribe(&m1), commits.subscribe(&m2));
+        commits.committed([&m1]);
+        assert!(w1.has_changed().unwrap());
+        assert!(!w2.has_changed().unwrap());
+        w1.borrow_and_update();
+        commits.committed([&m2, &m1]);
+        assert!(w1.has_changed().unwrap() && w2.has_changed().unwrap());
+        // A merchant nobody watches any more is forgotten at the next commit.
+        drop((w1, w2));
+        commits.committed([&m1]);
+        assert!(commits.watches.lock().unwrap().is_empty());
+    }
 }

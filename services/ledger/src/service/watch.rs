@@ -59,7 +59,7 @@ impl Ledger {
         };
         let merchant = v.finish(|| merchant).map_err(LedgerError::Invalid)?;
         // Taken before the starting point is read: a commit after it wakes the watch.
-        let commits = self.store.watch_commits();
+        let commits = self.store.watch_commits(&merchant);
         let cursor = match cursor {
             Some(c) => c,
             None if from.start_at_end => self.store.watch_end().await?,

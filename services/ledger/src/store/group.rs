@@ -183,7 +183,7 @@ async fn commit(db: &Db, committed: &super::Commits, mut batch: Vec<Pending>) {
     });
     match write(db, &first).await {
         Ok(outcomes) => {
-            committed.committed();
+            committed.committed(first.iter().map(|p| &p.new.merchant_id));
             for (pending, outcome) in first.into_iter().zip(outcomes) {
                 let _ = pending.reply.send(Ok(outcome));
             }
@@ -199,7 +199,7 @@ async fn commit(db: &Db, committed: &super::Commits, mut batch: Vec<Pending>) {
                 let one = std::slice::from_ref(&pending);
                 let result = write(db, one).await;
                 if result.is_ok() {
-                    committed.committed();
+                    committed.committed([&pending.new.merchant_id]);
                 }
                 let outcome = result.map(|mut outcomes| outcomes.pop().unwrap_or(Outcome::KeyTaken));
                 let _ = pending.reply.send(outcome);
