@@ -758,7 +758,7 @@ mod commit_tests {
     fn a_commit_wakes_the_watches_of_its_merchants_only() {
         let commits = Commits::new();
         let (m1, m2) = (MerchantId::parse("m-1").unwrap(), MerchantId::parse("m-2").unwrap());
-        let (mut w1, mut w2) = (commits.subscribe(&m1), commits.subscribe(&m2));
+        let (mut w1, w2) = (commits.subscribe(&m1), commits.subscribe(&m2));
         commits.committed([&m1]);
         assert!(w1.has_changed().unwrap());
         assert!(!w2.has_changed().unwrap());
