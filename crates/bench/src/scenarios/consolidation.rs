@@ -28,10 +28,20 @@ use crate::load;
 pub(super) async fn pipeline(b: &mut Bench, t: &Targets) -> anyhow::Result<()> {
     let probes = Arc::new(Probes::new()?);
     let rate = b.args.pipeline_rate;
+    let watches = Watches::start(t, WATCHED).await?;
     let op = pipeline_op(t.ledgers.clone(), t.balances.clone(), probes.clone(), rate);
     let pipe = b.measure(&format!("pipeline writes at {rate:.0}/s"), b.open(rate), op).await;
     b.wait_consolidated(Duration::from_secs(600), "pipeline").await?;
     tokio::time::sleep(Duration::from_millis(500)).await;
+    let (entries, days) = watches.stop();
+    b.report.fact(
+        &format!("watch delay, commit → WatchEntries reader ({WATCHED} watches, one merchant each)"),
+        entries.summary(),
+    );
+    b.report.fact(
+        &format!("watch delay, commit → WatchDailyBalances reader ({WATCHED} watches; the day's as_of)"),
+        days.summary(),
+    );
     let (p50, p99, max, seen) = probes.delays();
     let (started, lost) = *probes.counts.lock().expect("lock");
     b.report.fact(
@@ -63,6 +73,97 @@ pub(super) async fn pipeline(b: &mut Bench, t: &Targets) -> anyhow::Result<()> {
         every.p99 <= 250.0 && p99 <= 250.0 && lost == 0 && pipe.failed() == 0 && seen > 0,
     );
     Ok(())
+}
+
+/// Merchants of the pipeline followed by a watch of each kind during the phase.
+const WATCHED: u64 = 8;
+
+/// Delays from an entry's commit to a watch reader receiving it, microseconds.
+#[derive(Debug)]
+struct Delays(Mutex<Histogram<u64>>);
+
+impl Delays {
+    fn new() -> anyhow::Result<Arc<Self>> {
+        Ok(Arc::new(Self(Mutex::new(Histogram::new_with_bounds(1, 120_000_000, 3)?))))
+    }
+
+    /// Records the delay since `committed` (a protobuf timestamp).
+    fn since(&self, committed: Option<&prost_types::Timestamp>) {
+        let Some(at) = committed else { return };
+        let committed_us = at.seconds.saturating_mul(1_000_000).saturating_add(i64::from(at.nanos / 1_000));
+        let now_us = chrono::Utc::now().timestamp_micros();
+        let us = u64::try_from(now_us.saturating_sub(committed_us)).unwrap_or(0).max(1);
+        self.0.lock().expect("lock").saturating_record(us);
+    }
+
+    fn summary(&self) -> String {
+        let d = self.0.lock().expect("lock");
+        if d.is_empty() {
+            return "nothing received".into();
+        }
+        format!(
+            "p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms over {} messages' entries/days",
+            d.value_at_quantile(0.5) as f64 / 1e3,
+            d.value_at_quantile(0.99) as f64 / 1e3,
+            d.max() as f64 / 1e3,
+            d.len()
+        )
+    }
+}
+
+/// WatchEntries and WatchDailyBalances readers of the first `n` pipeline merchants.
+struct Watches {
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    entries: Arc<Delays>,
+    days: Arc<Delays>,
+}
+
+impl Watches {
+    async fn start(t: &Targets, n: u64) -> anyhow::Result<Self> {
+        use futures::StreamExt as _;
+        let (entries, days) = (Delays::new()?, Delays::new()?);
+        let mut tasks = Vec::new();
+        for m in 0..n {
+            let merchant = format!("p-{m}");
+            let request = fluxo_proto::ledger_v1::WatchEntriesRequest {
+                merchant_id: merchant.clone(),
+                cursor: String::new(),
+                start_at_end: true,
+            };
+            let mut stream = t.ledgers.get(m).watch_entries(request).await?.into_inner();
+            let delays = entries.clone();
+            tasks.push(tokio::spawn(async move {
+                while let Some(Ok(message)) = stream.next().await {
+                    for entry in &message.entries {
+                        delays.since(entry.created_at.as_ref());
+                    }
+                }
+            }));
+            let request = fluxo_proto::balance_v1::WatchDailyBalancesRequest {
+                merchant_id: merchant,
+                cursor: String::new(),
+                start_at_end: true,
+            };
+            let mut stream = t.balances.get(m).watch_daily_balances(request).await?.into_inner();
+            let delays = days.clone();
+            tasks.push(tokio::spawn(async move {
+                while let Some(Ok(message)) = stream.next().await {
+                    for day in &message.balances {
+                        delays.since(day.as_of.as_ref());
+                    }
+                }
+            }));
+        }
+        Ok(Self { tasks, entries, days })
+    }
+
+    /// Ends the watches; what each kind measured.
+    fn stop(self) -> (Arc<Delays>, Arc<Delays>) {
+        for task in self.tasks {
+            task.abort();
+        }
+        (self.entries, self.days)
+    }
 }
 
 /// The pipeline's probes: entries of a merchant of their own, whose balance
