@@ -20,6 +20,7 @@ pub mod import;
 pub mod ops;
 pub mod periods;
 pub mod serve;
+pub mod watch;
 
 use clap::ValueEnum;
 

@@ -109,6 +109,13 @@ enum EntriesCommand {
     /// header row, then one row per entry in (booking date, id) order; amounts in integer minor
     /// units beside the currency code; metadata as one JSON-object column. Progress on stderr.
     Export(#[command(flatten)] fluxo::export::EntriesExportArgs),
+    /// Follow a merchant's entries as they are committed, as CSV rows on stdout, until interrupted.
+    ///
+    /// The export's columns, a row per entry in commit order, flushed as they arrive. From the
+    /// merchant's first entry, after --cursor, or --from-end. Reconnects by itself (the server
+    /// draining, the connection lost) and resumes after the last row written; with
+    /// --cursor-file FILE a later run resumes there too, without a second header row.
+    Watch(#[command(flatten)] fluxo::watch::WatchArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -196,6 +203,7 @@ fn main() -> ExitCode {
             }
             Command::Entries { command: EntriesCommand::Import(args) } => fluxo::import::import(&args).await,
             Command::Entries { command: EntriesCommand::Export(args) } => fluxo::export::entries(&args).await,
+            Command::Entries { command: EntriesCommand::Watch(args) } => fluxo::watch::entries(&args).await,
             Command::Ledger { command } => match command {
                 LedgerCommand::Close(args) => fluxo::periods::close(&args).await,
                 LedgerCommand::Reopen(args) => fluxo::periods::reopen(&args).await,

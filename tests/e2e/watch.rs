@@ -234,3 +234,69 @@ async fn twenty_grpcurl_watches_each_get_every_entry_once_under_load() {
         assert_eq!(distinct, booked, "watch {w}");
     }
 }
+
+/// `fluxo entries watch` as a process: CSV rows as entries are booked; killed
+/// and started again with its cursor file, it goes on after the last row it
+/// wrote, without a second header row.
+#[test]
+fn the_watch_command_writes_rows_as_they_come_and_resumes_from_its_cursor_file() {
+    let data = tempfile::tempdir().unwrap();
+    let fluxo = Fluxo::start(data.path(), &[]);
+    let cursor_file = data.path().join("m-cli.cursor");
+    let follow = || -> (Child, mpsc::Receiver<String>) {
+        let mut child = crate::support::fluxo_command(data.path(), &[])
+            .args(["entries", "watch", "--merchant", "m-cli", "--cursor-file"])
+            .arg(&cursor_file)
+            .args(["--addr", &format!("http://{}", fluxo.addr)])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("run fluxo entries watch");
+        let (tx, rx) = mpsc::channel();
+        let stdout = child.stdout.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        (child, rx)
+    };
+    let line =
+        |rx: &mpsc::Receiver<String>| rx.recv_timeout(Duration::from_secs(60)).expect("a row within 60 s");
+    let book = |key: &str| {
+        let request = json!({"merchantId":"m-cli","type":"CREDIT","amount":{"currencyCode":"BRL","minorUnits":"250"},
+                             "bookingDate":"2026-11-21","requestId":key});
+        fluxo.call(RECORD, &request).unwrap()["id"].as_str().unwrap().to_owned()
+    };
+    // The cursor is saved after each batch is written: waits for a save other than `previous`.
+    let saved = |previous: &str| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let text = std::fs::read_to_string(&cursor_file).unwrap_or_default();
+            if !text.is_empty() && text != previous {
+                return text;
+            }
+            assert!(std::time::Instant::now() < deadline, "the cursor file was not written");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+
+    let first = book("c-1");
+    let (mut child, rows) = follow();
+    assert!(line(&rows).starts_with("id,"), "a header row first");
+    assert!(line(&rows).starts_with(&first));
+    let after_first = saved("");
+    let second = book("c-2");
+    assert!(line(&rows).starts_with(&second));
+    saved(&after_first);
+    let _ = child.kill();
+    let _ = child.wait();
+
+    let third = book("c-3");
+    let (mut child, rows) = follow();
+    assert!(line(&rows).starts_with(&third), "resumed after the second entry, without a header");
+    let _ = child.kill();
+    let _ = child.wait();
+}

@@ -102,7 +102,7 @@ impl Table {
 
     /// The header row, as CSV bytes.
     pub fn header(self) -> Vec<u8> {
-        let mut out = CsvWriter::headless(self, Vec::new());
+        let mut out = CsvWriter::continuing(self, Vec::new());
         // Writing to memory cannot fail.
         let _ = out.csv.write_record(self.columns());
         out.into_inner().unwrap_or_default()
@@ -111,7 +111,7 @@ impl Table {
     /// The rows of one encoded response message of the table's stream, as
     /// CSV bytes, and how many rows they are.
     pub fn rows(self, chunk: &[u8]) -> Result<(Vec<u8>, u64), ExportError> {
-        let mut out = CsvWriter::headless(self, Vec::new());
+        let mut out = CsvWriter::continuing(self, Vec::new());
         out.encoded(chunk)?;
         let rows = out.rows();
         Ok((out.into_inner()?, rows))
@@ -129,12 +129,13 @@ pub struct CsvWriter<W: io::Write> {
 impl<W: io::Write> CsvWriter<W> {
     /// A writer of `table` that has written its header row.
     pub fn new(table: Table, out: W) -> Result<Self, ExportError> {
-        let mut writer = Self::headless(table, out);
+        let mut writer = Self::continuing(table, out);
         writer.csv.write_record(table.columns())?;
         Ok(writer)
     }
 
-    fn headless(table: Table, out: W) -> Self {
+    /// A writer of `table` that continues an earlier output: no header row.
+    pub fn continuing(table: Table, out: W) -> Self {
         let csv = csv::WriterBuilder::new().has_headers(false).from_writer(out);
         Self { table, csv, rows: 0 }
     }
