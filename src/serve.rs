@@ -187,6 +187,8 @@ struct Process<'a> {
     stop: watch::Receiver<bool>,
     cache: Option<BalanceCache>,
     consolidator: Consolidator,
+    /// The read model's changes made in this process, for the balance watches.
+    changes: Arc<fluxo_server::stream::Signals>,
 }
 
 impl<'a> Process<'a> {
@@ -206,6 +208,9 @@ impl<'a> Process<'a> {
             // Every commit to the read model drops the cached answers it changed.
             consolidator = consolidator.with_listener(Arc::new(Invalidator(cache.clone())));
         }
+        // ... and wakes this process's balance watches of the merchants it changed.
+        let changes = Arc::new(fluxo_server::stream::Signals::default());
+        consolidator = consolidator.with_listener(Arc::new(fluxo_balance::ChangeNotifier(changes.clone())));
         Self {
             config,
             db,
@@ -217,6 +222,7 @@ impl<'a> Process<'a> {
             stop,
             cache,
             consolidator,
+            changes,
         }
     }
 
@@ -254,7 +260,7 @@ impl<'a> Process<'a> {
 
     /// The balance queries' gRPC service, over the shared cache.
     async fn add_balance(&mut self) {
-        let balances = Balances::new(self.consolidator.store().clone());
+        let balances = Balances::new(self.consolidator.store().clone()).with_changes(self.changes.clone());
         let service = fluxo_balance::grpc::server_with(
             balances,
             self.cache.clone(),

@@ -60,10 +60,13 @@ impl Watcher {
         self.messages.recv_timeout(Duration::from_secs(60)).expect("a watch message within 60 s")
     }
 
-    /// Messages until one carries an entry: (its entry ids, its cursor).
+    /// Messages until one carries an entry: (its entry ids, its cursor), within
+    /// 60 s (heartbeats do not extend it).
     fn next_entries(&self) -> (Vec<String>, String) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
         loop {
-            let message = self.next();
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let message = self.messages.recv_timeout(left).expect("an entry within 60 s");
             let cursor = message["cursor"].as_str().expect("every message has a cursor").to_owned();
             if let Some(entries) = message["entries"].as_array() {
                 let ids = entries.iter().map(|e| e["id"].as_str().unwrap().to_owned()).collect();
@@ -174,7 +177,9 @@ async fn watches_follow_what_other_processes_commit() {
 
     // The balance watch ends with every day at its full count: 100 entries, closing = running total.
     let mut last: std::collections::BTreeMap<String, (String, String)> = Default::default();
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
     while last.len() < 4 || last.values().any(|(count, _)| count != "100") {
+        assert!(std::time::Instant::now() < deadline, "the days never reached their counts: {last:?}");
         let message = days.next();
         for day in message["balances"].as_array().into_iter().flatten() {
             let count = day["entryCount"].as_str().unwrap_or("0").to_owned();

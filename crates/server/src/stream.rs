@@ -217,6 +217,40 @@ impl Default for WatchPace {
     }
 }
 
+/// Wake-ups for watches, by key (a merchant): [`Signals::notify`] changes
+/// the receivers of the keys it names, and only those, so a commit of one
+/// merchant's entries wakes no watch of another. Keys nobody watches any
+/// more are forgotten as commits come.
+#[derive(Debug, Default)]
+pub struct Signals(std::sync::Mutex<std::collections::HashMap<String, tokio::sync::watch::Sender<u64>>>);
+
+impl Signals {
+    /// Something of each of `keys` changed.
+    pub fn notify<'a>(&self, keys: impl IntoIterator<Item = &'a str>) {
+        let mut map = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if map.is_empty() {
+            return;
+        }
+        for key in keys {
+            if let Some(tx) = map.get(key) {
+                tx.send_modify(|n| *n = n.wrapping_add(1));
+            }
+        }
+        map.retain(|_, tx| tx.receiver_count() > 0);
+    }
+
+    /// Changes after every [`Signals::notify`] naming `key`.
+    pub fn subscribe(&self, key: &str) -> tokio::sync::watch::Receiver<u64> {
+        let mut map = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        map.entry(key.to_owned()).or_insert_with(|| tokio::sync::watch::Sender::new(0)).subscribe()
+    }
+
+    /// Keys someone watches.
+    pub fn watched(&self) -> usize {
+        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner).len()
+    }
+}
+
 /// After a wake-up that a read did not see yet (on PostgreSQL, while an
 /// older transaction is still open), the first re-read waits this long,
 /// doubling up to [`WatchPace::poll`].
@@ -359,6 +393,22 @@ mod tests {
         // One item over the budget still travels, alone.
         assert_eq!(sized(vec!["y".repeat(100)], 10).len(), 1);
         assert!(sized(Vec::<String>::new(), 10).is_empty());
+    }
+
+    #[test]
+    fn a_signal_wakes_the_watches_of_its_keys_only() {
+        let signals = super::Signals::default();
+        let (mut w1, w2) = (signals.subscribe("m-1"), signals.subscribe("m-2"));
+        signals.notify(["m-1"]);
+        assert!(w1.has_changed().unwrap());
+        assert!(!w2.has_changed().unwrap());
+        w1.borrow_and_update();
+        signals.notify(["m-2", "m-1"]);
+        assert!(w1.has_changed().unwrap() && w2.has_changed().unwrap());
+        // A key nobody watches any more is forgotten at the next notice.
+        drop((w1, w2));
+        signals.notify(["m-1"]);
+        assert_eq!(signals.watched(), 0);
     }
 
     #[test]

@@ -105,7 +105,7 @@ fn batch_span(events: &[StreamEvent]) -> tracing::Span {
 #[derive(Clone)]
 pub struct Consolidator {
     store: BalanceStore,
-    listener: Option<Arc<dyn OnApplied>>,
+    listeners: Vec<Arc<dyn OnApplied>>,
 }
 
 impl std::fmt::Debug for Consolidator {
@@ -160,12 +160,12 @@ fn classify(error: &StoreError) -> ApplyError {
 impl Consolidator {
     /// A consolidator writing to `store`.
     pub fn new(store: BalanceStore) -> Self {
-        Self { store, listener: None }
+        Self { store, listeners: Vec::new() }
     }
 
-    /// Also tells `listener` about every commit.
+    /// Also tells `listener` about every commit (after those added before).
     pub fn with_listener(mut self, listener: Arc<dyn OnApplied>) -> Self {
-        self.listener = Some(listener);
+        self.listeners.push(listener);
         self
     }
 
@@ -237,9 +237,12 @@ impl Consolidator {
         tracing::error!(event_id = %event.event_id, merchant_id = ?parked.merchant_id, %reason, "event parked: the read model refused it");
         METRICS.events.add(1, &[KeyValue::new("outcome", "parked")]);
         // Cached answers of that merchant must now say "possibly stale".
-        if let (Some(listener), Some(p)) = (&self.listener, posting) {
+        if let Some(p) = posting {
             let touched = [(p.merchant_id, p.currency)].into_iter().collect();
-            listener.applied(&Applied { touched, ..Applied::default() }).await;
+            let applied = Applied { touched, ..Applied::default() };
+            for listener in &self.listeners {
+                listener.applied(&applied).await;
+            }
         }
         Ok(())
     }
@@ -249,10 +252,10 @@ impl Consolidator {
         let span = tracing::Span::current();
         span.record("applied", applied.applied);
         span.record("duplicates", applied.duplicates);
-        if let Some(listener) = &self.listener
-            && !applied.touched.is_empty()
-        {
-            listener.applied(applied).await;
+        if !applied.touched.is_empty() {
+            for listener in &self.listeners {
+                listener.applied(applied).await;
+            }
         }
     }
 }
@@ -295,5 +298,17 @@ impl EventSink for InProcessSink {
             None => Ok(()),
             Some(e) => Err(PublishError::Consumer(e.to_string())),
         }
+    }
+}
+
+/// Wakes the balance watches of the merchants a commit changed (when the
+/// consolidator runs in the process that serves them).
+#[derive(Debug, Clone, Default)]
+pub struct ChangeNotifier(pub Arc<fluxo_server::stream::Signals>);
+
+#[async_trait::async_trait]
+impl OnApplied for ChangeNotifier {
+    async fn applied(&self, applied: &Applied) {
+        self.0.notify(applied.touched.iter().map(|(merchant, _)| merchant.as_str()));
     }
 }

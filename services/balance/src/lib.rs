@@ -15,7 +15,7 @@ pub mod store;
 
 use fluxo_db::Db;
 
-pub use consolidator::{ApplyError, Consolidator, InProcessSink, OnApplied};
+pub use consolidator::{ApplyError, ChangeNotifier, Consolidator, InProcessSink, OnApplied};
 pub use query::Balances;
 pub use store::{BalanceStore, Migrator};
 

@@ -50,6 +50,8 @@ pub enum QueryError {
 #[derive(Debug, Clone)]
 pub struct Balances {
     store: BalanceStore,
+    /// Wakes the watches when the consolidator shares this process.
+    changes: Option<std::sync::Arc<fluxo_server::stream::Signals>>,
 }
 
 struct Target {
@@ -71,7 +73,14 @@ struct Context {
 impl Balances {
     /// Queries over `store`.
     pub fn new(store: BalanceStore) -> Self {
-        Self { store }
+        Self { store, changes: None }
+    }
+
+    /// Watches are woken by `changes` (a [`crate::consolidator::ChangeNotifier`]
+    /// of an in-process consolidator) besides their poll.
+    pub fn with_changes(mut self, changes: std::sync::Arc<fluxo_server::stream::Signals>) -> Self {
+        self.changes = Some(changes);
+        self
     }
 
     async fn currency(&self, target: &Target) -> Result<Currency, QueryError> {

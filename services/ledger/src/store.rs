@@ -103,7 +103,7 @@ pub struct LedgerStore {
 #[derive(Debug)]
 pub(crate) struct Commits {
     relay: Arc<Notify>,
-    watches: std::sync::Mutex<std::collections::HashMap<String, signal::Sender<u64>>>,
+    watches: fluxo_server::stream::Signals,
 }
 
 impl Commits {
@@ -114,23 +114,12 @@ impl Commits {
     /// Entries of `merchants` were committed.
     pub(crate) fn committed<'a>(&self, merchants: impl IntoIterator<Item = &'a MerchantId>) {
         self.relay.notify_one();
-        let mut watches = self.watches.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        if watches.is_empty() {
-            return;
-        }
-        for merchant in merchants {
-            if let Some(tx) = watches.get(merchant.as_str()) {
-                tx.send_modify(|n| *n = n.wrapping_add(1));
-            }
-        }
-        // Merchants nobody watches any more.
-        watches.retain(|_, tx| tx.receiver_count() > 0);
+        self.watches.notify(merchants.into_iter().map(MerchantId::as_str));
     }
 
     /// Changes after every commit of `merchant`'s entries.
     fn subscribe(&self, merchant: &MerchantId) -> signal::Receiver<u64> {
-        let mut watches = self.watches.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        watches.entry(merchant.as_str().to_owned()).or_insert_with(|| signal::Sender::new(0)).subscribe()
+        self.watches.subscribe(merchant.as_str())
     }
 }
 
@@ -747,27 +736,4 @@ fn to_domain(
         created_at: row.created_at,
         reversed_by: reversed_by.as_deref().map(parse_id).transpose()?,
     })
-}
-
-#[cfg(test)]
-mod commit_tests {
-    use super::Commits;
-    use crate::domain::MerchantId;
-
-    #[test]
-    fn a_commit_wakes_the_watches_of_its_merchants_only() {
-        let commits = Commits::new();
-        let (m1, m2) = (MerchantId::parse("m-1").unwrap(), MerchantId::parse("m-2").unwrap());
-        let (mut w1, w2) = (commits.subscribe(&m1), commits.subscribe(&m2));
-        commits.committed([&m1]);
-        assert!(w1.has_changed().unwrap());
-        assert!(!w2.has_changed().unwrap());
-        w1.borrow_and_update();
-        commits.committed([&m2, &m1]);
-        assert!(w1.has_changed().unwrap() && w2.has_changed().unwrap());
-        // A merchant nobody watches any more is forgotten at the next commit.
-        drop((w1, w2));
-        commits.committed([&m1]);
-        assert!(commits.watches.lock().unwrap().is_empty());
-    }
 }

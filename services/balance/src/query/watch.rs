@@ -143,8 +143,10 @@ impl Balances {
                 Ok::<_, QueryError>((views, next))
             }
         };
-        // Days change in another process (the consolidator): no local wake-up, the poll.
-        Ok(fluxo_server::stream::follow(cursor, pace, None, read))
+        // Woken by the consolidator when it runs in this process; else (its own
+        // target) the poll alone.
+        let wake = self.changes.as_ref().map(|signals| signals.subscribe(merchant_id));
+        Ok(fluxo_server::stream::follow(cursor, pace, wake, read))
     }
 }
 

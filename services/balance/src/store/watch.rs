@@ -53,7 +53,10 @@ impl BalanceStore {
         let (order, cast) = if postgres { ("change_xid", "::text::xid8") } else { ("change_seq", "") };
         let mut values: Vec<Value> = vec![merchant.as_str().into()];
         let mut sql = format!(
-            "SELECT currency_code, booking_date, CAST({order} AS TEXT) FROM balance_daily WHERE merchant_id = ?"
+            // Aliased: an output column named like `{order}` would be what ORDER BY
+            // sorts by, as text ("1000" < "999").
+            "SELECT currency_code, booking_date, CAST({order} AS TEXT) AS order_text FROM balance_daily \
+             WHERE merchant_id = ?"
         );
         let (position, day): (Option<Value>, _) = match after {
             ChangeCursor::Start => (None, None),
@@ -74,7 +77,9 @@ impl BalanceStore {
         if postgres {
             sql.push_str(" AND change_xid < pg_snapshot_xmin(pg_current_snapshot())");
         }
-        sql.push_str(&format!(" ORDER BY {order}, currency_code, booking_date LIMIT ?"));
+        sql.push_str(&format!(
+            " ORDER BY balance_daily.{order}, balance_daily.currency_code, balance_daily.booking_date LIMIT ?"
+        ));
         values.push(i64::try_from(limit).unwrap_or(i64::MAX).into());
         let rows = self.query_all(&sql, values).await?;
         rows.iter()

@@ -23,6 +23,7 @@ use tonic::{Code, transport::Channel};
 use watch::{
     a_bad_balance_watch_is_refused_naming_the_field,
     a_balance_watch_sends_each_day_as_it_changes_and_resumes_from_a_cursor,
+    an_in_process_consolidator_wakes_the_balance_watch_without_its_poll,
 };
 
 struct App {
@@ -45,6 +46,12 @@ fn redis() -> fred::prelude::Client {
 }
 
 async fn spawn(backend: Backend, cached: bool) -> App {
+    spawn_with(backend, cached, fluxo_server::stream::WatchSettings::default()).await
+}
+
+/// As `fluxo serve` wires one process: the consolidator's commits drop cached
+/// answers and wake the balance watches of the merchants they changed.
+async fn spawn_with(backend: Backend, cached: bool, watch: fluxo_server::stream::WatchSettings) -> App {
     let test_db = TestDb::new(backend).await;
     let db = test_db.connect().await;
     BalanceStore::migrate(&db).await.unwrap();
@@ -54,6 +61,8 @@ async fn spawn(backend: Backend, cached: bool) -> App {
     if let Some(cache) = &cache {
         consolidator = consolidator.with_listener(Arc::new(Invalidator(cache.clone())));
     }
+    let changes = Arc::new(fluxo_server::stream::Signals::default());
+    consolidator = consolidator.with_listener(Arc::new(fluxo_balance::ChangeNotifier(changes.clone())));
     let mut server = GrpcServer::bind(ServerConfig {
         listen: "127.0.0.1:0".parse().unwrap(),
         max_concurrent_requests: 512,
@@ -65,7 +74,8 @@ async fn spawn(backend: Backend, cached: bool) -> App {
     .await
     .unwrap();
     let addr = server.local_addr().unwrap();
-    server.add_service(fluxo_balance::grpc::server(Balances::new(store), cache.clone(), 1 << 20)).await;
+    let balances = Balances::new(store).with_changes(changes);
+    server.add_service(fluxo_balance::grpc::server_with(balances, cache.clone(), 1 << 20, watch)).await;
     let readiness = Arc::new(fluxo_balance::readiness(db.clone()));
     tokio::spawn(server.serve(readiness, futures::future::pending()));
     let client = BalanceServiceClient::connect(format!("http://{addr}")).await.unwrap();
@@ -147,6 +157,7 @@ backend_suite!(
     reports_bad_requests_by_field,
     a_balance_watch_sends_each_day_as_it_changes_and_resumes_from_a_cursor,
     a_bad_balance_watch_is_refused_naming_the_field,
+    an_in_process_consolidator_wakes_the_balance_watch_without_its_poll,
 );
 
 async fn a_backdated_entry_changes_that_day_and_every_later_closing_balance(backend: Backend) {

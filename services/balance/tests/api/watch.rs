@@ -8,7 +8,7 @@ use fluxo_testing::Backend;
 use tonic::{Code, Streaming};
 use tonic_types::StatusExt;
 
-use super::{event, merchant, spawn};
+use super::{event, merchant, spawn, spawn_with};
 
 const PATIENCE: Duration = Duration::from_secs(30);
 
@@ -27,8 +27,9 @@ async fn days(
 ) -> (Vec<(String, i64, i64)>, String) {
     let mut days = Vec::new();
     let mut cursor = String::new();
+    let deadline = tokio::time::Instant::now() + PATIENCE;
     while days.len() < n {
-        let message = tokio::time::timeout(PATIENCE, stream.message())
+        let message = tokio::time::timeout_at(deadline, stream.message())
             .await
             .unwrap_or_else(|_| panic!("only {} of {n} days arrived: {days:?}", days.len()))
             .expect("the watch failed")
@@ -117,4 +118,23 @@ pub(crate) async fn a_bad_balance_watch_is_refused_naming_the_field(backend: Bac
             .unwrap_or_default();
         assert!(fields.iter().any(|f| f == field), "{request:?} should name {field}, named {fields:?}");
     }
+}
+
+pub(crate) async fn an_in_process_consolidator_wakes_the_balance_watch_without_its_poll(backend: Backend) {
+    // A poll and a heartbeat an hour apart: within the test only a wake-up can bring news.
+    let hour = Duration::from_secs(3600);
+    let settings = fluxo_server::stream::WatchSettings {
+        pace: fluxo_server::stream::WatchPace { heartbeat: hour, poll: hour },
+        ..Default::default()
+    };
+    let app = spawn_with(backend, false, settings).await;
+    let (m, other) = (merchant(), merchant());
+    let mut stream = app.client.clone().watch_daily_balances(watch(&m, "")).await.unwrap().into_inner();
+    let first = tokio::time::timeout(PATIENCE, stream.message()).await.unwrap().unwrap().unwrap();
+    assert!(first.balances.is_empty());
+    // Another merchant's change wakes nothing; this merchant's arrives at once.
+    app.apply(&[event(&other, "2026-11-20", true, 5)]).await;
+    app.apply(&[event(&m, "2026-11-20", true, 70)]).await;
+    let (days, _) = days(&mut stream, 1).await;
+    assert_eq!(days, [day("2026-11-20", 0, 70)]);
 }

@@ -64,10 +64,12 @@ impl LedgerStore {
             // all over, so no entry can appear below what is read here.
             WatchCursor::Transaction { xid, id } => statement(
                 backend,
-                "SELECT id, commit_xid::text FROM ledger_entries \
+                // The text form is aliased: an output column named `commit_xid`
+                // would be what ORDER BY sorts by, as text ("1000" < "999").
+                "SELECT id, commit_xid::text AS xid_text FROM ledger_entries \
                  WHERE merchant_id = ? AND (commit_xid, id) > (?::text::xid8, ?) \
                    AND commit_xid < pg_snapshot_xmin(pg_current_snapshot()) \
-                 ORDER BY commit_xid, id LIMIT ?",
+                 ORDER BY ledger_entries.commit_xid, ledger_entries.id LIMIT ?",
                 vec![m.into(), xid.to_string().into(), id.clone().into(), limit.into()],
             ),
             WatchCursor::Position(position) => statement(

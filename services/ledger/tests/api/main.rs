@@ -42,6 +42,7 @@ use watch::{
     a_watch_catches_up_follows_concurrent_writers_and_resumes_from_any_cursor,
     a_watch_closes_with_unavailable_when_the_server_drains,
     a_watch_from_the_end_sends_new_entries_and_heartbeats_while_idle,
+    entries_come_in_numeric_transaction_order,
 };
 
 backend_suite!(
@@ -78,6 +79,7 @@ backend_suite!(
     a_bad_watch_is_refused_naming_the_field_before_anything_is_sent,
     a_reader_that_stops_reading_is_cut_off_and_resumes_without_a_gap,
     a_watch_closes_with_unavailable_when_the_server_drains,
+    entries_come_in_numeric_transaction_order,
 );
 
 async fn records_reads_lists_and_reverses(backend: Backend) {

@@ -27,10 +27,12 @@ struct Seen {
 }
 
 impl Seen {
-    /// Reads messages until `n` entries have arrived in all.
+    /// Reads messages until `n` entries have arrived in all, within PATIENCE
+    /// altogether (heartbeats do not extend it).
     async fn until(&mut self, stream: &mut Streaming<pb::WatchEntriesResponse>, n: usize) {
+        let deadline = tokio::time::Instant::now() + PATIENCE;
         while self.ids.len() < n {
-            let message = tokio::time::timeout(PATIENCE, stream.message())
+            let message = tokio::time::timeout_at(deadline, stream.message())
                 .await
                 .unwrap_or_else(|_| panic!("only {} of {n} entries arrived", self.ids.len()))
                 .expect("the watch failed")
@@ -303,4 +305,33 @@ pub(crate) async fn a_watch_closes_with_unavailable_when_the_server_drains(backe
     drop(stream);
     let stopped = tokio::time::timeout(Duration::from_secs(8), app.stop()).await;
     assert!(stopped.is_ok(), "the server drained: the watch was not left running");
+}
+
+/// Commit order is numeric: transaction 9 before 10 before today's (as text,
+/// "10" sorts before "9", and a watch would send the entries out of order and
+/// then again). PostgreSQL only: the order there is the transaction id.
+pub(crate) async fn entries_come_in_numeric_transaction_order(backend: Backend) {
+    if backend != Backend::Postgres {
+        return;
+    }
+    let app = spawn_app(backend).await;
+    use sea_orm::ConnectionTrait;
+    // Two entries written as if by transactions 10 and 9, long over.
+    for (id, xid) in [("01KB0000000000000000000010", "10"), ("01KB0000000000000000000009", "9")] {
+        let sql = format!(
+            "INSERT INTO ledger_entries (id, merchant_id, kind, currency_code, amount_minor, booking_date, \
+             description, created_at, commit_xid) \
+             VALUES ('{id}', 'm-1', 'CREDIT', 'BRL', 1, '2026-11-20', '', now(), '{xid}')"
+        );
+        app.db
+            .conn()
+            .execute_raw(sea_orm::Statement::from_string(sea_orm::DbBackend::Postgres, sql))
+            .await
+            .unwrap();
+    }
+    let booked = app.record(credit("m-1", "k-now", 5)).await.unwrap().id;
+    let mut stream = app.client.clone().watch_entries(watch("m-1", "")).await.unwrap().into_inner();
+    let mut seen = Seen::default();
+    seen.until(&mut stream, 3).await;
+    assert_eq!(seen.ids, ["01KB0000000000000000000009", "01KB0000000000000000000010", booked.as_str()]);
 }
