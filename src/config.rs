@@ -33,6 +33,57 @@ pub struct Config {
     pub gateway: GatewaySettings,
     pub auth: AuthSettings,
     pub rate_limit: RateLimitSettings,
+    pub webhooks: WebhookSettings,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WebhookSettings {
+    /// Base64 of 32 random bytes: the key that seals subscriptions' signing
+    /// secrets at rest. Unset on the embedded default: one is generated in
+    /// `data_dir`; unset elsewhere: registering a subscription is refused.
+    #[serde(serialize_with = "skip_secret")]
+    pub secret_key: Option<SecretString>,
+    /// Accept plain `http://` endpoints (tests and closed networks only).
+    pub allow_http: bool,
+    /// CIDR ranges endpoints may reach although they are private, loopback
+    /// or link-local (a receiver inside the network, a test's receiver).
+    pub allow_nets: Vec<String>,
+    /// The most subscriptions one merchant may hold.
+    pub max_subscriptions_per_merchant: u32,
+}
+
+impl Default for WebhookSettings {
+    fn default() -> Self {
+        Self {
+            secret_key: None,
+            allow_http: false,
+            allow_nets: Vec::new(),
+            max_subscriptions_per_merchant: 20,
+        }
+    }
+}
+
+impl WebhookSettings {
+    /// The allow-listed ranges, each bad one named.
+    pub fn allowed_nets(&self) -> Result<Vec<ipnet::IpNet>, String> {
+        self.allow_nets
+            .iter()
+            .enumerate()
+            .map(|(i, net)| {
+                net.parse::<ipnet::IpNet>().map_err(|_| {
+                    format!("webhooks.allow_nets[{i}] {net:?} is not a CIDR range such as 10.0.0.0/8")
+                })
+            })
+            .collect()
+    }
+
+    /// The destination policy endpoints are checked by.
+    pub fn policy(&self) -> Result<fluxo_webhooks::DestinationPolicy, String> {
+        Ok(fluxo_webhooks::DestinationPolicy::strict()
+            .allow_http(self.allow_http)
+            .allow_nets(self.allowed_nets()?))
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -412,6 +463,7 @@ impl Default for Config {
             gateway: GatewaySettings::default(),
             auth: AuthSettings::default(),
             rate_limit: RateLimitSettings::default(),
+            webhooks: WebhookSettings::default(),
         }
     }
 }
@@ -484,6 +536,7 @@ impl Config {
         self.validate_redis(&mut problems);
         self.validate_pipeline(&mut problems);
         self.validate_api(&mut problems);
+        self.validate_webhooks(&mut problems);
         if self.log_format().is_err() {
             problems.push(format!("log.format must be auto, json or pretty, got {:?}", self.log.format));
         }
@@ -626,6 +679,22 @@ impl Config {
             && !file.is_file()
         {
             problems.push(format!("auth.jwks_file {} does not exist", file.display()));
+        }
+    }
+
+    /// The subscription API's settings.
+    fn validate_webhooks(&self, problems: &mut Vec<String>) {
+        let w = &self.webhooks;
+        if let Err(problem) = w.allowed_nets() {
+            problems.push(problem);
+        }
+        if let Some(key) = &w.secret_key
+            && let Err(error) = fluxo_notifier::Sealer::from_config(key)
+        {
+            problems.push(error.to_string());
+        }
+        if w.max_subscriptions_per_merchant == 0 {
+            problems.push("webhooks.max_subscriptions_per_merchant must be at least 1".to_owned());
         }
     }
 

@@ -32,6 +32,7 @@ pub fn telemetry(config: &Config, target: &str) -> anyhow::Result<fluxo_telemetr
 pub async fn migrate_all(db: &Db) -> anyhow::Result<()> {
     LedgerStore::migrate(db).await.context("applying ledger migrations")?;
     BalanceStore::migrate(db).await.context("applying balance migrations")?;
+    fluxo_notifier::SubscriptionStore::migrate(db).await.context("applying notifier migrations")?;
     Ok(())
 }
 
@@ -244,6 +245,8 @@ impl<'a> Process<'a> {
             ))
             .await;
         self.checks.push(Arc::new(fluxo_ledger::readiness(self.db.clone())));
+        self.server.add_service(fluxo_notifier::grpc::server(self.subscriptions()?)).await;
+        self.checks.push(Arc::new(fluxo_notifier::readiness(self.db.clone())));
         if config.relay.enabled {
             let sink: Arc<dyn EventSink> = match &self.redis {
                 Some(client) => Arc::new(RedisSink::new(client.clone(), &config.consolidator.stream)),
@@ -256,6 +259,34 @@ impl<'a> Process<'a> {
             self.tasks.push(tokio::spawn(relay.run(stopped(self.stop.clone()))));
         }
         Ok(())
+    }
+
+    /// The webhook subscription API (served beside the ledger, whose
+    /// database holds the subscriptions the notifier delivers to).
+    fn subscriptions(&self) -> anyhow::Result<fluxo_notifier::Subscriptions> {
+        let w = &self.config.webhooks;
+        let key = match &w.secret_key {
+            Some(key) => Some(key.clone()),
+            None if self.db.backend() == DbBackend::Sqlite => Some(
+                fluxo_notifier::dev_key(&self.config.data_dir)
+                    .context("creating the development webhook key")?,
+            ),
+            None => {
+                tracing::warn!("webhooks.secret_key is unset: registering webhook subscriptions is refused");
+                None
+            }
+        };
+        let sealer = key.map(|k| fluxo_notifier::Sealer::from_config(&k)).transpose()?;
+        let settings = fluxo_notifier::Settings {
+            policy: w.policy().map_err(anyhow::Error::msg)?,
+            max_per_merchant: w.max_subscriptions_per_merchant,
+            ..fluxo_notifier::Settings::default()
+        };
+        Ok(fluxo_notifier::Subscriptions::new(
+            fluxo_notifier::SubscriptionStore::new(self.db.clone()),
+            sealer,
+            settings,
+        ))
     }
 
     /// The balance queries' gRPC service, over the shared cache.

@@ -10,6 +10,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "fluxo/ledger/v1/ledger.proto",
         "fluxo/ledger/v1/events.proto",
         "fluxo/balance/v1/balance.proto",
+        "fluxo/webhooks/v1/webhooks.proto",
         // Error details, so the REST gateway can render them as JSON.
         "google/rpc/status.proto",
         "google/rpc/error_details.proto",

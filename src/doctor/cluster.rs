@@ -359,7 +359,11 @@ async fn schema(config: &Config) -> Read<(bool, bool)> {
     let balance = fluxo_db::migration::schema_is_current::<fluxo_balance::Migrator>(&db)
         .await
         .map_err(|e| failed(&e))?;
-    Ok((ledger, balance))
+    // The ledger target serves the webhook subscriptions too, and is not ready without their schema.
+    let subscriptions = fluxo_db::migration::schema_is_current::<fluxo_notifier::Migrator>(&db)
+        .await
+        .map_err(|e| failed(&e))?;
+    Ok((ledger && subscriptions, balance))
 }
 
 #[cfg(test)]

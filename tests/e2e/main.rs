@@ -7,6 +7,7 @@ mod hardening;
 mod outage;
 mod pipeline;
 mod rest;
+mod subscriptions;
 mod support;
 mod telemetry;
 mod tls;
@@ -474,7 +475,12 @@ fn the_rest_api_serves_every_route_with_grpc_gateway_errors_and_authorization() 
     rest::metadata_and_filters(&fluxo);
     rest::batch_and_periods(&fluxo);
     rest::authorization_matrix(&fluxo, data.path());
-    fluxo.stop();
+    let secrets = subscriptions::managed_over_rest(&fluxo, data.path());
+    let logs = String::from_utf8_lossy(&fluxo.stop().stderr).into_owned();
+    for secret in secrets {
+        let key = secret.trim_start_matches("whsec_");
+        assert!(!logs.contains(key), "a signing secret reached the log");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

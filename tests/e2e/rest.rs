@@ -70,7 +70,11 @@ impl Client {
                 r.call()
             }
             _ => {
-                let mut r = if method == "POST" { self.agent.post(&url) } else { self.agent.put(&url) };
+                let mut r = match method {
+                    "POST" => self.agent.post(&url),
+                    "PATCH" => self.agent.patch(&url),
+                    _ => self.agent.put(&url),
+                };
                 if let Some(a) = &auth {
                     r = r.header("Authorization", a);
                 }

@@ -1,5 +1,5 @@
-//! fluxo's API contracts as Rust types: the `fluxo.ledger.v1` and
-//! `fluxo.balance.v1` packages generated from `proto/`, plus the encoded
+//! fluxo's API contracts as Rust types: the `fluxo.ledger.v1`,
+//! `fluxo.balance.v1` and `fluxo.webhooks.v1` packages generated from `proto/`, plus the encoded
 //! descriptor set used by gRPC reflection and the REST gateway.
 
 pub mod export;
@@ -37,10 +37,18 @@ pub mod fluxo {
             include!(concat!(env!("OUT_DIR"), "/fluxo.balance.v1.rs"));
         }
     }
+    /// Webhook subscriptions.
+    pub mod webhooks {
+        /// Version 1 of the subscription API.
+        pub mod v1 {
+            include!(concat!(env!("OUT_DIR"), "/fluxo.webhooks.v1.rs"));
+        }
+    }
 }
 
 pub use fluxo::balance::v1 as balance_v1;
 pub use fluxo::ledger::v1 as ledger_v1;
+pub use fluxo::webhooks::v1 as webhooks_v1;
 
 /// `google.protobuf.Timestamp` to and from microseconds since the Unix epoch,
 /// the precision fluxo stores instants at.

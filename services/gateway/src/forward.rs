@@ -104,7 +104,7 @@ async fn forward(
 ) -> Result<Response, ApiError> {
     let inner = &gateway.inner;
     let service = route.rpc.parent_service();
-    let channel = if service.full_name().starts_with("fluxo.ledger") {
+    let channel = if crate::served_by_ledger(service.full_name()) {
         inner.backends.ledger.clone()
     } else {
         inner.backends.balance.clone()

@@ -41,7 +41,14 @@ use crate::{auth::Verifier, ratelimit::RateLimiter, routes::Routes};
 const LOG_TARGET: &str = module_path!();
 
 /// The services the gateway exposes.
-pub const SERVICES: [&str; 2] = ["fluxo.ledger.v1.LedgerService", "fluxo.balance.v1.BalanceService"];
+pub const SERVICES: [&str; 3] =
+    ["fluxo.ledger.v1.LedgerService", "fluxo.balance.v1.BalanceService", "fluxo.webhooks.v1.WebhookService"];
+
+/// Whether the ledger target serves `service` (the write side, and the
+/// webhook subscriptions kept in its database); the balance target serves the rest.
+pub(crate) fn served_by_ledger(service: &str) -> bool {
+    service.starts_with("fluxo.ledger.") || service.starts_with("fluxo.webhooks.")
+}
 
 /// Where calls go and how they are bounded.
 #[derive(Debug, Clone)]

@@ -234,9 +234,7 @@ mod tests {
     #[test]
     fn every_fluxo_rpc_has_its_route() {
         let pool = DescriptorPool::decode(fluxo_proto::FILE_DESCRIPTOR_SET).unwrap();
-        let routes =
-            Routes::from_pool(&pool, &["fluxo.ledger.v1.LedgerService", "fluxo.balance.v1.BalanceService"])
-                .unwrap();
+        let routes = Routes::from_pool(&pool, &crate::SERVICES).unwrap();
         let listed: Vec<String> =
             routes.all().iter().map(|r| format!("{} {}", r.method, r.template.as_str())).collect();
         assert_eq!(
@@ -254,6 +252,14 @@ mod tests {
                 "GET /v1/merchants/{merchant_id}/balances/{date}",
                 "GET /v1/merchants/{merchant_id}/balances",
                 "GET /v1/merchants/{merchant_id}/balances:export",
+                "POST /v1/merchants/{merchant_id}/webhooks",
+                "GET /v1/merchants/{merchant_id}/webhooks/{subscription_id}",
+                "GET /v1/merchants/{merchant_id}/webhooks",
+                "PATCH /v1/merchants/{merchant_id}/webhooks/{subscription_id}",
+                "POST /v1/merchants/{merchant_id}/webhooks/{subscription_id}:pause",
+                "POST /v1/merchants/{merchant_id}/webhooks/{subscription_id}:resume",
+                "POST /v1/merchants/{merchant_id}/webhooks/{subscription_id}:rotateSecret",
+                "DELETE /v1/merchants/{merchant_id}/webhooks/{subscription_id}",
             ]
         );
         assert!(matches!(

@@ -1,0 +1,516 @@
+//! The subscription API's integration suite: a real tonic client against a
+//! real gRPC server, each test on a fresh database, on SQLite and PostgreSQL.
+
+use std::{sync::Arc, time::Duration};
+
+use fluxo_notifier::{Sealer, Settings, SubscriptionStore, Subscriptions, grpc, readiness};
+use fluxo_proto::webhooks_v1::{self as pb, webhook_service_client::WebhookServiceClient};
+use fluxo_server::{GrpcServer, ServerConfig, identity};
+use fluxo_testing::{Backend, TestDb, backend_suite};
+use fluxo_webhooks::{DestinationPolicy, Secret};
+use sea_orm::ConnectionTrait;
+use tonic::{Code, Request, transport::Channel};
+use tonic_types::StatusExt;
+
+backend_suite!(
+    a_subscription_shows_its_secret_once_and_a_retried_create_replays_it,
+    every_bad_field_is_named_and_inward_endpoints_are_refused,
+    pause_resume_update_and_delete_do_what_they_say_and_are_safe_to_retry,
+    a_rotation_signs_with_both_secrets_until_the_grace_period_ends,
+    a_merchant_cannot_pass_the_limit_even_with_concurrent_creates,
+    a_caller_acts_only_for_its_own_merchants,
+    secrets_are_sealed_at_rest_and_nothing_registers_without_a_key,
+);
+
+struct App {
+    client: WebhookServiceClient<Channel>,
+    subscriptions: Subscriptions,
+    db: fluxo_db::Db,
+    _test_db: TestDb,
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+fn sealer() -> Sealer {
+    Sealer::new(&[42u8; 32]).unwrap()
+}
+
+async fn spawn(backend: Backend, sealer: Option<Sealer>, max_per_merchant: u32) -> App {
+    let test_db = TestDb::new(backend).await;
+    let db = test_db.connect().await;
+    SubscriptionStore::migrate(&db).await.expect("migrate");
+    // The suite's receivers would live on loopback; the policy refuses it
+    // unless allow-listed, which one test checks.
+    let settings = Settings {
+        policy: DestinationPolicy::strict().allow_nets(["127.0.0.2/32".parse().unwrap()]),
+        max_per_merchant,
+        resolve_timeout: Duration::from_secs(5),
+    };
+    let subscriptions = Subscriptions::new(SubscriptionStore::new(db.clone()), sealer, settings);
+    let mut server = GrpcServer::bind(ServerConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        max_concurrent_requests: 64,
+        request_timeout: Duration::from_secs(30),
+        shutdown_delay: Duration::ZERO,
+        shutdown_timeout: Duration::from_secs(5),
+        readiness_interval: Duration::from_millis(100),
+    })
+    .await
+    .expect("bind");
+    let addr = server.local_addr().unwrap();
+    server.add_service(grpc::server(subscriptions.clone())).await;
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(server.serve(Arc::new(readiness(db.clone())), async {
+        let _ = rx.await;
+    }));
+    let channel = Channel::from_shared(format!("http://{addr}")).unwrap().connect().await.expect("connect");
+    App { client: WebhookServiceClient::new(channel), subscriptions, db, _test_db: test_db, _stop: tx }
+}
+
+/// An endpoint on an address the policy accepts without resolving anything:
+/// a documentation address is public as far as the policy is concerned.
+const ENDPOINT: &str = "https://203.0.113.10/fluxo-events";
+
+fn create(merchant: &str, request_id: &str, events: &[&str]) -> pb::CreateSubscriptionRequest {
+    pb::CreateSubscriptionRequest {
+        merchant_id: merchant.into(),
+        endpoint_url: ENDPOINT.into(),
+        event_types: events.iter().map(|e| (*e).to_owned()).collect(),
+        description: "ERP".into(),
+        request_id: request_id.into(),
+    }
+}
+
+fn fields(status: &tonic::Status) -> Vec<String> {
+    status
+        .get_details_bad_request()
+        .map(|b| b.field_violations.into_iter().map(|v| v.field).collect())
+        .unwrap_or_default()
+}
+
+async fn a_subscription_shows_its_secret_once_and_a_retried_create_replays_it(backend: Backend) {
+    let mut app = spawn(backend, Some(sealer()), 20).await;
+    let first = app
+        .client
+        .create_subscription(create("m-1", "k-1", &["entry.recorded", "balance.changed"]))
+        .await
+        .unwrap()
+        .into_inner();
+    let sub = first.subscription.unwrap();
+    assert_eq!(sub.state(), pb::SubscriptionState::Active);
+    assert_eq!(sub.event_types, ["entry.recorded", "balance.changed"]);
+    assert_eq!(sub.endpoint_url, ENDPOINT);
+    let secret = Secret::parse(&first.secret).expect("a Standard Webhooks secret");
+
+    // Reads never carry it.
+    let got = app
+        .client
+        .get_subscription(pb::GetSubscriptionRequest {
+            merchant_id: "m-1".into(),
+            subscription_id: sub.id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got, sub);
+    let listed = app
+        .client
+        .list_subscriptions(pb::ListSubscriptionsRequest { merchant_id: "m-1".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(listed.subscriptions, std::slice::from_ref(&sub));
+
+    // A retry (lost answer) gets the same subscription and the same secret.
+    let again = app
+        .client
+        .create_subscription(create("m-1", "k-1", &["entry.recorded", "balance.changed"]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(again.subscription.unwrap().id, sub.id);
+    assert_eq!(again.secret, secret.expose_text());
+    let listed = app
+        .client
+        .list_subscriptions(pb::ListSubscriptionsRequest { merchant_id: "m-1".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(listed.subscriptions.len(), 1, "a replay books nothing");
+
+    // The same key for something else is refused, naming the earlier one.
+    let other = app.client.create_subscription(create("m-1", "k-1", &["entry.reversed"])).await.unwrap_err();
+    assert_eq!(other.code(), Code::AlreadyExists);
+    assert!(other.message().contains(&sub.id), "{}", other.message());
+
+    // The signing secret is the one shown.
+    let secrets = app.subscriptions.signing_secrets(&sub.id, chrono::Utc::now()).await.unwrap().unwrap();
+    assert_eq!(secrets.current.expose_text(), secret.expose_text());
+    assert!(secrets.previous.is_none());
+}
+
+async fn every_bad_field_is_named_and_inward_endpoints_are_refused(backend: Backend) {
+    let mut app = spawn(backend, Some(sealer()), 20).await;
+    let bad = pb::CreateSubscriptionRequest {
+        merchant_id: String::new(),
+        endpoint_url: "http://203.0.113.10/hooks".into(),
+        event_types: vec!["entry.recorded".into(), "entry.created".into(), "entry.recorded".into()],
+        description: "d".repeat(201),
+        request_id: String::new(),
+    };
+    let status = app.client.create_subscription(bad).await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert_eq!(
+        fields(&status),
+        ["request_id", "merchant_id", "endpoint_url", "event_types[1]", "event_types[2]", "description"]
+    );
+
+    // Each inward destination, by literal or by name, is refused naming the field and the range.
+    for (url, says) in [
+        ("https://10.0.0.7/hooks", "private"),
+        ("https://169.254.169.254/latest/meta-data", "link-local"),
+        ("https://[::1]/hooks", "loopback"),
+        ("https://localhost:8443/hooks", "loopback"),
+        ("https://user:pw@203.0.113.10/hooks", "credentials"),
+        ("https://203.0.113.10/hooks#frag", "fragment"),
+        ("not a url", "absolute URL"),
+    ] {
+        let request = pb::CreateSubscriptionRequest {
+            endpoint_url: url.into(),
+            ..create("m-1", "k-ssrf", &["entry.recorded"])
+        };
+        let status = app.client.create_subscription(request).await.unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument, "{url}");
+        let bad_request = status.get_details_bad_request().unwrap();
+        assert_eq!(bad_request.field_violations.len(), 1, "{url}");
+        assert_eq!(bad_request.field_violations[0].field, "endpoint_url", "{url}");
+        assert!(
+            bad_request.field_violations[0].description.contains(says),
+            "{url}: {}",
+            bad_request.field_violations[0].description
+        );
+    }
+    let long = format!("https://203.0.113.10/{}", "a".repeat(2100));
+    let status = app
+        .client
+        .create_subscription(pb::CreateSubscriptionRequest {
+            endpoint_url: long,
+            ..create("m-1", "k-long", &["entry.recorded"])
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(fields(&status), ["endpoint_url"]);
+    // An allow-listed loopback address passes.
+    let allowed = pb::CreateSubscriptionRequest {
+        endpoint_url: "https://127.0.0.2:9443/hooks".into(),
+        ..create("m-1", "k-ok", &["entry.recorded"])
+    };
+    app.client.create_subscription(allowed).await.expect("allow-listed");
+    let listed = app
+        .client
+        .list_subscriptions(pb::ListSubscriptionsRequest { merchant_id: "m-1".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(listed.subscriptions.len(), 1, "nothing refused was kept");
+
+    let rotate = pb::RotateSubscriptionSecretRequest {
+        merchant_id: "m-1".into(),
+        subscription_id: "nope".into(),
+        grace_period_seconds: 604_801,
+    };
+    let status = app.client.rotate_subscription_secret(rotate).await.unwrap_err();
+    assert_eq!(fields(&status), ["subscription_id", "grace_period_seconds"]);
+    let get = pb::GetSubscriptionRequest {
+        merchant_id: "m-1".into(),
+        subscription_id: ulid::Ulid::new().to_string(),
+    };
+    assert_eq!(app.client.get_subscription(get).await.unwrap_err().code(), Code::NotFound);
+}
+
+async fn pause_resume_update_and_delete_do_what_they_say_and_are_safe_to_retry(backend: Backend) {
+    let mut app = spawn(backend, Some(sealer()), 20).await;
+    let sub = app
+        .client
+        .create_subscription(create("m-1", "k-1", &["entry.recorded"]))
+        .await
+        .unwrap()
+        .into_inner()
+        .subscription
+        .unwrap();
+    let ids = || (String::from("m-1"), sub.id.clone());
+    for _ in 0..2 {
+        let (merchant_id, subscription_id) = ids();
+        let paused = app
+            .client
+            .pause_subscription(pb::PauseSubscriptionRequest { merchant_id, subscription_id })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(paused.state(), pb::SubscriptionState::Paused);
+    }
+    for _ in 0..2 {
+        let (merchant_id, subscription_id) = ids();
+        let resumed = app
+            .client
+            .resume_subscription(pb::ResumeSubscriptionRequest { merchant_id, subscription_id })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(resumed.state(), pb::SubscriptionState::Active);
+    }
+
+    let (merchant_id, subscription_id) = ids();
+    let updated = app
+        .client
+        .update_subscription(pb::UpdateSubscriptionRequest {
+            merchant_id,
+            subscription_id,
+            endpoint_url: "https://203.0.113.11/v2/events".into(),
+            event_types: vec!["period.closed".into(), "entry.reversed".into()],
+            description: String::new(),
+            update_description: true,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(updated.endpoint_url, "https://203.0.113.11/v2/events");
+    assert_eq!(updated.event_types, ["entry.reversed", "period.closed"], "kept in the API's order");
+    assert_eq!(updated.description, "");
+    let micros = |t: &Option<prost_types::Timestamp>| fluxo_proto::time::to_micros(t.as_ref().unwrap());
+    assert!(micros(&updated.updated_at) >= micros(&sub.updated_at));
+    // An update naming nothing keeps everything; a bad one changes nothing.
+    let (merchant_id, subscription_id) = ids();
+    let same = app
+        .client
+        .update_subscription(pb::UpdateSubscriptionRequest {
+            merchant_id,
+            subscription_id,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (same.endpoint_url.as_str(), same.event_types.clone()),
+        (updated.endpoint_url.as_str(), updated.event_types.clone())
+    );
+    let (merchant_id, subscription_id) = ids();
+    let status = app
+        .client
+        .update_subscription(pb::UpdateSubscriptionRequest {
+            merchant_id,
+            subscription_id,
+            endpoint_url: "https://10.1.2.3/".into(),
+            event_types: vec!["balance.changed".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(fields(&status), ["endpoint_url"]);
+    let (merchant_id, subscription_id) = ids();
+    let kept = app
+        .client
+        .get_subscription(pb::GetSubscriptionRequest { merchant_id, subscription_id })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(kept.event_types, ["entry.reversed", "period.closed"], "a refused update changes nothing");
+
+    let (merchant_id, subscription_id) = ids();
+    app.client
+        .delete_subscription(pb::DeleteSubscriptionRequest { merchant_id, subscription_id })
+        .await
+        .unwrap();
+    let (merchant_id, subscription_id) = ids();
+    let again = app
+        .client
+        .delete_subscription(pb::DeleteSubscriptionRequest { merchant_id, subscription_id })
+        .await
+        .unwrap_err();
+    assert_eq!(again.code(), Code::NotFound);
+    let (merchant_id, subscription_id) = ids();
+    assert_eq!(
+        app.client
+            .pause_subscription(pb::PauseSubscriptionRequest { merchant_id, subscription_id })
+            .await
+            .unwrap_err()
+            .code(),
+        Code::NotFound
+    );
+    let listed = app
+        .client
+        .list_subscriptions(pb::ListSubscriptionsRequest { merchant_id: "m-1".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(listed.subscriptions.is_empty());
+    assert!(
+        app.subscriptions.signing_secrets(&sub.id, chrono::Utc::now()).await.unwrap().is_none(),
+        "nothing signs for a deleted one"
+    );
+}
+
+async fn a_rotation_signs_with_both_secrets_until_the_grace_period_ends(backend: Backend) {
+    let mut app = spawn(backend, Some(sealer()), 20).await;
+    let created =
+        app.client.create_subscription(create("m-1", "k-1", &["entry.recorded"])).await.unwrap().into_inner();
+    let sub = created.subscription.unwrap();
+    let rotate = pb::RotateSubscriptionSecretRequest {
+        merchant_id: "m-1".into(),
+        subscription_id: sub.id.clone(),
+        grace_period_seconds: 3600,
+    };
+    let rotated = app.client.rotate_subscription_secret(rotate).await.unwrap().into_inner();
+    assert_ne!(rotated.secret, created.secret);
+    let after = rotated.subscription.unwrap();
+    let expires = after.previous_secret_expires_at.unwrap();
+    let rotated_at = after.secret_rotated_at.unwrap();
+    assert_eq!(expires.seconds - rotated_at.seconds, 3600);
+
+    let now = chrono::Utc::now();
+    let signing = app.subscriptions.signing_secrets(&sub.id, now).await.unwrap().unwrap();
+    let texts: Vec<String> = signing.signing(now.timestamp()).iter().map(|s| s.expose_text()).collect();
+    assert_eq!(texts, [rotated.secret.clone(), created.secret.clone()], "new first, old beside it");
+    let later = now + chrono::Duration::seconds(3601);
+    let signing = app.subscriptions.signing_secrets(&sub.id, later).await.unwrap().unwrap();
+    assert_eq!(
+        signing.signing(later.timestamp()).len(),
+        1,
+        "the old one stops at the end of the grace period"
+    );
+
+    // After a rotation, a replayed create no longer shows a secret (the first one is retired).
+    let replay =
+        app.client.create_subscription(create("m-1", "k-1", &["entry.recorded"])).await.unwrap().into_inner();
+    assert_eq!(replay.subscription.unwrap().id, sub.id);
+    assert_eq!(replay.secret, "");
+}
+
+async fn a_merchant_cannot_pass_the_limit_even_with_concurrent_creates(backend: Backend) {
+    let app = spawn(backend, Some(sealer()), 3).await;
+    let calls = (0..8).map(|i| {
+        let mut client = app.client.clone();
+        async move { client.create_subscription(create("m-1", &format!("k-{i}"), &["entry.recorded"])).await }
+    });
+    let results = futures_join(calls).await;
+    let ok = results.iter().filter(|r| r.is_ok()).count();
+    assert_eq!(ok, 3, "{results:?}");
+    for refused in results.iter().filter_map(|r| r.as_ref().err()) {
+        assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+    }
+    // Another merchant has a limit of its own; a deletion frees a place.
+    let mut client = app.client.clone();
+    client.create_subscription(create("m-2", "k-0", &["entry.recorded"])).await.unwrap();
+    let first = client
+        .list_subscriptions(pb::ListSubscriptionsRequest { merchant_id: "m-1".into() })
+        .await
+        .unwrap()
+        .into_inner()
+        .subscriptions
+        .remove(0);
+    client
+        .delete_subscription(pb::DeleteSubscriptionRequest {
+            merchant_id: "m-1".into(),
+            subscription_id: first.id,
+        })
+        .await
+        .unwrap();
+    client.create_subscription(create("m-1", "k-new", &["entry.recorded"])).await.expect("a freed place");
+}
+
+async fn futures_join<F, T>(calls: impl Iterator<Item = F>) -> Vec<T>
+where
+    F: Future<Output = T> + Send + 'static,
+    T: Send + 'static,
+{
+    let handles: Vec<_> = calls.map(tokio::spawn).collect();
+    let mut out = Vec::new();
+    for h in handles {
+        out.push(h.await.unwrap());
+    }
+    out
+}
+
+fn as_caller<T>(message: T, merchants: &str) -> Request<T> {
+    let mut request = Request::new(message);
+    request.metadata_mut().insert(identity::SUBJECT, "shop".parse().unwrap());
+    request.metadata_mut().insert(identity::MERCHANTS, merchants.parse().unwrap());
+    request
+}
+
+async fn a_caller_acts_only_for_its_own_merchants(backend: Backend) {
+    let mut app = spawn(backend, Some(sealer()), 20).await;
+    let theirs = app
+        .client
+        .create_subscription(create("m-2", "k-1", &["entry.recorded"]))
+        .await
+        .unwrap()
+        .into_inner()
+        .subscription
+        .unwrap();
+    let refused = app
+        .client
+        .create_subscription(as_caller(create("m-2", "k-2", &["entry.recorded"]), "m-1"))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::PermissionDenied);
+    let get = pb::GetSubscriptionRequest { merchant_id: "m-2".into(), subscription_id: theirs.id.clone() };
+    assert_eq!(
+        app.client.get_subscription(as_caller(get, "m-1")).await.unwrap_err().code(),
+        Code::PermissionDenied
+    );
+    // Naming one's own merchant with another's subscription id finds nothing.
+    let get = pb::GetSubscriptionRequest { merchant_id: "m-1".into(), subscription_id: theirs.id.clone() };
+    assert_eq!(app.client.get_subscription(as_caller(get, "m-1")).await.unwrap_err().code(), Code::NotFound);
+    let delete =
+        pb::DeleteSubscriptionRequest { merchant_id: "m-1".into(), subscription_id: theirs.id.clone() };
+    assert_eq!(
+        app.client.delete_subscription(as_caller(delete, "m-1")).await.unwrap_err().code(),
+        Code::NotFound
+    );
+    app.client
+        .create_subscription(as_caller(create("m-1", "k-3", &["entry.recorded"]), "m-1"))
+        .await
+        .expect("its own merchant");
+}
+
+async fn secrets_are_sealed_at_rest_and_nothing_registers_without_a_key(backend: Backend) {
+    let mut app = spawn(backend, Some(sealer()), 20).await;
+    let created =
+        app.client.create_subscription(create("m-1", "k-1", &["entry.recorded"])).await.unwrap().into_inner();
+    let key = created.secret.strip_prefix("whsec_").unwrap().to_owned();
+    let rows = app
+        .db
+        .conn()
+        .query_all_raw(fluxo_db::statement(app.db.backend(), "SELECT * FROM webhook_subscriptions", vec![]))
+        .await
+        .unwrap();
+    let dump = format!("{rows:?}");
+    assert!(
+        !dump.contains(&key) && !dump.contains(&created.secret),
+        "the secret is not readable in the table"
+    );
+
+    let mut keyless = spawn(backend, None, 20).await;
+    let status =
+        keyless.client.create_subscription(create("m-1", "k-1", &["entry.recorded"])).await.unwrap_err();
+    assert_eq!(status.code(), Code::FailedPrecondition);
+    assert!(status.message().contains("webhooks.secret_key"), "{}", status.message());
+    // A bad field is still named first: the caller can fix that much.
+    let bad = pb::CreateSubscriptionRequest {
+        endpoint_url: "https://10.0.0.1/".into(),
+        ..create("m-1", "k-1", &["entry.recorded"])
+    };
+    assert_eq!(keyless.client.create_subscription(bad).await.unwrap_err().code(), Code::InvalidArgument);
+    drop(keyless);
+
+    // Under another key the stored secrets do not open, and say why.
+    let other = Subscriptions::new(
+        SubscriptionStore::new(app.db.clone()),
+        Some(Sealer::new(&[7u8; 32]).unwrap()),
+        Settings::default(),
+    );
+    let id = created.subscription.unwrap().id;
+    let error = other.signing_secrets(&id, chrono::Utc::now()).await.unwrap_err();
+    assert!(error.to_string().contains("sealed under key"), "{error}");
+}
