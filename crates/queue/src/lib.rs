@@ -1,8 +1,10 @@
-//! The contract between the ledger's outbox relay and the consolidators: what
-//! a stream message carries, where it goes, and the port the relay publishes
+//! The contract between the ledger's outbox relay and the stream's consumers:
+//! what a stream message carries, where it goes, the port the relay publishes
 //! through ([`EventSink`]) — a Redis Stream in production ([`redis`]), an
-//! in-process hand-off on a laptop (in the balance service).
+//! in-process hand-off on a laptop (in the balance service) — and the
+//! consumer-group member every consumer runs ([`consumer`]).
 
+pub mod consumer;
 pub mod redis;
 
 use std::collections::HashMap;

@@ -37,19 +37,9 @@ pub trait OnApplied: Send + Sync + 'static {
     async fn applied(&self, applied: &Applied);
 }
 
-/// Why one event was not applied.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum ApplyError {
-    /// The event cannot be read: retrying will not help.
-    #[error("undecodable event: {0}")]
-    Malformed(String),
-    /// The database refused it (a constraint, an overflow, a trigger).
-    #[error("rejected by the read model: {0}")]
-    Rejected(String),
-    /// The database is unreachable: retry later.
-    #[error("read model unavailable: {0}")]
-    Unavailable(String),
-}
+/// Why an event was not applied (the consumer's [`HandleError`]: the same
+/// three cases for every handler of the stream).
+pub use fluxo_queue::consumer::HandleError as ApplyError;
 
 struct Metrics {
     delay: Histogram<f64>,

@@ -1,10 +1,12 @@
-//! The consolidator as a Redis Streams consumer-group member.
+//! A Redis Streams consumer-group member, for any [`Handler`] of the ledger's
+//! events: the consolidators (which apply them to the daily balances) and the
+//! notifiers (which turn them into webhook deliveries), each group on its own.
 //!
 //! Any number of these run at once and come and go at any moment (KEDA scales
-//! them to zero, Karpenter drains nodes, processes crash). What keeps the
-//! balances exact through all of that:
-//! - an event and its "applied" record commit in one transaction, so a
-//!   redelivered event is skipped ([`crate::store::BalanceStore::apply`]);
+//! them to zero, Karpenter drains nodes, processes crash). What keeps every
+//! event handled through all of that:
+//! - a handler records an event and its effect in one transaction, so a
+//!   redelivered event is skipped (see each [`Handler`]);
 //! - a message is acknowledged only after that commit;
 //! - messages left pending by a consumer that died are claimed by a live one
 //!   once idle long enough (XAUTOCLAIM);
@@ -22,8 +24,8 @@ mod maintenance;
 
 use std::{collections::HashMap, future::Future, pin::Pin, time::Duration};
 
-pub use fluxo_queue::ensure_group;
-use fluxo_queue::{StreamEvent, StreamNames};
+pub use crate::ensure_group;
+use crate::{StreamEvent, StreamNames};
 use fred::{
     prelude::{Client, HashesInterface, StreamsInterface},
     types::Value,
@@ -33,7 +35,37 @@ use tokio::time::Instant;
 
 pub use dead_letters::{DeadLetter, DeadLetters};
 
-use crate::consolidator::{ApplyError, Consolidator};
+/// Why a handler did not handle an event.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HandleError {
+    /// The event cannot be read: retrying will not help.
+    #[error("undecodable event: {0}")]
+    Malformed(String),
+    /// The handler's store refused it (a constraint, an overflow, a trigger).
+    #[error("rejected: {0}")]
+    Rejected(String),
+    /// The handler's store is unreachable: retry later.
+    #[error("unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// What a consumer does with the events it reads.
+#[async_trait::async_trait]
+pub trait Handler: Send + Sync + 'static {
+    /// Handles `events`: one result per event, in order. Handling an event
+    /// twice must have the effect of handling it once (redeliveries happen).
+    async fn handle(&self, events: &[StreamEvent]) -> Vec<Result<(), HandleError>>;
+
+    /// Records that `event` was moved to the dead-letter stream for `reason`.
+    async fn park(&self, _event: &StreamEvent, _reason: &HandleError) -> Result<(), String> {
+        Ok(())
+    }
+
+    /// Forgets that record, once a replay handled the event.
+    async fn unpark(&self, _event_id: &str) -> Result<(), String> {
+        Ok(())
+    }
+}
 
 /// How often a consumer measures the stream for its gauges.
 const GAUGE_INTERVAL: Duration = Duration::from_secs(5);
@@ -91,9 +123,9 @@ pub enum ConsumerError {
     /// Redis refused or is unreachable.
     #[error("redis: {0}")]
     Redis(#[from] fred::error::Error),
-    /// The read model failed.
-    #[error(transparent)]
-    Store(#[from] crate::store::StoreError),
+    /// The handler failed.
+    #[error("{0}")]
+    Handler(String),
     /// A message that is not in the stream.
     #[error("no message {0}")]
     NotFound(String),
@@ -111,23 +143,25 @@ type Message = (String, HashMap<String, Value>);
 
 /// One consumer-group member.
 #[derive(Debug, Clone)]
-pub struct StreamConsumer {
+pub struct StreamConsumer<H> {
     // Blocking reads hold a connection for their whole wait; they get their own.
     reader: Client,
     client: Client,
-    consolidator: Consolidator,
+    handler: H,
     config: ConsumerConfig,
 }
 
-impl StreamConsumer {
+impl<H: Handler> StreamConsumer<H> {
     /// A consumer reading with `reader` (dedicated to blocking reads) and
     /// acknowledging, claiming and dead-lettering with `client`.
-    pub fn new(reader: Client, client: Client, consolidator: Consolidator, config: ConsumerConfig) -> Self {
-        Self { reader, client, consolidator, config }
+    pub fn new(reader: Client, client: Client, handler: H, config: ConsumerConfig) -> Self {
+        Self { reader, client, handler, config }
     }
 
+    /// Why messages of this group last failed, by message id: one hash per
+    /// group, so groups on one stream do not overwrite each other's reasons.
     pub(super) fn failures_key(&self) -> String {
-        format!("{}:failures", self.config.names.stream)
+        format!("{}:{}:failures", self.config.names.stream, self.config.names.group)
     }
 
     /// Consumes until `stop` resolves; the batches in hand are always finished.
@@ -243,7 +277,7 @@ impl StreamConsumer {
     pub async fn process(&self, batch: Vec<Message>) {
         let mut ids = Vec::with_capacity(batch.len());
         let mut events = Vec::with_capacity(batch.len());
-        let mut results: Vec<Option<Result<(), ApplyError>>> = Vec::with_capacity(batch.len());
+        let mut results: Vec<Option<Result<(), HandleError>>> = Vec::with_capacity(batch.len());
         let mut messages = Vec::with_capacity(batch.len());
         // Which event each message became, if it could be read.
         let mut decoded = Vec::with_capacity(batch.len());
@@ -256,14 +290,14 @@ impl StreamConsumer {
                 }
                 Err(e) => {
                     decoded.push(None);
-                    results.push(Some(Err(ApplyError::Malformed(e.to_string()))));
+                    results.push(Some(Err(HandleError::Malformed(e.to_string()))));
                 }
             }
             ids.push(id);
             messages.push(fields);
         }
-        let mut applied = self.consolidator.apply(&events).await.into_iter();
-        let results: Vec<Result<(), ApplyError>> =
+        let mut applied = self.handler.handle(&events).await.into_iter();
+        let results: Vec<Result<(), HandleError>> =
             results.into_iter().map(|r| r.unwrap_or_else(|| applied.next().unwrap_or(Ok(())))).collect();
 
         let acked: Vec<&String> =
@@ -282,7 +316,7 @@ impl StreamConsumer {
             match result {
                 Ok(()) => {}
                 // The database is away: the message stays pending and is retried.
-                Err(reason @ ApplyError::Unavailable(_)) => {
+                Err(reason @ HandleError::Unavailable(_)) => {
                     tracing::warn!(message_id = %id, %reason, "event not applied; it stays pending for a retry");
                     let _: Result<i64, _> =
                         self.client.hset(self.failures_key(), (id.as_str(), reason.to_string())).await;
@@ -291,9 +325,9 @@ impl StreamConsumer {
                 // way, so it is parked at once instead of after every redelivery.
                 Err(reason) => {
                     if let Some(event) = event
-                        && let Err(error) = self.consolidator.park(event, reason).await
+                        && let Err(error) = self.handler.park(event, reason).await
                     {
-                        tracing::warn!(%error, message_id = %id, "recording the parked event in the read model failed");
+                        tracing::warn!(%error, message_id = %id, "recording the parked event failed");
                     }
                     if let Err(error) = self.dead_letter(id, fields, 1, Some(reason.to_string())).await {
                         tracing::warn!(%error, message_id = %id, "dead-lettering failed; the message stays pending");
@@ -316,7 +350,7 @@ impl Chores {
     /// Does the chores that are due: gauges every [`GAUGE_INTERVAL`], claiming
     /// every half `claim_idle`, trimming every `trim_interval`. Claiming and
     /// trimming wait one interval after start; gauges are measured at once.
-    async fn run_due(&mut self, consumer: &StreamConsumer) {
+    async fn run_due<H: Handler>(&mut self, consumer: &StreamConsumer<H>) {
         let now = Instant::now();
         let due = |last: &mut Option<Instant>, every: Duration, at_start: bool| {
             let due = match *last {
@@ -386,7 +420,7 @@ mod tests {
     async fn a_read_that_waited_in_vain_is_an_empty_batch_and_news_are_read() {
         let url = std::env::var("FLUXO_TEST_REDIS_URL")
             .expect("FLUXO_TEST_REDIS_URL is not set: run the suite with ./scripts/test.sh");
-        let redis = fluxo_queue::client(&fluxo_queue::RedisConfig {
+        let redis = crate::client(&crate::RedisConfig {
             url: url.into(),
             command_timeout: Duration::from_secs(5),
             tls_ca_file: None,
@@ -412,13 +446,75 @@ mod tests {
         let _: () = redis.del(&stream).await.unwrap();
     }
 
+    struct Nothing;
+
+    #[async_trait::async_trait]
+    impl Handler for Nothing {
+        async fn handle(&self, events: &[StreamEvent]) -> Vec<Result<(), HandleError>> {
+            vec![Ok(()); events.len()]
+        }
+    }
+
+    /// Two groups on one stream (consolidators and notifiers): a trim by the
+    /// group that is ahead never drops what the one behind has not read.
+    #[tokio::test]
+    async fn a_trim_keeps_what_any_group_has_not_consumed() {
+        let url = std::env::var("FLUXO_TEST_REDIS_URL")
+            .expect("FLUXO_TEST_REDIS_URL is not set: run the suite with ./scripts/test.sh");
+        let redis = crate::client(&crate::RedisConfig {
+            url: url.into(),
+            command_timeout: Duration::from_secs(5),
+            tls_ca_file: None,
+        })
+        .unwrap();
+        redis.wait_for_connect().await.unwrap();
+        let stream = format!("test:trim:{}", ulid::Ulid::new());
+        let ahead = StreamNames::new(&stream, "ahead");
+        let behind = StreamNames::new(&stream, "behind");
+        ensure_group(&redis, &ahead).await.unwrap();
+        ensure_group(&redis, &behind).await.unwrap();
+        // More than one stream node (100 entries), so an approximate trim can drop something.
+        for i in 0..1000 {
+            let _: String =
+                redis.xadd(&stream, false, None, "*", vec![("event_id", format!("e-{i}"))]).await.unwrap();
+        }
+        let consumer = |names: &StreamNames| {
+            StreamConsumer::new(
+                redis.clone(),
+                redis.clone(),
+                Nothing,
+                ConsumerConfig::new(names.clone(), "c".into()),
+            )
+        };
+        let read_all = |group: &'static str, count: u64| {
+            let redis = redis.clone();
+            let stream = stream.clone();
+            async move {
+                let reply: Value =
+                    redis.xreadgroup(group, "c", Some(count), None, false, &stream, ">").await.unwrap();
+                let ids: Vec<String> = messages(reply).unwrap().into_iter().map(|(id, _)| id).collect();
+                let _: i64 = redis.xack(&stream, group, ids).await.unwrap();
+            }
+        };
+        read_all("ahead", 1000).await;
+        consumer(&ahead).trim().await.unwrap();
+        let len: u64 = redis.xlen(&stream).await.unwrap();
+        assert_eq!(len, 1000, "the group behind has read nothing: nothing may go");
+
+        read_all("behind", 600).await;
+        consumer(&ahead).trim().await.unwrap();
+        let len: u64 = redis.xlen(&stream).await.unwrap();
+        assert!((400..1000).contains(&len), "trimmed to what both consumed, keeping the 400 unread: {len}");
+        let _: () = redis.del(&stream).await.unwrap();
+    }
+
     /// What a consumer holds (its pod-deletion cost) is its own share of the
     /// group's pending entries, read from the suite's Redis.
     #[tokio::test]
     async fn a_consumer_holds_what_it_read_and_did_not_acknowledge() {
         let url = std::env::var("FLUXO_TEST_REDIS_URL")
             .expect("FLUXO_TEST_REDIS_URL is not set: run the suite with ./scripts/test.sh");
-        let redis = fluxo_queue::client(&fluxo_queue::RedisConfig {
+        let redis = crate::client(&crate::RedisConfig {
             url: url.into(),
             command_timeout: Duration::from_secs(5),
             tls_ca_file: None,
@@ -437,7 +533,7 @@ mod tests {
         assert_eq!(read.len(), 3);
         let held = |consumer: &'static str| {
             let (redis, names) = (redis.clone(), names.clone());
-            async move { fluxo_queue::consumer_pending(&redis, &names, consumer).await.unwrap() }
+            async move { crate::consumer_pending(&redis, &names, consumer).await.unwrap() }
         };
         assert_eq!(held("busy").await, 3);
         assert_eq!(held("idle").await, 0, "a consumer the group does not know holds nothing");

@@ -1,14 +1,13 @@
-//! The dead-letter stream, for operators (`fluxo dlq`): list, show, replay
-//! and drop parked messages.
+//! A group's dead-letter stream, for operators (`fluxo dlq`): list, show,
+//! replay and drop parked messages.
 
-use fluxo_queue::{StreamEvent, StreamNames};
+use crate::{StreamEvent, StreamNames};
 use fred::{
     prelude::{Client, StreamsInterface},
     types::Value,
 };
 
-use super::{ConsumerError, Message};
-use crate::consolidator::Consolidator;
+use super::{ConsumerError, Handler, Message};
 
 /// Dead-letter stream operations for operators.
 #[derive(Debug, Clone)]
@@ -52,19 +51,19 @@ impl DeadLetters {
         entries.into_iter().next().map(to_dead_letter).ok_or_else(|| ConsumerError::NotFound(id.to_owned()))
     }
 
-    /// Applies a parked message again (after its cause was fixed) and removes
-    /// it when it is in the read model. Applying is idempotent: a message
-    /// already applied is not counted twice.
-    pub async fn replay(&self, id: &str, consolidator: &Consolidator) -> Result<(), ConsumerError> {
+    /// Hands a parked message to `handler` again (after its cause was fixed)
+    /// and removes it once handled. Handling is idempotent: a message already
+    /// handled has no second effect.
+    pub async fn replay(&self, id: &str, handler: &impl Handler) -> Result<(), ConsumerError> {
         let letter = self.show(id).await?;
         let event = letter.event.ok_or_else(|| ConsumerError::StillFailing {
             id: id.to_owned(),
             reason: "the message is malformed and can only be dropped".into(),
         })?;
-        match consolidator.apply(std::slice::from_ref(&event)).await.pop() {
+        match handler.handle(std::slice::from_ref(&event)).await.pop() {
             Some(Ok(())) => {
                 let _: i64 = self.client.xdel(&self.names.dead_letters, id).await?;
-                consolidator.store().unpark(&event.event_id).await?;
+                handler.unpark(&event.event_id).await.map_err(ConsumerError::Handler)?;
                 Ok(())
             }
             Some(Err(reason)) => {

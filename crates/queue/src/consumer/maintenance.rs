@@ -9,9 +9,9 @@ use fred::{
     types::{Value, streams::XPendingArgs},
 };
 
-use super::{ConsumerError, Message, StreamConsumer};
+use super::{ConsumerError, Handler, Message, StreamConsumer};
 
-impl StreamConsumer {
+impl<H: Handler> StreamConsumer<H> {
     pub(super) fn claim_interval(&self) -> Duration {
         (self.config.claim_idle / 2).max(Duration::from_millis(100))
     }
@@ -104,24 +104,29 @@ impl StreamConsumer {
         Ok(())
     }
 
-    /// Trims the stream below what the group has acknowledged: below the
-    /// oldest pending message, and never past the last delivered one, so
-    /// nothing unconsumed is dropped and the group's lag stays meaningful.
+    /// Trims the stream below what every group on it has acknowledged: below
+    /// each group's oldest pending message, and never past any group's last
+    /// delivered one, so nothing one group has not consumed is dropped by
+    /// another (the consolidators and the notifiers read the same stream) and
+    /// each group's lag stays meaningful.
     pub async fn trim(&self) -> Result<(), ConsumerError> {
         let names = &self.config.names;
-        let groups = fluxo_queue::groups(&self.client, &names.stream).await?;
-        let Some(last_delivered) =
-            groups.into_iter().find(|g| g.name == names.group).and_then(|g| g.last_delivered)
-        else {
-            return Ok(());
-        };
-        let summary: Vec<Value> = self.client.xpending(&names.stream, &names.group, ()).await?;
-        let oldest_pending = summary.get(1).and_then(Value::as_string);
-        let floor = match oldest_pending {
-            Some(p) if stream_id_lt(&p, &last_delivered) => p,
-            _ => last_delivered,
-        };
-        if floor != "0-0" {
+        let groups = crate::groups(&self.client, &names.stream).await?;
+        let mut floor: Option<String> = None;
+        for group in groups {
+            let Some(last_delivered) = group.last_delivered else { return Ok(()) };
+            let summary: Vec<Value> = self.client.xpending(&names.stream, &group.name, ()).await?;
+            let group_floor = match summary.get(1).and_then(Value::as_string) {
+                Some(p) if stream_id_lt(&p, &last_delivered) => p,
+                _ => last_delivered,
+            };
+            if floor.as_ref().is_none_or(|f| stream_id_lt(&group_floor, f)) {
+                floor = Some(group_floor);
+            }
+        }
+        if let Some(floor) = floor
+            && floor != "0-0"
+        {
             let _: i64 = self.client.xtrim(&names.stream, ("MINID", "~", floor.as_str())).await?;
         }
         Ok(())

@@ -6,7 +6,7 @@ use std::sync::{Arc, LazyLock, Mutex};
 
 use fluxo_telemetry::opentelemetry::{KeyValue, metrics::ObservableGauge};
 
-use super::{ConsumerError, StreamConsumer};
+use super::{ConsumerError, Handler, StreamConsumer};
 
 /// The stream as last measured.
 #[derive(Debug, Clone, Default)]
@@ -69,11 +69,11 @@ static GAUGES: LazyLock<StreamGauges> = LazyLock::new(|| {
     StreamGauges { state, _instruments: [lag, pending, dead] }
 });
 
-impl StreamConsumer {
+impl<H: Handler> StreamConsumer<H> {
     /// Updates the stream gauges from XINFO GROUPS and XLEN.
     pub async fn measure(&self) -> Result<(), ConsumerError> {
         let names = &self.config.names;
-        let status = fluxo_queue::stream_status(&self.client, names).await?;
+        let status = crate::stream_status(&self.client, names).await?;
         let groups = status
             .groups
             .into_iter()
