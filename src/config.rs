@@ -51,6 +51,24 @@ pub struct WebhookSettings {
     pub allow_nets: Vec<String>,
     /// The most subscriptions one merchant may hold.
     pub max_subscriptions_per_merchant: u32,
+    /// The notifiers' consumer group on the ledger stream.
+    pub group: String,
+    /// CA certificates (PEM) endpoints are verified with; unset: Mozilla's roots.
+    pub ca_file: Option<PathBuf>,
+    pub connect_timeout_ms: u64,
+    pub response_timeout_ms: u64,
+    /// Wait after the first failed attempt; doubled after each one, up to `retry_cap_ms`.
+    pub retry_first_ms: u64,
+    pub retry_cap_ms: u64,
+    /// No attempt later than this after the first: then the delivery is dead-lettered.
+    pub give_up_after_secs: u64,
+    /// How long a notifier holds a claimed delivery (a killed one's claims run out).
+    pub lease_ms: u64,
+    pub poll_ms: u64,
+    /// Attempts in flight per notifier.
+    pub concurrency: u32,
+    /// An endpoint failing without a break for this long disables its subscription.
+    pub disable_after_secs: u64,
 }
 
 impl Default for WebhookSettings {
@@ -60,6 +78,17 @@ impl Default for WebhookSettings {
             allow_http: false,
             allow_nets: Vec::new(),
             max_subscriptions_per_merchant: 20,
+            group: "notifiers".into(),
+            ca_file: None,
+            connect_timeout_ms: 5_000,
+            response_timeout_ms: 15_000,
+            retry_first_ms: 5_000,
+            retry_cap_ms: 3_600_000,
+            give_up_after_secs: 26 * 3600,
+            lease_ms: 60_000,
+            poll_ms: 500,
+            concurrency: 16,
+            disable_after_secs: 5 * 24 * 3600,
         }
     }
 }
@@ -76,6 +105,32 @@ impl WebhookSettings {
                 })
             })
             .collect()
+    }
+
+    /// How the notifier delivers.
+    pub fn delivery_settings(&self) -> fluxo_notifier::DeliverySettings {
+        let ms = Duration::from_millis;
+        fluxo_notifier::DeliverySettings {
+            batch: 64,
+            concurrency: self.concurrency.max(1) as usize,
+            lease: ms(self.lease_ms),
+            poll: ms(self.poll_ms),
+            disable_after: Duration::from_secs(self.disable_after_secs),
+            retries: fluxo_webhooks::Retries {
+                first: ms(self.retry_first_ms),
+                cap: ms(self.retry_cap_ms),
+                give_up_after: Duration::from_secs(self.give_up_after_secs),
+            },
+        }
+    }
+
+    /// Each attempt's limits.
+    pub fn limits(&self) -> fluxo_webhooks::Limits {
+        fluxo_webhooks::Limits {
+            connect: Duration::from_millis(self.connect_timeout_ms),
+            response: Duration::from_millis(self.response_timeout_ms),
+            ..fluxo_webhooks::Limits::default()
+        }
     }
 
     /// The destination policy endpoints are checked by.
@@ -696,6 +751,25 @@ impl Config {
         if w.max_subscriptions_per_merchant == 0 {
             problems.push("webhooks.max_subscriptions_per_merchant must be at least 1".to_owned());
         }
+        // An attempt may take its connect and response limits; a shorter lease
+        // would let a second notifier send the same delivery while the first waits.
+        if w.lease_ms <= w.connect_timeout_ms + w.response_timeout_ms {
+            problems.push(format!(
+                "webhooks.lease_ms ({}) must exceed webhooks.connect_timeout_ms + response_timeout_ms ({})",
+                w.lease_ms,
+                w.connect_timeout_ms + w.response_timeout_ms
+            ));
+        }
+        if w.retry_first_ms == 0 || w.retry_cap_ms < w.retry_first_ms {
+            problems.push(
+                "webhooks.retry_first_ms must be at least 1 and at most webhooks.retry_cap_ms".to_owned(),
+            );
+        }
+        if let Some(file) = &w.ca_file
+            && !file.is_file()
+        {
+            problems.push(format!("webhooks.ca_file {} does not exist", file.display()));
+        }
     }
 
     pub fn time_zone(&self) -> anyhow::Result<chrono_tz::Tz> {
@@ -737,6 +811,16 @@ impl Config {
 
     pub fn stream_names(&self) -> StreamNames {
         StreamNames::new(&self.consolidator.stream, &self.consolidator.group)
+    }
+
+    /// The notifiers' group on the same stream, with a dead-letter stream of its own.
+    pub fn notifier_stream_names(&self) -> StreamNames {
+        let stream = &self.consolidator.stream;
+        StreamNames {
+            stream: stream.clone(),
+            group: self.webhooks.group.clone(),
+            dead_letters: format!("{stream}:{}:dlq", self.webhooks.group),
+        }
     }
 
     pub fn server_config(&self) -> fluxo_server::ServerConfig {

@@ -21,6 +21,7 @@ pub mod ops;
 pub mod periods;
 pub mod serve;
 pub mod watch;
+pub mod webhooks;
 
 use clap::ValueEnum;
 
@@ -37,4 +38,6 @@ pub enum Target {
     Consolidator,
     /// REST/JSON front door for external callers.
     Gateway,
+    /// Delivers signed webhooks for the ledger's events.
+    Notifier,
 }

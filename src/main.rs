@@ -87,6 +87,20 @@ enum Command {
         #[command(subcommand)]
         command: LedgerCommand,
     },
+    /// Webhook deliveries: what was sent, what was given up on, and sending it again.
+    Webhooks {
+        #[command(subcommand)]
+        command: WebhooksCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum WebhooksCommand {
+    /// List, show and replay deliveries (the dead-letter store among them).
+    Deliveries {
+        #[command(subcommand)]
+        command: fluxo::webhooks::DeliveriesCommand,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -210,6 +224,9 @@ fn main() -> ExitCode {
                 LedgerCommand::Closes(args) => fluxo::periods::closes(&args).await,
                 LedgerCommand::Verify { merchant } => fluxo::periods::verify(&config, &merchant).await,
             },
+            Command::Webhooks { command: WebhooksCommand::Deliveries { command } } => {
+                fluxo::webhooks::deliveries(&config, command).await
+            }
         }
     });
     match result {

@@ -108,6 +108,9 @@ pub async fn serve(
     if target == Target::Consolidator && redis.is_none() {
         bail!("the consolidator target reads the Redis stream: set redis.url (FLUXO_REDIS__URL)");
     }
+    if target == Target::Notifier && redis.is_none() {
+        bail!("the notifier target reads the Redis stream: set redis.url (FLUXO_REDIS__URL)");
+    }
 
     // Shutdown runs front to back: the REST gateway drains first (its calls go
     // to the gRPC services, in this process under --target all), then gRPC,
@@ -124,6 +127,10 @@ pub async fn serve(
         None
     };
     let mut process = Process::new(&config, db.clone(), redis.clone(), server, stop_rx);
+    if runs(Target::Notifier) {
+        // Before the ledger: without Redis its relay hands events to the notifier in process.
+        process.notifier = Some(process.notifier()?);
+    }
     if let (GrpcAuth::Jwt, Some(callers)) = (config.grpc.auth, &callers) {
         process.server.authenticate(CallerAuth::Jwt(callers.verifier.clone()));
     }
@@ -135,6 +142,9 @@ pub async fn serve(
     }
     if runs(Target::Consolidator) {
         process.add_consolidator().await?;
+    }
+    if runs(Target::Notifier) {
+        process.add_notifier().await;
     }
     let mut rest = None;
     if let (true, Some(callers)) = (runs(Target::Gateway), &callers) {
@@ -190,6 +200,8 @@ struct Process<'a> {
     consolidator: Consolidator,
     /// The read model's changes made in this process, for the balance watches.
     changes: Arc<fluxo_server::stream::Signals>,
+    /// The notifier, when this process runs it.
+    notifier: Option<fluxo_notifier::Notifier>,
 }
 
 impl<'a> Process<'a> {
@@ -224,6 +236,7 @@ impl<'a> Process<'a> {
             cache,
             consolidator,
             changes,
+            notifier: None,
         }
     }
 
@@ -252,7 +265,14 @@ impl<'a> Process<'a> {
                 Some(client) => Arc::new(RedisSink::new(client.clone(), &config.consolidator.stream)),
                 None => {
                     self.needs_read_model = true;
-                    Arc::new(InProcessSink::new(self.consolidator.clone()))
+                    let consolidator: Arc<dyn EventSink> =
+                        Arc::new(InProcessSink::new(self.consolidator.clone()));
+                    match &self.notifier {
+                        Some(notifier) => {
+                            Arc::new(fluxo_queue::Tee(vec![consolidator, Arc::new(notifier.clone())]))
+                        }
+                        None => consolidator,
+                    }
                 }
             };
             let relay = Relay::new(self.db.clone(), sink, config.relay.relay_config(), commits);
@@ -287,6 +307,65 @@ impl<'a> Process<'a> {
             sealer,
             settings,
         ))
+    }
+
+    /// The notifier: subscriptions, the sender (trusting `webhooks.ca_file`
+    /// or Mozilla's roots) and the delivery settings.
+    fn notifier(&self) -> anyhow::Result<fluxo_notifier::Notifier> {
+        let w = &self.config.webhooks;
+        let sender = fluxo_webhooks::Sender::new(
+            w.policy().map_err(anyhow::Error::msg)?,
+            w.ca_file.as_deref(),
+            w.limits(),
+        )
+        .context("webhooks.ca_file")?;
+        Ok(fluxo_notifier::Notifier::new(self.subscriptions()?, sender, w.delivery_settings()))
+    }
+
+    /// The notifier's delivery loop and, with Redis, its member of the
+    /// notifiers' consumer group (without Redis the relay hands it events).
+    async fn add_notifier(&mut self) {
+        let Some(notifier) = self.notifier.clone() else { return };
+        self.checks.push(Arc::new(fluxo_notifier::readiness(self.db.clone())));
+        let delivering = notifier.clone();
+        let stop = self.stop.clone();
+        self.tasks.push(tokio::spawn(async move { delivering.run(stopped(stop)).await }));
+        let Some(client) = self.redis.clone() else { return };
+        let config = self.config;
+        let Some(settings) = config.redis_config() else { return };
+        let reader = match fluxo_queue::client(&fluxo_queue::RedisConfig {
+            command_timeout: Duration::from_millis(config.consolidator.block_ms) + settings.command_timeout,
+            ..settings
+        }) {
+            Ok(reader) => reader,
+            Err(error) => {
+                tracing::error!(%error, "cannot configure the notifier's Redis reader");
+                return;
+            }
+        };
+        let names = config.notifier_stream_names();
+        let consumer = fluxo_queue::consumer::StreamConsumer::new(
+            reader,
+            client.clone(),
+            notifier,
+            config.consolidator.consumer_config(names.clone(), consumer_name(config)),
+        );
+        let stop = self.stop.clone();
+        self.tasks.push(tokio::spawn(async move {
+            let mut attempt = 0u32;
+            while let Err(error) = ensure_group(&client, &names).await {
+                attempt += 1;
+                if attempt == 1 || attempt.is_multiple_of(10) {
+                    tracing::warn!(%error, "cannot create the notifiers' consumer group yet; retrying");
+                }
+                tokio::select! {
+                    () = stopped(stop.clone()) => return,
+                    () = tokio::time::sleep(Duration::from_millis(500)) => {}
+                }
+            }
+            tracing::info!(group = %names.group, "notifier consuming the ledger stream");
+            consumer.run(stopped(stop)).await;
+        }));
     }
 
     /// The balance queries' gRPC service, over the shared cache.

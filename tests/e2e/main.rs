@@ -4,6 +4,7 @@
 mod books;
 mod export;
 mod hardening;
+mod notifier;
 mod outage;
 mod pipeline;
 mod rest;
@@ -465,6 +466,11 @@ async fn sigterm_mid_batch_commits_acknowledges_and_exits_in_time() {
     next.stop();
     ledger.stop();
     balance.stop();
+}
+
+#[test]
+fn webhooks_are_signed_retried_dead_lettered_replayed_rotated_and_survive_a_kill() {
+    notifier::signed_retried_dead_lettered_replayed_and_never_lost();
 }
 
 #[test]

@@ -3,6 +3,7 @@
 //! descriptor set used by gRPC reflection and the REST gateway.
 
 pub mod export;
+pub mod json;
 
 /// Encoded `google.protobuf.FileDescriptorSet` of every fluxo proto and its imports.
 pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/fluxo_descriptor.bin"));

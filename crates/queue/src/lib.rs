@@ -140,6 +140,29 @@ pub trait EventSink: Send + Sync + 'static {
     async fn publish(&self, events: &[StreamEvent]) -> Result<(), PublishError>;
 }
 
+/// Publishes to several sinks in turn (on the embedded default: the
+/// consolidator, then the notifier). A batch fails when one of them fails;
+/// the relay then publishes it again to all, so every sink must take a batch
+/// twice with the effect of once (both do: they deduplicate on event ids).
+#[derive(Clone)]
+pub struct Tee(pub Vec<std::sync::Arc<dyn EventSink>>);
+
+impl std::fmt::Debug for Tee {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tee").field("sinks", &self.0.len()).finish()
+    }
+}
+
+#[async_trait::async_trait]
+impl EventSink for Tee {
+    async fn publish(&self, events: &[StreamEvent]) -> Result<(), PublishError> {
+        for sink in &self.0 {
+            sink.publish(events).await?;
+        }
+        Ok(())
+    }
+}
+
 pub use redis::{
     GroupInfo, RedisConfig, RedisSink, StreamStatus, client, consumer_pending, ensure_group, groups,
     redacted_url, stream_status,

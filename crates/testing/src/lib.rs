@@ -5,6 +5,8 @@
 //! sets after starting a throwaway server. Without it the PostgreSQL half of a
 //! suite fails with a message saying so, rather than silently passing.
 
+pub mod receiver;
+
 use std::time::Duration;
 
 use fluxo_db::{Db, DbConfig};

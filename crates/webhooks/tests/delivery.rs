@@ -3,69 +3,15 @@
 //! Standard Webhooks reference library (scripts/test.sh installs it and makes
 //! the certificates).
 
-use std::{
-    io::{BufRead, BufReader},
-    process::{Child, Command, Stdio},
-    sync::mpsc,
-    time::{Duration, SystemTime, UNIX_EPOCH},
-};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
+use fluxo_testing::receiver::{Receiver, env};
 use fluxo_webhooks::{Attempt, DestinationPolicy, Failure, Limits, Outcome, Secret, Sender};
 use url::Url;
 
-fn env(name: &str) -> String {
-    std::env::var(name).unwrap_or_else(|_| panic!("{name} is not set: run the suite with ./scripts/test.sh"))
-}
-
-/// A receiver process, its port and the deliveries it reports.
-struct Receiver {
-    child: Child,
-    port: u16,
-    seen: mpsc::Receiver<serde_json::Value>,
-}
-
-impl Receiver {
-    fn start(secret: &Secret, script: &str) -> Self {
-        let mut child = Command::new(env("FLUXO_TEST_STANDARDWEBHOOKS_PYTHON"))
-            .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/receiver.py"))
-            .args([
-                secret.expose_text(),
-                env("FLUXO_TEST_TLS_CERT"),
-                env("FLUXO_TEST_TLS_KEY"),
-                script.to_owned(),
-            ])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("start the receiver");
-        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-        let first = lines.next().expect("the receiver's port").unwrap();
-        let port = first.strip_prefix("port ").expect("`port N` first").parse().unwrap();
-        let (tx, seen) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in lines.map_while(Result::ok) {
-                let _ = tx.send(serde_json::from_str(&line).expect("a JSON line"));
-            }
-        });
-        Self { child, port, seen }
-    }
-
-    fn url(&self, host: &str) -> Url {
-        Url::parse(&format!("https://{host}:{}/hooks/fluxo?tenant=t-1", self.port)).unwrap()
-    }
-
-    /// The next delivery it received, within 30 s.
-    fn next(&self) -> serde_json::Value {
-        self.seen.recv_timeout(Duration::from_secs(30)).expect("a delivery reached the receiver")
-    }
-}
-
-impl Drop for Receiver {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+fn url(receiver: &Receiver, host: &str) -> Url {
+    Url::parse(&receiver.url(host, "/hooks/fluxo?tenant=t-1")).unwrap()
 }
 
 /// The test's receiver is on loopback: allowed by name, as a test setting would.
@@ -92,7 +38,7 @@ async fn attempt_id(sender: &Sender, url: &Url, secrets: &[&Secret], event_id: &
 /// Proves nothing reached `receiver` before: a delivery allowed now is the next it reports.
 async fn nothing_arrived_before(receiver: &Receiver, secret: &Secret) {
     let outcome =
-        attempt_id(&sender(Limits::default()), &receiver.url("localhost"), &[secret], "evt_probe").await;
+        attempt_id(&sender(Limits::default()), &url(receiver, "localhost"), &[secret], "evt_probe").await;
     assert!(matches!(outcome, Outcome::Delivered { .. }), "{outcome:?}");
     assert_eq!(receiver.next()["id"], "evt_probe", "something reached the receiver before");
 }
@@ -100,10 +46,10 @@ async fn nothing_arrived_before(receiver: &Receiver, secret: &Secret) {
 #[tokio::test]
 async fn a_signed_delivery_is_verified_by_the_reference_library_over_https() {
     let secret = Secret::generate().unwrap();
-    let receiver = Receiver::start(&secret, "200");
+    let receiver = Receiver::start(&secret.expose_text(), "200");
     let sender = sender(Limits::default());
     // By name: the certificate is checked for `localhost`.
-    let outcome = attempt(&sender, &receiver.url("localhost"), &[&secret]).await;
+    let outcome = attempt(&sender, &url(&receiver, "localhost"), &[&secret]).await;
     assert_eq!(outcome, Outcome::Delivered { status: 200, excerpt: "thanks".into() });
     let seen = receiver.next();
     assert_eq!(seen["verified"], true, "{seen}");
@@ -112,21 +58,21 @@ async fn a_signed_delivery_is_verified_by_the_reference_library_over_https() {
 
     // During a rotation both secrets sign: a receiver still on the old one verifies.
     let new = Secret::generate().unwrap();
-    let outcome = attempt(&sender, &receiver.url("127.0.0.1"), &[&new, &secret]).await;
+    let outcome = attempt(&sender, &url(&receiver, "127.0.0.1"), &[&new, &secret]).await;
     assert!(matches!(outcome, Outcome::Delivered { .. }), "{outcome:?}");
     assert_eq!(receiver.next()["verified"], true);
     // Signed by a stranger only: delivered (the receiver answers 200) but not verified.
     let stranger = Secret::generate().unwrap();
-    attempt(&sender, &receiver.url("127.0.0.1"), &[&stranger]).await;
+    attempt(&sender, &url(&receiver, "127.0.0.1"), &[&stranger]).await;
     assert_eq!(receiver.next()["verified"], false);
 }
 
 #[tokio::test]
 async fn failures_say_whether_to_retry_and_keep_only_an_excerpt() {
     let secret = Secret::generate().unwrap();
-    let receiver = Receiver::start(&secret, "503,410,big");
+    let receiver = Receiver::start(&secret.expose_text(), "503,410,big");
     let sender = sender(Limits { excerpt: 100, ..Limits::default() });
-    let url = receiver.url("localhost");
+    let url = url(&receiver, "localhost");
     let outcome = attempt(&sender, &url, &[&secret]).await;
     assert_eq!(
         outcome,
@@ -148,9 +94,9 @@ async fn failures_say_whether_to_retry_and_keep_only_an_excerpt() {
 #[tokio::test]
 async fn a_receiver_that_does_not_answer_times_out_and_an_untrusted_certificate_is_refused() {
     let secret = Secret::generate().unwrap();
-    let receiver = Receiver::start(&secret, "stall,200");
+    let receiver = Receiver::start(&secret.expose_text(), "stall,200");
     let limits = Limits { response: Duration::from_millis(500), ..Limits::default() };
-    let outcome = attempt(&sender(limits), &receiver.url("localhost"), &[&secret]).await;
+    let outcome = attempt(&sender(limits), &url(&receiver, "localhost"), &[&secret]).await;
     assert_eq!(
         outcome,
         Outcome::Failed { failure: Failure::Timeout(Duration::from_millis(500)), retry: true }
@@ -161,7 +107,7 @@ async fn a_receiver_that_does_not_answer_times_out_and_an_untrusted_certificate_
     let policy = DestinationPolicy::strict().allow_nets(["127.0.0.0/8".parse().unwrap()]);
     let strict =
         Sender::new(policy, Some(env("FLUXO_TEST_TLS_OTHER_CA").as_ref()), Limits::default()).unwrap();
-    let outcome = attempt(&strict, &receiver.url("localhost"), &[&secret]).await;
+    let outcome = attempt(&strict, &url(&receiver, "localhost"), &[&secret]).await;
     assert!(
         matches!(&outcome, Outcome::Failed { failure: Failure::Connect(why), retry: true } if why.contains("TLS")),
         "{outcome:?}"
@@ -172,13 +118,13 @@ async fn a_receiver_that_does_not_answer_times_out_and_an_untrusted_certificate_
 #[tokio::test]
 async fn an_inward_destination_is_refused_before_anything_is_sent() {
     let secret = Secret::generate().unwrap();
-    let receiver = Receiver::start(&secret, "200");
+    let receiver = Receiver::start(&secret.expose_text(), "200");
     // The default policy: loopback is inward. By address and by a name that resolves to it.
     let sender =
         Sender::new(DestinationPolicy::strict(), Some(env("FLUXO_TEST_TLS_CA").as_ref()), Limits::default())
             .unwrap();
     for host in ["127.0.0.1", "localhost"] {
-        let outcome = attempt(&sender, &receiver.url(host), &[&secret]).await;
+        let outcome = attempt(&sender, &url(&receiver, host), &[&secret]).await;
         assert!(
             matches!(&outcome, Outcome::Failed { failure: Failure::Refused(_), retry: true }),
             "{host}: {outcome:?}"

@@ -6,7 +6,7 @@
 
 use bytes::Buf;
 use prost::Message;
-use prost_reflect::{DynamicMessage, FieldDescriptor, Kind, MessageDescriptor, SerializeOptions, Value};
+use prost_reflect::{DynamicMessage, FieldDescriptor, Kind, MessageDescriptor, Value};
 use tonic::{
     Status,
     codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder},
@@ -150,11 +150,7 @@ fn set_scalar(
 
 /// Renders a reply as proto3 JSON.
 pub fn to_json(message: &DynamicMessage) -> Vec<u8> {
-    let options = SerializeOptions::new()
-        .stringify_64_bit_integers(true)
-        .use_proto_field_name(false)
-        .use_enum_numbers(false)
-        .skip_default_fields(false);
+    let options = fluxo_proto::json::options();
     let mut out = Vec::with_capacity(256);
     let mut serializer = serde_json::Serializer::new(&mut out);
     if message.serialize_with_options(&mut serializer, &options).is_err() {

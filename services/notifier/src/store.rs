@@ -4,6 +4,7 @@
 //! PostgreSQL, the single writer on SQLite), so two concurrent creates can
 //! neither both pass the per-merchant limit nor both claim one idempotency key.
 
+mod deliveries;
 mod migrations;
 
 use std::collections::BTreeSet;
@@ -13,6 +14,7 @@ use fluxo_db::{Db, StoreError, statement};
 use fluxo_webhooks::subscription::{EventType, State};
 use sea_orm::{ConnectionTrait, DbBackend, DbErr, QueryResult, TransactionTrait, Value};
 
+pub use deliveries::{AttemptRecord, Delivery, DeliveryState, Due, Event, FannedOut, Next, body};
 pub use migrations::Migrator;
 
 /// The advisory lock class of a merchant's subscriptions ("hook").

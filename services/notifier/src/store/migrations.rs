@@ -12,7 +12,7 @@ pub struct Migrator;
 #[async_trait::async_trait]
 impl MigratorTrait for Migrator {
     fn migrations() -> Vec<Box<dyn MigrationTrait>> {
-        boxed(&[CREATE_SUBSCRIPTIONS])
+        boxed(&[CREATE_SUBSCRIPTIONS, CREATE_DELIVERIES])
     }
 
     fn migration_table_name() -> DynIden {
@@ -74,4 +74,106 @@ CREATE TABLE webhook_subscriptions (
     UNIQUE (merchant_id, request_id)
 );
 CREATE INDEX webhook_subscriptions_by_merchant ON webhook_subscriptions (merchant_id, id);
+"#;
+
+/// Deliveries: one row per (event, subscription), made when the notifier
+/// reads the event and kept after it is delivered or dead-lettered; each
+/// attempt on record. A subscription numbers its events (`next_sequence`) and
+/// remembers since when its endpoint has been failing.
+const CREATE_DELIVERIES: SqlMigration = SqlMigration {
+    name: "m20261204_000002_create_webhook_deliveries",
+    up: Sql { postgres: DELIVERIES_POSTGRES_UP, sqlite: DELIVERIES_SQLITE_UP },
+    down: Sql {
+        postgres: "DROP TABLE webhook_delivery_attempts; DROP TABLE webhook_deliveries; \
+                   ALTER TABLE webhook_subscriptions DROP COLUMN next_sequence, DROP COLUMN failing_since;",
+        sqlite: "DROP TABLE webhook_delivery_attempts; DROP TABLE webhook_deliveries; \
+                 ALTER TABLE webhook_subscriptions DROP COLUMN next_sequence; \
+                 ALTER TABLE webhook_subscriptions DROP COLUMN failing_since;",
+    },
+};
+
+const DELIVERIES_POSTGRES_UP: &str = r#"
+ALTER TABLE webhook_subscriptions ADD COLUMN next_sequence BIGINT NOT NULL DEFAULT 1;
+ALTER TABLE webhook_subscriptions ADD COLUMN failing_since TIMESTAMPTZ;
+
+CREATE TABLE webhook_deliveries (
+    id               VARCHAR(26)   PRIMARY KEY,
+    subscription_id  VARCHAR(26)   NOT NULL REFERENCES webhook_subscriptions (id),
+    merchant_id      VARCHAR(64)   NOT NULL,
+    -- The event's id: the webhook-id header, the same on every attempt.
+    event_id         VARCHAR(26)   NOT NULL,
+    event_type       VARCHAR(32)   NOT NULL,
+    -- The subscription's number for this event, in the order the notifier read them.
+    sequence         BIGINT        NOT NULL,
+    payload          TEXT          NOT NULL,
+    traceparent      VARCHAR(128),
+    tracestate       VARCHAR(512),
+    state            VARCHAR(9)    NOT NULL CHECK (state IN ('PENDING', 'DELIVERED', 'DEAD')),
+    attempts         INTEGER       NOT NULL DEFAULT 0,
+    next_attempt_at  TIMESTAMPTZ   NOT NULL,
+    -- Held by a notifier until then; a crashed one's hold runs out.
+    lease_until      TIMESTAMPTZ,
+    first_attempt_at TIMESTAMPTZ,
+    last_attempt_at  TIMESTAMPTZ,
+    last_status      INTEGER,
+    last_error       VARCHAR(500)  NOT NULL DEFAULT '',
+    created_at       TIMESTAMPTZ   NOT NULL,
+    delivered_at     TIMESTAMPTZ,
+    UNIQUE (subscription_id, event_id)
+);
+CREATE INDEX webhook_deliveries_due ON webhook_deliveries (next_attempt_at) WHERE state = 'PENDING';
+CREATE INDEX webhook_deliveries_by_merchant ON webhook_deliveries (merchant_id, state, id);
+
+CREATE TABLE webhook_delivery_attempts (
+    delivery_id  VARCHAR(26)   NOT NULL REFERENCES webhook_deliveries (id),
+    attempt      INTEGER       NOT NULL,
+    at           TIMESTAMPTZ   NOT NULL,
+    duration_ms  BIGINT        NOT NULL,
+    status       INTEGER,
+    error        VARCHAR(500)  NOT NULL DEFAULT '',
+    -- At most the sender's excerpt limit of the answer's body.
+    response     VARCHAR(1024) NOT NULL DEFAULT '',
+    PRIMARY KEY (delivery_id, attempt)
+);
+"#;
+
+const DELIVERIES_SQLITE_UP: &str = r#"
+ALTER TABLE webhook_subscriptions ADD COLUMN next_sequence INTEGER NOT NULL DEFAULT 1;
+ALTER TABLE webhook_subscriptions ADD COLUMN failing_since TEXT;
+
+CREATE TABLE webhook_deliveries (
+    id               TEXT    PRIMARY KEY,
+    subscription_id  TEXT    NOT NULL REFERENCES webhook_subscriptions (id),
+    merchant_id      TEXT    NOT NULL,
+    event_id         TEXT    NOT NULL,
+    event_type       TEXT    NOT NULL,
+    sequence         INTEGER NOT NULL,
+    payload          TEXT    NOT NULL,
+    traceparent      TEXT,
+    tracestate       TEXT,
+    state            TEXT    NOT NULL CHECK (state IN ('PENDING', 'DELIVERED', 'DEAD')),
+    attempts         INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at  TEXT    NOT NULL,
+    lease_until      TEXT,
+    first_attempt_at TEXT,
+    last_attempt_at  TEXT,
+    last_status      INTEGER,
+    last_error       TEXT    NOT NULL DEFAULT '',
+    created_at       TEXT    NOT NULL,
+    delivered_at     TEXT,
+    UNIQUE (subscription_id, event_id)
+);
+CREATE INDEX webhook_deliveries_due ON webhook_deliveries (next_attempt_at) WHERE state = 'PENDING';
+CREATE INDEX webhook_deliveries_by_merchant ON webhook_deliveries (merchant_id, state, id);
+
+CREATE TABLE webhook_delivery_attempts (
+    delivery_id  TEXT    NOT NULL REFERENCES webhook_deliveries (id),
+    attempt      INTEGER NOT NULL,
+    at           TEXT    NOT NULL,
+    duration_ms  INTEGER NOT NULL,
+    status       INTEGER,
+    error        TEXT    NOT NULL DEFAULT '',
+    response     TEXT    NOT NULL DEFAULT '',
+    PRIMARY KEY (delivery_id, attempt)
+);
 "#;

@@ -6,8 +6,11 @@ each delivery verified by the Standard Webhooks reference library.
 SCRIPT is a comma-separated list of what to do with each delivery in turn,
 then the last one for the rest: a status code (`200`, `503`, `410`), `big`
 (200 with a 64 KiB body) or `stall` (read the request, answer nothing for
-60 s). It prints `port N` once listening, then one JSON line per delivery:
-{"id", "verified", "error", "answer", "body"}.
+60 s). SECRET or SCRIPT given as `@PATH` is read from that file at each
+delivery, so a test can set the secret once it has one, rotate it, or end an
+outage; a changed script file starts its list again. It prints `port N` once
+listening, then one JSON line per delivery:
+{"id", "verified", "error", "answer", "body", "signatures"}.
 """
 import http.server
 import json
@@ -18,26 +21,43 @@ import time
 
 from standardwebhooks.webhooks import Webhook
 
-secret, cert, key = sys.argv[1:4]
-script = (sys.argv[4] if len(sys.argv) > 4 else "200").split(",")
-webhook = Webhook(secret)
+secret_arg, cert, key = sys.argv[1:4]
+script_arg = sys.argv[4] if len(sys.argv) > 4 else "200"
 lock = threading.Lock()
 count = [0]
+last_script = [None]
+
+
+def current(arg):
+    if arg.startswith("@"):
+        with open(arg[1:]) as f:
+            return f.read().strip()
+    return arg
+
+
+def next_answer():
+    text = current(script_arg)
+    with lock:
+        if text != last_script[0]:
+            last_script[0], count[0] = text, 0
+        script = text.split(",")
+        answer = script[min(count[0], len(script) - 1)]
+        count[0] += 1
+    return answer
 
 
 class Handler(http.server.BaseHTTPRequestHandler):
     def do_POST(self):
         body = self.rfile.read(int(self.headers.get("content-length", "0")))
-        with lock:
-            answer = script[min(count[0], len(script) - 1)]
-            count[0] += 1
+        answer = next_answer()
         try:
-            webhook.verify(body, {k.lower(): v for k, v in self.headers.items()})
+            Webhook(current(secret_arg)).verify(body, {k.lower(): v for k, v in self.headers.items()})
             verified, error = True, ""
         except Exception as e:  # the library raises its own types
             verified, error = False, repr(e)
         print(json.dumps({"id": self.headers.get("webhook-id"), "verified": verified, "error": error,
-                          "answer": answer, "body": body.decode(errors="replace")}), flush=True)
+                          "answer": answer, "body": body.decode(errors="replace"),
+                          "signatures": len(self.headers.get("webhook-signature", "").split())}), flush=True)
         if answer == "stall":
             time.sleep(60)
             return

@@ -1,0 +1,539 @@
+//! Deliveries in SQL: made from events (once per event and subscription,
+//! however often the event is read), claimed by notifiers under a lease,
+//! recorded attempt by attempt, dead-lettered, replayed.
+
+use chrono::{DateTime, Utc};
+use fluxo_db::{StoreError, statement};
+use fluxo_webhooks::subscription::EventType;
+use sea_orm::{ConnectionTrait, DbBackend, QueryResult, TransactionTrait, Value};
+
+use super::{SubscriptionStore, now};
+
+/// An event to deliver to every subscription that asked for it.
+#[derive(Debug, Clone)]
+pub struct Event {
+    /// Its stable id (`webhook-id`).
+    pub id: String,
+    /// The merchant it belongs to.
+    pub merchant_id: String,
+    /// Its type.
+    pub event_type: EventType,
+    /// When it happened (the body's `timestamp`).
+    pub occurred_at: DateTime<Utc>,
+    /// The body's `data`.
+    pub data: serde_json::Value,
+    /// W3C trace context of the request that caused it.
+    pub traceparent: Option<String>,
+    /// W3C trace state.
+    pub tracestate: Option<String>,
+}
+
+/// The body of a delivery: Standard Webhooks' `type`, `timestamp` and
+/// `data`, plus the subscription's `sequence` number for the event.
+pub fn body(event: &Event, sequence: i64) -> String {
+    serde_json::json!({
+        "type": event.event_type.name(),
+        "timestamp": event.occurred_at.to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+        "sequence": sequence,
+        "data": event.data,
+    })
+    .to_string()
+}
+
+/// Where a delivery stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeliveryState {
+    /// Waiting for its next attempt.
+    Pending,
+    /// A 2xx answer was received.
+    Delivered,
+    /// Given up on (retries exhausted, 410 Gone, or the subscription was
+    /// disabled); `fluxo webhooks deliveries replay` sends it again.
+    Dead,
+}
+
+impl DeliveryState {
+    /// The stored name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Pending => "PENDING",
+            Self::Delivered => "DELIVERED",
+            Self::Dead => "DEAD",
+        }
+    }
+
+    fn parse(text: &str) -> Option<Self> {
+        [Self::Pending, Self::Delivered, Self::Dead].into_iter().find(|s| s.name() == text)
+    }
+}
+
+/// A delivery due now, claimed by this notifier until its lease ends.
+#[derive(Debug, Clone)]
+pub struct Due {
+    /// The delivery.
+    pub id: String,
+    /// Its subscription.
+    pub subscription_id: String,
+    /// Where to send it.
+    pub endpoint_url: String,
+    /// `webhook-id`.
+    pub event_id: String,
+    /// The event's type.
+    pub event_type: String,
+    /// The body.
+    pub payload: String,
+    /// Attempts made so far.
+    pub attempts: u32,
+    /// When the first attempt was made.
+    pub first_attempt_at: Option<DateTime<Utc>>,
+    /// When the delivery was made (the event read).
+    pub created_at: DateTime<Utc>,
+    /// Trace context of the request behind the event.
+    pub traceparent: Option<String>,
+    /// Trace state.
+    pub tracestate: Option<String>,
+}
+
+/// What one attempt came to, as recorded.
+#[derive(Debug, Clone)]
+pub struct AttemptRecord {
+    /// When it started.
+    pub at: DateTime<Utc>,
+    /// How long it took.
+    pub duration_ms: i64,
+    /// The HTTP status, when there was an answer.
+    pub status: Option<u16>,
+    /// Why it failed (empty when delivered).
+    pub error: String,
+    /// The start of the answer's body.
+    pub response: String,
+}
+
+/// What happens to a delivery after an attempt.
+#[derive(Debug, Clone)]
+pub enum Next {
+    /// Delivered.
+    Delivered,
+    /// Tried again at this time.
+    RetryAt(DateTime<Utc>),
+    /// Given up on.
+    Dead,
+}
+
+/// A delivery as listed and shown.
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    /// Its id.
+    pub id: String,
+    /// Its subscription.
+    pub subscription_id: String,
+    /// The merchant.
+    pub merchant_id: String,
+    /// The event's id.
+    pub event_id: String,
+    /// The event's type.
+    pub event_type: String,
+    /// The subscription's number for it.
+    pub sequence: i64,
+    /// Where it stands.
+    pub state: DeliveryState,
+    /// Attempts made.
+    pub attempts: i64,
+    /// When the next attempt is due (pending ones).
+    pub next_attempt_at: DateTime<Utc>,
+    /// The last answer's status.
+    pub last_status: Option<i64>,
+    /// Why the last attempt failed.
+    pub last_error: String,
+    /// When it was made.
+    pub created_at: DateTime<Utc>,
+    /// When it was delivered.
+    pub delivered_at: Option<DateTime<Utc>>,
+    /// The body.
+    pub payload: String,
+}
+
+const DELIVERY_COLUMNS: &str = "id, subscription_id, merchant_id, event_id, event_type, sequence, state, attempts, \
+                                next_attempt_at, last_status, last_error, created_at, delivered_at, payload";
+
+fn delivery(row: &QueryResult) -> Result<Delivery, StoreError> {
+    let text = |i| row.try_get_by_index::<String>(i);
+    let id = text(0)?;
+    let state_text = text(6)?;
+    let state = DeliveryState::parse(&state_text).ok_or_else(|| StoreError::Corrupt {
+        what: format!("delivery {id}"),
+        reason: format!("state {state_text:?}"),
+    })?;
+    Ok(Delivery {
+        subscription_id: text(1)?,
+        merchant_id: text(2)?,
+        event_id: text(3)?,
+        event_type: text(4)?,
+        sequence: row.try_get_by_index(5)?,
+        state,
+        attempts: row.try_get_by_index::<i32>(7).map(i64::from)?,
+        next_attempt_at: row.try_get_by_index(8)?,
+        last_status: row.try_get_by_index::<Option<i32>>(9)?.map(i64::from),
+        last_error: text(10)?,
+        created_at: row.try_get_by_index(11)?,
+        delivered_at: row.try_get_by_index(12)?,
+        payload: text(13)?,
+        id,
+    })
+}
+
+/// What `fan_out` did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FannedOut {
+    /// Deliveries made.
+    pub made: usize,
+    /// (event, subscription) pairs that already had one (a redelivered event).
+    pub existing: usize,
+}
+
+impl SubscriptionStore {
+    fn backend_of(&self) -> DbBackend {
+        self.db.backend()
+    }
+
+    /// Makes one delivery per (event, live subscription of its merchant that
+    /// asked for its type), numbered per subscription, in one transaction.
+    /// A pair that already has a delivery is left alone, so handling an event
+    /// again changes nothing. Disabled subscriptions get nothing (until
+    /// resumed); paused ones accrue.
+    pub async fn fan_out(&self, events: &[Event]) -> Result<FannedOut, StoreError> {
+        let mut done = FannedOut::default();
+        if events.is_empty() {
+            return Ok(done);
+        }
+        let backend = self.backend_of();
+        let mut merchants: Vec<&str> = events.iter().map(|e| e.merchant_id.as_str()).collect();
+        merchants.sort_unstable();
+        merchants.dedup();
+        let marks = vec!["?"; merchants.len()].join(", ");
+        let _writer = self.db.write_guard().await;
+        let txn = self.db.conn().begin().await?;
+        let subscriptions = txn
+            .query_all_raw(statement(
+                backend,
+                &format!(
+                    "SELECT id, merchant_id, event_types FROM webhook_subscriptions \
+                     WHERE merchant_id IN ({marks}) AND deleted_at IS NULL AND state IN ('ACTIVE', 'PAUSED') \
+                     ORDER BY id"
+                ),
+                merchants.iter().map(|m| Value::from(*m)).collect(),
+            ))
+            .await?;
+        let at = now();
+        for row in &subscriptions {
+            let id: String = row.try_get_by_index(0)?;
+            let merchant: String = row.try_get_by_index(1)?;
+            let types: String = row.try_get_by_index(2)?;
+            for event in events.iter().filter(|e| e.merchant_id == merchant) {
+                if !types.split(',').any(|t| t == event.event_type.name()) {
+                    continue;
+                }
+                let exists = txn
+                    .query_one_raw(statement(
+                        backend,
+                        "SELECT 1 FROM webhook_deliveries WHERE subscription_id = ? AND event_id = ?",
+                        vec![id.clone().into(), event.id.clone().into()],
+                    ))
+                    .await?
+                    .is_some();
+                if exists {
+                    done.existing += 1;
+                    continue;
+                }
+                let sequence: i64 = txn
+                    .query_one_raw(statement(
+                        backend,
+                        "UPDATE webhook_subscriptions SET next_sequence = next_sequence + 1 WHERE id = ? \
+                         RETURNING next_sequence - 1",
+                        vec![id.clone().into()],
+                    ))
+                    .await?
+                    .ok_or_else(|| StoreError::Internal(format!("subscription {id} vanished")))?
+                    .try_get_by_index(0)?;
+                txn.execute_raw(statement(
+                    backend,
+                    "INSERT INTO webhook_deliveries (id, subscription_id, merchant_id, event_id, event_type, sequence, \
+                     payload, traceparent, tracestate, state, attempts, next_attempt_at, created_at) \
+                     VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'PENDING', 0, ?, ?)",
+                    vec![
+                        ulid::Ulid::new().to_string().into(),
+                        id.clone().into(),
+                        merchant.clone().into(),
+                        event.id.clone().into(),
+                        event.event_type.name().into(),
+                        sequence.into(),
+                        body(event, sequence).into(),
+                        event.traceparent.clone().into(),
+                        event.tracestate.clone().into(),
+                        at.into(),
+                        at.into(),
+                    ],
+                ))
+                .await?;
+                done.made += 1;
+            }
+        }
+        txn.commit().await?;
+        Ok(done)
+    }
+
+    /// Claims up to `limit` deliveries due at `now` for `lease`: pending, of an
+    /// active subscription, not held by another notifier. PostgreSQL skips
+    /// rows another notifier is claiming; SQLite has one writer.
+    pub async fn claim(&self, limit: u32, lease: chrono::Duration) -> Result<Vec<Due>, StoreError> {
+        let backend = self.backend_of();
+        let at = now();
+        let lock = if backend == DbBackend::Postgres { "FOR UPDATE OF d SKIP LOCKED" } else { "" };
+        let sql = format!(
+            "UPDATE webhook_deliveries SET lease_until = ? WHERE id IN (\
+               SELECT d.id FROM webhook_deliveries d JOIN webhook_subscriptions s ON s.id = d.subscription_id \
+               WHERE d.state = 'PENDING' AND d.next_attempt_at <= ? AND (d.lease_until IS NULL OR d.lease_until < ?) \
+                 AND s.state = 'ACTIVE' AND s.deleted_at IS NULL \
+               ORDER BY d.next_attempt_at LIMIT ? {lock}) \
+             RETURNING id, subscription_id, event_id, event_type, payload, attempts, first_attempt_at, created_at, \
+                       traceparent, tracestate"
+        );
+        let _writer = self.db.write_guard().await;
+        let rows = self
+            .db
+            .conn()
+            .query_all_raw(statement(
+                backend,
+                &sql,
+                vec![(at + lease).into(), at.into(), at.into(), i64::from(limit).into()],
+            ))
+            .await?;
+        drop(_writer);
+        let mut due = Vec::with_capacity(rows.len());
+        for row in rows {
+            let subscription_id: String = row.try_get_by_index(1)?;
+            let endpoint = self
+                .db
+                .conn()
+                .query_one_raw(statement(
+                    backend,
+                    "SELECT endpoint_url FROM webhook_subscriptions WHERE id = ?",
+                    vec![subscription_id.clone().into()],
+                ))
+                .await?
+                .map(|r| r.try_get_by_index::<String>(0))
+                .transpose()?
+                .unwrap_or_default();
+            due.push(Due {
+                id: row.try_get_by_index(0)?,
+                endpoint_url: endpoint,
+                subscription_id,
+                event_id: row.try_get_by_index(2)?,
+                event_type: row.try_get_by_index(3)?,
+                payload: row.try_get_by_index(4)?,
+                attempts: u32::try_from(row.try_get_by_index::<i32>(5)?).unwrap_or(0),
+                first_attempt_at: row.try_get_by_index(6)?,
+                created_at: row.try_get_by_index(7)?,
+                traceparent: row.try_get_by_index(8)?,
+                tracestate: row.try_get_by_index(9)?,
+            });
+        }
+        Ok(due)
+    }
+
+    /// Records an attempt on `due` and what comes next; a failure starts (or
+    /// continues) its subscription's failing streak, a delivery ends it.
+    pub async fn record(&self, due: &Due, attempt: &AttemptRecord, next: &Next) -> Result<(), StoreError> {
+        let backend = self.backend_of();
+        let number = i64::from(due.attempts) + 1;
+        let first = due.first_attempt_at.unwrap_or(attempt.at);
+        let (state, next_at, delivered_at) = match next {
+            Next::Delivered => (DeliveryState::Delivered, attempt.at, Some(now())),
+            Next::RetryAt(at) => (DeliveryState::Pending, *at, None),
+            Next::Dead => (DeliveryState::Dead, attempt.at, None),
+        };
+        let status = attempt.status.map(i32::from);
+        let error: String = attempt.error.chars().take(500).collect();
+        let _writer = self.db.write_guard().await;
+        let txn = self.db.conn().begin().await?;
+        txn.execute_raw(statement(
+            backend,
+            "UPDATE webhook_deliveries SET state = ?, attempts = ?, next_attempt_at = ?, lease_until = NULL, \
+             first_attempt_at = ?, last_attempt_at = ?, last_status = ?, last_error = ?, delivered_at = ? \
+             WHERE id = ? AND state = 'PENDING'",
+            vec![
+                state.name().into(),
+                number.into(),
+                next_at.into(),
+                first.into(),
+                attempt.at.into(),
+                status.into(),
+                error.clone().into(),
+                delivered_at.into(),
+                due.id.clone().into(),
+            ],
+        ))
+        .await?;
+        txn.execute_raw(statement(
+            backend,
+            "INSERT INTO webhook_delivery_attempts (delivery_id, attempt, at, duration_ms, status, error, response) \
+             VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (delivery_id, attempt) DO NOTHING",
+            vec![
+                due.id.clone().into(),
+                number.into(),
+                attempt.at.into(),
+                attempt.duration_ms.into(),
+                status.into(),
+                error.into(),
+                attempt.response.chars().take(1024).collect::<String>().into(),
+            ],
+        ))
+        .await?;
+        let streak = if matches!(next, Next::Delivered) {
+            "UPDATE webhook_subscriptions SET failing_since = NULL WHERE id = ?"
+        } else {
+            "UPDATE webhook_subscriptions SET failing_since = COALESCE(failing_since, ?) WHERE id = ?"
+        };
+        let values = if matches!(next, Next::Delivered) {
+            vec![due.subscription_id.clone().into()]
+        } else {
+            vec![attempt.at.into(), due.subscription_id.clone().into()]
+        };
+        txn.execute_raw(statement(backend, streak, values)).await?;
+        txn.commit().await?;
+        Ok(())
+    }
+
+    /// Since when a subscription's endpoint has been failing, if it is.
+    pub async fn failing_since(&self, subscription_id: &str) -> Result<Option<DateTime<Utc>>, StoreError> {
+        let row = self
+            .db
+            .conn()
+            .query_one_raw(statement(
+                self.backend_of(),
+                "SELECT failing_since FROM webhook_subscriptions WHERE id = ?",
+                vec![subscription_id.into()],
+            ))
+            .await?;
+        Ok(row.map(|r| r.try_get_by_index::<Option<DateTime<Utc>>>(0)).transpose()?.flatten())
+    }
+
+    /// Disables a subscription, saying why; its pending deliveries are dead-lettered.
+    pub async fn disable(&self, subscription_id: &str, reason: &str) -> Result<(), StoreError> {
+        let backend = self.backend_of();
+        let at = now();
+        let reason: String = reason.chars().take(500).collect();
+        let _writer = self.db.write_guard().await;
+        let txn = self.db.conn().begin().await?;
+        txn.execute_raw(statement(
+            backend,
+            "UPDATE webhook_subscriptions SET state = 'DISABLED', disabled_reason = ?, updated_at = ? \
+             WHERE id = ? AND deleted_at IS NULL",
+            vec![reason.clone().into(), at.into(), subscription_id.into()],
+        ))
+        .await?;
+        txn.execute_raw(statement(
+            backend,
+            "UPDATE webhook_deliveries SET state = 'DEAD', lease_until = NULL, last_error = ? \
+             WHERE subscription_id = ? AND state = 'PENDING'",
+            vec![
+                format!("subscription disabled: {reason}").chars().take(500).collect::<String>().into(),
+                subscription_id.into(),
+            ],
+        ))
+        .await?;
+        txn.commit().await?;
+        Ok(())
+    }
+
+    /// Deliveries, newest first: of one merchant or all, in one state or any.
+    pub async fn deliveries(
+        &self,
+        merchant: Option<&str>,
+        state: Option<DeliveryState>,
+        limit: u32,
+    ) -> Result<Vec<Delivery>, StoreError> {
+        let mut conditions = vec!["1 = 1"];
+        let mut values: Vec<Value> = Vec::new();
+        if let Some(m) = merchant {
+            conditions.push("merchant_id = ?");
+            values.push(m.into());
+        }
+        if let Some(s) = state {
+            conditions.push("state = ?");
+            values.push(s.name().into());
+        }
+        values.push(i64::from(limit).into());
+        let sql = format!(
+            "SELECT {DELIVERY_COLUMNS} FROM webhook_deliveries WHERE {} ORDER BY id DESC LIMIT ?",
+            conditions.join(" AND ")
+        );
+        let rows = self.db.conn().query_all_raw(statement(self.backend_of(), &sql, values)).await?;
+        rows.iter().map(delivery).collect()
+    }
+
+    /// One delivery and its attempts, oldest first.
+    pub async fn delivery(&self, id: &str) -> Result<Option<(Delivery, Vec<AttemptRecord>)>, StoreError> {
+        let backend = self.backend_of();
+        let sql = format!("SELECT {DELIVERY_COLUMNS} FROM webhook_deliveries WHERE id = ?");
+        let Some(row) = self.db.conn().query_one_raw(statement(backend, &sql, vec![id.into()])).await? else {
+            return Ok(None);
+        };
+        let found = delivery(&row)?;
+        let rows = self
+            .db
+            .conn()
+            .query_all_raw(statement(
+                backend,
+                "SELECT at, duration_ms, status, error, response FROM webhook_delivery_attempts \
+                 WHERE delivery_id = ? ORDER BY attempt",
+                vec![id.into()],
+            ))
+            .await?;
+        let attempts = rows
+            .iter()
+            .map(|r| {
+                Ok(AttemptRecord {
+                    at: r.try_get_by_index(0)?,
+                    duration_ms: r.try_get_by_index(1)?,
+                    status: r.try_get_by_index::<Option<i32>>(2)?.and_then(|s| u16::try_from(s).ok()),
+                    error: r.try_get_by_index(3)?,
+                    response: r.try_get_by_index(4)?,
+                })
+            })
+            .collect::<Result<Vec<_>, sea_orm::DbErr>>()?;
+        Ok(Some((found, attempts)))
+    }
+
+    /// Sends a dead-lettered delivery again: pending now, with a fresh retry
+    /// window. False when it is not dead.
+    pub async fn replay(&self, id: &str) -> Result<bool, StoreError> {
+        let at = now();
+        let _writer = self.db.write_guard().await;
+        let done = self
+            .db
+            .conn()
+            .execute_raw(statement(
+                self.backend_of(),
+                "UPDATE webhook_deliveries SET state = 'PENDING', next_attempt_at = ?, first_attempt_at = NULL, \
+                 lease_until = NULL WHERE id = ? AND state = 'DEAD'",
+                vec![at.into(), id.into()],
+            ))
+            .await?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    /// How many deliveries are dead-lettered.
+    pub async fn dead_count(&self) -> Result<i64, StoreError> {
+        let row = self
+            .db
+            .conn()
+            .query_one_raw(statement(
+                self.backend_of(),
+                "SELECT COUNT(*) FROM webhook_deliveries WHERE state = 'DEAD'",
+                vec![],
+            ))
+            .await?;
+        Ok(row.map(|r| r.try_get_by_index::<i64>(0)).transpose()?.unwrap_or(0))
+    }
+}
