@@ -154,7 +154,13 @@ enum LedgerCommand {
 #[derive(Debug, Subcommand)]
 enum QueueCommand {
     /// Create the stream and its consumer group (safe to repeat).
-    Init,
+    Init {
+        /// Also create the notifiers' group (`webhooks.group`), so no event is trimmed before
+        /// the first notifier reads it. Only where notifiers run: a group nobody reads keeps
+        /// the stream from being trimmed.
+        #[arg(long)]
+        notifiers: bool,
+    },
     /// Show the outbox backlog, the stream, the group's lag and pending, and the dead letters.
     Status,
 }
@@ -201,7 +207,9 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Serve { target, ready_file } => serve::serve(config, target, ready_file).await,
             Command::Migrate { wait_secs } => serve::migrate(config, wait_secs).await,
-            Command::Queue { command: QueueCommand::Init } => ops::queue_init(&config).await,
+            Command::Queue { command: QueueCommand::Init { notifiers } } => {
+                ops::queue_init(&config, notifiers).await
+            }
             Command::Queue { command: QueueCommand::Status } => ops::queue_status(&config).await,
             Command::Dlq { command } => ops::dlq(&config, command).await,
             Command::Openapi => ops::openapi(),

@@ -38,7 +38,7 @@ pub fn openapi() -> anyhow::Result<()> {
 }
 
 /// `fluxo queue init`: creates the stream and its consumer group.
-pub async fn queue_init(config: &Config) -> anyhow::Result<()> {
+pub async fn queue_init(config: &Config, notifiers: bool) -> anyhow::Result<()> {
     use fred::prelude::ClientLike;
     let client = redis(config)?;
     // The client reconnects forever; a one-shot command must say why it cannot connect (a
@@ -51,6 +51,11 @@ pub async fn queue_init(config: &Config) -> anyhow::Result<()> {
     let names = config.stream_names();
     ensure_group(&client, &names).await.context("creating the consumer group")?;
     eprintln!("fluxo: stream {} has consumer group {}", names.stream, names.group);
+    if notifiers {
+        let names = config.notifier_stream_names();
+        ensure_group(&client, &names).await.context("creating the notifiers' consumer group")?;
+        eprintln!("fluxo: stream {} has consumer group {}", names.stream, names.group);
+    }
     Ok(())
 }
 

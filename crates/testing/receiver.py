@@ -24,6 +24,7 @@ from standardwebhooks.webhooks import Webhook
 secret_arg, cert, key = sys.argv[1:4]
 script_arg = sys.argv[4] if len(sys.argv) > 4 else "200"
 lock = threading.Lock()
+print_lock = threading.Lock()
 count = [0]
 last_script = [None]
 
@@ -55,9 +56,12 @@ class Handler(http.server.BaseHTTPRequestHandler):
             verified, error = True, ""
         except Exception as e:  # the library raises its own types
             verified, error = False, repr(e)
-        print(json.dumps({"id": self.headers.get("webhook-id"), "verified": verified, "error": error,
-                          "answer": answer, "body": body.decode(errors="replace"),
-                          "signatures": len(self.headers.get("webhook-signature", "").split())}), flush=True)
+        line = json.dumps({"id": self.headers.get("webhook-id"), "verified": verified, "error": error,
+                           "answer": answer, "body": body.decode(errors="replace"),
+                           "signatures": len(self.headers.get("webhook-signature", "").split())})
+        # One line per delivery, whole: deliveries arrive on several threads at once.
+        with print_lock:
+            print(line, flush=True)
         if answer == "stall":
             time.sleep(60)
             return
@@ -74,6 +78,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
 server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
 context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
 context.load_cert_chain(cert, key)
-server.socket = context.wrap_socket(server.socket, server_side=True)
+# The handshake happens in each connection's own thread, not in accept(): many
+# deliveries at once must not queue behind one another's handshakes.
+server.socket = context.wrap_socket(server.socket, server_side=True, do_handshake_on_connect=False)
 print(f"port {server.server_address[1]}", flush=True)
 server.serve_forever()

@@ -227,6 +227,13 @@ fn embedded_mode_shows_a_new_entry_in_the_balance_within_a_second() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_notifier_target_has_its_own_group_and_survives_a_kill() {
+    let install =
+        pipeline::Install::new(std::env::var("FLUXO_TEST_REDIS_URL").expect("FLUXO_TEST_REDIS_URL")).await;
+    notifier::its_own_target_on_redis_loses_nothing(&install).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn twenty_thousand_entries_with_three_consolidators_are_exact() {
     let install =
         pipeline::Install::new(std::env::var("FLUXO_TEST_REDIS_URL").expect("FLUXO_TEST_REDIS_URL")).await;

@@ -22,7 +22,7 @@ use crate::{
 const MERCHANT: &str = "m-webhooks";
 
 /// Fast retries, a short retry window and a short lease: the test's clock.
-fn settings(ca: &str) -> Vec<(&'static str, String)> {
+pub(crate) fn settings(ca: &str) -> Vec<(&'static str, String)> {
     vec![
         ("FLUXO_WEBHOOKS__ALLOW_NETS", r#"["127.0.0.0/8"]"#.to_owned()),
         ("FLUXO_WEBHOOKS__CA_FILE", ca.to_owned()),
@@ -212,4 +212,119 @@ pub(crate) fn signed_retried_dead_lettered_replayed_and_never_lost() {
     for secret in [&first_secret, &new_secret] {
         assert!(!logs.contains(secret.trim_start_matches("whsec_")), "a signing secret reached the log");
     }
+}
+
+/// The notifier as its own process on PostgreSQL and Redis, with its own
+/// consumer group: events booked before it first runs are not trimmed away by
+/// the consolidators (who are done with them), and a notifier SIGKILLed in
+/// the middle of an attempt loses nothing once another starts.
+pub(crate) async fn its_own_target_on_redis_loses_nothing(install: &crate::pipeline::Install) {
+    use fluxo_proto::webhooks_v1::{self as wpb, webhook_service_client::WebhookServiceClient};
+
+    let dir = tempfile::tempdir().unwrap();
+    let secret_file = dir.path().join("secret");
+    let script_file = dir.path().join("script");
+    std::fs::write(&secret_file, "").unwrap();
+    std::fs::write(&script_file, "200").unwrap();
+    let receiver =
+        Receiver::start(&format!("@{}", secret_file.display()), &format!("@{}", script_file.display()));
+    let mut owned = settings(&env("FLUXO_TEST_TLS_CA"));
+    owned.push(("FLUXO_WEBHOOKS__SECRET_KEY", "Zmx1eG8tZTJlLXdlYmhvb2stc2VhbGluZy1rZXktMzI=".to_owned()));
+    // Many deliveries at once to one small receiver: no dead letter for a slow accept.
+    owned.retain(|(k, _)| *k != "FLUXO_WEBHOOKS__GIVE_UP_AFTER_SECS");
+    owned.push(("FLUXO_WEBHOOKS__GIVE_UP_AFTER_SECS", "120".to_owned()));
+    let extra: Vec<(&str, &str)> = owned.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let init = {
+        let mut command = fluxo_command(install.dir.path(), &[]);
+        for (k, v) in install.env().iter().map(|(k, v)| (k.as_str(), v.as_str())).chain(extra.iter().copied())
+        {
+            command.env(k, v);
+        }
+        command.args(["queue", "init", "--notifiers"]).output().unwrap()
+    };
+    assert!(init.status.success(), "{}", String::from_utf8_lossy(&init.stderr));
+
+    let ledger = install.start("ledger", &extra);
+    let consolidator = install.start("consolidator", &[]);
+    let channel = tonic::transport::Channel::from_shared(format!("http://{}", ledger.addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut hooks = WebhookServiceClient::new(channel);
+    let created = hooks
+        .create_subscription(wpb::CreateSubscriptionRequest {
+            merchant_id: "m-0".into(),
+            endpoint_url: receiver.url("localhost", "/fluxo"),
+            event_types: vec!["entry.recorded".into()],
+            description: String::new(),
+            request_id: "hook-0".into(),
+        })
+        .await
+        .expect("a subscription")
+        .into_inner();
+    let secret = created.secret;
+    std::fs::write(&secret_file, &secret).unwrap();
+
+    // 300 entries (three stream nodes: an approximate trim can drop whole ones) booked and
+    // consolidated before any notifier runs.
+    let expected = crate::pipeline::record_many(&ledger.addr, "hooked", 300, 1, 4).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while crate::pipeline::pending(&install.redis_url, &install.stream).await > 0 {
+        assert!(Instant::now() < deadline, "the consolidators did not finish within 60 s");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Several of their trims (every second here) pass; none may drop what the notifiers have not read.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    drop(expected);
+
+    let notifier = install.start("notifier", &extra);
+    let mut ids = std::collections::HashSet::new();
+    while ids.len() < 300 {
+        let got = receiver.next_within(Duration::from_secs(60)).unwrap_or_else(|| {
+            let left =
+                install.run(&["webhooks", "deliveries", "list", "--merchant", "m-0", "--state", "dead"]);
+            let pending =
+                install.run(&["webhooks", "deliveries", "list", "--merchant", "m-0", "--state", "pending"]);
+            panic!(
+                "every booked entry is delivered: {} of 300 arrived; dead: {}; pending: {}",
+                ids.len(),
+                String::from_utf8_lossy(&left.stdout),
+                String::from_utf8_lossy(&pending.stdout)
+            )
+        });
+        assert_eq!(got["verified"], true, "{got}");
+        ids.insert(got["id"].as_str().unwrap().to_owned());
+    }
+
+    // Killed in the middle of an attempt; the next notifier delivers it.
+    std::fs::write(&script_file, "stall").unwrap();
+    crate::pipeline::record_many(&ledger.addr, "stalled", 1, 1, 1).await;
+    let held = receiver.next_within(Duration::from_secs(30)).expect("an attempt in flight");
+    crate::pipeline::kill(&notifier);
+    drop(notifier);
+    std::fs::write(&script_file, "200").unwrap();
+    let next = install.start("notifier", &extra);
+    let mut got = receiver.next_within(Duration::from_secs(30)).expect("claimed again");
+    while got["answer"] != "200" {
+        got = receiver.next_within(Duration::from_secs(30)).expect("claimed again");
+    }
+    assert_eq!((got["id"].clone(), got["verified"].clone()), (held["id"].clone(), json!(true)));
+
+    let listed = install.run(&[
+        "webhooks",
+        "deliveries",
+        "list",
+        "--merchant",
+        "m-0",
+        "--state",
+        "delivered",
+        "--count",
+        "500",
+    ]);
+    let text = String::from_utf8_lossy(&listed.stdout);
+    assert_eq!(text.lines().filter(|l| l.contains("DELIVERED")).count(), 301, "{text}");
+    assert!(next.stop().status.success());
+    assert!(consolidator.stop().status.success());
+    ledger.stop();
 }
