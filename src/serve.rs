@@ -306,7 +306,8 @@ impl<'a> Process<'a> {
             fluxo_notifier::SubscriptionStore::new(self.db.clone()),
             sealer,
             settings,
-        ))
+        )
+        .with_balances(Balances::new(self.consolidator.store().clone())))
     }
 
     /// The notifier: subscriptions, the sender (trusting `webhooks.ca_file`
@@ -319,7 +320,8 @@ impl<'a> Process<'a> {
             w.limits(),
         )
         .context("webhooks.ca_file")?;
-        Ok(fluxo_notifier::Notifier::new(self.subscriptions()?, sender, w.delivery_settings()))
+        Ok(fluxo_notifier::Notifier::new(self.subscriptions()?, sender, w.delivery_settings())
+            .with_balances(Balances::new(self.consolidator.store().clone())))
     }
 
     /// The notifier's delivery loop and, with Redis, its member of the

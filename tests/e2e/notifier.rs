@@ -208,6 +208,40 @@ pub(crate) fn signed_retried_dead_lettered_replayed_and_never_lost() {
     // Every delivery of this subscription ended delivered: nothing lost, nothing pending.
     let all = cli(data, &env, &["webhooks", "deliveries", "list", "--merchant", MERCHANT]);
     assert_eq!(all.lines().filter(|l| l.contains("DELIVERED")).count(), 7, "{all}");
+
+    // 6. balance.changed: a day's figures as the balance API gives them, once consolidated.
+    // (The restarted process listens on new ports.)
+    let rest = Client::new(fluxo.rest.as_deref().unwrap());
+    let balance_secret_file = data.join("balance-secret");
+    std::fs::write(&balance_secret_file, "").unwrap();
+    let balances = Receiver::start(&format!("@{}", balance_secret_file.display()), "200");
+    let created = rest.post(
+        &format!("/v1/merchants/{MERCHANT}/webhooks"),
+        t,
+        &json!({"endpointUrl": balances.url("127.0.0.1", "/balances"), "eventTypes": ["balance.changed"], "requestId": "hook-2"}),
+    );
+    assert_eq!(created.status, 200, "{:?}", created.body);
+    std::fs::write(&balance_secret_file, created.body["secret"].as_str().unwrap()).unwrap();
+    let booked = rest.post(&format!("/v1/merchants/{MERCHANT}/entries"), t, &entry("e-7", "100"));
+    assert_eq!(booked.status, 200, "{:?}", booked.body);
+    // Six credits of 100 and one reversal before, all on 2026-11-21: 600 now.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let day = loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let got = balances.next_within(left).expect("a balance.changed delivery");
+        assert_eq!(got["verified"], true, "{got}");
+        let body: Value = serde_json::from_str(got["body"].as_str().unwrap()).unwrap();
+        assert_eq!(body["type"], "balance.changed");
+        if body["data"]["closingBalanceMinor"] == "600" {
+            break body;
+        }
+    };
+    assert_eq!(
+        (day["data"]["date"].as_str(), day["data"]["currencyCode"].as_str()),
+        (Some("2026-11-21"), Some("BRL"))
+    );
+    assert_eq!(day["data"]["entryCount"], "8", "{day}");
+
     let logs = String::from_utf8_lossy(&fluxo.stop().stderr).into_owned();
     for secret in [&first_secret, &new_secret] {
         assert!(!logs.contains(secret.trim_start_matches("whsec_")), "a signing secret reached the log");

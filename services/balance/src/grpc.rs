@@ -48,7 +48,8 @@ pub fn server_with(
         .max_encoding_message_size(max_message_bytes.saturating_mul(4))
 }
 
-pub(crate) fn message(view: &BalanceView) -> pb::DailyBalance {
+/// A day's balance as the API answers it.
+pub fn message(view: &BalanceView) -> pb::DailyBalance {
     pb::DailyBalance {
         merchant_id: view.merchant_id.clone(),
         date: view.day.date.format("%Y-%m-%d").to_string(),

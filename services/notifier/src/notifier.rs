@@ -77,6 +77,21 @@ pub struct Notifier {
     sender: Sender,
     settings: DeliverySettings,
     wake: Arc<Notify>,
+    /// The daily balances, whose changed days become `balance.changed` events.
+    balances: Option<fluxo_balance::Balances>,
+}
+
+/// Days read from one merchant's feed per look.
+const BALANCE_DAYS_PER_LOOK: u64 = 500;
+
+/// A stable event id for the change of a day at `cursor`: the same however
+/// often it is read, so making its deliveries again makes nothing new.
+fn balance_event_id(merchant: &str, cursor: &str) -> String {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(format!("balance.changed|{merchant}|{cursor}"));
+    let mut bytes = [0u8; 16];
+    bytes.copy_from_slice(&digest[..16]);
+    ulid::Ulid::from_bytes(bytes).to_string()
 }
 
 struct Metrics {
@@ -199,6 +214,13 @@ impl EventSink for Notifier {
     }
 }
 
+fn balance_error(error: fluxo_balance::query::QueryError) -> crate::SubscriptionError {
+    match error {
+        fluxo_balance::query::QueryError::Store(e) => crate::SubscriptionError::Store(e),
+        other => crate::SubscriptionError::Store(fluxo_db::StoreError::Internal(other.to_string())),
+    }
+}
+
 fn jitter() -> u16 {
     use ring::rand::SecureRandom;
     let mut bytes = [0u8; 2];
@@ -213,7 +235,73 @@ fn chrono_of(d: Duration) -> chrono::Duration {
 impl Notifier {
     /// A notifier over `subscriptions`, sending with `sender`.
     pub fn new(subscriptions: Subscriptions, sender: Sender, settings: DeliverySettings) -> Self {
-        Self { subscriptions, sender, settings, wake: Arc::new(Notify::new()) }
+        Self { subscriptions, sender, settings, wake: Arc::new(Notify::new()), balances: None }
+    }
+
+    /// Also turns the changed days of `balances` into `balance.changed` events.
+    pub fn with_balances(mut self, balances: fluxo_balance::Balances) -> Self {
+        self.balances = Some(balances);
+        self
+    }
+
+    /// Reads every `balance.changed` subscriber's changed days after its
+    /// merchant's cursor and makes their deliveries; the cursor moves only
+    /// once they are on record (a crash in between makes the same events,
+    /// with the same ids, again: nothing new). A merchant seen for the first
+    /// time starts at the end of its feed. The number of events made.
+    pub async fn follow_balances(&self) -> Result<usize, crate::SubscriptionError> {
+        let Some(balances) = &self.balances else { return Ok(0) };
+        let store = self.subscriptions.store();
+        let mut made = 0;
+        for merchant in store.balance_subscribers().await? {
+            let Ok(id) = fluxo_types::MerchantId::parse(&merchant) else { continue };
+            let stored = store.balance_cursor(&merchant).await?;
+            let cursor = match stored.as_deref().map(fluxo_balance::query::ChangeCursor::parse) {
+                Some(Ok(cursor)) => cursor,
+                _ => {
+                    let end = balances.changes_end().await.map_err(balance_error)?;
+                    store.set_balance_cursor(&merchant, &end.encode(), false).await?;
+                    continue;
+                }
+            };
+            let (days, next) = balances
+                .changed_days(&id, cursor.clone(), BALANCE_DAYS_PER_LOOK)
+                .await
+                .map_err(balance_error)?;
+            if days.is_empty() {
+                continue;
+            }
+            let mut events = Vec::with_capacity(days.len());
+            for (view, at) in &days {
+                let data = fluxo_proto::json::to_value(
+                    "fluxo.balance.v1.DailyBalance",
+                    &fluxo_balance::grpc::message(view),
+                )
+                .map_err(|e| {
+                    crate::SubscriptionError::Store(fluxo_db::StoreError::Internal(e.to_string()))
+                })?;
+                events.push(Event {
+                    id: balance_event_id(&merchant, &at.encode()),
+                    merchant_id: merchant.clone(),
+                    event_type: EventType::BalanceChanged,
+                    occurred_at: view
+                        .as_of_micros
+                        .and_then(DateTime::<Utc>::from_timestamp_micros)
+                        .unwrap_or_else(Utc::now),
+                    data,
+                    traceparent: None,
+                    tracestate: None,
+                });
+            }
+            let done = store.fan_out(&events).await?;
+            store.set_balance_cursor(&merchant, &next.encode(), false).await?;
+            made += done.made;
+        }
+        if made > 0 {
+            METRICS.events.add(made as u64, &[]);
+            self.wake.notify_one();
+        }
+        Ok(made)
     }
 
     /// Delivers until `stop` resolves; attempts in flight are finished.
@@ -227,6 +315,9 @@ impl Notifier {
                 if let Ok(count) = self.subscriptions.store().dead_count().await {
                     set_dead_letters(count);
                 }
+            }
+            if let Err(error) = self.follow_balances().await {
+                tracing::warn!(%error, "reading the changed days failed; retrying");
             }
             let claimed =
                 self.subscriptions.store().claim(self.settings.batch, chrono_of(self.settings.lease)).await;

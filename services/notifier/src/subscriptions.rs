@@ -55,6 +55,9 @@ pub struct Subscriptions {
     /// registered, since its secret could not be kept.
     sealer: Option<Arc<Sealer>>,
     settings: Settings,
+    /// The daily balances, to start a new `balance.changed` subscriber's feed
+    /// where it stands when it subscribes.
+    balances: Option<fluxo_balance::Balances>,
 }
 
 /// Why a call was refused.
@@ -144,7 +147,32 @@ fn target(merchant_id: &str, subscription_id: &str, v: &mut Violations) -> Optio
 impl Subscriptions {
     /// The API over `store`, sealing secrets with `sealer` when there is one.
     pub fn new(store: SubscriptionStore, sealer: Option<Sealer>, settings: Settings) -> Self {
-        Self { store, sealer: sealer.map(Arc::new), settings }
+        Self { store, sealer: sealer.map(Arc::new), settings, balances: None }
+    }
+
+    /// Starts the feed of changed days of each new `balance.changed`
+    /// subscriber at the end of `balances` when it subscribes, so a change
+    /// made after the subscription is answered is never skipped.
+    pub fn with_balances(mut self, balances: fluxo_balance::Balances) -> Self {
+        self.balances = Some(balances);
+        self
+    }
+
+    async fn start_balance_feed(
+        &self,
+        merchant: &str,
+        events: &BTreeSet<EventType>,
+    ) -> Result<(), SubscriptionError> {
+        let Some(balances) = &self.balances else { return Ok(()) };
+        if !events.contains(&EventType::BalanceChanged) {
+            return Ok(());
+        }
+        let end = balances.changes_end().await.map_err(|e| match e {
+            fluxo_balance::query::QueryError::Store(e) => SubscriptionError::Store(e),
+            other => SubscriptionError::Store(StoreError::Internal(other.to_string())),
+        })?;
+        self.store.set_balance_cursor(merchant, &end.encode(), true).await?;
+        Ok(())
     }
 
     /// The store underneath.
@@ -215,7 +243,10 @@ impl Subscriptions {
             request_id: request_id.as_str().to_owned(),
         };
         match self.store.create(new, self.settings.max_per_merchant).await? {
-            Created::New(subscription) => Ok(WithSecret { subscription, secret: Some(secret) }),
+            Created::New(subscription) => {
+                self.start_balance_feed(&subscription.merchant_id, &subscription.events).await?;
+                Ok(WithSecret { subscription, secret: Some(secret) })
+            }
             Created::Replayed(subscription, sealed) => {
                 let secret = sealed.map(|s| sealer.open(&s, &subscription.id)).transpose()?;
                 Ok(WithSecret { subscription, secret })
@@ -261,7 +292,13 @@ impl Subscriptions {
         let (Some((merchant, id)), true) = (target, v.is_empty()) else {
             return Err(SubscriptionError::Invalid(v));
         };
-        self.store.update(merchant.as_str(), &id, &changes).await?.ok_or(SubscriptionError::NotFound(id))
+        let updated = self
+            .store
+            .update(merchant.as_str(), &id, &changes)
+            .await?
+            .ok_or(SubscriptionError::NotFound(id))?;
+        self.start_balance_feed(&updated.merchant_id, &updated.events).await?;
+        Ok(updated)
     }
 
     /// Pauses or resumes.

@@ -92,6 +92,31 @@ fn parse_day(s: &str) -> Result<(String, NaiveDate), ChangeCursorError> {
 }
 
 impl Balances {
+    /// Up to `limit` days of `merchant` changed after `after`, in the order
+    /// their figures changed, as they stand now, each with the cursor just
+    /// after it, and the cursor after them all. What a watch sends, and what
+    /// the notifier turns into `balance.changed` events.
+    pub async fn changed_days(
+        &self,
+        merchant: &MerchantId,
+        after: ChangeCursor,
+        limit: u64,
+    ) -> Result<(Vec<(BalanceView, ChangeCursor)>, ChangeCursor), QueryError> {
+        let changed = self.store.changes_after(merchant, &after, limit).await?;
+        let next = changed.last().map_or(after, |(_, _, c)| c.clone());
+        let mut views = Vec::with_capacity(changed.len());
+        for (currency, date, cursor) in changed {
+            let target = Target { merchant: merchant.clone(), currency: Some(currency) };
+            views.extend(self.range(&target, date, date).await?.into_iter().map(|v| (v, cursor.clone())));
+        }
+        Ok((views, next))
+    }
+
+    /// The cursor that skips every change stored now.
+    pub async fn changes_end(&self) -> Result<ChangeCursor, QueryError> {
+        Ok(self.store.changes_end().await?)
+    }
+
     /// Watches `merchant_id`'s days: each answer the days changed since the
     /// cursor, as they stand, each with the cursor after it, and the cursor
     /// after them all; a heartbeat when
@@ -130,18 +155,7 @@ impl Balances {
         let balances = self.clone();
         let read = move |after: ChangeCursor| {
             let (balances, merchant) = (balances.clone(), merchant.clone());
-            async move {
-                let changed = balances.store.changes_after(&merchant, &after, WATCH_DAYS).await?;
-                let next = changed.last().map_or(after, |(_, _, c)| c.clone());
-                let mut views = Vec::with_capacity(changed.len());
-                for (currency, date, cursor) in changed {
-                    let target = Target { merchant: merchant.clone(), currency: Some(currency) };
-                    views.extend(
-                        balances.range(&target, date, date).await?.into_iter().map(|v| (v, cursor.clone())),
-                    );
-                }
-                Ok::<_, QueryError>((views, next))
-            }
+            async move { balances.changed_days(&merchant, after, WATCH_DAYS).await }
         };
         // Woken by the consolidator when it runs in this process; else (its own
         // target) the poll alone.

@@ -537,3 +537,61 @@ impl SubscriptionStore {
         Ok(row.map(|r| r.try_get_by_index::<i64>(0)).transpose()?.unwrap_or(0))
     }
 }
+
+impl SubscriptionStore {
+    /// Merchants with a live subscription to `balance.changed`.
+    pub async fn balance_subscribers(&self) -> Result<Vec<String>, StoreError> {
+        let rows = self
+            .db
+            .conn()
+            .query_all_raw(statement(
+                self.backend_of(),
+                "SELECT DISTINCT merchant_id FROM webhook_subscriptions WHERE deleted_at IS NULL \
+                 AND state IN ('ACTIVE', 'PAUSED') AND event_types LIKE '%balance.changed%' ORDER BY merchant_id",
+                vec![],
+            ))
+            .await?;
+        rows.iter().map(|r| r.try_get_by_index::<String>(0).map_err(StoreError::from)).collect()
+    }
+
+    /// Where the notifier is in `merchant`'s feed of changed days.
+    pub async fn balance_cursor(&self, merchant: &str) -> Result<Option<String>, StoreError> {
+        let row = self
+            .db
+            .conn()
+            .query_one_raw(statement(
+                self.backend_of(),
+                "SELECT cursor FROM webhook_balance_cursors WHERE merchant_id = ?",
+                vec![merchant.into()],
+            ))
+            .await?;
+        Ok(row.map(|r| r.try_get_by_index::<String>(0)).transpose()?)
+    }
+
+    /// Sets `merchant`'s cursor; with `only_if_missing`, keeps one already there.
+    pub async fn set_balance_cursor(
+        &self,
+        merchant: &str,
+        cursor: &str,
+        only_if_missing: bool,
+    ) -> Result<(), StoreError> {
+        let conflict = if only_if_missing {
+            "DO NOTHING"
+        } else {
+            "DO UPDATE SET cursor = excluded.cursor, updated_at = excluded.updated_at"
+        };
+        let _writer = self.db.write_guard().await;
+        self.db
+            .conn()
+            .execute_raw(statement(
+                self.backend_of(),
+                &format!(
+                    "INSERT INTO webhook_balance_cursors (merchant_id, cursor, updated_at) VALUES (?, ?, ?) \
+                     ON CONFLICT (merchant_id) {conflict}"
+                ),
+                vec![merchant.into(), cursor.into(), now().into()],
+            ))
+            .await?;
+        Ok(())
+    }
+}

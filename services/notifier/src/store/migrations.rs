@@ -12,7 +12,7 @@ pub struct Migrator;
 #[async_trait::async_trait]
 impl MigratorTrait for Migrator {
     fn migrations() -> Vec<Box<dyn MigrationTrait>> {
-        boxed(&[CREATE_SUBSCRIPTIONS, CREATE_DELIVERIES])
+        boxed(&[CREATE_SUBSCRIPTIONS, CREATE_DELIVERIES, CREATE_BALANCE_CURSORS])
     }
 
     fn migration_table_name() -> DynIden {
@@ -177,3 +177,20 @@ CREATE TABLE webhook_delivery_attempts (
     PRIMARY KEY (delivery_id, attempt)
 );
 "#;
+
+/// Where the notifier is in each merchant's feed of changed days (the order
+/// WatchDailyBalances follows): `balance.changed` events are made from what
+/// changed after it, and it moves only once they are on record.
+const CREATE_BALANCE_CURSORS: SqlMigration = SqlMigration {
+    name: "m20261204_000003_create_webhook_balance_cursors",
+    up: Sql {
+        postgres: "CREATE TABLE webhook_balance_cursors (merchant_id VARCHAR(64) PRIMARY KEY, \
+                   cursor VARCHAR(128) NOT NULL, updated_at TIMESTAMPTZ NOT NULL);",
+        sqlite: "CREATE TABLE webhook_balance_cursors (merchant_id TEXT PRIMARY KEY, cursor TEXT NOT NULL, \
+                 updated_at TEXT NOT NULL);",
+    },
+    down: Sql {
+        postgres: "DROP TABLE webhook_balance_cursors;",
+        sqlite: "DROP TABLE webhook_balance_cursors;",
+    },
+};

@@ -20,7 +20,10 @@ backend_suite!(
     a_merchant_cannot_pass_the_limit_even_with_concurrent_creates,
     a_caller_acts_only_for_its_own_merchants,
     secrets_are_sealed_at_rest_and_nothing_registers_without_a_key,
+    changed_days_become_events_from_the_subscription_on,
 );
+
+use balances::changed_days_become_events_from_the_subscription_on;
 
 struct App {
     client: WebhookServiceClient<Channel>,
@@ -513,4 +516,86 @@ async fn secrets_are_sealed_at_rest_and_nothing_registers_without_a_key(backend:
     let id = created.subscription.unwrap().id;
     let error = other.signing_secrets(&id, chrono::Utc::now()).await.unwrap_err();
     assert!(error.to_string().contains("sealed under key"), "{error}");
+}
+
+mod balances {
+    use super::*;
+    use fluxo_balance::{BalanceStore, Balances, Consolidator};
+    use fluxo_proto::ledger_v1 as lpb;
+    use fluxo_queue::StreamEvent;
+    use prost::Message;
+
+    fn event(n: u32, merchant: &str, minor: i64) -> StreamEvent {
+        let entry = lpb::Entry {
+            id: ulid::Ulid::new().to_string(),
+            merchant_id: merchant.into(),
+            r#type: lpb::EntryType::Credit.into(),
+            amount: Some(lpb::Money { currency_code: "BRL".into(), minor_units: minor }),
+            booking_date: "2026-11-21".into(),
+            created_at: Some(prost_types::Timestamp { seconds: 1_764_000_000 + i64::from(n), nanos: 0 }),
+            ..Default::default()
+        };
+        let event_id = ulid::Ulid::new().to_string();
+        let payload =
+            lpb::EntryRecorded { event_id: event_id.clone(), entry: Some(entry), occurred_at: None };
+        StreamEvent {
+            event_id,
+            position: i64::from(n),
+            payload: payload.encode_to_vec().into(),
+            traceparent: None,
+            tracestate: None,
+        }
+    }
+
+    /// balance.changed: the days a merchant's entries changed, as the balance
+    /// API shows them, from the moment it subscribed; read again after a
+    /// crash (the cursor not yet moved), they make nothing new.
+    pub(super) async fn changed_days_become_events_from_the_subscription_on(backend: Backend) {
+        let mut app = spawn(backend, Some(sealer()), 20).await;
+        BalanceStore::migrate(&app.db).await.unwrap();
+        let consolidator = Consolidator::new(BalanceStore::new(app.db.clone()));
+        let balances = Balances::new(BalanceStore::new(app.db.clone()));
+        // Before anyone subscribes: not reported.
+        assert!(consolidator.apply(&[event(1, "m-1", 100)]).await.iter().all(Result::is_ok));
+        let subscriptions = app.subscriptions.clone().with_balances(balances.clone());
+        let created = subscriptions
+            .create(fluxo_notifier::subscriptions::CreateRequest {
+                registration: fluxo_webhooks::subscription::Registration {
+                    merchant_id: "m-1",
+                    endpoint_url: ENDPOINT,
+                    event_types: &["balance.changed".to_owned()],
+                    description: "",
+                },
+                request_id: "k-b",
+            })
+            .await
+            .unwrap();
+        let sender =
+            fluxo_webhooks::Sender::new(DestinationPolicy::strict(), None, Default::default()).unwrap();
+        let notifier =
+            fluxo_notifier::Notifier::new(subscriptions, sender, Default::default()).with_balances(balances);
+        assert_eq!(notifier.follow_balances().await.unwrap(), 0, "nothing changed since it subscribed");
+
+        assert!(
+            consolidator.apply(&[event(2, "m-1", 250), event(3, "m-2", 7)]).await.iter().all(Result::is_ok)
+        );
+        assert_eq!(notifier.follow_balances().await.unwrap(), 1, "one day of m-1 changed");
+        assert_eq!(notifier.follow_balances().await.unwrap(), 0, "and only once");
+        let made = app.subscriptions.store().deliveries(Some("m-1"), None, 10).await.unwrap();
+        assert_eq!(made.len(), 1);
+        assert_eq!(made[0].subscription_id, created.subscription.id);
+        let body: serde_json::Value = serde_json::from_str(&made[0].payload).unwrap();
+        assert_eq!(body["type"], "balance.changed");
+        assert_eq!(body["data"]["closingBalanceMinor"], "350");
+        assert_eq!(body["data"]["date"], "2026-11-21");
+        assert_eq!(body["sequence"], 1);
+
+        // A crash between making the deliveries and moving the cursor: read again, nothing new.
+        app.subscriptions.store().set_balance_cursor("m-1", "0", false).await.unwrap();
+        // From the start the merchant's one day reads as it stands now: the same change, the same event.
+        notifier.follow_balances().await.unwrap();
+        let again = app.subscriptions.store().deliveries(Some("m-1"), None, 10).await.unwrap();
+        assert_eq!(again.len(), 1, "{again:?}");
+        let _ = &mut app.client;
+    }
 }
