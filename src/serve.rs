@@ -321,7 +321,8 @@ impl<'a> Process<'a> {
         )
         .context("webhooks.ca_file")?;
         Ok(fluxo_notifier::Notifier::new(self.subscriptions()?, sender, w.delivery_settings())
-            .with_balances(Balances::new(self.consolidator.store().clone())))
+            .with_balances(Balances::new(self.consolidator.store().clone()))
+            .with_ledger(LedgerStore::new(self.db.clone())))
     }
 
     /// The notifier's delivery loop and, with Redis, its member of the

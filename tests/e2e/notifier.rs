@@ -242,6 +242,40 @@ pub(crate) fn signed_retried_dead_lettered_replayed_and_never_lost() {
     );
     assert_eq!(day["data"]["entryCount"], "8", "{day}");
 
+    // 7. period.closed: the same subscription asks for closes too; the books close through the day.
+    let balance_sub = created.body["subscription"]["id"].as_str().unwrap().to_owned();
+    let patch = json!({"eventTypes": ["balance.changed", "period.closed"]}).to_string();
+    let patched = rest.call(
+        "PATCH",
+        &format!("/v1/merchants/{MERCHANT}/webhooks/{balance_sub}"),
+        t,
+        Some(("application/json", &patch)),
+        &[],
+    );
+    assert_eq!(patched.status, 200, "{:?}", patched.body);
+    let admin = fluxo.token.clone().unwrap();
+    let closed = rest.post(
+        &format!("/v1/merchants/{MERCHANT}/periods:close"),
+        Some(&admin),
+        &json!({"closedThrough": "2026-11-21", "note": "November"}),
+    );
+    assert_eq!(closed.status, 200, "{:?}", closed.body);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let close = loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let got = balances.next_within(left).expect("a period.closed delivery");
+        assert_eq!(got["verified"], true, "{got}");
+        let body: Value = serde_json::from_str(got["body"].as_str().unwrap()).unwrap();
+        if body["type"] == "period.closed" {
+            break body;
+        }
+    };
+    assert_eq!(close["data"]["id"], closed.body["id"]);
+    assert_eq!(
+        (close["data"]["closedThrough"].as_str(), close["data"]["entryCount"].as_str()),
+        (Some("2026-11-21"), Some("8"))
+    );
+
     let logs = String::from_utf8_lossy(&fluxo.stop().stderr).into_owned();
     for secret in [&first_secret, &new_secret] {
         assert!(!logs.contains(secret.trim_start_matches("whsec_")), "a signing secret reached the log");

@@ -21,6 +21,11 @@ pub use fluxo_server::stream::WatchPace;
 pub use service::{Booked, EntryPage, Ledger, MAX_BATCH, WatchBatch, WatchFrom};
 pub use store::{GroupCommit, LedgerStore, Migrator};
 
+/// A period close as the API answers it (the body of a `period.closed` webhook too).
+pub fn period_close_message(close: &domain::PeriodClose) -> fluxo_proto::ledger_v1::PeriodClose {
+    wire::period_close(close)
+}
+
 /// Readiness of a ledger target: the database answers and the ledger schema is current.
 pub fn readiness(db: Db) -> fluxo_server::SchemaReadiness<Migrator> {
     fluxo_server::SchemaReadiness::new(db, "ledger")

@@ -79,6 +79,8 @@ pub struct Notifier {
     wake: Arc<Notify>,
     /// The daily balances, whose changed days become `balance.changed` events.
     balances: Option<fluxo_balance::Balances>,
+    /// The ledger, whose period closes become `period.closed` events.
+    ledger: Option<fluxo_ledger::LedgerStore>,
 }
 
 /// Days read from one merchant's feed per look.
@@ -235,13 +237,53 @@ fn chrono_of(d: Duration) -> chrono::Duration {
 impl Notifier {
     /// A notifier over `subscriptions`, sending with `sender`.
     pub fn new(subscriptions: Subscriptions, sender: Sender, settings: DeliverySettings) -> Self {
-        Self { subscriptions, sender, settings, wake: Arc::new(Notify::new()), balances: None }
+        Self { subscriptions, sender, settings, wake: Arc::new(Notify::new()), balances: None, ledger: None }
     }
 
     /// Also turns the changed days of `balances` into `balance.changed` events.
     pub fn with_balances(mut self, balances: fluxo_balance::Balances) -> Self {
         self.balances = Some(balances);
         self
+    }
+
+    /// Also turns the period closes of `ledger` into `period.closed` events.
+    pub fn with_ledger(mut self, ledger: fluxo_ledger::LedgerStore) -> Self {
+        self.ledger = Some(ledger);
+        self
+    }
+
+    /// Makes the deliveries of every close not yet notified (made since its
+    /// merchant first subscribed to `period.closed`), then records it as
+    /// notified: the close's id is the event's, so a crash in between makes
+    /// nothing new. The number of deliveries made.
+    pub async fn follow_closes(&self) -> Result<usize, crate::SubscriptionError> {
+        let Some(ledger) = &self.ledger else { return Ok(0) };
+        let store = self.subscriptions.store();
+        let mut made = 0;
+        for (id, merchant) in store.closes_to_notify().await? {
+            let Some(close) = ledger.period_close(&id).await? else { continue };
+            let data = fluxo_proto::json::to_value(
+                "fluxo.ledger.v1.PeriodClose",
+                &fluxo_ledger::period_close_message(&close),
+            )
+            .map_err(|e| crate::SubscriptionError::Store(fluxo_db::StoreError::Internal(e.to_string())))?;
+            let event = Event {
+                id: close.id.clone(),
+                merchant_id: merchant,
+                event_type: EventType::PeriodClosed,
+                occurred_at: close.closed_at,
+                data,
+                traceparent: None,
+                tracestate: None,
+            };
+            made += store.fan_out(std::slice::from_ref(&event)).await?.made;
+            store.close_notified(&id).await?;
+        }
+        if made > 0 {
+            METRICS.events.add(made as u64, &[]);
+            self.wake.notify_one();
+        }
+        Ok(made)
     }
 
     /// Reads every `balance.changed` subscriber's changed days after its
@@ -318,6 +360,9 @@ impl Notifier {
             }
             if let Err(error) = self.follow_balances().await {
                 tracing::warn!(%error, "reading the changed days failed; retrying");
+            }
+            if let Err(error) = self.follow_closes().await {
+                tracing::warn!(%error, "reading the period closes failed; retrying");
             }
             let claimed =
                 self.subscriptions.store().claim(self.settings.batch, chrono_of(self.settings.lease)).await;

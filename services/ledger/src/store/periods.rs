@@ -211,6 +211,11 @@ impl LedgerStore {
         Ok(closes)
     }
 
+    /// One close, reopened or not.
+    pub async fn period_close(&self, id: &str) -> Result<Option<PeriodClose>, StoreError> {
+        load_close(self.db.conn(), id).await
+    }
+
     /// The figures a close recorded, by (date, currency).
     pub async fn close_days(&self, close_id: &str) -> Result<Vec<DayFigures>, StoreError> {
         let conn = self.db.conn();

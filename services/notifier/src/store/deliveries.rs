@@ -595,3 +595,44 @@ impl SubscriptionStore {
         Ok(())
     }
 }
+
+impl SubscriptionStore {
+    /// Closes of merchants subscribed to `period.closed`, made since their
+    /// first such subscription, not yet turned into events: (close id, merchant).
+    /// Reads the ledger's table of closes (the same database).
+    pub async fn closes_to_notify(&self) -> Result<Vec<(String, String)>, StoreError> {
+        let rows = self
+            .db
+            .conn()
+            .query_all_raw(statement(
+                self.backend_of(),
+                "SELECT c.id, c.merchant_id FROM ledger_period_closes c \
+                 WHERE c.closed_at >= (SELECT MIN(s.created_at) FROM webhook_subscriptions s \
+                     WHERE s.merchant_id = c.merchant_id AND s.deleted_at IS NULL \
+                       AND s.state IN ('ACTIVE', 'PAUSED') AND s.event_types LIKE '%period.closed%') \
+                   AND NOT EXISTS (SELECT 1 FROM webhook_notified_closes n WHERE n.close_id = c.id) \
+                 ORDER BY c.id",
+                vec![],
+            ))
+            .await?;
+        rows.iter()
+            .map(|r| Ok((r.try_get_by_index::<String>(0)?, r.try_get_by_index::<String>(1)?)))
+            .collect::<Result<_, sea_orm::DbErr>>()
+            .map_err(StoreError::from)
+    }
+
+    /// Records that a close's events are made.
+    pub async fn close_notified(&self, close_id: &str) -> Result<(), StoreError> {
+        let _writer = self.db.write_guard().await;
+        self.db
+            .conn()
+            .execute_raw(statement(
+                self.backend_of(),
+                "INSERT INTO webhook_notified_closes (close_id, notified_at) VALUES (?, ?) \
+                 ON CONFLICT (close_id) DO NOTHING",
+                vec![close_id.into(), now().into()],
+            ))
+            .await?;
+        Ok(())
+    }
+}

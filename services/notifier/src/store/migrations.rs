@@ -12,7 +12,7 @@ pub struct Migrator;
 #[async_trait::async_trait]
 impl MigratorTrait for Migrator {
     fn migrations() -> Vec<Box<dyn MigrationTrait>> {
-        boxed(&[CREATE_SUBSCRIPTIONS, CREATE_DELIVERIES, CREATE_BALANCE_CURSORS])
+        boxed(&[CREATE_SUBSCRIPTIONS, CREATE_DELIVERIES, CREATE_BALANCE_CURSORS, CREATE_NOTIFIED_CLOSES])
     }
 
     fn migration_table_name() -> DynIden {
@@ -192,5 +192,19 @@ const CREATE_BALANCE_CURSORS: SqlMigration = SqlMigration {
     down: Sql {
         postgres: "DROP TABLE webhook_balance_cursors;",
         sqlite: "DROP TABLE webhook_balance_cursors;",
+    },
+};
+
+/// The period closes already turned into `period.closed` events.
+const CREATE_NOTIFIED_CLOSES: SqlMigration = SqlMigration {
+    name: "m20261204_000004_create_webhook_notified_closes",
+    up: Sql {
+        postgres: "CREATE TABLE webhook_notified_closes (close_id VARCHAR(26) PRIMARY KEY, \
+                   notified_at TIMESTAMPTZ NOT NULL);",
+        sqlite: "CREATE TABLE webhook_notified_closes (close_id TEXT PRIMARY KEY, notified_at TEXT NOT NULL);",
+    },
+    down: Sql {
+        postgres: "DROP TABLE webhook_notified_closes;",
+        sqlite: "DROP TABLE webhook_notified_closes;",
     },
 };

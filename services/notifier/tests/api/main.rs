@@ -21,9 +21,12 @@ backend_suite!(
     a_caller_acts_only_for_its_own_merchants,
     secrets_are_sealed_at_rest_and_nothing_registers_without_a_key,
     changed_days_become_events_from_the_subscription_on,
+    closes_made_after_a_subscription_become_events_once,
 );
 
-use balances::changed_days_become_events_from_the_subscription_on;
+use balances::{
+    changed_days_become_events_from_the_subscription_on, closes_made_after_a_subscription_become_events_once,
+};
 
 struct App {
     client: WebhookServiceClient<Channel>,
@@ -597,5 +600,69 @@ mod balances {
         let again = app.subscriptions.store().deliveries(Some("m-1"), None, 10).await.unwrap();
         assert_eq!(again.len(), 1, "{again:?}");
         let _ = &mut app.client;
+    }
+
+    async fn insert_close(db: &fluxo_db::Db, id: &str, merchant: &str, at: chrono::DateTime<chrono::Utc>) {
+        db.conn()
+            .execute_raw(fluxo_db::statement(
+                db.backend(),
+                "INSERT INTO ledger_period_closes (id, merchant_id, closed_through, note, closed_by, closed_at, \
+                 entry_count, digest) VALUES (?, ?, ?, 'month end', 'tester', ?, 3, ?)",
+                vec![
+                    id.into(),
+                    merchant.into(),
+                    chrono::NaiveDate::from_ymd_opt(2026, 11, 30).unwrap().into(),
+                    at.into(),
+                    "a".repeat(64).into(),
+                ],
+            ))
+            .await
+            .unwrap();
+    }
+
+    /// period.closed: a close made after the merchant subscribed becomes one
+    /// event per subscription, with the close as ListPeriodCloses shows it;
+    /// one made before does not; a close is never notified twice.
+    pub(super) async fn closes_made_after_a_subscription_become_events_once(backend: Backend) {
+        let app = spawn(backend, Some(sealer()), 20).await;
+        fluxo_ledger::LedgerStore::migrate(&app.db).await.unwrap();
+        insert_close(
+            &app.db,
+            "01KB0000000000000000000001",
+            "m-1",
+            chrono::Utc::now() - chrono::Duration::hours(1),
+        )
+        .await;
+        app.subscriptions
+            .create(fluxo_notifier::subscriptions::CreateRequest {
+                registration: fluxo_webhooks::subscription::Registration {
+                    merchant_id: "m-1",
+                    endpoint_url: ENDPOINT,
+                    event_types: &["period.closed".to_owned()],
+                    description: "",
+                },
+                request_id: "k-c",
+            })
+            .await
+            .unwrap();
+        let sender =
+            fluxo_webhooks::Sender::new(DestinationPolicy::strict(), None, Default::default()).unwrap();
+        let notifier = fluxo_notifier::Notifier::new(app.subscriptions.clone(), sender, Default::default())
+            .with_ledger(fluxo_ledger::LedgerStore::new(app.db.clone()));
+        assert_eq!(notifier.follow_closes().await.unwrap(), 0, "closed before it subscribed");
+        let later = chrono::Utc::now() + chrono::Duration::seconds(1);
+        insert_close(&app.db, "01KB0000000000000000000002", "m-1", later).await;
+        insert_close(&app.db, "01KB0000000000000000000003", "m-2", later).await;
+        assert_eq!(notifier.follow_closes().await.unwrap(), 1);
+        assert_eq!(notifier.follow_closes().await.unwrap(), 0, "once");
+        let made = app.subscriptions.store().deliveries(None, None, 10).await.unwrap();
+        assert_eq!(made.len(), 1);
+        assert_eq!(made[0].event_id, "01KB0000000000000000000002", "the close's id is the event's");
+        let body: serde_json::Value = serde_json::from_str(&made[0].payload).unwrap();
+        assert_eq!(body["type"], "period.closed");
+        assert_eq!(
+            (body["data"]["closedThrough"].as_str(), body["data"]["entryCount"].as_str()),
+            (Some("2026-11-30"), Some("3"))
+        );
     }
 }
