@@ -431,8 +431,10 @@ def main():
     for so in get("ScaledObject"):
         ref = so["spec"]["scaleTargetRef"]
         target = deployments.get(ref.get("name"))
-        c.check(target is not None and target["metadata"]["labels"].get("app.kubernetes.io/component") == "consolidator",
-                f"{name_of(so)}: targets the consolidator Deployment")
+        component = (so["metadata"].get("labels") or {}).get("app.kubernetes.io/component")
+        c.check(component in ("consolidator", "notifier") and target is not None
+                and target["metadata"]["labels"].get("app.kubernetes.io/component") == component,
+                f"{name_of(so)}: targets its own stream consumer's Deployment (consolidator or notifier)")
         c.check(not any(h["spec"]["scaleTargetRef"]["name"] == ref.get("name") for h in hpas),
                 f"{name_of(so)}: no second HPA on the same Deployment")
         triggers = so["spec"]["triggers"]
@@ -585,8 +587,11 @@ def main():
         if not rules or so["spec"].get("minReplicaCount", 0) > 0:
             continue
         name = so["metadata"]["name"]
+        def selects(expr):
+            found = re.search(r'scaledObject=(~?)"([^"]*)"', expr)
+            return bool(found) and (name == found.group(2) if not found.group(1) else name in found.group(2).split("|"))
         watching = [r for r in rules if "alert" in r and re.search(r"keda_(scaled_object|scaler_detail)_errors_total", r["expr"])
-                    and f'scaledObject="{name}"' in r["expr"]]
+                    and selects(r["expr"])]
         c.check(bool(watching), f"{name_of(so)}: scales to zero, so an alert watches KEDA's scaler errors for it")
 
     for pa in get("PeerAuthentication"):

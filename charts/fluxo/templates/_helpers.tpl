@@ -23,7 +23,7 @@
 
 {{/* The four targets, in a fixed order. */}}
 {{- define "fluxo.targets" -}}
-ledger balance consolidator gateway
+ledger balance consolidator notifier gateway
 {{- end -}}
 
 {{/* Targets that serve gRPC to callers (have a Service). */}}
@@ -178,6 +178,7 @@ FLUXO_LOG__FORMAT: {{ $c.log.format | quote }}
 FLUXO_LOG__LEVEL: {{ $c.log.level | quote }}
 FLUXO_CONSOLIDATOR__STREAM: {{ $c.consolidator.stream | quote }}
 FLUXO_CONSOLIDATOR__GROUP: {{ $c.consolidator.group | quote }}
+FLUXO_WEBHOOKS__GROUP: {{ $c.webhooks.group | quote }}
 {{- with $c.otel.endpoint }}
 OTEL_EXPORTER_OTLP_ENDPOINT: {{ . | quote }}
 {{- end }}
@@ -217,7 +218,7 @@ karpenter.sh/nodepool: {{ .root.Values.karpenter.onDemandNodePool }}
 {{/* Connection metadata of the redis-streams triggers (call with the consolidator ctx). */}}
 {{- define "fluxo.redisTriggerMetadata" -}}
 stream: {{ .root.Values.config.consolidator.stream | quote }}
-consumerGroup: {{ .root.Values.config.consolidator.group | quote }}
+consumerGroup: {{ ternary .root.Values.config.webhooks.group .root.Values.config.consolidator.group (eq .target "notifier") | quote }}
 {{- with .root.Values.keda.redis.address }}
 address: {{ . | quote }}
 {{- end }}
