@@ -13,6 +13,7 @@ mod export;
 mod reads;
 mod target_all;
 mod targets;
+mod webhooks;
 mod writes;
 
 use std::path::PathBuf;
@@ -83,6 +84,7 @@ async fn phases(b: &mut Bench) -> anyhow::Result<()> {
     consolidation::pipeline(b, &targets).await?;
     consolidation::mixed_with_consolidator_stopped(b, &mut targets).await?;
     consolidation::backlog_drain(b, &mut targets, read_ceiling).await?;
+    webhooks::deliveries(b, &targets).await?;
     writes::overload(b, &targets, &record).await;
     export::entries(b, &targets).await?;
     targets.stop(b);

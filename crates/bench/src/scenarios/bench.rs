@@ -65,6 +65,9 @@ impl Bench {
                 ("FLUXO_RATE_LIMIT__ENABLED".into(), "false".into()),
                 ("FLUXO_AUTH__HS256_SECRET".into(), SECRET.into()),
                 ("FLUXO_GRPC__SHUTDOWN_TIMEOUT_MS".into(), "5000".into()),
+                // Webhooks: subscriptions sealed under a bench key, to the bench's receiver on loopback.
+                ("FLUXO_WEBHOOKS__SECRET_KEY".into(), "Zmx1eG8tYmVuY2gtd2ViaG9vay1zZWFsaW5nLWtleTI=".into()),
+                ("FLUXO_WEBHOOKS__ALLOW_NETS".into(), r#"["127.0.0.0/8"]"#.into()),
             ],
         };
         let report = Report {
