@@ -36,6 +36,39 @@ pub async fn migrate_all(db: &Db) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A Redis client for a consumer's blocking reads, which hold their
+/// connection for their whole wait: one of their own.
+fn reader_client(config: &Config) -> anyhow::Result<fred::prelude::Client> {
+    let settings = config.redis_config().context("redis settings")?;
+    Ok(fluxo_queue::client(&fluxo_queue::RedisConfig {
+        command_timeout: Duration::from_millis(config.consolidator.block_ms) + settings.command_timeout,
+        ..settings
+    })?)
+}
+
+/// Creates `names`' group (Redis may be down, or the group missing: it keeps
+/// trying), then consumes until `stop`.
+async fn consume<H: fluxo_queue::consumer::Handler>(
+    client: fred::prelude::Client,
+    names: StreamNames,
+    consumer: fluxo_queue::consumer::StreamConsumer<H>,
+    stop: watch::Receiver<bool>,
+) {
+    let mut attempt = 0u32;
+    while let Err(error) = ensure_group(&client, &names).await {
+        attempt += 1;
+        if attempt == 1 || attempt.is_multiple_of(10) {
+            tracing::warn!(%error, group = %names.group, "cannot create the consumer group yet; retrying");
+        }
+        tokio::select! {
+            () = stopped(stop.clone()) => return,
+            () = tokio::time::sleep(Duration::from_millis(500)) => {}
+        }
+    }
+    tracing::info!(group = %names.group, "consuming the ledger stream");
+    consumer.run(stopped(stop)).await;
+}
+
 /// A unique consumer name: the pod (or host) name and a random suffix, so a
 /// restarted process never inherits a dead one's pending messages by name.
 fn consumer_name(config: &Config) -> String {
@@ -335,11 +368,7 @@ impl<'a> Process<'a> {
         self.tasks.push(tokio::spawn(async move { delivering.run(stopped(stop)).await }));
         let Some(client) = self.redis.clone() else { return };
         let config = self.config;
-        let Some(settings) = config.redis_config() else { return };
-        let reader = match fluxo_queue::client(&fluxo_queue::RedisConfig {
-            command_timeout: Duration::from_millis(config.consolidator.block_ms) + settings.command_timeout,
-            ..settings
-        }) {
+        let reader = match reader_client(config) {
             Ok(reader) => reader,
             Err(error) => {
                 tracing::error!(%error, "cannot configure the notifier's Redis reader");
@@ -353,22 +382,7 @@ impl<'a> Process<'a> {
             notifier,
             config.consolidator.consumer_config(names.clone(), consumer_name(config)),
         );
-        let stop = self.stop.clone();
-        self.tasks.push(tokio::spawn(async move {
-            let mut attempt = 0u32;
-            while let Err(error) = ensure_group(&client, &names).await {
-                attempt += 1;
-                if attempt == 1 || attempt.is_multiple_of(10) {
-                    tracing::warn!(%error, "cannot create the notifiers' consumer group yet; retrying");
-                }
-                tokio::select! {
-                    () = stopped(stop.clone()) => return,
-                    () = tokio::time::sleep(Duration::from_millis(500)) => {}
-                }
-            }
-            tracing::info!(group = %names.group, "notifier consuming the ledger stream");
-            consumer.run(stopped(stop)).await;
-        }));
+        self.tasks.push(tokio::spawn(consume(client, names, consumer, self.stop.clone())));
     }
 
     /// The balance queries' gRPC service, over the shared cache.
@@ -389,12 +403,7 @@ impl<'a> Process<'a> {
     async fn add_consolidator(&mut self) -> anyhow::Result<()> {
         let Some(client) = self.redis.clone() else { return Ok(()) };
         let config = self.config;
-        let settings = config.redis_config().context("redis settings")?;
-        // Blocking reads hold their connection; they get one of their own.
-        let reader = fluxo_queue::client(&fluxo_queue::RedisConfig {
-            command_timeout: Duration::from_millis(config.consolidator.block_ms) + settings.command_timeout,
-            ..settings
-        })?;
+        let reader = reader_client(config)?;
         let names = config.stream_names();
         let name = consumer_name(config);
         let consumer = StreamConsumer::new(
@@ -405,23 +414,7 @@ impl<'a> Process<'a> {
         );
         self.add_deletion_cost(client.clone(), names.clone(), name).await;
         self.needs_read_model = true;
-        let stop = self.stop.clone();
-        self.tasks.push(tokio::spawn(async move {
-            // The group may not exist yet and Redis may be down: keep trying.
-            let mut attempt = 0u32;
-            while let Err(error) = ensure_group(&client, &names).await {
-                attempt += 1;
-                if attempt == 1 || attempt.is_multiple_of(10) {
-                    tracing::warn!(%error, "cannot create the consumer group yet; retrying");
-                }
-                tokio::select! {
-                    () = stopped(stop.clone()) => return,
-                    () = tokio::time::sleep(Duration::from_millis(500)) => {}
-                }
-            }
-            tracing::info!("consuming the ledger stream");
-            consumer.run(stopped(stop)).await;
-        }));
+        self.tasks.push(tokio::spawn(consume(client, names, consumer, self.stop.clone())));
         Ok(())
     }
 
