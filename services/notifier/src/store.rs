@@ -376,12 +376,12 @@ impl SubscriptionStore {
     }
 
     /// Deletes a merchant's subscription; false when there was none.
+    /// Its pending deliveries end as dead letters saying why (nothing more is sent).
     pub async fn delete(&self, merchant: &str, id: &str) -> Result<bool, StoreError> {
         let _writer = self.db.write_guard().await;
         let at = now();
-        let done = self
-            .db
-            .conn()
+        let txn = self.db.conn().begin().await?;
+        let done = txn
             .execute_raw(statement(
                 self.backend(),
                 "UPDATE webhook_subscriptions SET deleted_at = ?, updated_at = ? \
@@ -389,7 +389,19 @@ impl SubscriptionStore {
                 vec![at.into(), at.into(), merchant.into(), id.into()],
             ))
             .await?;
-        Ok(done.rows_affected() > 0)
+        if done.rows_affected() == 0 {
+            txn.rollback().await?;
+            return Ok(false);
+        }
+        txn.execute_raw(statement(
+            self.backend(),
+            "UPDATE webhook_deliveries SET state = 'DEAD', lease_until = NULL, \
+             last_error = 'the subscription was deleted' WHERE subscription_id = ? AND state = 'PENDING'",
+            vec![id.into()],
+        ))
+        .await?;
+        txn.commit().await?;
+        Ok(true)
     }
 
     /// The sealed secrets of a subscription that is not deleted.

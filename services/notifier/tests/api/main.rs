@@ -599,7 +599,22 @@ mod balances {
         notifier.follow_balances().await.unwrap();
         let again = app.subscriptions.store().deliveries(Some("m-1"), None, 10).await.unwrap();
         assert_eq!(again.len(), 1, "{again:?}");
-        let _ = &mut app.client;
+
+        // Deleted, its pending delivery ends as a dead letter saying why, and nothing is claimed.
+        let id = created.subscription.id.clone();
+        app.client
+            .delete_subscription(pb::DeleteSubscriptionRequest {
+                merchant_id: "m-1".into(),
+                subscription_id: id,
+            })
+            .await
+            .unwrap();
+        let after = app.subscriptions.store().deliveries(Some("m-1"), None, 10).await.unwrap();
+        assert_eq!(
+            (after[0].state, after[0].last_error.as_str()),
+            (fluxo_notifier::store::DeliveryState::Dead, "the subscription was deleted")
+        );
+        assert!(app.subscriptions.store().claim(10, chrono::Duration::seconds(60)).await.unwrap().is_empty());
     }
 
     async fn insert_close(db: &fluxo_db::Db, id: &str, merchant: &str, at: chrono::DateTime<chrono::Utc>) {
