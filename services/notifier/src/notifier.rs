@@ -30,7 +30,6 @@ use fluxo_telemetry::opentelemetry::{
     metrics::{Counter, Histogram},
 };
 use fluxo_webhooks::{Attempt, Outcome, Retries, Sender, subscription::EventType};
-use futures::StreamExt;
 use prost::Message;
 use tokio::sync::Notify;
 use tracing::Instrument;
@@ -82,6 +81,10 @@ pub struct Notifier {
     /// The ledger, whose period closes become `period.closed` events.
     ledger: Option<fluxo_ledger::LedgerStore>,
 }
+
+/// The least time between two looks at the feeds of changed days and closes
+/// (each look is a query or two; deliveries are claimed as often as slots free).
+const FOLLOW_EVERY: Duration = Duration::from_millis(250);
 
 /// Days read from one merchant's feed per look.
 const BALANCE_DAYS_PER_LOOK: u64 = 500;
@@ -351,47 +354,58 @@ impl Notifier {
         tokio::pin!(stop);
         let mut failures = 0u32;
         let mut last_count = None::<tokio::time::Instant>;
+        let mut last_follow = None::<tokio::time::Instant>;
+        // Attempts in flight, each a task of its own (it must progress while
+        // this loop waits on the database: on SQLite an attempt holds the one
+        // writer while it records). A slot that frees is filled at once, so a
+        // slow endpoint holds one slot, not the next claim.
+        let mut in_flight = tokio::task::JoinSet::new();
+        let mut stopping = false;
         loop {
+            if stopping {
+                while in_flight.join_next().await.is_some() {}
+                break;
+            }
             if last_count.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
                 last_count = Some(tokio::time::Instant::now());
                 if let Ok(count) = self.subscriptions.store().dead_count().await {
                     set_dead_letters(count);
                 }
             }
-            if let Err(error) = self.follow_balances().await {
-                tracing::warn!(%error, "reading the changed days failed; retrying");
-            }
-            if let Err(error) = self.follow_closes().await {
-                tracing::warn!(%error, "reading the period closes failed; retrying");
-            }
-            let claimed =
-                self.subscriptions.store().claim(self.settings.batch, chrono_of(self.settings.lease)).await;
-            let due = match claimed {
-                Ok(due) => {
-                    failures = 0;
-                    due
+            if last_follow.is_none_or(|t| t.elapsed() >= FOLLOW_EVERY) {
+                last_follow = Some(tokio::time::Instant::now());
+                if let Err(error) = self.follow_balances().await {
+                    tracing::warn!(%error, "reading the changed days failed; retrying");
                 }
-                Err(error) => {
-                    failures += 1;
-                    if failures == 1 || failures.is_multiple_of(10) {
-                        tracing::warn!(%error, failures, "claiming deliveries failed; retrying");
+                if let Err(error) = self.follow_closes().await {
+                    tracing::warn!(%error, "reading the period closes failed; retrying");
+                }
+            }
+            let room = self.settings.concurrency.saturating_sub(in_flight.len());
+            if room > 0 {
+                let limit = u32::try_from(room).unwrap_or(u32::MAX).min(self.settings.batch);
+                match self.subscriptions.store().claim(limit, chrono_of(self.settings.lease)).await {
+                    Ok(due) => {
+                        failures = 0;
+                        for d in due {
+                            let notifier = self.clone();
+                            in_flight.spawn(async move { notifier.attempt(d).await });
+                        }
                     }
-                    Vec::new()
+                    Err(error) => {
+                        failures += 1;
+                        if failures == 1 || failures.is_multiple_of(10) {
+                            tracing::warn!(%error, failures, "claiming deliveries failed; retrying");
+                        }
+                    }
                 }
-            };
-            let full = due.len() >= self.settings.batch as usize;
-            if !due.is_empty() {
-                futures::stream::iter(due)
-                    .for_each_concurrent(self.settings.concurrency, |d| self.attempt(d))
-                    .await;
             }
-            if full {
-                continue;
-            }
+            let full = in_flight.len() >= self.settings.concurrency;
             tokio::select! {
-                () = stop.as_mut() => break,
-                () = self.wake.notified() => {}
-                () = tokio::time::sleep(self.settings.poll) => {}
+                () = stop.as_mut() => stopping = true,
+                Some(_) = in_flight.join_next(), if !in_flight.is_empty() => {}
+                () = self.wake.notified(), if !full => {}
+                () = tokio::time::sleep(self.settings.poll), if !full => {}
             }
         }
         tracing::info!("notifier stopped");

@@ -100,6 +100,40 @@ async fn receiver(seen: Arc<Seen>) -> anyhow::Result<u16> {
     Ok(port)
 }
 
+/// Where the steady phase's delay went, by the notifier's own records: the
+/// entry's commit (`createdAt` in the body) to the delivery being made
+/// (fan-out), to its first attempt starting (claim), the attempt itself, and
+/// commit to the 2xx recorded.
+async fn stages(b: &Bench) -> anyhow::Result<String> {
+    let sql = "WITH d AS (SELECT d.created_at AS made, d.delivered_at, (d.payload::json->'data'->>'createdAt')::timestamptz AS committed, \
+                      a.at AS tried, a.duration_ms \
+               FROM webhook_deliveries d JOIN webhook_delivery_attempts a ON a.delivery_id = d.id AND a.attempt = 1 \
+               WHERE d.payload::json->'data'->>'requestId' LIKE 'hook-%' AND d.delivered_at IS NOT NULL) \
+               SELECT percentile_cont(ARRAY[0.5, 0.99]) WITHIN GROUP (ORDER BY EXTRACT(EPOCH FROM made - committed) * 1000), \
+                      percentile_cont(ARRAY[0.5, 0.99]) WITHIN GROUP (ORDER BY EXTRACT(EPOCH FROM tried - made) * 1000), \
+                      percentile_cont(ARRAY[0.5, 0.99]) WITHIN GROUP (ORDER BY duration_ms), \
+                      percentile_cont(ARRAY[0.5, 0.99]) WITHIN GROUP (ORDER BY EXTRACT(EPOCH FROM delivered_at - committed) * 1000), \
+                      COUNT(*) FROM d";
+    let row = sea_orm::ConnectionTrait::query_one_raw(
+        &b.db,
+        sea_orm::Statement::from_string(sea_orm::DbBackend::Postgres, sql.to_owned()),
+    )
+    .await?
+    .context("no row")?;
+    let pair = |i: usize| -> anyhow::Result<String> {
+        let v: Vec<f64> = row.try_get_by_index(i)?;
+        Ok(format!("{:.1} / {:.1}", v.first().copied().unwrap_or(0.0), v.get(1).copied().unwrap_or(0.0)))
+    };
+    let n: i64 = row.try_get_by_index(4)?;
+    Ok(format!(
+        "commit → delivery made {}; → first attempt {}; the attempt {}; commit → 2xx recorded {}; over {n} deliveries",
+        pair(0)?,
+        pair(1)?,
+        pair(2)?,
+        pair(3)?
+    ))
+}
+
 fn ms(h: &Histogram<u64>, q: f64) -> f64 {
     h.value_at_quantile(q) as f64 / 1000.0
 }
@@ -174,6 +208,8 @@ pub(super) async fn deliveries(b: &mut Bench, t: &Targets) -> anyhow::Result<()>
             ),
         );
     }
+
+    b.report.fact("webhook delay by stage, from the delivery rows (p50 / p99 ms)", stages(b).await?);
 
     // A backlog: subscriptions paused while entries are booked, then resumed.
     for (merchant, id) in &ids {

@@ -389,10 +389,13 @@ impl SubscriptionStore {
             ],
         ))
         .await?;
+        // Only a change of streak touches the subscription's row: updating it on
+        // every attempt would lock it, and every attempt and fan-out of that
+        // subscription would queue behind each commit.
         let streak = if matches!(next, Next::Delivered) {
-            "UPDATE webhook_subscriptions SET failing_since = NULL WHERE id = ?"
+            "UPDATE webhook_subscriptions SET failing_since = NULL WHERE id = ? AND failing_since IS NOT NULL"
         } else {
-            "UPDATE webhook_subscriptions SET failing_since = COALESCE(failing_since, ?) WHERE id = ?"
+            "UPDATE webhook_subscriptions SET failing_since = ? WHERE id = ? AND failing_since IS NULL"
         };
         let values = if matches!(next, Next::Delivered) {
             vec![due.subscription_id.clone().into()]
