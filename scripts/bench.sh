@@ -11,7 +11,7 @@
 #
 # Options (see `fluxo-bench run --help`): --duration SECS per phase,
 # --concurrency N, --connections N, --backlog N (1,000,000 by default),
-# --pipeline-rate R, --mixed-rate R.
+# --pipeline-rate R, --mixed-rate R, --only webhooks (that phase alone; prints only).
 #
 # Everything it starts is stopped when it ends, fails or is interrupted;
 # the run as a whole is bounded by FLUXO_BENCH_TIMEOUT seconds (default:

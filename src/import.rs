@@ -429,7 +429,7 @@ pub async fn import(args: &ImportArgs) -> anyhow::Result<()> {
     if !interrupted {
         let _ = std::fs::remove_file(&state_file);
     }
-    println!(
+    crate::outln!(
         "{} entries: {} booked, {} replayed (booked by an earlier run), {} refused{}",
         summary.booked + summary.replayed + summary.refused.len() as u64,
         summary.booked,
@@ -442,7 +442,7 @@ pub async fn import(args: &ImportArgs) -> anyhow::Result<()> {
         },
     );
     for (line, reason) in &summary.refused {
-        println!("line {line}: {reason}");
+        crate::outln!("line {line}: {reason}");
     }
     if interrupted {
         bail!("interrupted: run the same command again to continue after the last line done");

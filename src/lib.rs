@@ -12,6 +12,31 @@
 //! Redis adapter), `fluxo_kube` (the Kubernetes API: `fluxo doctor` in
 //! [`doctor`], the consolidators' pod-deletion cost).
 
+/// `println!` for the operator commands' output: when whoever reads it has
+/// gone (`fluxo webhooks deliveries list | head`), the command ends quietly
+/// with the shell's status for a broken pipe (141) instead of panicking the
+/// way `println!` does.
+#[macro_export]
+macro_rules! outln {
+    ($($arg:tt)*) => {
+        $crate::write_out(::std::format_args!($($arg)*))
+    };
+}
+
+/// Writes one line to stdout for [`outln!`].
+#[doc(hidden)]
+pub fn write_out(line: std::fmt::Arguments<'_>) {
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    if let Err(error) = out.write_fmt(format_args!("{line}\n")) {
+        if error.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(141);
+        }
+        eprintln!("fluxo: cannot write to stdout: {error}");
+        std::process::exit(1);
+    }
+}
+
 pub mod client;
 pub mod config;
 pub mod doctor;

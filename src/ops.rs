@@ -63,32 +63,32 @@ pub async fn queue_init(config: &Config, notifiers: bool) -> anyhow::Result<()> 
 pub async fn queue_status(config: &Config) -> anyhow::Result<()> {
     let db = connect_waiting(config, 10).await?;
     let backlog = fluxo_ledger::relay::backlog(&db).await?;
-    println!(
+    crate::outln!(
         "outbox      {} unpublished event(s), oldest {:.1}s old",
         backlog.events,
         backlog.oldest_age.as_secs_f64()
     );
     let parked = BalanceStore::new(db.clone()).parked_count().await?;
-    println!("parked      {parked} event(s) refused by the read model (see `fluxo dlq list`)");
+    crate::outln!("parked      {parked} event(s) refused by the read model (see `fluxo dlq list`)");
     let Some(settings) = config.redis_config() else {
-        println!("stream      none: no Redis configured, events are delivered in process");
+        crate::outln!("stream      none: no Redis configured, events are delivered in process");
         return Ok(());
     };
     let client = fluxo_queue::client(&settings)?;
     let names = config.stream_names();
     let status = fluxo_queue::stream_status(&client, &names).await?;
-    println!("stream      {} holds {} message(s)", names.stream, status.length);
+    crate::outln!("stream      {} holds {} message(s)", names.stream, status.length);
     match status.group(&names.group) {
-        Some(group) => println!(
+        Some(group) => crate::outln!(
             "group       {}: lag {}, pending {}, consumers {}",
             names.group,
             group.lag.map_or_else(|| "?".to_owned(), |lag| lag.to_string()),
             group.pending,
             group.consumers
         ),
-        None => println!("group       {} does not exist: run `fluxo queue init`", names.group),
+        None => crate::outln!("group       {} does not exist: run `fluxo queue init`", names.group),
     }
-    println!("dead letter {} holds {} message(s)", names.dead_letters, status.dead_letters);
+    crate::outln!("dead letter {} holds {} message(s)", names.dead_letters, status.dead_letters);
     Ok(())
 }
 
@@ -132,14 +132,14 @@ pub async fn dlq(config: &Config, command: DlqCommand) -> anyhow::Result<()> {
     match command {
         DlqCommand::List { count } => {
             let list = letters.list(count).await?;
-            println!(
+            crate::outln!(
                 "{} parked message(s) in {}",
                 letters.count().await?,
                 config.stream_names().dead_letters
             );
             for l in list {
                 let event = l.event.as_ref().map_or("<malformed>".to_owned(), |e| e.event_id.clone());
-                println!("{}  event {event}  deliveries {}  reason: {}", l.id, l.deliveries, l.reason);
+                crate::outln!("{}  event {event}  deliveries {}  reason: {}", l.id, l.deliveries, l.reason);
             }
         }
         DlqCommand::Show { id } => print_letter(&letters.show(&id).await?),
@@ -155,7 +155,7 @@ pub async fn dlq(config: &Config, command: DlqCommand) -> anyhow::Result<()> {
                     store.unpark(&event.event_id).await?;
                 }
                 let removed = letters.drop_message(&id).await?;
-                println!("{id}: {}", if removed { "dropped" } else { "not found" });
+                crate::outln!("{id}: {}", if removed { "dropped" } else { "not found" });
             }
         }
     }
@@ -163,26 +163,31 @@ pub async fn dlq(config: &Config, command: DlqCommand) -> anyhow::Result<()> {
 }
 
 fn print_letter(l: &fluxo_balance::consumer::DeadLetter) {
-    println!("id:           {}", l.id);
-    println!("original id:  {}", l.original_id);
-    println!("deliveries:   {}", l.deliveries);
-    println!("reason:       {}", l.reason);
+    crate::outln!("id:           {}", l.id);
+    crate::outln!("original id:  {}", l.original_id);
+    crate::outln!("deliveries:   {}", l.deliveries);
+    crate::outln!("reason:       {}", l.reason);
     let Some(e) = &l.event else {
-        println!("event:        malformed message");
+        crate::outln!("event:        malformed message");
         return;
     };
-    println!("event id:     {}", e.event_id);
-    println!("position:     {}", e.position);
+    crate::outln!("event id:     {}", e.event_id);
+    crate::outln!("position:     {}", e.position);
     // The trace of the call that booked the entry: search it in the tracing backend.
     if let Some(tp) = &e.traceparent {
-        println!("traceparent:  {tp}");
+        crate::outln!("traceparent:  {tp}");
     }
     match fluxo_balance::consolidator::decode(e) {
-        Ok(p) => println!(
+        Ok(p) => crate::outln!(
             "entry:        {} {} {:?} {} {} on {}",
-            p.entry_id, p.merchant_id, p.direction, p.amount, p.currency, p.date
+            p.entry_id,
+            p.merchant_id,
+            p.direction,
+            p.amount,
+            p.currency,
+            p.date
         ),
-        Err(err) => println!("entry:        unreadable ({err})"),
+        Err(err) => crate::outln!("entry:        unreadable ({err})"),
     }
 }
 
@@ -218,7 +223,7 @@ async fn replay_letters(
 
 /// Says how a replay went; an error when some `what` still fail.
 fn replayed(ok: usize, failed: usize, what: &str) -> anyhow::Result<()> {
-    println!("replayed {ok}, still failing {failed}");
+    crate::outln!("replayed {ok}, still failing {failed}");
     if failed > 0 {
         bail!("{failed} {what} still fail; fix their cause and replay again");
     }
@@ -231,14 +236,14 @@ async fn parked(config: &Config, command: DlqCommand) -> anyhow::Result<()> {
     let all = |store: BalanceStore| async move { store.parked(u64::MAX >> 1).await };
     match command {
         DlqCommand::List { count } => {
-            println!(
+            crate::outln!(
                 "{} parked event(s) (no Redis: refused by the read model in process)",
                 store.parked_count().await?
             );
             for p in store.parked(count).await? {
                 let day = p.date.map_or("?".to_owned(), |d| d.to_string());
                 let merchant = p.merchant_id.as_deref().unwrap_or("?");
-                println!("{}  merchant {merchant}  day {day}  reason: {}", p.event_id, p.reason);
+                crate::outln!("{}  merchant {merchant}  day {day}  reason: {}", p.event_id, p.reason);
             }
         }
         DlqCommand::Show { id } => {
@@ -247,10 +252,10 @@ async fn parked(config: &Config, command: DlqCommand) -> anyhow::Result<()> {
                 .into_iter()
                 .find(|p| p.event_id == id)
                 .with_context(|| format!("no parked event {id}"))?;
-            println!("event id:     {}", p.event_id);
-            println!("merchant:     {}", p.merchant_id.as_deref().unwrap_or("unknown (unreadable)"));
-            println!("day:          {}", p.date.map_or("unknown".to_owned(), |d| d.to_string()));
-            println!("reason:       {}", p.reason);
+            crate::outln!("event id:     {}", p.event_id);
+            crate::outln!("merchant:     {}", p.merchant_id.as_deref().unwrap_or("unknown (unreadable)"));
+            crate::outln!("day:          {}", p.date.map_or("unknown".to_owned(), |d| d.to_string()));
+            crate::outln!("reason:       {}", p.reason);
         }
         DlqCommand::Replay { ids, all: every } => {
             let consolidator = Consolidator::new(store.clone());
@@ -288,7 +293,7 @@ async fn parked(config: &Config, command: DlqCommand) -> anyhow::Result<()> {
         DlqCommand::Drop { ids } => {
             for id in ids {
                 let removed = store.unpark(&id).await?;
-                println!("{id}: {}", if removed { "dropped" } else { "not found" });
+                crate::outln!("{id}: {}", if removed { "dropped" } else { "not found" });
             }
         }
     }
@@ -393,7 +398,7 @@ pub async fn rebuild(config: &Config, scope: &Scope) -> anyhow::Result<()> {
         store.rebuild(merchant, start, end, postings).await?;
         progress("rebuilt merchants", i + 1, total);
     }
-    println!("rebuilt {total} merchant(s) from {} ledger entries", entries.len());
+    crate::outln!("rebuilt {total} merchant(s) from {} ledger entries", entries.len());
     Ok(())
 }
 
@@ -407,7 +412,7 @@ pub async fn reconcile(config: &Config, scope: &Scope, repair: bool) -> anyhow::
     let merchant = scope.merchant()?;
     let diffs = differences(&ledger, &store, merchant.as_ref()).await?;
     for (key, (expected, actual)) in &diffs {
-        println!(
+        crate::outln!(
             "{} {} {}: ledger credits {} debits {} entries {}; read model credits {} debits {} entries {}; missing net {}",
             key.merchant_id,
             key.currency,
@@ -421,7 +426,7 @@ pub async fn reconcile(config: &Config, scope: &Scope, repair: bool) -> anyhow::
             (expected.credits - expected.debits) - (actual.credits - actual.debits),
         );
     }
-    println!("{} day(s) differ", diffs.len());
+    crate::outln!("{} day(s) differ", diffs.len());
     if diffs.is_empty() || !repair {
         if !diffs.is_empty() {
             bail!("balances differ from the ledger; run again with --repair");
@@ -447,7 +452,7 @@ pub async fn reconcile(config: &Config, scope: &Scope, repair: bool) -> anyhow::
         progress("repaired merchants", i + 1, total);
     }
     let left = differences(&ledger, &store, merchant.as_ref()).await?;
-    println!("applied {repaired} missing entries; {} day(s) still differ", left.len());
+    crate::outln!("applied {repaired} missing entries; {} day(s) still differ", left.len());
     if !left.is_empty() {
         bail!(
             "some days still differ (the read model holds amounts the ledger does not): run `fluxo balances rebuild`"

@@ -64,7 +64,7 @@ pub struct ClosesArgs {
 fn print_close(close: &pb::PeriodClose) {
     let balances: Vec<String> =
         close.closing_balances.iter().map(|m| format!("{} {}", m.minor_units, m.currency_code)).collect();
-    println!(
+    crate::outln!(
         "{}  closed through {}  {} entries  digest {}  closing {}",
         close.id,
         close.closed_through,
@@ -74,14 +74,14 @@ fn print_close(close: &pb::PeriodClose) {
     );
     let by = |who: &str| if who.is_empty() { "(no identity)".to_owned() } else { who.to_owned() };
     let at = |t: &Option<prost_types::Timestamp>| t.as_ref().map(ToString::to_string).unwrap_or_default();
-    println!(
+    crate::outln!(
         "    closed {} by {}{}",
         at(&close.closed_at),
         by(&close.closed_by),
         if close.note.is_empty() { String::new() } else { format!(": {}", close.note) }
     );
     if close.reopened_at.is_some() {
-        println!(
+        crate::outln!(
             "    reopened {} by {}: {}",
             at(&close.reopened_at),
             by(&close.reopened_by),
@@ -132,7 +132,7 @@ pub async fn closes(args: &ClosesArgs) -> anyhow::Result<()> {
         .into_inner()
         .closes;
     if closes.is_empty() {
-        println!("merchant {} has never closed its books", args.merchant);
+        crate::outln!("merchant {} has never closed its books", args.merchant);
     }
     for close in &closes {
         print_close(close);
@@ -154,7 +154,7 @@ pub async fn verify(config: &Config, merchant: &str) -> anyhow::Result<()> {
     let closes: Vec<_> =
         ledger.period_closes(&merchant).await?.into_iter().filter(|c| c.reopened.is_none()).collect();
     let Some(latest) = closes.iter().map(|c| c.closed_through).max() else {
-        println!("merchant {} has no close in force: nothing to verify", merchant.as_str());
+        crate::outln!("merchant {} has no close in force: nothing to verify", merchant.as_str());
         return Ok(());
     };
     eprintln!("fluxo: recomputing the books of {} through {latest}", merchant.as_str());
@@ -235,7 +235,7 @@ pub async fn verify(config: &Config, merchant: &str) -> anyhow::Result<()> {
             }
         }
         if report.is_empty() {
-            println!(
+            crate::outln!(
                 "close {} through {}: verified ({} entries, {} days, digest {})",
                 close.id,
                 close.closed_through,
@@ -244,9 +244,14 @@ pub async fn verify(config: &Config, merchant: &str) -> anyhow::Result<()> {
                 close.digest
             );
         } else {
-            println!("close {} through {}: {} difference(s)", close.id, close.closed_through, report.len());
+            crate::outln!(
+                "close {} through {}: {} difference(s)",
+                close.id,
+                close.closed_through,
+                report.len()
+            );
             for line in &report {
-                println!("  {line}");
+                crate::outln!("  {line}");
             }
             problems += report.len();
         }

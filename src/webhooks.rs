@@ -8,7 +8,7 @@ use anyhow::{Context, bail};
 use clap::Subcommand;
 use fluxo_notifier::{
     SubscriptionStore,
-    store::{Delivery, DeliveryState},
+    store::{Delivery, DeliveryFilter, DeliveryState},
 };
 
 use crate::config::Config;
@@ -21,6 +21,9 @@ pub enum DeliveriesCommand {
         /// Only this merchant's.
         #[arg(long)]
         merchant: Option<String>,
+        /// Only this subscription's (the `subscription.id` of the failures metric).
+        #[arg(long)]
+        subscription: Option<String>,
         /// Only those pending, delivered or dead (given up on).
         #[arg(long, value_parser = ["pending", "delivered", "dead"])]
         state: Option<String>,
@@ -43,6 +46,9 @@ pub enum DeliveriesCommand {
         /// With --all: only this merchant's.
         #[arg(long)]
         merchant: Option<String>,
+        /// With --all: only this subscription's.
+        #[arg(long)]
+        subscription: Option<String>,
     },
 }
 
@@ -81,27 +87,27 @@ pub async fn deliveries(config: &Config, command: DeliveriesCommand) -> anyhow::
     let db = crate::serve::connect_waiting(config, 10).await?;
     let store = SubscriptionStore::new(db);
     match command {
-        DeliveriesCommand::List { merchant, state: wanted, count } => {
-            let list =
-                store.deliveries(merchant.as_deref(), wanted.as_deref().and_then(state), count).await?;
-            println!("{} delivery(ies); {} dead-lettered in all", list.len(), store.dead_count().await?);
+        DeliveriesCommand::List { merchant, subscription, state: wanted, count } => {
+            let filter = DeliveryFilter { merchant, subscription, state: wanted.as_deref().and_then(state) };
+            let list = store.deliveries(&filter, count).await?;
+            crate::outln!("{} delivery(ies); {} dead-lettered in all", list.len(), store.dead_count().await?);
             for d in &list {
-                println!("{}", line(d));
+                crate::outln!("{}", line(d));
             }
         }
         DeliveriesCommand::Show { id } => {
             let (d, attempts) = store.delivery(&id).await?.with_context(|| format!("no delivery {id}"))?;
-            println!("{}", line(&d));
-            println!("event {}  created {}", d.event_id, d.created_at.to_rfc3339());
+            crate::outln!("{}", line(&d));
+            crate::outln!("event {}  created {}", d.event_id, d.created_at.to_rfc3339());
             if let Some(at) = d.delivered_at {
-                println!("delivered {}", at.to_rfc3339());
+                crate::outln!("delivered {}", at.to_rfc3339());
             } else if d.state == DeliveryState::Pending {
-                println!("next attempt {}", d.next_attempt_at.to_rfc3339());
+                crate::outln!("next attempt {}", d.next_attempt_at.to_rfc3339());
             }
-            println!("body {}", d.payload);
+            crate::outln!("body {}", d.payload);
             for (i, a) in attempts.iter().enumerate() {
                 let status = a.status.map_or_else(|| "-".to_owned(), |s| s.to_string());
-                println!(
+                crate::outln!(
                     "attempt {}  {}  {} ms  status {status}  {}{}",
                     i + 1,
                     a.at.to_rfc3339(),
@@ -111,10 +117,13 @@ pub async fn deliveries(config: &Config, command: DeliveriesCommand) -> anyhow::
                 );
             }
         }
-        DeliveriesCommand::Replay { ids, all, merchant } => {
+        DeliveriesCommand::Replay { ids, all, merchant, subscription } => {
             let ids = match (all, ids.is_empty()) {
                 (true, true) => store
-                    .deliveries(merchant.as_deref(), Some(DeliveryState::Dead), u32::MAX)
+                    .deliveries(
+                        &DeliveryFilter { merchant, subscription, state: Some(DeliveryState::Dead) },
+                        u32::MAX,
+                    )
                     .await?
                     .into_iter()
                     .map(|d| d.id)
@@ -125,7 +134,7 @@ pub async fn deliveries(config: &Config, command: DeliveriesCommand) -> anyhow::
             let mut missing = Vec::new();
             for id in &ids {
                 if store.replay(id).await? {
-                    println!("{id}: pending again");
+                    crate::outln!("{id}: pending again");
                 } else {
                     missing.push(id.as_str());
                 }

@@ -21,7 +21,11 @@ KEDA reaches Redis through a TCP relay in this process, so "Redis unreachable fo
 real broken connection while fluxo keeps its own.
 
 Then scripts/k8s/doctor_test.py: `fluxo doctor` and the pod-deletion cost on this installation
-(FLUXO_AUTOSCALING_DOCTOR_ONLY=1 runs only those after the set-up, for local iteration).
+(FLUXO_AUTOSCALING_DOCTOR_ONLY=1 runs only those after the set-up, for local iteration), and last
+the notifier (notifier.enabled): its own ScaledObject on the notifiers' group, woken from zero by
+one entry while the consolidators rest, the webhook delivered by a real `fluxo serve --target
+notifier` to the suite's HTTPS receiver and verified with the Standard Webhooks library
+(FLUXO_AUTOSCALING_NOTIFIER_ONLY=1 runs only that after the set-up).
 
 Each scenario prints its figures. The last line is "N passed, M failed".
 """
@@ -61,6 +65,10 @@ DEPLOY = "fluxo-consolidator"
 STREAM = "fluxo:platform:entries"
 GROUP = "consolidators"
 VALUES = ROOT / "scripts" / "k8s" / "autoscaling-values.yaml"
+# The notifier (section "notifier" below): its own Deployment and ScaledObject on its own group.
+NOTIFIER = "fluxo-notifier"           # ScaledObject and Deployment
+NGROUP = "notifiers"
+WEBHOOK_KEY = base64.b64encode(b"fluxo-platform-test-sealing-key!").decode()
 # fluxo-consumers' consolidateAfter is 2m in karpenter/nodepools.yaml; the test's copy waits this long.
 CONSOLIDATE_AFTER = "10s"
 
@@ -223,7 +231,8 @@ class Redis:
             return None if n < 0 else [self._reply() for _ in range(n)]
         raise RedisError(f"unexpected reply {line[:40]!r}")
 
-    def group_info(self, stream=STREAM, group=GROUP):
+    def group_info(self, stream=STREAM, group=None):
+        group = group or GROUP
         try:
             groups = self.cmd("XINFO", "GROUPS", stream)
         except RedisError:
@@ -348,17 +357,17 @@ class Api:
 API = None
 
 
-def deploy():
-    return API.get(f"/apis/apps/v1/namespaces/{NS}/deployments/{DEPLOY}")
+def deploy(name=DEPLOY):
+    return API.get(f"/apis/apps/v1/namespaces/{NS}/deployments/{name}")
 
 
-def replicas():
-    d = deploy()
+def replicas(name=DEPLOY):
+    d = deploy(name)
     return (d or {}).get("spec", {}).get("replicas", 0) or 0
 
 
-def so_obj():
-    return API.get(f"/apis/keda.sh/v1alpha1/namespaces/{NS}/scaledobjects/{SO}")
+def so_obj(name=SO):
+    return API.get(f"/apis/keda.sh/v1alpha1/namespaces/{NS}/scaledobjects/{name}")
 
 
 def condition(obj, type_):
@@ -373,16 +382,16 @@ def consolidator_pods():
     return API.get(f"/api/v1/namespaces/{NS}/pods?labelSelector={sel}")["items"]
 
 
-def so_story():
+def so_story(name=SO):
     """KEDA's own account: the ScaledObject's conditions and health, its events, the operator's errors."""
     lines = []
-    o = so_obj()
+    o = so_obj(name)
     for c in (o or {}).get("status", {}).get("conditions") or []:
         lines.append(f"ScaledObject {c['type']}={c['status']} {c.get('reason', '')}: {c.get('message', '')}")
     health = (o or {}).get("status", {}).get("health") or {}
     for k, v in sorted(health.items()):
         lines.append(f"health {k}: {v}")
-    evs = API.get(f"/api/v1/namespaces/{NS}/events?fieldSelector=involvedObject.name%3D{SO}")["items"]
+    evs = API.get(f"/api/v1/namespaces/{NS}/events?fieldSelector=involvedObject.name%3D{name}")["items"]
     evs.sort(key=lambda e: int(e["metadata"]["resourceVersion"]))
     for e in evs[-4:]:
         lines.append(f"event {e['type']} {e['reason']}: {e['message'][:240]}")
@@ -584,6 +593,8 @@ def test_nodepools():
 def fluxo_env(extra=None):
     env = {"FLUXO_DATABASE__URL": DB_URL, "FLUXO_REDIS__URL": os.environ["FLUXO_TEST_REDIS_URL"],
            "FLUXO_CONSOLIDATOR__STREAM": STREAM, "FLUXO_CONSOLIDATOR__GROUP": GROUP,
+           "FLUXO_WEBHOOKS__GROUP": NGROUP, "FLUXO_WEBHOOKS__SECRET_KEY": WEBHOOK_KEY,
+           "FLUXO_WEBHOOKS__ALLOW_NETS": '["127.0.0.0/8"]',
            "FLUXO_LOG__LEVEL": "warn", "OTEL_SDK_DISABLED": "true"}
     env.update(extra or {})
     return env
@@ -1320,6 +1331,15 @@ def main():
             doctor_test.run(sys.modules[__name__])
         print(f"\n{pt.passed} passed, {pt.failed} failed")
         return 1 if pt.failed else 0
+    if os.environ.get("FLUXO_AUTOSCALING_NOTIFIER_ONLY"):
+        # Local iteration only (refused under CI): the notifier section alone.
+        if os.environ.get("CI"):
+            bad("FLUXO_AUTOSCALING_NOTIFIER_ONLY", "is for local iteration only; CI runs the whole suite")
+        else:
+            section("notifier: its own ScaledObject on its own group, from zero")
+            notifier_scenario()
+        print(f"\n{pt.passed} passed, {pt.failed} failed")
+        return 1 if pt.failed else 0
     check("KEDA's admission webhook rejects a second ScaledObject for the same Deployment", webhook_rejects)
     if not a.no_self_tests:
         section("broken ScaledObjects (self-tests): nothing scales, KEDA's own error shown")
@@ -1333,6 +1353,8 @@ def main():
     doctor_test.run(sys.modules[__name__])
     if DISRUPT.get("violations"):
         bad("Karpenter disruption budget", f"more consumer nodes disrupted at once than the budget allows: {DISRUPT}")
+    section("notifier: its own ScaledObject on its own group, from zero")
+    notifier_scenario()
     section("figures")
     for k, v in FIG.items():
         if k != "timeline":
@@ -1340,6 +1362,164 @@ def main():
     print(f"\n(autoscaling tests took {time.monotonic() - start:.0f}s)")
     print(f"\n{pt.passed} passed, {pt.failed} failed")
     return 1 if pt.failed else 0
+
+
+# ---- the notifier ------------------------------------------------------------------------------------
+def notifier_group():
+    return REDIS.group_info(group=NGROUP)
+
+
+def start_receiver():
+    """The suite's HTTPS webhook receiver (crates/testing/receiver.py): each delivery verified by the
+    Standard Webhooks reference library against the secret in a file the test writes once it has it."""
+    py = os.environ.get("FLUXO_TEST_STANDARDWEBHOOKS_PYTHON")
+    cert, key = os.environ.get("FLUXO_TEST_TLS_CERT"), os.environ.get("FLUXO_TEST_TLS_KEY")
+    if not (py and cert and key):
+        raise Fail("FLUXO_TEST_STANDARDWEBHOOKS_PYTHON, FLUXO_TEST_TLS_CERT and FLUXO_TEST_TLS_KEY are set by scripts/test.sh")
+    secret_file = STATE / "webhook-secret"
+    secret_file.write_text("whsec_" + base64.b64encode(b"not the secret yet").decode())
+    p = spawn("webhook-receiver", [py, str(ROOT / "crates" / "testing" / "receiver.py"), f"@{secret_file}", cert, key])
+    log = STATE / "webhook-receiver.log"
+    def listening():
+        if p.poll() is not None:
+            raise Fail(f"the receiver exited: {log.read_text()[-500:]}")
+        port = next((int(x.split()[1]) for x in log.read_text().splitlines() if x.startswith("port ")), None)
+        return port is not None, port
+    port = poll("webhook receiver listening", 30, listening, interval=0.2)
+    return port, secret_file, log
+
+
+def deliveries(log):
+    return [json.loads(x) for x in log.read_text().splitlines() if x.startswith("{")]
+
+
+def start_notifier():
+    name = f"fluxo-notifier-{len(CONSUMERS)}"
+    p = spawn(name, [FLUXO, "serve", "--target", "notifier"],
+              env=fluxo_env({"FLUXO_GRPC__LISTEN": f"127.0.0.1:{free_port()}",
+                             "FLUXO_CONSOLIDATOR__CONSUMER_NAME": name,
+                             "FLUXO_WEBHOOKS__CA_FILE": os.environ["FLUXO_TEST_TLS_CA"],
+                             "FLUXO_WEBHOOKS__POLL_MS": "100"}))
+    CONSUMERS.append((name, p))
+
+
+def notifier_scenario():
+    """notifier.enabled on the installed chart: the notifiers' group made by `fluxo queue init
+    --notifiers` (the hook's command), the Deployment at zero until an entry is booked, woken by
+    KEDA on its own group's lag while the consolidators' group is drained, the webhook delivered
+    by a real `fluxo serve --target notifier` and verified by the Standard Webhooks library, then
+    back to zero."""
+    sets = ["notifier.enabled=true", "secrets.webhooks.name=fluxo-webhooks"]
+    state = {}
+
+    def install():
+        apply([{"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+                "metadata": {"name": "fluxo-webhooks", "namespace": NS}, "stringData": {"secret-key": WEBHOOK_KEY}}])
+        rendered = render(*sets)
+        so = next((d for d in rendered if d["kind"] == "ScaledObject" and d["metadata"]["name"] == NOTIFIER), None)
+        if not so:
+            raise Fail(f"no ScaledObject {NOTIFIER} rendered with {sets}")
+        groups = {tr["metadata"].get("consumerGroup") for tr in so["spec"]["triggers"]}
+        if groups != {NGROUP}:
+            raise Fail(f"the notifier's triggers read groups {groups}, not only {NGROUP}")
+        # The notifiers' group made before the notifier is deployed: doctor names it (nothing reads
+        # it, so the consolidators' trim keeps what it has not consumed).
+        sh(FLUXO, "queue", "init", "--notifiers", env=fluxo_env(), what="fluxo queue init --notifiers")
+        if not notifier_group():
+            raise Fail(f"fluxo queue init --notifiers made no group {NGROUP} on {STREAM}")
+        doctor_test.AT = sys.modules[__name__]
+        _, report = doctor_test.doctor()
+        c = doctor_test.by_id(report).get("stream-readers") or {}
+        if c.get("status") != "failed" or NGROUP not in c.get("summary", ""):
+            raise Fail(f"doctor's stream-readers check does not name the unread group {NGROUP}:\n{doctor_test.story(report)}")
+        state["doctor_before"] = c["summary"][:160]
+        helm_upgrade(*sets)
+        poll(f"ScaledObject {NOTIFIER} Ready", 90, lambda: (
+            condition(so_obj(NOTIFIER), "Ready").get("status") == "True", so_story(NOTIFIER)), interval=0.5)
+        # The group starts at the stream's oldest entry: what the earlier sections left is read by a
+        # real notifier (no subscription yet: nothing to send), then the Deployment rests at 0.
+        start_notifier()
+        try:
+            poll("notifiers' group drained", 120, lambda: (
+                (notifier_group() or {}).get("lag") == 0 and (notifier_group() or {}).get("pending") == 0,
+                f"{notifier_group()}"), interval=0.5)
+        finally:
+            stop_consolidators()
+        drain_backlog()
+        poll(f"{NOTIFIER} and {DEPLOY} at 0", 240, lambda: (
+            replicas(NOTIFIER) == 0 and replicas() == 0,
+            f"{NOTIFIER} {replicas(NOTIFIER)}, {DEPLOY} {replicas()}; {so_story(NOTIFIER)}"), interval=0.5)
+        hpa = API.get(f"/apis/autoscaling/v2/namespaces/{NS}/horizontalpodautoscalers/{NOTIFIER}") or {}
+        _, report = doctor_test.doctor()
+        c = doctor_test.by_id(report).get("stream-readers") or {}
+        if c.get("status") != "passed":
+            raise Fail(f"doctor's stream-readers check with the notifier deployed:\n{doctor_test.story(report)}")
+        return (f"Deployment {NOTIFIER} at 0, ScaledObject Ready on group {NGROUP} "
+                f"(HPA min {hpa.get('spec', {}).get('minReplicas')} max {hpa.get('spec', {}).get('maxReplicas')}); "
+                f"doctor before the notifier was deployed: {state['doctor_before']}; after: passed")
+    if not check("notifier.enabled: its Deployment and ScaledObject on the notifiers' group, at rest at 0", install):
+        return
+
+    def wake_and_deliver():
+        port, secret_file, log = start_receiver()
+        merchant = f"m-notify-{RUN_ID}"
+        req = {"merchantId": merchant, "endpointUrl": f"https://localhost:{port}/fluxo",
+               "eventTypes": ["entry.recorded"], "requestId": f"sub-{RUN_ID}"}
+        out = sh(GRPCURL, "-plaintext", "-d", json.dumps(req), LEDGER_ADDR,
+                 "fluxo.webhooks.v1.WebhookService/CreateSubscription", what="grpcurl CreateSubscription")
+        secret_file.write_text(json.loads(out)["secret"])
+        before = REDIS.cmd("XREVRANGE", STREAM, "+", "-", "COUNT", "1")
+        entry = json.loads(sh(GRPCURL, "-plaintext", "-d", json.dumps(
+            {"merchantId": merchant, "type": "CREDIT", "amount": {"currencyCode": "BRL", "minorUnits": "4200"},
+             "description": "platform notifier test", "requestId": f"r-{RUN_ID}-notify"}),
+            LEDGER_ADDR, "fluxo.ledger.v1.LedgerService/RecordEntry", what="grpcurl RecordEntry"))
+        BOOKED[0] += 1
+        entry_id = entry["id"]
+        poll(f"{NOTIFIER} woken from zero", 60, lambda: (replicas(NOTIFIER) >= 1, f"replicas {replicas(NOTIFIER)}; {so_story(NOTIFIER)}"),
+             interval=0.2)
+        last = REDIS.cmd("XREVRANGE", STREAM, "+", "-", "COUNT", "1")
+        if not last or last == before:
+            raise Fail("the entry never reached the stream (relay?)")
+        FIG["notifier_wake_from_zero_s"] = time.time() - stream_ms(last[0][0])
+        # The consolidators' group is drained: their Deployment goes back to 0, the notifier's stays
+        # up, its group still holding the event (each ScaledObject reads its own group).
+        drain_backlog()
+        t0 = time.time()
+
+        dropped = []
+
+        def consolidator_rests():
+            n, c = replicas(NOTIFIER), replicas()
+            if n < 1:
+                dropped.append(f"{NOTIFIER} went to {n} with its group's event undelivered: {notifier_group()}")
+            return c == 0 or bool(dropped), f"{DEPLOY} {c}, {NOTIFIER} {n}"
+        poll(f"{DEPLOY} back at 0 while {NOTIFIER} stays up", 240, consolidator_rests, interval=0.5)
+        if dropped:
+            raise Fail(dropped[0])
+        held = time.time() - t0
+        if deliveries(log):
+            raise Fail(f"a delivery arrived with no notifier running: {deliveries(log)}")
+        start_notifier()
+        try:
+            def verified():
+                got = next((d for d in deliveries(log) if d["verified"]), None)
+                return got is not None, got or f"{deliveries(log)}"
+            got = poll("the webhook delivered and verified", 60, verified, interval=0.2)
+            poll("notifiers' group drained", 60, lambda: (
+                (notifier_group() or {}).get("lag") == 0 and (notifier_group() or {}).get("pending") == 0,
+                f"{notifier_group()}"), interval=0.5)
+        finally:
+            stop_consolidators()
+        body = json.loads(got["body"])
+        if body.get("type") != "entry.recorded" or entry_id not in got["body"]:
+            raise Fail(f"the delivery is not entry {entry_id}'s entry.recorded: {got['body'][:300]}")
+        t1 = time.time()
+        poll(f"{NOTIFIER} back at 0 after the cooldown", 240, lambda: (replicas(NOTIFIER) == 0, f"replicas {replicas(NOTIFIER)}"),
+             interval=0.5)
+        FIG["notifier_back_to_zero_s"] = time.time() - t1
+        return (f"woke {FIG['notifier_wake_from_zero_s']:.1f}s after the XADD; stayed up {held:.0f}s while {DEPLOY} went to 0; "
+                f"webhook {got['id']} for {entry_id} verified by standardwebhooks; back to 0 {FIG['notifier_back_to_zero_s']:.1f}s after its group drained")
+    check("notifier woken from zero by its own group's lag, the webhook delivered and verified, back to zero", wake_and_deliver)
 
 
 def is_secret_rule_doc(d):

@@ -137,14 +137,27 @@ def pipeline():
         panel("Events handled by outcome", [
             ("sum by (outcome) (rate(fluxo_consolidator_events_total[$__rate_interval]))", "{{outcome}}"),
         ], "short", 12, 19),
-        row("Replicas", 27),
+        row("Webhooks (notifier)", 27),
+        panel("Event read -> endpoint 2xx", [
+            (f"histogram_quantile({q}, sum by (le) (rate(fluxo_webhooks_delivery_delay_seconds_bucket[$__rate_interval])))", f"p{label}")
+            for q, label in [("0.5", "50"), ("0.99", "99")]
+        ], "s", 0, 28, w=8, description="Retries included: an endpoint that was down for an hour shows here as an hour."),
+        panel("Attempts by outcome", [
+            ("sum by (outcome) (rate(fluxo_webhooks_attempts_total[$__rate_interval]))", "{{outcome}}"),
+        ], "short", 8, 28, w=8),
+        panel("Failing endpoints (top 10 subscriptions)", [
+            ("topk(10, sum by (subscription_id) (rate(fluxo_webhooks_failures_total[$__rate_interval])))", "{{subscription_id}}"),
+        ], "short", 16, 28, w=8, description="fluxo webhooks deliveries list --subscription ID shows what they answered."),
+        panel("Dead-lettered deliveries", [("max(fluxo_webhooks_dead_letters)", "dead")], "short", 0, 36, w=24, h=6,
+              description="Deliveries given up on: fluxo webhooks deliveries list --state dead, then replay."),
+        row("Replicas", 42),
         panel("Available replicas per target", [
-            ('sum by (deployment) (kube_deployment_status_replicas_available{deployment=~".*fluxo-(ledger|consolidator|balance|gateway)"})',
+            ('sum by (deployment) (kube_deployment_status_replicas_available{deployment=~".*fluxo-(ledger|consolidator|notifier|balance|gateway)"})',
              "{{deployment}}"),
-        ], "short", 0, 28, w=24, description="From kube-state-metrics; consolidators scale on group lag through KEDA, down to zero."),
+        ], "short", 0, 43, w=24, description="From kube-state-metrics; consolidators and notifiers scale on their group's lag through KEDA, down to zero."),
     ]
     return dashboard("fluxo-pipeline", "fluxo / pipeline",
-                     "The asynchronous path from a ledger commit to the daily balance: outbox, stream, consolidators.",
+                     "The asynchronous paths from a ledger commit: outbox, stream, consolidators to the daily balance, notifiers to the webhooks.",
                      panels, [])
 
 

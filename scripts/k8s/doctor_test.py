@@ -133,7 +133,7 @@ def rolled_out():
     poll("the release's Deployments rolled out", 180, f, interval=1)
 
 
-PASSING = ["deployments", "version", "services", "migrations", "consumer-group", "scaledobject", "keda-lag",
+PASSING = ["deployments", "version", "services", "migrations", "consumer-group", "stream-readers", "scaledobject", "keda-lag",
            "hpa", "pdb", "mesh-mtls", "mesh-injection", "authorization", "nodepools"]
 
 

@@ -40,6 +40,11 @@ FLUXO_METRICS = {
     "fluxo_balance_cache_misses_total": "counter",
     "fluxo_gateway_rate_limited_total": "counter",
     "fluxo_watch_slow_readers_total": "counter",
+    "fluxo_webhooks_delivery_delay_seconds": "histogram",
+    "fluxo_webhooks_attempts_total": "counter",
+    "fluxo_webhooks_failures_total": "counter",
+    "fluxo_webhooks_dead_letters": "gauge",
+    "fluxo_webhooks_deliveries_made_total": "counter",
     "db_client_connection_count": "gauge",
     "db_client_connection_max": "gauge",
 }

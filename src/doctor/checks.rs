@@ -34,6 +34,7 @@ pub(crate) fn run(state: &State) -> Vec<Check> {
         services(state),
         migrations(state),
         consumer_group(state),
+        stream_readers(state),
         scaled_object(state),
         keda_lag(state),
         hpa(state),
@@ -341,6 +342,70 @@ fn consumer_group(state: &State) -> Check {
             ),
         },
     }
+}
+
+/// Every group on the stream has its reader in the release, and the notifier
+/// its group: a group nobody reads keeps the consolidators from trimming
+/// what it has not consumed (the stream grows without end); a notifier
+/// without its group sends nothing.
+fn stream_readers(state: &State) -> Check {
+    const ID: &str = "stream-readers";
+    let Some(Ok(view)) = &state.stream else {
+        return Check::skipped(ID, "the stream is not readable (see consumer-group)");
+    };
+    let Ok(deployments) = &state.deployments else {
+        return Check::skipped(ID, "the Deployments are not readable (see deployments)");
+    };
+    let has = |target: &str| deployments.iter().any(|d| component(d) == target);
+    let problems = readers_missing(&view.before, &view.names.group, &view.notifier_group, has("notifier"));
+    if problems.is_empty() {
+        let groups: Vec<&str> = view.before.groups.iter().map(|g| g.name.as_str()).collect();
+        return Check::passed(
+            ID,
+            format!(
+                "every group on stream {} is read by this release: {}",
+                view.names.stream,
+                groups.join(", ")
+            ),
+        );
+    }
+    let fix = if problems.iter().any(|p| p.starts_with("the notifier")) {
+        "run `fluxo queue init --notifiers` with the release's settings (the chart's hook does with notifier.enabled)"
+    } else {
+        "enable what reads the group (notifier.enabled=true for the notifiers' group), or remove a group no \
+         target is meant to read: `XGROUP DESTROY <stream> <group>` (its unread entries can then be trimmed)"
+    };
+    Check::failed(ID, problems.join("; "), fix)
+}
+
+/// What [`stream_readers`] finds wrong: groups without a reader, or the
+/// notifier without its group.
+fn readers_missing(
+    status: &StreamStatus,
+    consolidators: &str,
+    notifiers: &str,
+    notifier_deployed: bool,
+) -> Vec<String> {
+    let mut problems: Vec<String> = status
+        .groups
+        .iter()
+        .filter(|g| g.name != consolidators && !(g.name == notifiers && notifier_deployed))
+        .map(|g| {
+            let reader =
+                if g.name == notifiers { "the notifier is not deployed" } else { "no fluxo target reads it" };
+            format!(
+                "group {} has no reader ({reader}): {} entries unread keep the stream from being trimmed",
+                g.name,
+                g.lag.map_or_else(|| "its".into(), |l| l.to_string())
+            )
+        })
+        .collect();
+    if notifier_deployed && status.group(notifiers).is_none() {
+        problems.push(format!(
+            "the notifier is deployed but its group {notifiers} does not exist: no webhook is sent"
+        ));
+    }
+    problems
 }
 
 fn consolidator(state: &State) -> Option<&Deployment> {
@@ -900,6 +965,40 @@ mod tests {
                 .is_none()
         );
         assert!(blocks_every_eviction(&pdb(None, Some(IntOrString::Int(1)), None), 3, false).is_none());
+    }
+
+    #[test]
+    fn a_group_nobody_in_the_release_reads_is_named_and_so_is_a_notifier_without_its_group() {
+        let group = |name: &str, lag| fluxo_queue::GroupInfo {
+            name: name.into(),
+            lag: Some(lag),
+            pending: 0,
+            consumers: 0,
+            last_delivered: None,
+        };
+        let status = |groups| StreamStatus { length: 10, groups, dead_letters: 0 };
+        let both = status(vec![group("consolidators", 0), group("notifiers", 7)]);
+        assert!(readers_missing(&both, "consolidators", "notifiers", true).is_empty());
+        let unread = readers_missing(&both, "consolidators", "notifiers", false);
+        assert_eq!(unread.len(), 1);
+        assert!(
+            unread[0].contains("group notifiers") && unread[0].contains("notifier is not deployed"),
+            "{unread:?}"
+        );
+        assert!(unread[0].contains("7 entries"), "{unread:?}");
+        let stray = status(vec![group("consolidators", 0), group("old-reporting", 3)]);
+        let found = readers_missing(&stray, "consolidators", "notifiers", false);
+        assert!(
+            found.len() == 1 && found[0].contains("old-reporting") && found[0].contains("no fluxo target"),
+            "{found:?}"
+        );
+        let alone = status(vec![group("consolidators", 0)]);
+        let missing = readers_missing(&alone, "consolidators", "notifiers", true);
+        assert!(
+            missing.len() == 1 && missing[0].contains("its group notifiers does not exist"),
+            "{missing:?}"
+        );
+        assert!(readers_missing(&alone, "consolidators", "notifiers", false).is_empty());
     }
 
     #[test]

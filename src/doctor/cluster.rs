@@ -47,6 +47,8 @@ pub(crate) type Read<T> = Result<T, ReadError>;
 #[derive(Debug, Clone)]
 pub(crate) struct StreamView {
     pub(crate) names: StreamNames,
+    /// The notifiers' group on the same stream (`webhooks.group`).
+    pub(crate) notifier_group: String,
     pub(crate) before: StreamStatus,
     pub(crate) after: Option<StreamStatus>,
 }
@@ -218,7 +220,17 @@ pub(crate) async fn gather(
         (Some(Ok(client)), Some(Ok(_))) => read_stream(client.clone()).await.ok(),
         _ => None,
     };
-    let stream = before.map(|b| b.map(|before| StreamView { names: names.clone(), before, after }));
+    let notifier_group =
+        release_setting(config_maps.as_ref().ok().map(Vec::as_slice), "FLUXO_WEBHOOKS__GROUP")
+            .unwrap_or_else(|| config.webhooks.group.clone());
+    let stream = before.map(|b| {
+        b.map(|before| StreamView {
+            names: names.clone(),
+            notifier_group: notifier_group.clone(),
+            before,
+            after,
+        })
+    });
 
     progress.step(8, STEPS, "the database schema");
     let schema = match &config.database.url {
@@ -248,14 +260,17 @@ pub(crate) async fn gather(
 
 /// The stream and group the release's pods use (its ConfigMap), else doctor's own settings.
 fn stream_names(config: &Config, config_maps: Option<&[ConfigMap]>) -> StreamNames {
-    let setting = |key: &str| {
-        config_maps?.iter().find_map(|cm| cm.data.as_ref()?.get(key).cloned()).filter(|v| !v.is_empty())
-    };
+    let setting = |key: &str| release_setting(config_maps, key);
     let own = config.stream_names();
     StreamNames::new(
         &setting("FLUXO_CONSOLIDATOR__STREAM").unwrap_or(own.stream),
         &setting("FLUXO_CONSOLIDATOR__GROUP").unwrap_or(own.group),
     )
+}
+
+/// A setting of the release's ConfigMap, when it has one (and it is not empty).
+fn release_setting(config_maps: Option<&[ConfigMap]>, key: &str) -> Option<String> {
+    config_maps?.iter().find_map(|cm| cm.data.as_ref()?.get(key).cloned()).filter(|v| !v.is_empty())
 }
 
 /// (namespace, ServiceAccount) of every `<trust domain>/ns/<ns>/sa/<sa>` principal of a policy.

@@ -81,7 +81,11 @@ pub(crate) struct RunArgs {
     /// use it; skipped with a warning otherwise).
     #[arg(long)]
     profile: bool,
-    /// Where to write the report (never in smoke runs).
+    /// Run only this phase (against the full set of targets, without the ceilings),
+    /// printing its figures; the report file is left as it is.
+    #[arg(long, value_parser = ["webhooks"])]
+    only: Option<String>,
+    /// Where to write the report (never in smoke runs or with --only).
     #[arg(long, default_value = "BENCHMARKS.md")]
     report: PathBuf,
     /// The command line to print in the report (scripts/bench.sh passes its own).

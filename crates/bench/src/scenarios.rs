@@ -68,6 +68,15 @@ pub(crate) async fn run(args: RunArgs) -> anyhow::Result<()> {
 /// report (so this order is the report's order); what a later phase is
 /// compared with is handed on from the phase that measured it.
 async fn phases(b: &mut Bench) -> anyhow::Result<()> {
+    if let Some(only) = b.args.only.clone() {
+        let targets = Targets::start(b).await?;
+        match only.as_str() {
+            "webhooks" => webhooks::deliveries(b, &targets).await?,
+            other => anyhow::bail!("no phase {other}"),
+        }
+        targets.stop(b);
+        return Ok(());
+    }
     let bare = ceilings::bare_tonic(b).await?;
     let insert = ceilings::single_row_insert(b).await?;
     let pg = ceilings::pgbench(b).await?;
@@ -175,7 +184,7 @@ fn smoke_check(report: &Report) -> anyhow::Result<()> {
 fn publish(args: &RunArgs, report: &Report) -> anyhow::Result<()> {
     let md = report.markdown();
     println_out(&format!("\n{md}"));
-    if !args.smoke {
+    if !args.smoke && args.only.is_none() {
         let existing = std::fs::read_to_string(&args.report).ok();
         std::fs::write(&args.report, crate::report::splice(existing.as_deref(), &md))?;
         eprintln!("fluxo-bench: wrote {}", args.report.display());

@@ -14,7 +14,9 @@ use fluxo_db::{Db, StoreError, statement};
 use fluxo_webhooks::subscription::{EventType, State};
 use sea_orm::{ConnectionTrait, DbBackend, DbErr, QueryResult, TransactionTrait, Value};
 
-pub use deliveries::{AttemptRecord, Delivery, DeliveryState, Due, Event, FannedOut, Next, body};
+pub use deliveries::{
+    AttemptRecord, Delivery, DeliveryFilter, DeliveryState, Due, Event, FannedOut, Next, body,
+};
 pub use migrations::Migrator;
 
 /// The advisory lock class of a merchant's subscriptions ("hook").

@@ -120,6 +120,14 @@ pub enum Next {
     Dead,
 }
 
+/// Which deliveries to list: every condition given must hold.
+#[derive(Debug, Clone, Default)]
+pub struct DeliveryFilter {
+    pub merchant: Option<String>,
+    pub subscription: Option<String>,
+    pub state: Option<DeliveryState>,
+}
+
 /// A delivery as listed and shown.
 #[derive(Debug, Clone)]
 pub struct Delivery {
@@ -450,19 +458,18 @@ impl SubscriptionStore {
     }
 
     /// Deliveries, newest first: of one merchant or all, in one state or any.
-    pub async fn deliveries(
-        &self,
-        merchant: Option<&str>,
-        state: Option<DeliveryState>,
-        limit: u32,
-    ) -> Result<Vec<Delivery>, StoreError> {
+    pub async fn deliveries(&self, filter: &DeliveryFilter, limit: u32) -> Result<Vec<Delivery>, StoreError> {
         let mut conditions = vec!["1 = 1"];
         let mut values: Vec<Value> = Vec::new();
-        if let Some(m) = merchant {
+        if let Some(m) = &filter.merchant {
             conditions.push("merchant_id = ?");
-            values.push(m.into());
+            values.push(m.as_str().into());
         }
-        if let Some(s) = state {
+        if let Some(s) = &filter.subscription {
+            conditions.push("subscription_id = ?");
+            values.push(s.as_str().into());
+        }
+        if let Some(s) = filter.state {
             conditions.push("state = ?");
             values.push(s.name().into());
         }

@@ -123,6 +123,7 @@ CREATE TABLE webhook_deliveries (
 );
 CREATE INDEX webhook_deliveries_due ON webhook_deliveries (next_attempt_at) WHERE state = 'PENDING';
 CREATE INDEX webhook_deliveries_by_merchant ON webhook_deliveries (merchant_id, state, id);
+CREATE INDEX webhook_deliveries_by_subscription ON webhook_deliveries (subscription_id, state, id);
 
 CREATE TABLE webhook_delivery_attempts (
     delivery_id  VARCHAR(26)   NOT NULL REFERENCES webhook_deliveries (id),
@@ -165,6 +166,7 @@ CREATE TABLE webhook_deliveries (
 );
 CREATE INDEX webhook_deliveries_due ON webhook_deliveries (next_attempt_at) WHERE state = 'PENDING';
 CREATE INDEX webhook_deliveries_by_merchant ON webhook_deliveries (merchant_id, state, id);
+CREATE INDEX webhook_deliveries_by_subscription ON webhook_deliveries (subscription_id, state, id);
 
 CREATE TABLE webhook_delivery_attempts (
     delivery_id  TEXT    NOT NULL REFERENCES webhook_deliveries (id),

@@ -3,7 +3,9 @@
 
 use std::{sync::Arc, time::Duration};
 
-use fluxo_notifier::{Sealer, Settings, SubscriptionStore, Subscriptions, grpc, readiness};
+use fluxo_notifier::{
+    Sealer, Settings, SubscriptionStore, Subscriptions, grpc, readiness, store::DeliveryFilter,
+};
 use fluxo_proto::webhooks_v1::{self as pb, webhook_service_client::WebhookServiceClient};
 use fluxo_server::{GrpcServer, ServerConfig, identity};
 use fluxo_testing::{Backend, TestDb, backend_suite};
@@ -584,7 +586,12 @@ mod balances {
         );
         assert_eq!(notifier.follow_balances().await.unwrap(), 1, "one day of m-1 changed");
         assert_eq!(notifier.follow_balances().await.unwrap(), 0, "and only once");
-        let made = app.subscriptions.store().deliveries(Some("m-1"), None, 10).await.unwrap();
+        let made = app
+            .subscriptions
+            .store()
+            .deliveries(&DeliveryFilter { merchant: Some("m-1".into()), ..DeliveryFilter::default() }, 10)
+            .await
+            .unwrap();
         assert_eq!(made.len(), 1);
         assert_eq!(made[0].subscription_id, created.subscription.id);
         let body: serde_json::Value = serde_json::from_str(&made[0].payload).unwrap();
@@ -597,7 +604,12 @@ mod balances {
         app.subscriptions.store().set_balance_cursor("m-1", "0", false).await.unwrap();
         // From the start the merchant's one day reads as it stands now: the same change, the same event.
         notifier.follow_balances().await.unwrap();
-        let again = app.subscriptions.store().deliveries(Some("m-1"), None, 10).await.unwrap();
+        let again = app
+            .subscriptions
+            .store()
+            .deliveries(&DeliveryFilter { merchant: Some("m-1".into()), ..DeliveryFilter::default() }, 10)
+            .await
+            .unwrap();
         assert_eq!(again.len(), 1, "{again:?}");
 
         // Deleted, its pending delivery ends as a dead letter saying why, and nothing is claimed.
@@ -609,7 +621,12 @@ mod balances {
             })
             .await
             .unwrap();
-        let after = app.subscriptions.store().deliveries(Some("m-1"), None, 10).await.unwrap();
+        let after = app
+            .subscriptions
+            .store()
+            .deliveries(&DeliveryFilter { merchant: Some("m-1".into()), ..DeliveryFilter::default() }, 10)
+            .await
+            .unwrap();
         assert_eq!(
             (after[0].state, after[0].last_error.as_str()),
             (fluxo_notifier::store::DeliveryState::Dead, "the subscription was deleted")
@@ -670,7 +687,7 @@ mod balances {
         insert_close(&app.db, "01KB0000000000000000000003", "m-2", later).await;
         assert_eq!(notifier.follow_closes().await.unwrap(), 1);
         assert_eq!(notifier.follow_closes().await.unwrap(), 0, "once");
-        let made = app.subscriptions.store().deliveries(None, None, 10).await.unwrap();
+        let made = app.subscriptions.store().deliveries(&DeliveryFilter::default(), 10).await.unwrap();
         assert_eq!(made.len(), 1);
         assert_eq!(made[0].event_id, "01KB0000000000000000000002", "the close's id is the event's");
         let body: serde_json::Value = serde_json::from_str(&made[0].payload).unwrap();
