@@ -19,16 +19,24 @@
 #[macro_export]
 macro_rules! outln {
     ($($arg:tt)*) => {
+        $crate::write_out(::std::format_args!("{}\n", ::std::format_args!($($arg)*)))
+    };
+}
+
+/// `print!` the same way as [`outln!`].
+#[macro_export]
+macro_rules! out {
+    ($($arg:tt)*) => {
         $crate::write_out(::std::format_args!($($arg)*))
     };
 }
 
-/// Writes one line to stdout for [`outln!`].
+/// Writes to stdout for [`outln!`] and [`out!`].
 #[doc(hidden)]
-pub fn write_out(line: std::fmt::Arguments<'_>) {
+pub fn write_out(text: std::fmt::Arguments<'_>) {
     use std::io::Write as _;
     let mut out = std::io::stdout().lock();
-    if let Err(error) = out.write_fmt(format_args!("{line}\n")) {
+    if let Err(error) = out.write_fmt(text).and_then(|()| out.flush()) {
         if error.kind() == std::io::ErrorKind::BrokenPipe {
             std::process::exit(141);
         }

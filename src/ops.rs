@@ -33,7 +33,7 @@ fn redis(config: &Config) -> anyhow::Result<fred::prelude::Client> {
 
 /// `fluxo openapi`: the REST API's OpenAPI document, as committed in `docs/openapi.json`.
 pub fn openapi() -> anyhow::Result<()> {
-    print!("{}", fluxo_gateway::openapi_json()?);
+    crate::out!("{}", fluxo_gateway::openapi_json()?);
     Ok(())
 }
 
