@@ -393,11 +393,12 @@ fn readers_missing(
         .map(|g| {
             let reader =
                 if g.name == notifiers { "the notifier is not deployed" } else { "no fluxo target reads it" };
-            format!(
-                "group {} has no reader ({reader}): {} entries unread keep the stream from being trimmed",
-                g.name,
-                g.lag.map_or_else(|| "its".into(), |l| l.to_string())
-            )
+            let unread = match g.lag {
+                Some(0) => "every entry written from now on stays unread and keeps".to_owned(),
+                Some(n) => format!("{n} entries unread keep"),
+                None => "its unread entries keep".to_owned(),
+            };
+            format!("group {} has no reader ({reader}): {unread} the stream from being trimmed", g.name)
         })
         .collect();
     if notifier_deployed && status.group(notifiers).is_none() {

@@ -77,6 +77,9 @@ async fn receiver(seen: Arc<Seen>) -> anyhow::Result<u16> {
     let port = listener.local_addr()?.port();
     tokio::spawn(async move {
         while let Ok((tcp, _)) = listener.accept().await {
+            // As web servers do (nginx's tcp_nodelay, Go's default): without it, the answer
+            // waits behind the TLS 1.3 session tickets for the client's delayed ACK (~40 ms).
+            let _ = tcp.set_nodelay(true);
             let (acceptor, seen) = (acceptor.clone(), seen.clone());
             tokio::spawn(async move {
                 let Ok(tls) = acceptor.accept(tcp).await else { return };
