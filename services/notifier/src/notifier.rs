@@ -20,6 +20,7 @@ use std::{
 
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
+use fluxo_db::StoreError;
 use fluxo_proto::ledger_v1 as pb;
 use fluxo_queue::{
     EventSink, PublishError, StreamEvent,
@@ -31,11 +32,11 @@ use fluxo_telemetry::opentelemetry::{
 };
 use fluxo_webhooks::{Attempt, Outcome, Retries, Sender, subscription::EventType};
 use prost::Message;
-use tokio::sync::Notify;
+use tokio::sync::{Notify, mpsc, oneshot};
 use tracing::Instrument;
 
 use crate::{
-    store::{AttemptRecord, Due, Event, Next},
+    store::{AttemptRecord, Due, Event, Next, SubscriptionStore},
     subscriptions::Subscriptions,
 };
 
@@ -85,6 +86,52 @@ pub struct Notifier {
 /// The least time between two looks at the feeds of changed days and closes
 /// (each look is a query or two; deliveries are claimed as often as slots free).
 const FOLLOW_EVERY: Duration = Duration::from_millis(250);
+
+/// Attempts recorded in one transaction at most.
+const RECORDS_PER_COMMIT: usize = 256;
+
+/// An attempt's record on its way to the recorder, and where it answers.
+type Recording = ((Due, AttemptRecord, Next), oneshot::Sender<Result<(), StoreError>>);
+
+/// Records attempts as they finish, as many per transaction as finished
+/// while the one before committed: a commit per attempt bounded what one
+/// notifier delivered. An attempt waits for its record, as before.
+#[derive(Debug, Clone)]
+struct Recorder {
+    jobs: mpsc::Sender<Recording>,
+}
+
+impl Recorder {
+    fn start(store: SubscriptionStore, depth: usize) -> (Self, tokio::task::JoinHandle<()>) {
+        let (jobs, mut queue) = mpsc::channel::<Recording>(depth.max(1));
+        let task = tokio::spawn(async move {
+            let mut batch = Vec::new();
+            while queue.recv_many(&mut batch, RECORDS_PER_COMMIT).await > 0 {
+                let items: Vec<_> = batch.iter().map(|((d, a, n), _)| (d, a, n)).collect();
+                let result = store.record_many(&items).await;
+                drop(items);
+                match result {
+                    Ok(()) => batch.drain(..).for_each(|(_, reply)| drop(reply.send(Ok(())))),
+                    // One row that cannot be written fails only its own attempt.
+                    Err(_) if batch.len() > 1 => {
+                        for ((due, attempt, next), reply) in batch.drain(..) {
+                            let _ = reply.send(store.record(&due, &attempt, &next).await);
+                        }
+                    }
+                    Err(error) => batch.drain(..).for_each(|(_, reply)| drop(reply.send(Err(error.clone())))),
+                }
+            }
+        });
+        (Self { jobs }, task)
+    }
+
+    async fn record(&self, due: &Due, attempt: AttemptRecord, next: Next) -> Result<(), StoreError> {
+        let stopped = || StoreError::Internal("the attempt recorder stopped".into());
+        let (reply, answer) = oneshot::channel();
+        self.jobs.send(((due.clone(), attempt, next), reply)).await.map_err(|_| stopped())?;
+        answer.await.map_err(|_| stopped())?
+    }
+}
 
 /// Days read from one merchant's feed per look.
 const BALANCE_DAYS_PER_LOOK: u64 = 500;
@@ -222,7 +269,7 @@ impl EventSink for Notifier {
 fn balance_error(error: fluxo_balance::query::QueryError) -> crate::SubscriptionError {
     match error {
         fluxo_balance::query::QueryError::Store(e) => crate::SubscriptionError::Store(e),
-        other => crate::SubscriptionError::Store(fluxo_db::StoreError::Internal(other.to_string())),
+        other => crate::SubscriptionError::Store(StoreError::Internal(other.to_string())),
     }
 }
 
@@ -269,7 +316,7 @@ impl Notifier {
                 "fluxo.ledger.v1.PeriodClose",
                 &fluxo_ledger::period_close_message(&close),
             )
-            .map_err(|e| crate::SubscriptionError::Store(fluxo_db::StoreError::Internal(e.to_string())))?;
+            .map_err(|e| crate::SubscriptionError::Store(StoreError::Internal(e.to_string())))?;
             let event = Event {
                 id: close.id.clone(),
                 merchant_id: merchant,
@@ -322,9 +369,7 @@ impl Notifier {
                     "fluxo.balance.v1.DailyBalance",
                     &fluxo_balance::grpc::message(view),
                 )
-                .map_err(|e| {
-                    crate::SubscriptionError::Store(fluxo_db::StoreError::Internal(e.to_string()))
-                })?;
+                .map_err(|e| crate::SubscriptionError::Store(StoreError::Internal(e.to_string())))?;
                 events.push(Event {
                     id: balance_event_id(&merchant, &at.encode()),
                     merchant_id: merchant.clone(),
@@ -360,10 +405,14 @@ impl Notifier {
         // writer while it records). A slot that frees is filled at once, so a
         // slow endpoint holds one slot, not the next claim.
         let mut in_flight = tokio::task::JoinSet::new();
+        let (recorder, recording) =
+            Recorder::start(self.subscriptions.store().clone(), self.settings.concurrency);
         let mut stopping = false;
         loop {
             if stopping {
                 while in_flight.join_next().await.is_some() {}
+                drop(recorder);
+                let _ = recording.await;
                 break;
             }
             if last_count.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
@@ -388,8 +437,8 @@ impl Notifier {
                     Ok(due) => {
                         failures = 0;
                         for d in due {
-                            let notifier = self.clone();
-                            in_flight.spawn(async move { notifier.attempt(d).await });
+                            let (notifier, recorder) = (self.clone(), recorder.clone());
+                            in_flight.spawn(async move { notifier.attempt(d, &recorder).await });
                         }
                     }
                     Err(error) => {
@@ -412,7 +461,7 @@ impl Notifier {
     }
 
     /// One attempt on one claimed delivery, recorded.
-    async fn attempt(&self, due: Due) {
+    async fn attempt(&self, due: Due, recorder: &Recorder) {
         let span = tracing::info_span!(
             "webhook.deliver",
             otel.kind = "producer",
@@ -428,16 +477,16 @@ impl Notifier {
             due.tracestate.as_deref(),
             vec![KeyValue::new("messaging.message.id", due.event_id.clone())],
         );
-        if let Err(error) = self.try_attempt(&due).instrument(span).await {
+        if let Err(error) = self.try_attempt(&due, recorder).instrument(span).await {
             // Left claimed: the lease runs out and the delivery is tried again.
             tracing::warn!(%error, delivery = %due.id, "delivery attempt not recorded; it will be retried");
         }
     }
 
-    async fn try_attempt(&self, due: &Due) -> Result<(), crate::SubscriptionError> {
+    async fn try_attempt(&self, due: &Due, recorder: &Recorder) -> Result<(), crate::SubscriptionError> {
         let store = self.subscriptions.store();
         let now = Utc::now();
-        let Some(secrets) = self.subscriptions.signing_secrets(&due.subscription_id, now).await? else {
+        let Some(sealed) = &due.sealed else {
             // Deleted since it was claimed: nothing is sent.
             let record = AttemptRecord {
                 at: now,
@@ -446,9 +495,10 @@ impl Notifier {
                 error: "the subscription was deleted".into(),
                 response: String::new(),
             };
-            store.record(due, &record, &Next::Dead).await?;
+            recorder.record(due, record, Next::Dead).await?;
             return Ok(());
         };
+        let secrets = self.subscriptions.open_secrets(&due.subscription_id, sealed, now)?;
         let signing = secrets.signing(now.timestamp());
         let body = Bytes::from(due.payload.clone());
         let started = std::time::Instant::now();
@@ -480,7 +530,7 @@ impl Notifier {
                     error: String::new(),
                     response: excerpt,
                 };
-                store.record(due, &record, &Next::Delivered).await?;
+                recorder.record(due, record, Next::Delivered).await?;
                 METRICS.attempts.add(1, &[KeyValue::new("outcome", "delivered")]);
                 let delay = (Utc::now() - due.created_at).to_std().unwrap_or_default();
                 METRICS.delay.record(fluxo_telemetry::seconds(delay), &[]);
@@ -507,9 +557,10 @@ impl Notifier {
                 };
                 let record =
                     AttemptRecord { at: now, duration_ms, status, error: failure.to_string(), response };
-                store.record(due, &record, &next).await?;
+                let dead = matches!(next, Next::Dead);
+                recorder.record(due, record, next).await?;
                 METRICS.failures.add(1, std::slice::from_ref(&subscription));
-                let outcome = if matches!(next, Next::Dead) { "dead" } else { "failed" };
+                let outcome = if dead { "dead" } else { "failed" };
                 METRICS.attempts.add(1, &[KeyValue::new("outcome", outcome)]);
                 tracing::info!(%failure, outcome, "delivery attempt failed");
                 if !retry {

@@ -370,14 +370,25 @@ impl Subscriptions {
         subscription_id: &str,
         now: DateTime<Utc>,
     ) -> Result<Option<subscription::Secrets>, SubscriptionError> {
-        let sealer = self.sealer()?;
         let Some(sealed) = self.store.secrets(subscription_id).await? else { return Ok(None) };
+        self.open_secrets(subscription_id, &sealed, now).map(Some)
+    }
+
+    /// The secrets that sign for a subscription at `now`, opened from what
+    /// its row holds (a claimed delivery carries them).
+    pub fn open_secrets(
+        &self,
+        subscription_id: &str,
+        sealed: &crate::store::SealedSecrets,
+        now: DateTime<Utc>,
+    ) -> Result<subscription::Secrets, SubscriptionError> {
+        let sealer = self.sealer()?;
         let mut secrets = subscription::Secrets::new(sealer.open(&sealed.current, subscription_id)?);
-        if let Some((previous, until)) = sealed.previous
-            && now < until
+        if let Some((previous, until)) = &sealed.previous
+            && now < *until
         {
-            secrets.previous = Some((sealer.open(&previous, subscription_id)?, until.timestamp()));
+            secrets.previous = Some((sealer.open(previous, subscription_id)?, until.timestamp()));
         }
-        Ok(Some(secrets))
+        Ok(secrets)
     }
 }

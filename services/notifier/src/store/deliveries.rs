@@ -7,7 +7,7 @@ use fluxo_db::{StoreError, statement};
 use fluxo_webhooks::subscription::EventType;
 use sea_orm::{ConnectionTrait, DbBackend, QueryResult, TransactionTrait, Value};
 
-use super::{SubscriptionStore, now};
+use super::{SealedSecrets, SubscriptionStore, now};
 
 /// An event to deliver to every subscription that asked for it.
 #[derive(Debug, Clone)]
@@ -76,6 +76,8 @@ pub struct Due {
     pub subscription_id: String,
     /// Where to send it.
     pub endpoint_url: String,
+    /// What signs it, as its subscription stood at the claim (none: deleted since).
+    pub sealed: Option<SealedSecrets>,
     /// `webhook-id`.
     pub event_id: String,
     /// The event's type.
@@ -190,6 +192,14 @@ fn delivery(row: &QueryResult) -> Result<Delivery, StoreError> {
     })
 }
 
+/// Rows one statement carries at most (11 values each: well inside both
+/// backends' limits on bound parameters).
+const ROWS_PER_STATEMENT: usize = 500;
+
+fn excerpt(text: &str, chars: usize) -> String {
+    text.chars().take(chars).collect()
+}
+
 /// What `fan_out` did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct FannedOut {
@@ -237,38 +247,55 @@ impl SubscriptionStore {
             let id: String = row.try_get_by_index(0)?;
             let merchant: String = row.try_get_by_index(1)?;
             let types: String = row.try_get_by_index(2)?;
-            for event in events.iter().filter(|e| e.merchant_id == merchant) {
-                if !types.split(',').any(|t| t == event.event_type.name()) {
-                    continue;
-                }
-                let exists = txn
-                    .query_one_raw(statement(
+            let mut wanted: Vec<&Event> = events
+                .iter()
+                .filter(|e| e.merchant_id == merchant && types.split(',').any(|t| t == e.event_type.name()))
+                .collect();
+            let asked = wanted.len();
+            // Three statements per subscription and batch, however many events:
+            // which it has already, its numbers, its rows.
+            let mut have = std::collections::HashSet::new();
+            for chunk in wanted.chunks(ROWS_PER_STATEMENT) {
+                let marks = vec!["?"; chunk.len()].join(", ");
+                let mut values: Vec<Value> = vec![id.clone().into()];
+                values.extend(chunk.iter().map(|e| Value::from(e.id.clone())));
+                for found in txn
+                    .query_all_raw(statement(
                         backend,
-                        "SELECT 1 FROM webhook_deliveries WHERE subscription_id = ? AND event_id = ?",
-                        vec![id.clone().into(), event.id.clone().into()],
+                        &format!(
+                            "SELECT event_id FROM webhook_deliveries WHERE subscription_id = ? \
+                             AND event_id IN ({marks})"
+                        ),
+                        values,
                     ))
                     .await?
-                    .is_some();
-                if exists {
-                    done.existing += 1;
-                    continue;
+                {
+                    have.insert(found.try_get_by_index::<String>(0)?);
                 }
-                let sequence: i64 = txn
-                    .query_one_raw(statement(
-                        backend,
-                        "UPDATE webhook_subscriptions SET next_sequence = next_sequence + 1 WHERE id = ? \
-                         RETURNING next_sequence - 1",
-                        vec![id.clone().into()],
-                    ))
-                    .await?
-                    .ok_or_else(|| StoreError::Internal(format!("subscription {id} vanished")))?
-                    .try_get_by_index(0)?;
-                txn.execute_raw(statement(
+            }
+            // An event read twice in one batch is made once.
+            wanted.retain(|e| have.insert(e.id.clone()));
+            done.existing += asked - wanted.len();
+            if wanted.is_empty() {
+                continue;
+            }
+            let count = i64::try_from(wanted.len()).map_err(|e| StoreError::Internal(e.to_string()))?;
+            let first: i64 = txn
+                .query_one_raw(statement(
                     backend,
-                    "INSERT INTO webhook_deliveries (id, subscription_id, merchant_id, event_id, event_type, sequence, \
-                     payload, traceparent, tracestate, state, attempts, next_attempt_at, created_at) \
-                     VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'PENDING', 0, ?, ?)",
-                    vec![
+                    "UPDATE webhook_subscriptions SET next_sequence = next_sequence + ? WHERE id = ? \
+                     RETURNING next_sequence - ?",
+                    vec![count.into(), id.clone().into(), count.into()],
+                ))
+                .await?
+                .ok_or_else(|| StoreError::Internal(format!("subscription {id} vanished")))?
+                .try_get_by_index(0)?;
+            for (n, chunk) in wanted.chunks(ROWS_PER_STATEMENT).enumerate() {
+                let marks = vec!["(?, ?, ?, ?, ?, ?, ?, ?, ?, 'PENDING', 0, ?, ?)"; chunk.len()].join(", ");
+                let mut values: Vec<Value> = Vec::with_capacity(chunk.len() * 11);
+                for (i, event) in chunk.iter().enumerate() {
+                    let sequence = first + i64::try_from(n * ROWS_PER_STATEMENT + i).unwrap_or(i64::MAX);
+                    values.extend([
                         ulid::Ulid::new().to_string().into(),
                         id.clone().into(),
                         merchant.clone().into(),
@@ -280,11 +307,20 @@ impl SubscriptionStore {
                         event.tracestate.clone().into(),
                         at.into(),
                         at.into(),
-                    ],
+                    ]);
+                }
+                txn.execute_raw(statement(
+                    backend,
+                    &format!(
+                        "INSERT INTO webhook_deliveries (id, subscription_id, merchant_id, event_id, event_type, \
+                         sequence, payload, traceparent, tracestate, state, attempts, next_attempt_at, created_at) \
+                         VALUES {marks}"
+                    ),
+                    values,
                 ))
                 .await?;
-                done.made += 1;
             }
+            done.made += wanted.len();
         }
         txn.commit().await?;
         Ok(done)
@@ -317,24 +353,48 @@ impl SubscriptionStore {
             ))
             .await?;
         drop(_writer);
+        // One look at the subscriptions the batch belongs to: where to send and
+        // what signs (a deleted one since the claim has neither).
+        let mut ids: Vec<String> =
+            rows.iter().map(|r| r.try_get_by_index::<String>(1)).collect::<Result<_, _>>()?;
+        ids.sort_unstable();
+        ids.dedup();
+        let mut targets = std::collections::HashMap::new();
+        for chunk in ids.chunks(ROWS_PER_STATEMENT) {
+            let marks = vec!["?"; chunk.len()].join(", ");
+            for row in self
+                .db
+                .conn()
+                .query_all_raw(statement(
+                    backend,
+                    &format!(
+                        "SELECT id, endpoint_url, secret_sealed, previous_secret_sealed, \
+                         previous_secret_expires_at FROM webhook_subscriptions \
+                         WHERE id IN ({marks}) AND deleted_at IS NULL"
+                    ),
+                    chunk.iter().map(|id| Value::from(id.clone())).collect(),
+                ))
+                .await?
+            {
+                let previous = row.try_get_by_index::<Option<Vec<u8>>>(3)?;
+                let until = row.try_get_by_index::<Option<DateTime<Utc>>>(4)?;
+                let sealed =
+                    SealedSecrets { current: row.try_get_by_index(2)?, previous: previous.zip(until) };
+                targets
+                    .insert(row.try_get_by_index::<String>(0)?, (row.try_get_by_index::<String>(1)?, sealed));
+            }
+        }
         let mut due = Vec::with_capacity(rows.len());
         for row in rows {
             let subscription_id: String = row.try_get_by_index(1)?;
-            let endpoint = self
-                .db
-                .conn()
-                .query_one_raw(statement(
-                    backend,
-                    "SELECT endpoint_url FROM webhook_subscriptions WHERE id = ?",
-                    vec![subscription_id.clone().into()],
-                ))
-                .await?
-                .map(|r| r.try_get_by_index::<String>(0))
-                .transpose()?
-                .unwrap_or_default();
+            let (endpoint_url, sealed) = match targets.get(&subscription_id) {
+                Some((url, sealed)) => (url.clone(), Some(sealed.clone())),
+                None => (String::new(), None),
+            };
             due.push(Due {
                 id: row.try_get_by_index(0)?,
-                endpoint_url: endpoint,
+                endpoint_url,
+                sealed,
                 subscription_id,
                 event_id: row.try_get_by_index(2)?,
                 event_type: row.try_get_by_index(3)?,
@@ -352,65 +412,92 @@ impl SubscriptionStore {
     /// Records an attempt on `due` and what comes next; a failure starts (or
     /// continues) its subscription's failing streak, a delivery ends it.
     pub async fn record(&self, due: &Due, attempt: &AttemptRecord, next: &Next) -> Result<(), StoreError> {
+        self.record_many(&[(due, attempt, next)]).await
+    }
+
+    /// Records attempts, in order, in one transaction: one statement per
+    /// delivery, one for all their attempt rows, and one per change of
+    /// streak of a subscription (none while its attempts keep succeeding).
+    pub async fn record_many(&self, attempts: &[(&Due, &AttemptRecord, &Next)]) -> Result<(), StoreError> {
+        if attempts.is_empty() {
+            return Ok(());
+        }
         let backend = self.backend_of();
-        let number = i64::from(due.attempts) + 1;
-        let first = due.first_attempt_at.unwrap_or(attempt.at);
-        let (state, next_at, delivered_at) = match next {
-            Next::Delivered => (DeliveryState::Delivered, attempt.at, Some(now())),
-            Next::RetryAt(at) => (DeliveryState::Pending, *at, None),
-            Next::Dead => (DeliveryState::Dead, attempt.at, None),
-        };
-        let status = attempt.status.map(i32::from);
-        let error: String = attempt.error.chars().take(500).collect();
+        let delivered_at = now();
         let _writer = self.db.write_guard().await;
         let txn = self.db.conn().begin().await?;
-        txn.execute_raw(statement(
-            backend,
-            "UPDATE webhook_deliveries SET state = ?, attempts = ?, next_attempt_at = ?, lease_until = NULL, \
-             first_attempt_at = ?, last_attempt_at = ?, last_status = ?, last_error = ?, delivered_at = ? \
-             WHERE id = ? AND state = 'PENDING'",
-            vec![
-                state.name().into(),
-                number.into(),
-                next_at.into(),
-                first.into(),
-                attempt.at.into(),
-                status.into(),
-                error.clone().into(),
-                delivered_at.into(),
-                due.id.clone().into(),
-            ],
-        ))
-        .await?;
-        txn.execute_raw(statement(
-            backend,
-            "INSERT INTO webhook_delivery_attempts (delivery_id, attempt, at, duration_ms, status, error, response) \
-             VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (delivery_id, attempt) DO NOTHING",
-            vec![
-                due.id.clone().into(),
-                number.into(),
-                attempt.at.into(),
-                attempt.duration_ms.into(),
-                status.into(),
-                error.into(),
-                attempt.response.chars().take(1024).collect::<String>().into(),
-            ],
-        ))
-        .await?;
-        // Only a change of streak touches the subscription's row: updating it on
+        for (due, attempt, next) in attempts {
+            let (state, next_at, delivered_at) = match next {
+                Next::Delivered => (DeliveryState::Delivered, attempt.at, Some(delivered_at)),
+                Next::RetryAt(at) => (DeliveryState::Pending, *at, None),
+                Next::Dead => (DeliveryState::Dead, attempt.at, None),
+            };
+            txn.execute_raw(statement(
+                backend,
+                "UPDATE webhook_deliveries SET state = ?, attempts = ?, next_attempt_at = ?, lease_until = NULL, \
+                 first_attempt_at = ?, last_attempt_at = ?, last_status = ?, last_error = ?, delivered_at = ? \
+                 WHERE id = ? AND state = 'PENDING'",
+                vec![
+                    state.name().into(),
+                    (i64::from(due.attempts) + 1).into(),
+                    next_at.into(),
+                    due.first_attempt_at.unwrap_or(attempt.at).into(),
+                    attempt.at.into(),
+                    attempt.status.map(i32::from).into(),
+                    excerpt(&attempt.error, 500).into(),
+                    delivered_at.into(),
+                    due.id.clone().into(),
+                ],
+            ))
+            .await?;
+        }
+        for chunk in attempts.chunks(ROWS_PER_STATEMENT) {
+            let marks = vec!["(?, ?, ?, ?, ?, ?, ?)"; chunk.len()].join(", ");
+            let mut values: Vec<Value> = Vec::with_capacity(chunk.len() * 7);
+            for (due, attempt, _) in chunk {
+                values.extend([
+                    due.id.clone().into(),
+                    (i64::from(due.attempts) + 1).into(),
+                    attempt.at.into(),
+                    attempt.duration_ms.into(),
+                    attempt.status.map(i32::from).into(),
+                    excerpt(&attempt.error, 500).into(),
+                    excerpt(&attempt.response, 1024).into(),
+                ]);
+            }
+            txn.execute_raw(statement(
+                backend,
+                &format!(
+                    "INSERT INTO webhook_delivery_attempts (delivery_id, attempt, at, duration_ms, status, error, \
+                     response) VALUES {marks} ON CONFLICT (delivery_id, attempt) DO NOTHING"
+                ),
+                values,
+            ))
+            .await?;
+        }
+        // Only a change of streak touches a subscription's row: updating it on
         // every attempt would lock it, and every attempt and fan-out of that
-        // subscription would queue behind each commit.
-        let streak = if matches!(next, Next::Delivered) {
-            "UPDATE webhook_subscriptions SET failing_since = NULL WHERE id = ? AND failing_since IS NOT NULL"
-        } else {
-            "UPDATE webhook_subscriptions SET failing_since = ? WHERE id = ? AND failing_since IS NULL"
-        };
-        let values = if matches!(next, Next::Delivered) {
-            vec![due.subscription_id.clone().into()]
-        } else {
-            vec![attempt.at.into(), due.subscription_id.clone().into()]
-        };
-        txn.execute_raw(statement(backend, streak, values)).await?;
+        // subscription would queue behind each commit. Within the batch, an
+        // attempt that ends as the one before it did changes nothing.
+        let mut last = std::collections::HashMap::new();
+        for (due, attempt, next) in attempts {
+            let delivered = matches!(next, Next::Delivered);
+            if last.insert(due.subscription_id.as_str(), delivered) == Some(delivered) {
+                continue;
+            }
+            let (sql, values) = if delivered {
+                (
+                    "UPDATE webhook_subscriptions SET failing_since = NULL WHERE id = ? AND failing_since IS NOT NULL",
+                    vec![due.subscription_id.clone().into()],
+                )
+            } else {
+                (
+                    "UPDATE webhook_subscriptions SET failing_since = ? WHERE id = ? AND failing_since IS NULL",
+                    vec![attempt.at.into(), due.subscription_id.clone().into()],
+                )
+            };
+            txn.execute_raw(statement(backend, sql, values)).await?;
+        }
         txn.commit().await?;
         Ok(())
     }

@@ -24,6 +24,7 @@ backend_suite!(
     secrets_are_sealed_at_rest_and_nothing_registers_without_a_key,
     changed_days_become_events_from_the_subscription_on,
     closes_made_after_a_subscription_become_events_once,
+    a_batch_fans_out_once_numbered_in_order_and_records_streaks_in_order,
 );
 
 use balances::{
@@ -697,4 +698,127 @@ mod balances {
             (Some("2026-11-30"), Some("3"))
         );
     }
+}
+
+fn stream_event(
+    merchant: &str,
+    event_type: fluxo_webhooks::subscription::EventType,
+) -> fluxo_notifier::store::Event {
+    fluxo_notifier::store::Event {
+        id: ulid::Ulid::new().to_string(),
+        merchant_id: merchant.into(),
+        event_type,
+        occurred_at: chrono::Utc::now(),
+        data: serde_json::json!({ "merchant": merchant }),
+        traceparent: None,
+        tracestate: None,
+    }
+}
+
+/// The fan-out and the attempt recorder work a batch at a time: each
+/// (event, subscription) pair once however often it is read (again, or twice
+/// in one batch), numbered per subscription in the order read; a claim
+/// carries where to send and what signs; a batch of attempts ends each
+/// subscription's failing streak as its last attempt says.
+async fn a_batch_fans_out_once_numbered_in_order_and_records_streaks_in_order(backend: Backend) {
+    use fluxo_notifier::store::{AttemptRecord, DeliveryState, Next};
+    use fluxo_webhooks::subscription::EventType::{EntryRecorded, EntryReversed};
+    let app = spawn(backend, Some(sealer()), 20).await;
+    let (mut ids, mut shown) = (Vec::new(), std::collections::HashMap::new());
+    for (merchant, key, types) in [
+        ("m-1", "k-a", vec!["entry.recorded".to_owned()]),
+        ("m-1", "k-b", vec!["entry.recorded".to_owned(), "entry.reversed".to_owned()]),
+        ("m-2", "k-c", vec!["entry.recorded".to_owned()]),
+    ] {
+        let created = app
+            .subscriptions
+            .create(fluxo_notifier::subscriptions::CreateRequest {
+                registration: fluxo_webhooks::subscription::Registration {
+                    merchant_id: merchant,
+                    endpoint_url: ENDPOINT,
+                    event_types: &types,
+                    description: "",
+                },
+                request_id: key,
+            })
+            .await
+            .unwrap();
+        ids.push(created.subscription.id.clone());
+        shown.insert(created.subscription.id, created.secret.expect("shown once").expose_text());
+    }
+    let store = app.subscriptions.store();
+    let (e1, e2, e3, e4) = (
+        stream_event("m-1", EntryRecorded),
+        stream_event("m-1", EntryReversed),
+        stream_event("m-2", EntryRecorded),
+        stream_event("m-1", EntryRecorded),
+    );
+    let first = store.fan_out(&[e1.clone(), e2.clone(), e3.clone()]).await.unwrap();
+    assert_eq!((first.made, first.existing), (4, 0), "a: e1; b: e1, e2; c: e3");
+    let second = store.fan_out(&[e1.clone(), e4.clone(), e4.clone()]).await.unwrap();
+    assert_eq!((second.made, second.existing), (2, 4), "e1 again and e4 twice: e4 once each for a and b");
+
+    let mut of_b = store
+        .deliveries(&DeliveryFilter { subscription: Some(ids[1].clone()), ..DeliveryFilter::default() }, 10)
+        .await
+        .unwrap();
+    of_b.sort_by_key(|d| d.sequence);
+    let numbered: Vec<(i64, &str)> = of_b.iter().map(|d| (d.sequence, d.event_id.as_str())).collect();
+    assert_eq!(numbered, vec![(1, e1.id.as_str()), (2, e2.id.as_str()), (3, e4.id.as_str())]);
+    for d in &of_b {
+        let body: serde_json::Value = serde_json::from_str(&d.payload).unwrap();
+        assert_eq!(body["sequence"], d.sequence, "the body carries the row's number");
+    }
+
+    let claimed = store.claim(10, chrono::Duration::seconds(60)).await.unwrap();
+    assert_eq!(claimed.len(), 6);
+    assert!(store.claim(10, chrono::Duration::seconds(60)).await.unwrap().is_empty(), "held by the lease");
+    for due in &claimed {
+        assert_eq!(due.endpoint_url, ENDPOINT);
+        let sealed = due.sealed.as_ref().expect("the claim carries the secrets");
+        let opened =
+            app.subscriptions.open_secrets(&due.subscription_id, sealed, chrono::Utc::now()).unwrap();
+        assert_eq!(opened.current.expose_text(), shown[&due.subscription_id], "the secret shown at creation");
+    }
+
+    // a: failed then delivered (streak over); b: delivered then failed (failing
+    // since that attempt); c: failed once.
+    let at = fluxo_notifier::store::now();
+    let failed = AttemptRecord {
+        at,
+        duration_ms: 3,
+        status: Some(503),
+        error: "the endpoint answered 503".into(),
+        response: "busy".into(),
+    };
+    let delivered =
+        AttemptRecord { status: Some(204), error: String::new(), response: String::new(), ..failed.clone() };
+    let retry = Next::RetryAt(at + chrono::Duration::seconds(30));
+    let of = |sub: &str| claimed.iter().filter(|d| d.subscription_id == sub).collect::<Vec<_>>();
+    let (a, b, c) = (of(&ids[0]), of(&ids[1]), of(&ids[2]));
+    assert_eq!((a.len(), b.len(), c.len()), (2, 3, 1));
+    store
+        .record_many(&[
+            (a[0], &failed, &retry),
+            (b[0], &delivered, &Next::Delivered),
+            (a[1], &delivered, &Next::Delivered),
+            (b[1], &delivered, &Next::Delivered),
+            (b[2], &failed, &retry),
+            (c[0], &failed, &Next::Dead),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(store.failing_since(&ids[0]).await.unwrap(), None);
+    assert_eq!(store.failing_since(&ids[1]).await.unwrap(), Some(at));
+    assert_eq!(store.failing_since(&ids[2]).await.unwrap(), Some(at));
+    let shown = store.delivery(&b[2].id).await.unwrap().unwrap();
+    assert_eq!(
+        (shown.0.state, shown.0.attempts, shown.0.last_status),
+        (DeliveryState::Pending, 1, Some(503))
+    );
+    assert_eq!(shown.1.len(), 1, "its attempt is on record");
+    let dead = store.delivery(&c[0].id).await.unwrap().unwrap();
+    assert_eq!(dead.0.state, DeliveryState::Dead);
+    let done = store.delivery(&a[1].id).await.unwrap().unwrap();
+    assert_eq!((done.0.state, done.0.delivered_at.is_some()), (DeliveryState::Delivered, true));
 }
