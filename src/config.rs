@@ -87,7 +87,7 @@ impl Default for WebhookSettings {
             give_up_after_secs: 26 * 3600,
             lease_ms: 60_000,
             poll_ms: 500,
-            concurrency: 16,
+            concurrency: 64,
             disable_after_secs: 5 * 24 * 3600,
         }
     }

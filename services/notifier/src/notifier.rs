@@ -61,7 +61,7 @@ impl Default for DeliverySettings {
     fn default() -> Self {
         Self {
             batch: 64,
-            concurrency: 16,
+            concurrency: 64,
             lease: Duration::from_secs(60),
             poll: Duration::from_millis(500),
             disable_after: Duration::from_secs(5 * 24 * 3600),
@@ -430,8 +430,8 @@ impl Notifier {
                     tracing::warn!(%error, "reading the period closes failed; retrying");
                 }
             }
-            let room = self.settings.concurrency.saturating_sub(in_flight.len());
-            if room > 0 {
+            if self.wants_claim(in_flight.len()) {
+                let room = self.settings.concurrency.saturating_sub(in_flight.len());
                 let limit = u32::try_from(room).unwrap_or(u32::MAX).min(self.settings.batch);
                 match self.subscriptions.store().claim(limit, chrono_of(self.settings.lease)).await {
                     Ok(due) => {
@@ -449,15 +449,26 @@ impl Notifier {
                     }
                 }
             }
-            let full = in_flight.len() >= self.settings.concurrency;
+            let hungry = self.wants_claim(in_flight.len());
             tokio::select! {
                 () = stop.as_mut() => stopping = true,
                 Some(_) = in_flight.join_next(), if !in_flight.is_empty() => {}
-                () = self.wake.notified(), if !full => {}
-                () = tokio::time::sleep(self.settings.poll), if !full => {}
+                () = self.wake.notified(), if hungry => {}
+                () = tokio::time::sleep(self.settings.poll), if hungry => {}
             }
         }
         tracing::info!("notifier stopped");
+    }
+
+    /// Whether to claim with `in_flight` attempts running: when idle, or when
+    /// a quarter of the slots (at most a batch) are free. A claim per freed
+    /// slot would cost two queries per delivery; a slow endpoint still holds
+    /// only its own slots.
+    fn wants_claim(&self, in_flight: usize) -> bool {
+        let concurrency = self.settings.concurrency;
+        let threshold =
+            (concurrency / 4).clamp(1, usize::try_from(self.settings.batch).unwrap_or(usize::MAX).max(1));
+        in_flight == 0 || concurrency.saturating_sub(in_flight) >= threshold
     }
 
     /// One attempt on one claimed delivery, recorded.
