@@ -24,8 +24,8 @@ pub enum DeliveriesCommand {
         /// Only this subscription's (the `subscription.id` of the failures metric).
         #[arg(long)]
         subscription: Option<String>,
-        /// Only those pending, delivered or dead (given up on).
-        #[arg(long, value_parser = ["pending", "delivered", "dead"])]
+        /// Only those pending, held (their subscription paused), delivered or dead (given up on).
+        #[arg(long, value_parser = ["pending", "held", "delivered", "dead"])]
         state: Option<String>,
         /// At most this many.
         #[arg(long, default_value_t = 50)]
@@ -55,6 +55,7 @@ pub enum DeliveriesCommand {
 fn state(name: &str) -> Option<DeliveryState> {
     match name {
         "pending" => Some(DeliveryState::Pending),
+        "held" => Some(DeliveryState::Held),
         "delivered" => Some(DeliveryState::Delivered),
         "dead" => Some(DeliveryState::Dead),
         _ => None,

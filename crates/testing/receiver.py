@@ -10,10 +10,14 @@ then the last one for the rest: a status code (`200`, `503`, `410`), `big`
 delivery, so a test can set the secret once it has one, rotate it, or end an
 outage; a changed script file starts its list again. It prints `port N` once
 listening, then one JSON line per delivery:
-{"id", "verified", "error", "answer", "body", "signatures"}.
+{"id", "verified", "error", "answer", "body", "signatures", "conn"}, `conn` naming
+the connection it came on (the sender's port). Connections are HTTP/1.1 and kept
+alive, as real receivers' are; with FLUXO_TEST_RECEIVER_IDLE_SECS set, one idle
+that long is closed by the receiver, which prints {"closed": conn}.
 """
 import http.server
 import json
+import os
 import ssl
 import sys
 import threading
@@ -48,6 +52,11 @@ def next_answer():
 
 
 class Handler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    idle = os.environ.get("FLUXO_TEST_RECEIVER_IDLE_SECS")
+    timeout = float(idle) if idle else None
+    timed_out = False
+
     def do_POST(self):
         body = self.rfile.read(int(self.headers.get("content-length", "0")))
         answer = next_answer()
@@ -58,7 +67,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
             verified, error = False, repr(e)
         line = json.dumps({"id": self.headers.get("webhook-id"), "verified": verified, "error": error,
                            "answer": answer, "body": body.decode(errors="replace"),
-                           "signatures": len(self.headers.get("webhook-signature", "").split())})
+                           "signatures": len(self.headers.get("webhook-signature", "").split()),
+                           "conn": self.client_address[1]})
         # One line per delivery, whole: deliveries arrive on several threads at once.
         with print_lock:
             print(line, flush=True)
@@ -73,6 +83,16 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def log_message(self, *args):
         pass
+
+    def log_error(self, format, *args):
+        # The one error worth a line: an idle connection closed by its timeout.
+        self.timed_out = self.timed_out or format.startswith("Request timed out")
+
+    def finish(self):
+        super().finish()
+        if self.timed_out:
+            with print_lock:
+                print(json.dumps({"closed": self.client_address[1]}), flush=True)
 
 
 server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)

@@ -31,7 +31,21 @@ impl Receiver {
     /// Starts a receiver verifying with `secret` (or `@FILE`, read at each
     /// delivery) and answering by `script` (or `@FILE`); see `receiver.py`.
     pub fn start(secret: &str, script: &str) -> Self {
-        let mut child = Command::new(env("FLUXO_TEST_STANDARDWEBHOOKS_PYTHON"))
+        Self::spawn(secret, script, None)
+    }
+
+    /// Like [`Receiver::start`], closing a connection idle for `idle` and
+    /// reporting it as `{"closed": conn}`.
+    pub fn start_closing_idle(secret: &str, script: &str, idle: Duration) -> Self {
+        Self::spawn(secret, script, Some(idle))
+    }
+
+    fn spawn(secret: &str, script: &str, idle: Option<Duration>) -> Self {
+        let mut command = Command::new(env("FLUXO_TEST_STANDARDWEBHOOKS_PYTHON"));
+        if let Some(idle) = idle {
+            command.env("FLUXO_TEST_RECEIVER_IDLE_SECS", idle.as_secs_f64().to_string());
+        }
+        let mut child = command
             .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/receiver.py"))
             .args([
                 secret.to_owned(),

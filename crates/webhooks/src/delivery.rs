@@ -3,17 +3,26 @@
 //! with bounded time and a bounded excerpt of the answer; and the retry
 //! schedule between attempts.
 //!
-//! The connection is made here, not by a pooled HTTP client, so that the
+//! The connection is made here, not by a general HTTP client, so that the
 //! address checked is the address connected to: a name cannot resolve to a
 //! public address for the check and to an inward one for the connection.
 //! TLS verifies the endpoint's certificate for its host name (Mozilla's roots,
-//! or the CAs given).
+//! or the CAs given). A connection whose answer was read to its end is kept
+//! for the next attempt to the same host at an address the policy approves
+//! at that attempt (a small pool of our own, keyed by the checked address:
+//! hyper-util's pool would resolve names itself).
 
-use std::{net::SocketAddr, path::Path, sync::Arc, time::Duration};
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    path::Path,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
-use hyper::{Request, StatusCode};
+use hyper::{Request, StatusCode, client::conn::http1::SendRequest};
 use hyper_util::rt::TokioIo;
 use rustls::pki_types::{CertificateDer, ServerName, pem::PemObject};
 use tokio::{
@@ -48,6 +57,74 @@ pub struct Sender {
     tls: tokio_rustls::TlsConnector,
     limits: Limits,
     user_agent: String,
+    kept: Arc<Pool>,
+}
+
+/// A kept connection lives this long unused: under the shortest idle timeout
+/// common servers apply (Node's 5 s), so it is rarely closed under an attempt.
+const KEPT_IDLE: Duration = Duration::from_secs(4);
+/// Connections kept per (host, address) and in all.
+const KEPT_PER_ADDRESS: usize = 64;
+const KEPT_AT_MOST: usize = 1024;
+
+/// Where a kept connection goes: TLS or not, the host (the certificate's
+/// name), and the address the policy approved.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct Key {
+    https: bool,
+    host: String,
+    addr: SocketAddr,
+}
+
+/// An HTTP/1.1 connection: its request handle and the task driving it,
+/// stopped when the connection is let go.
+struct Conn {
+    sender: SendRequest<Full<Bytes>>,
+    driver: tokio::task::AbortHandle,
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        self.driver.abort();
+    }
+}
+
+#[derive(Default)]
+struct Pool {
+    idle: Mutex<HashMap<Key, Vec<(Conn, Instant)>>>,
+}
+
+impl Pool {
+    /// A live idle connection to `host` at one of `addrs`, newest first.
+    fn take(&self, https: bool, host: &str, addrs: &[SocketAddr]) -> Option<(Key, Conn)> {
+        let mut idle = self.idle.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        for addr in addrs {
+            let key = Key { https, host: host.to_owned(), addr: *addr };
+            let Some(list) = idle.get_mut(&key) else { continue };
+            while let Some((conn, since)) = list.pop() {
+                if since.elapsed() < KEPT_IDLE && !conn.sender.is_closed() {
+                    return Some((key, conn));
+                }
+            }
+            idle.remove(&key);
+        }
+        None
+    }
+
+    fn put(&self, key: Key, conn: Conn) {
+        let mut idle = self.idle.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if idle.values().map(Vec::len).sum::<usize>() >= KEPT_AT_MOST {
+            idle.retain(|_, list| {
+                list.retain(|(conn, since)| since.elapsed() < KEPT_IDLE && !conn.sender.is_closed());
+                !list.is_empty()
+            });
+        }
+        let total: usize = idle.values().map(Vec::len).sum();
+        let list = idle.entry(key).or_default();
+        if list.len() < KEPT_PER_ADDRESS && total < KEPT_AT_MOST {
+            list.push((conn, Instant::now()));
+        }
+    }
 }
 
 impl std::fmt::Debug for Sender {
@@ -159,6 +236,7 @@ impl Sender {
             tls: tokio_rustls::TlsConnector::from(Arc::new(config)),
             limits,
             user_agent: format!("fluxo-webhooks/{}", env!("CARGO_PKG_VERSION")),
+            kept: Arc::default(),
         })
     }
 
@@ -184,11 +262,22 @@ impl Sender {
         let addrs = self.policy.resolve(url).await.map_err(Failure::Refused)?;
         let host =
             url.host_str().unwrap_or_default().trim_start_matches('[').trim_end_matches(']').to_owned();
-        let request = self.request(attempt, &host)?;
-        let tcp = self.connect(&addrs).await?;
+        let https = url.scheme() == "https";
         let limit = self.limits.response;
+        if let Some((key, conn)) = self.kept.take(https, &host, &addrs) {
+            let request = self.request(attempt, &host)?;
+            match tokio::time::timeout(limit, self.exchange_on(key, conn, request)).await {
+                Err(_) => return Err(Failure::Timeout(limit)),
+                // Closed by the endpoint while it was kept: once more, on a new one.
+                Ok(Err(Failure::Exchange(_))) => {}
+                Ok(answer) => return answer,
+            }
+        }
+        let request = self.request(attempt, &host)?;
+        let (tcp, addr) = self.connect(&addrs).await?;
+        let key = Key { https, host: host.clone(), addr };
         let answer = async {
-            if url.scheme() == "https" {
+            if https {
                 let name = ServerName::try_from(host.clone()).map_err(|e| Failure::Connect(e.to_string()))?;
                 let tls = tokio::time::timeout(self.limits.connect, self.tls.connect(name, tcp))
                     .await
@@ -199,9 +288,9 @@ impl Sender {
                         ))
                     })?
                     .map_err(|e| Failure::Connect(format!("TLS with {host}: {e}")))?;
-                self.post(tls, request).await
+                self.post(key, tls, request).await
             } else {
-                self.post(tcp, request).await
+                self.post(key, tcp, request).await
             }
         };
         tokio::time::timeout(limit, answer).await.map_err(|_| Failure::Timeout(limit))?
@@ -231,13 +320,13 @@ impl Sender {
     }
 
     /// A connection to the first of `addrs` that accepts one in time.
-    async fn connect(&self, addrs: &[SocketAddr]) -> Result<TcpStream, Failure> {
+    async fn connect(&self, addrs: &[SocketAddr]) -> Result<(TcpStream, SocketAddr), Failure> {
         let mut last = String::from("no address");
         for addr in addrs {
             match tokio::time::timeout(self.limits.connect, TcpStream::connect(addr)).await {
                 Ok(Ok(stream)) => {
                     let _ = stream.set_nodelay(true);
-                    return Ok(stream);
+                    return Ok((stream, *addr));
                 }
                 Ok(Err(e)) => last = format!("{addr}: {e}"),
                 Err(_) => last = format!("{addr}: no answer within {:?}", self.limits.connect),
@@ -246,40 +335,62 @@ impl Sender {
         Err(Failure::Connect(last))
     }
 
-    /// One HTTP/1.1 request on `io`; the status and the start of the body.
-    async fn post<IO>(&self, io: IO, request: Request<Full<Bytes>>) -> Result<(StatusCode, String), Failure>
+    /// One HTTP/1.1 request on a new connection over `io`.
+    async fn post<IO>(
+        &self,
+        key: Key,
+        io: IO,
+        request: Request<Full<Bytes>>,
+    ) -> Result<(StatusCode, String), Failure>
     where
         IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
+        let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(io))
+            .await
+            .map_err(|e| Failure::Exchange(e.to_string()))?;
+        let driver = tokio::spawn(connection).abort_handle();
+        self.exchange_on(key, Conn { sender, driver }, request).await
+    }
+
+    /// One request on `conn`; the status and the start of the body. The
+    /// connection is kept when the whole answer was read and it can take
+    /// another request; otherwise it is closed.
+    async fn exchange_on(
+        &self,
+        key: Key,
+        mut conn: Conn,
+        request: Request<Full<Bytes>>,
+    ) -> Result<(StatusCode, String), Failure> {
         let broke = |e: hyper::Error| Failure::Exchange(e.to_string());
-        let (mut sender, connection) =
-            hyper::client::conn::http1::handshake(TokioIo::new(io)).await.map_err(broke)?;
-        let driver = tokio::spawn(connection);
-        let response = sender.send_request(request).await.map_err(broke);
-        let result = match response {
-            Ok(response) => {
-                let status = response.status();
-                // Only the excerpt is read; a longer body is left unread and the connection dropped.
-                let mut body = response.into_body();
-                let mut kept = Vec::with_capacity(self.limits.excerpt.min(4096));
-                while kept.len() < self.limits.excerpt {
-                    match body.frame().await {
-                        Some(Ok(frame)) => {
-                            if let Some(data) = frame.data_ref() {
-                                kept.extend_from_slice(data);
-                            }
-                        }
-                        // The end, or a broken body: keep what came.
-                        Some(Err(_)) | None => break,
+        conn.sender.ready().await.map_err(broke)?;
+        let response = conn.sender.send_request(request).await.map_err(broke)?;
+        let status = response.status();
+        // Only the excerpt is read; a longer body is left unread and the connection closed.
+        let mut body = response.into_body();
+        let mut kept = Vec::with_capacity(self.limits.excerpt.min(4096));
+        let mut whole = false;
+        while kept.len() <= self.limits.excerpt {
+            match body.frame().await {
+                Some(Ok(frame)) => {
+                    if let Some(data) = frame.data_ref() {
+                        kept.extend_from_slice(data);
                     }
                 }
-                kept.truncate(self.limits.excerpt);
-                Ok((status, String::from_utf8_lossy(&kept).into_owned()))
+                None => {
+                    whole = true;
+                    break;
+                }
+                // A broken body: keep what came.
+                Some(Err(_)) => break,
             }
-            Err(failure) => Err(failure),
-        };
-        driver.abort();
-        result
+        }
+        drop(body);
+        kept.truncate(self.limits.excerpt);
+        // Not yet ready again (its task is finishing the answer): `ready` waits at the next use.
+        if whole && !conn.sender.is_closed() {
+            self.kept.put(key, conn);
+        }
+        Ok((status, String::from_utf8_lossy(&kept).into_owned()))
     }
 }
 

@@ -91,6 +91,42 @@ async fn failures_say_whether_to_retry_and_keep_only_an_excerpt() {
     assert_eq!(excerpt.len(), 100);
 }
 
+/// One connection carries attempt after attempt to the same endpoint; an
+/// answer left unread closes it, and so does the receiver closing it while
+/// it was kept: the next attempt is still delivered, on a new one.
+#[tokio::test]
+async fn a_connection_is_kept_for_the_next_attempt_until_it_cannot_be() {
+    let secret = Secret::generate().unwrap();
+    let receiver = Receiver::start_closing_idle(
+        &secret.expose_text(),
+        "200,200,big,200,200,200",
+        Duration::from_secs(3),
+    );
+    let sender = sender(Limits::default());
+    let url = url(&receiver, "localhost");
+    let mut conns = Vec::new();
+    for _ in 0..4 {
+        let outcome = attempt(&sender, &url, &[&secret]).await;
+        assert!(matches!(outcome, Outcome::Delivered { status: 200, .. }), "{outcome:?}");
+        let seen = receiver.next();
+        assert_eq!(seen["verified"], true, "{seen}");
+        conns.push(seen["conn"].clone());
+    }
+    assert_eq!(conns[0], conns[1], "the second attempt came on the first's connection");
+    assert_eq!(conns[1], conns[2], "and so did the third (whose 64 KiB answer was not read)");
+    assert_ne!(conns[2], conns[3], "an answer left unread closes its connection");
+    // Kept after the fourth, then closed by the receiver (idle 3 s, under the 4 s it is kept): the next one still arrives.
+    assert_eq!(receiver.next()["closed"], conns[3], "the receiver closed the idle connection");
+    let outcome = attempt(&sender, &url, &[&secret]).await;
+    assert!(matches!(outcome, Outcome::Delivered { status: 200, .. }), "{outcome:?}");
+    let seen = receiver.next();
+    assert_eq!(seen["verified"], true, "{seen}");
+    assert_ne!(seen["conn"], conns[3]);
+    // Another name for the same address is another connection (its certificate is checked for that name).
+    attempt(&sender, &Url::parse(&receiver.url("127.0.0.1", "/hooks")).unwrap(), &[&secret]).await;
+    assert_ne!(receiver.next()["conn"], seen["conn"]);
+}
+
 #[tokio::test]
 async fn a_receiver_that_does_not_answer_times_out_and_an_untrusted_certificate_is_refused() {
     let secret = Secret::generate().unwrap();

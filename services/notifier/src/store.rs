@@ -341,10 +341,30 @@ impl SubscriptionStore {
             sets.join(", ")
         );
         let _writer = self.db.write_guard().await;
-        let done = self.db.conn().execute_raw(statement(self.backend(), &sql, values)).await?;
+        let txn = self.db.conn().begin().await?;
+        let done = txn.execute_raw(statement(self.backend(), &sql, values)).await?;
         if done.rows_affected() == 0 {
+            txn.rollback().await?;
             return Ok(None);
         }
+        // A paused subscription's deliveries are held, out of every claim's
+        // way (a claim reads due rows in order and looks at nothing else);
+        // resumed, they are due again.
+        let moved = match &changes.state {
+            Some(State::Paused) => Some(("HELD", "PENDING")),
+            Some(State::Active) => Some(("PENDING", "HELD")),
+            _ => None,
+        };
+        if let Some((to, from)) = moved {
+            txn.execute_raw(statement(
+                self.backend(),
+                "UPDATE webhook_deliveries SET state = ? WHERE subscription_id = ? AND state = ?",
+                vec![to.into(), id.into(), from.into()],
+            ))
+            .await?;
+        }
+        txn.commit().await?;
+        drop(_writer);
         self.get(merchant, id).await
     }
 
@@ -398,7 +418,7 @@ impl SubscriptionStore {
         txn.execute_raw(statement(
             self.backend(),
             "UPDATE webhook_deliveries SET state = 'DEAD', lease_until = NULL, \
-             last_error = 'the subscription was deleted' WHERE subscription_id = ? AND state = 'PENDING'",
+             last_error = 'the subscription was deleted' WHERE subscription_id = ? AND state IN ('PENDING', 'HELD')",
             vec![id.into()],
         ))
         .await?;

@@ -45,6 +45,8 @@ pub fn body(event: &Event, sequence: i64) -> String {
 pub enum DeliveryState {
     /// Waiting for its next attempt.
     Pending,
+    /// Made while its subscription is paused: due once it is resumed.
+    Held,
     /// A 2xx answer was received.
     Delivered,
     /// Given up on (retries exhausted, 410 Gone, or the subscription was
@@ -57,13 +59,14 @@ impl DeliveryState {
     pub fn name(self) -> &'static str {
         match self {
             Self::Pending => "PENDING",
+            Self::Held => "HELD",
             Self::Delivered => "DELIVERED",
             Self::Dead => "DEAD",
         }
     }
 
     fn parse(text: &str) -> Option<Self> {
-        [Self::Pending, Self::Delivered, Self::Dead].into_iter().find(|s| s.name() == text)
+        [Self::Pending, Self::Held, Self::Delivered, Self::Dead].into_iter().find(|s| s.name() == text)
     }
 }
 
@@ -235,7 +238,7 @@ impl SubscriptionStore {
             .query_all_raw(statement(
                 backend,
                 &format!(
-                    "SELECT id, merchant_id, event_types FROM webhook_subscriptions \
+                    "SELECT id, merchant_id, event_types, state FROM webhook_subscriptions \
                      WHERE merchant_id IN ({marks}) AND deleted_at IS NULL AND state IN ('ACTIVE', 'PAUSED') \
                      ORDER BY id"
                 ),
@@ -247,6 +250,7 @@ impl SubscriptionStore {
             let id: String = row.try_get_by_index(0)?;
             let merchant: String = row.try_get_by_index(1)?;
             let types: String = row.try_get_by_index(2)?;
+            let held = row.try_get_by_index::<String>(3)? == "PAUSED";
             let mut wanted: Vec<&Event> = events
                 .iter()
                 .filter(|e| e.merchant_id == merchant && types.split(',').any(|t| t == e.event_type.name()))
@@ -291,7 +295,7 @@ impl SubscriptionStore {
                 .ok_or_else(|| StoreError::Internal(format!("subscription {id} vanished")))?
                 .try_get_by_index(0)?;
             for (n, chunk) in wanted.chunks(ROWS_PER_STATEMENT).enumerate() {
-                let marks = vec!["(?, ?, ?, ?, ?, ?, ?, ?, ?, 'PENDING', 0, ?, ?)"; chunk.len()].join(", ");
+                let marks = vec!["(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0, ?, ?)"; chunk.len()].join(", ");
                 let mut values: Vec<Value> = Vec::with_capacity(chunk.len() * 11);
                 for (i, event) in chunk.iter().enumerate() {
                     let sequence = first + i64::try_from(n * ROWS_PER_STATEMENT + i).unwrap_or(i64::MAX);
@@ -305,6 +309,7 @@ impl SubscriptionStore {
                         body(event, sequence).into(),
                         event.traceparent.clone().into(),
                         event.tracestate.clone().into(),
+                        if held { "HELD" } else { "PENDING" }.into(),
                         at.into(),
                         at.into(),
                     ]);
@@ -326,19 +331,22 @@ impl SubscriptionStore {
         Ok(done)
     }
 
-    /// Claims up to `limit` deliveries due at `now` for `lease`: pending, of an
-    /// active subscription, not held by another notifier. PostgreSQL skips
-    /// rows another notifier is claiming; SQLite has one writer.
+    /// Claims up to `limit` deliveries due at `now` for `lease`: pending (a
+    /// paused subscription's are held, a disabled or deleted one's dead), not
+    /// leased to another notifier. One range of the due index, read in order,
+    /// whatever the planner knows of the tables: a claim that joined the
+    /// subscriptions was planned, before statistics or right after a backlog
+    /// formed, as a sort of every pending row (34 ms for 44,000 against 1.6).
+    /// PostgreSQL skips rows another notifier is claiming; SQLite has one writer.
     pub async fn claim(&self, limit: u32, lease: chrono::Duration) -> Result<Vec<Due>, StoreError> {
         let backend = self.backend_of();
         let at = now();
-        let lock = if backend == DbBackend::Postgres { "FOR UPDATE OF d SKIP LOCKED" } else { "" };
+        let lock = if backend == DbBackend::Postgres { "FOR UPDATE SKIP LOCKED" } else { "" };
         let sql = format!(
             "UPDATE webhook_deliveries SET lease_until = ? WHERE id IN (\
-               SELECT d.id FROM webhook_deliveries d JOIN webhook_subscriptions s ON s.id = d.subscription_id \
-               WHERE d.state = 'PENDING' AND d.next_attempt_at <= ? AND (d.lease_until IS NULL OR d.lease_until < ?) \
-                 AND s.state = 'ACTIVE' AND s.deleted_at IS NULL \
-               ORDER BY d.next_attempt_at LIMIT ? {lock}) \
+               SELECT id FROM webhook_deliveries \
+               WHERE state = 'PENDING' AND next_attempt_at <= ? AND (lease_until IS NULL OR lease_until < ?) \
+               ORDER BY next_attempt_at LIMIT ? {lock}) \
              RETURNING id, subscription_id, event_id, event_type, payload, attempts, first_attempt_at, created_at, \
                        traceparent, tracestate"
         );
@@ -533,7 +541,7 @@ impl SubscriptionStore {
         txn.execute_raw(statement(
             backend,
             "UPDATE webhook_deliveries SET state = 'DEAD', lease_until = NULL, last_error = ? \
-             WHERE subscription_id = ? AND state = 'PENDING'",
+             WHERE subscription_id = ? AND state IN ('PENDING', 'HELD')",
             vec![
                 format!("subscription disabled: {reason}").chars().take(500).collect::<String>().into(),
                 subscription_id.into(),
@@ -602,8 +610,8 @@ impl SubscriptionStore {
         Ok(Some((found, attempts)))
     }
 
-    /// Sends a dead-lettered delivery again: pending now, with a fresh retry
-    /// window. False when it is not dead.
+    /// Sends a dead-lettered delivery again: pending now (held while its
+    /// subscription is paused), with a fresh retry window. False when it is not dead.
     pub async fn replay(&self, id: &str) -> Result<bool, StoreError> {
         let at = now();
         let _writer = self.db.write_guard().await;
@@ -612,8 +620,9 @@ impl SubscriptionStore {
             .conn()
             .execute_raw(statement(
                 self.backend_of(),
-                "UPDATE webhook_deliveries SET state = 'PENDING', next_attempt_at = ?, first_attempt_at = NULL, \
-                 lease_until = NULL WHERE id = ? AND state = 'DEAD'",
+                "UPDATE webhook_deliveries SET state = CASE WHEN EXISTS (SELECT 1 FROM webhook_subscriptions s \
+                   WHERE s.id = webhook_deliveries.subscription_id AND s.state = 'PAUSED') THEN 'HELD' ELSE 'PENDING' END, \
+                 next_attempt_at = ?, first_attempt_at = NULL, lease_until = NULL WHERE id = ? AND state = 'DEAD'",
                 vec![at.into(), id.into()],
             ))
             .await?;

@@ -108,7 +108,8 @@ CREATE TABLE webhook_deliveries (
     payload          TEXT          NOT NULL,
     traceparent      VARCHAR(128),
     tracestate       VARCHAR(512),
-    state            VARCHAR(9)    NOT NULL CHECK (state IN ('PENDING', 'DELIVERED', 'DEAD')),
+    -- HELD: made while its subscription is paused, due once it is resumed.
+    state            VARCHAR(9)    NOT NULL CHECK (state IN ('PENDING', 'HELD', 'DELIVERED', 'DEAD')),
     attempts         INTEGER       NOT NULL DEFAULT 0,
     next_attempt_at  TIMESTAMPTZ   NOT NULL,
     -- Held by a notifier until then; a crashed one's hold runs out.
@@ -152,7 +153,7 @@ CREATE TABLE webhook_deliveries (
     payload          TEXT    NOT NULL,
     traceparent      TEXT,
     tracestate       TEXT,
-    state            TEXT    NOT NULL CHECK (state IN ('PENDING', 'DELIVERED', 'DEAD')),
+    state            TEXT    NOT NULL CHECK (state IN ('PENDING', 'HELD', 'DELIVERED', 'DEAD')),
     attempts         INTEGER NOT NULL DEFAULT 0,
     next_attempt_at  TEXT    NOT NULL,
     lease_until      TEXT,
