@@ -25,6 +25,7 @@ backend_suite!(
     changed_days_become_events_from_the_subscription_on,
     closes_made_after_a_subscription_become_events_once,
     a_batch_fans_out_once_numbered_in_order_and_records_streaks_in_order,
+    a_paused_subscriptions_deliveries_are_held_until_it_is_resumed,
 );
 
 use balances::{
@@ -821,4 +822,71 @@ async fn a_batch_fans_out_once_numbered_in_order_and_records_streaks_in_order(ba
     assert_eq!(dead.0.state, DeliveryState::Dead);
     let done = store.delivery(&a[1].id).await.unwrap().unwrap();
     assert_eq!((done.0.state, done.0.delivered_at.is_some()), (DeliveryState::Delivered, true));
+}
+
+/// Paused, a subscription's deliveries accrue held: no claim sees them (nor
+/// wades through them), a replay while paused holds too; resumed, they are due
+/// in order; deleted, held ones end as dead letters.
+async fn a_paused_subscriptions_deliveries_are_held_until_it_is_resumed(backend: Backend) {
+    use fluxo_notifier::store::DeliveryState;
+    use fluxo_webhooks::subscription::EventType::EntryRecorded;
+    let mut app = spawn(backend, Some(sealer()), 20).await;
+    let sub = app.client.create_subscription(create("m-1", "k-1", &["entry.recorded"])).await.unwrap();
+    let id = sub.into_inner().subscription.unwrap().id;
+    let store = app.subscriptions.store().clone();
+    let of_sub = || DeliveryFilter { subscription: Some(id.clone()), ..DeliveryFilter::default() };
+    store.fan_out(&[stream_event("m-1", EntryRecorded)]).await.unwrap();
+    let pause = pb::PauseSubscriptionRequest { merchant_id: "m-1".into(), subscription_id: id.clone() };
+    app.client.pause_subscription(pause.clone()).await.unwrap();
+    store.fan_out(&[stream_event("m-1", EntryRecorded), stream_event("m-1", EntryRecorded)]).await.unwrap();
+    let states =
+        |list: Vec<fluxo_notifier::store::Delivery>| list.iter().map(|d| d.state).collect::<Vec<_>>();
+    assert_eq!(states(store.deliveries(&of_sub(), 10).await.unwrap()), vec![DeliveryState::Held; 3]);
+    assert!(
+        store.claim(10, chrono::Duration::seconds(60)).await.unwrap().is_empty(),
+        "nothing due while paused"
+    );
+
+    app.client
+        .resume_subscription(pb::ResumeSubscriptionRequest {
+            merchant_id: "m-1".into(),
+            subscription_id: id.clone(),
+        })
+        .await
+        .unwrap();
+    let claimed = store.claim(10, chrono::Duration::seconds(60)).await.unwrap();
+    let mut numbers: Vec<i64> = claimed
+        .iter()
+        .map(|d| serde_json::from_str::<serde_json::Value>(&d.payload).unwrap()["sequence"].as_i64().unwrap())
+        .collect();
+    numbers.sort_unstable();
+    assert_eq!(numbers, vec![1, 2, 3], "every held delivery is due once resumed");
+
+    // Dead-lettered, then replayed while paused: held, not sent.
+    let failed = fluxo_notifier::store::AttemptRecord {
+        at: fluxo_notifier::store::now(),
+        duration_ms: 1,
+        status: Some(500),
+        error: "the endpoint answered 500".into(),
+        response: String::new(),
+    };
+    let next = fluxo_notifier::store::Next::Dead;
+    let records: Vec<_> = claimed.iter().map(|d| (d, &failed, &next)).collect();
+    store.record_many(&records).await.unwrap();
+    app.client.pause_subscription(pause).await.unwrap();
+    assert!(store.replay(&claimed[0].id).await.unwrap());
+    let replayed = store.delivery(&claimed[0].id).await.unwrap().unwrap().0;
+    assert_eq!(replayed.state, DeliveryState::Held);
+    assert!(store.claim(10, chrono::Duration::seconds(60)).await.unwrap().is_empty());
+
+    // Deleted: the held one is a dead letter saying why.
+    app.client
+        .delete_subscription(pb::DeleteSubscriptionRequest {
+            merchant_id: "m-1".into(),
+            subscription_id: id.clone(),
+        })
+        .await
+        .unwrap();
+    let gone = store.delivery(&claimed[0].id).await.unwrap().unwrap().0;
+    assert_eq!((gone.state, gone.last_error.as_str()), (DeliveryState::Dead, "the subscription was deleted"));
 }
