@@ -84,7 +84,7 @@ pub struct Notifier {
 }
 
 /// The least time between two looks at the feeds of changed days and closes
-/// (each look is a query or two; deliveries are claimed as often as slots free).
+/// (each look is a query or two; deliveries are claimed as slots free, a batch at a time).
 const FOLLOW_EVERY: Duration = Duration::from_millis(250);
 
 /// Attempts recorded in one transaction at most.
@@ -402,8 +402,8 @@ impl Notifier {
         let mut last_follow = None::<tokio::time::Instant>;
         // Attempts in flight, each a task of its own (it must progress while
         // this loop waits on the database: on SQLite an attempt holds the one
-        // writer while it records). A slot that frees is filled at once, so a
-        // slow endpoint holds one slot, not the next claim.
+        // writer while it records). Freed slots are filled a batch at a time
+        // (`wants_claim`), so a slow endpoint holds its own slots, not the next claim.
         let mut in_flight = tokio::task::JoinSet::new();
         let (recorder, recording) =
             Recorder::start(self.subscriptions.store().clone(), self.settings.concurrency);

@@ -12,7 +12,13 @@ pub struct Migrator;
 #[async_trait::async_trait]
 impl MigratorTrait for Migrator {
     fn migrations() -> Vec<Box<dyn MigrationTrait>> {
-        boxed(&[CREATE_SUBSCRIPTIONS, CREATE_DELIVERIES, CREATE_BALANCE_CURSORS, CREATE_NOTIFIED_CLOSES])
+        boxed(&[
+            CREATE_SUBSCRIPTIONS,
+            CREATE_DELIVERIES,
+            CREATE_BALANCE_CURSORS,
+            CREATE_NOTIFIED_CLOSES,
+            HELD_DELIVERIES,
+        ])
     }
 
     fn migration_table_name() -> DynIden {
@@ -108,8 +114,7 @@ CREATE TABLE webhook_deliveries (
     payload          TEXT          NOT NULL,
     traceparent      VARCHAR(128),
     tracestate       VARCHAR(512),
-    -- HELD: made while its subscription is paused, due once it is resumed.
-    state            VARCHAR(9)    NOT NULL CHECK (state IN ('PENDING', 'HELD', 'DELIVERED', 'DEAD')),
+    state            VARCHAR(9)    NOT NULL CHECK (state IN ('PENDING', 'DELIVERED', 'DEAD')),
     attempts         INTEGER       NOT NULL DEFAULT 0,
     next_attempt_at  TIMESTAMPTZ   NOT NULL,
     -- Held by a notifier until then; a crashed one's hold runs out.
@@ -153,7 +158,7 @@ CREATE TABLE webhook_deliveries (
     payload          TEXT    NOT NULL,
     traceparent      TEXT,
     tracestate       TEXT,
-    state            TEXT    NOT NULL CHECK (state IN ('PENDING', 'HELD', 'DELIVERED', 'DEAD')),
+    state            TEXT    NOT NULL CHECK (state IN ('PENDING', 'DELIVERED', 'DEAD')),
     attempts         INTEGER NOT NULL DEFAULT 0,
     next_attempt_at  TEXT    NOT NULL,
     lease_until      TEXT,
@@ -211,3 +216,82 @@ const CREATE_NOTIFIED_CLOSES: SqlMigration = SqlMigration {
         sqlite: "DROP TABLE webhook_notified_closes;",
     },
 };
+
+/// `HELD`: a paused subscription's deliveries, out of the due index, so a
+/// claim reads one ordered range of it and joins nothing. Those pending of a
+/// subscription paused now are held. SQLite cannot change a CHECK in place:
+/// the table is rebuilt (its attempts kept aside meanwhile, so no foreign key
+/// points at a dropped table), in one transaction.
+const HELD_DELIVERIES: SqlMigration = SqlMigration {
+    name: "m20261204_000005_webhook_deliveries_held",
+    up: Sql { postgres: HELD_POSTGRES_UP, sqlite: HELD_SQLITE_UP },
+    down: Sql {
+        postgres: "UPDATE webhook_deliveries SET state = 'PENDING' WHERE state = 'HELD'; \
+                   ALTER TABLE webhook_deliveries DROP CONSTRAINT webhook_deliveries_state_check, \
+                   ADD CONSTRAINT webhook_deliveries_state_check CHECK (state IN ('PENDING', 'DELIVERED', 'DEAD'));",
+        // The wider CHECK stays; nothing is held any more.
+        sqlite: "UPDATE webhook_deliveries SET state = 'PENDING' WHERE state = 'HELD';",
+    },
+};
+
+const HELD_POSTGRES_UP: &str = r#"
+ALTER TABLE webhook_deliveries DROP CONSTRAINT webhook_deliveries_state_check,
+    ADD CONSTRAINT webhook_deliveries_state_check CHECK (state IN ('PENDING', 'HELD', 'DELIVERED', 'DEAD'));
+UPDATE webhook_deliveries d SET state = 'HELD' FROM webhook_subscriptions s
+    WHERE s.id = d.subscription_id AND s.state = 'PAUSED' AND d.state = 'PENDING';
+"#;
+
+const HELD_SQLITE_UP: &str = r#"
+BEGIN;
+CREATE TEMP TABLE held_attempts_copy AS SELECT * FROM webhook_delivery_attempts;
+DROP TABLE webhook_delivery_attempts;
+CREATE TABLE webhook_deliveries_held (
+    id               TEXT    PRIMARY KEY,
+    subscription_id  TEXT    NOT NULL REFERENCES webhook_subscriptions (id),
+    merchant_id      TEXT    NOT NULL,
+    event_id         TEXT    NOT NULL,
+    event_type       TEXT    NOT NULL,
+    sequence         INTEGER NOT NULL,
+    payload          TEXT    NOT NULL,
+    traceparent      TEXT,
+    tracestate       TEXT,
+    state            TEXT    NOT NULL CHECK (state IN ('PENDING', 'HELD', 'DELIVERED', 'DEAD')),
+    attempts         INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at  TEXT    NOT NULL,
+    lease_until      TEXT,
+    first_attempt_at TEXT,
+    last_attempt_at  TEXT,
+    last_status      INTEGER,
+    last_error       TEXT    NOT NULL DEFAULT '',
+    created_at       TEXT    NOT NULL,
+    delivered_at     TEXT,
+    UNIQUE (subscription_id, event_id)
+);
+INSERT INTO webhook_deliveries_held (id, subscription_id, merchant_id, event_id, event_type, sequence, payload,
+    traceparent, tracestate, state, attempts, next_attempt_at, lease_until, first_attempt_at, last_attempt_at,
+    last_status, last_error, created_at, delivered_at)
+SELECT id, subscription_id, merchant_id, event_id, event_type, sequence, payload, traceparent, tracestate,
+    CASE WHEN state = 'PENDING' AND subscription_id IN (SELECT id FROM webhook_subscriptions WHERE state = 'PAUSED')
+         THEN 'HELD' ELSE state END,
+    attempts, next_attempt_at, lease_until, first_attempt_at, last_attempt_at, last_status, last_error,
+    created_at, delivered_at
+FROM webhook_deliveries;
+DROP TABLE webhook_deliveries;
+ALTER TABLE webhook_deliveries_held RENAME TO webhook_deliveries;
+CREATE INDEX webhook_deliveries_due ON webhook_deliveries (next_attempt_at) WHERE state = 'PENDING';
+CREATE INDEX webhook_deliveries_by_merchant ON webhook_deliveries (merchant_id, state, id);
+CREATE INDEX webhook_deliveries_by_subscription ON webhook_deliveries (subscription_id, state, id);
+CREATE TABLE webhook_delivery_attempts (
+    delivery_id  TEXT    NOT NULL REFERENCES webhook_deliveries (id),
+    attempt      INTEGER NOT NULL,
+    at           TEXT    NOT NULL,
+    duration_ms  INTEGER NOT NULL,
+    status       INTEGER,
+    error        TEXT    NOT NULL DEFAULT '',
+    response     TEXT    NOT NULL DEFAULT '',
+    PRIMARY KEY (delivery_id, attempt)
+);
+INSERT INTO webhook_delivery_attempts SELECT * FROM held_attempts_copy;
+DROP TABLE held_attempts_copy;
+COMMIT;
+"#;

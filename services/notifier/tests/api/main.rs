@@ -26,6 +26,7 @@ backend_suite!(
     closes_made_after_a_subscription_become_events_once,
     a_batch_fans_out_once_numbered_in_order_and_records_streaks_in_order,
     a_paused_subscriptions_deliveries_are_held_until_it_is_resumed,
+    a_database_from_before_held_deliveries_is_upgraded_keeping_every_row,
 );
 
 use balances::{
@@ -889,4 +890,84 @@ async fn a_paused_subscriptions_deliveries_are_held_until_it_is_resumed(backend:
         .unwrap();
     let gone = store.delivery(&claimed[0].id).await.unwrap().unwrap().0;
     assert_eq!((gone.state, gone.last_error.as_str()), (DeliveryState::Dead, "the subscription was deleted"));
+}
+
+/// A database whose schema predates held deliveries (the first four
+/// migrations, as they shipped): upgraded, a paused subscription's pending
+/// delivery is held, the others and every attempt row are kept, and pausing
+/// works on the new schema.
+async fn a_database_from_before_held_deliveries_is_upgraded_keeping_every_row(backend: Backend) {
+    use fluxo_notifier::store::DeliveryState;
+    use sea_orm_migration::MigratorTrait;
+    let test_db = TestDb::new(backend).await;
+    let db = test_db.connect().await;
+    fluxo_notifier::Migrator::up(db.conn(), Some(4)).await.unwrap();
+    let at = fluxo_notifier::store::now();
+    for (id, state) in [("S-active", "ACTIVE"), ("S-paused", "PAUSED")] {
+        db.conn()
+            .execute_raw(fluxo_db::statement(
+                db.backend(),
+                "INSERT INTO webhook_subscriptions (id, merchant_id, endpoint_url, event_types, state, \
+                 secret_sealed, secret_rotated_at, request_id, fingerprint, created_at, updated_at) \
+                 VALUES (?, 'm-1', ?, 'entry.recorded', ?, ?, ?, ?, ?, ?, ?)",
+                vec![
+                    id.into(),
+                    ENDPOINT.into(),
+                    state.into(),
+                    vec![0u8; 4].into(),
+                    at.into(),
+                    id.into(),
+                    "f".repeat(64).into(),
+                    at.into(),
+                    at.into(),
+                ],
+            ))
+            .await
+            .unwrap();
+    }
+    for (id, sub, state) in
+        [("D-1", "S-active", "PENDING"), ("D-2", "S-paused", "PENDING"), ("D-3", "S-paused", "DELIVERED")]
+    {
+        db.conn()
+            .execute_raw(fluxo_db::statement(
+                db.backend(),
+                "INSERT INTO webhook_deliveries (id, subscription_id, merchant_id, event_id, event_type, sequence, \
+                 payload, state, attempts, next_attempt_at, created_at) VALUES (?, ?, 'm-1', ?, 'entry.recorded', 1, '{}', ?, 1, ?, ?)",
+                vec![id.into(), sub.into(), id.into(), state.into(), at.into(), at.into()],
+            ))
+            .await
+            .unwrap();
+        db.conn()
+            .execute_raw(fluxo_db::statement(
+                db.backend(),
+                "INSERT INTO webhook_delivery_attempts (delivery_id, attempt, at, duration_ms, status, error, response) \
+                 VALUES (?, 1, ?, 3, 503, 'the endpoint answered 503', 'busy')",
+                vec![id.into(), at.into()],
+            ))
+            .await
+            .unwrap();
+    }
+
+    SubscriptionStore::migrate(&db).await.expect("the upgrade");
+    let store = SubscriptionStore::new(db.clone());
+    let state_of = |id: &'static str| {
+        let store = store.clone();
+        async move {
+            let (d, attempts) = store.delivery(id).await.unwrap().expect("kept");
+            assert_eq!(attempts.len(), 1, "{id}'s attempt is kept");
+            d.state
+        }
+    };
+    assert_eq!(state_of("D-1").await, DeliveryState::Pending);
+    assert_eq!(state_of("D-2").await, DeliveryState::Held, "pending of a paused subscription: held");
+    assert_eq!(state_of("D-3").await, DeliveryState::Delivered);
+    let claimed = store.claim(10, chrono::Duration::seconds(60)).await.unwrap();
+    assert_eq!(claimed.iter().map(|d| d.id.as_str()).collect::<Vec<_>>(), vec!["D-1"]);
+    // Resumed on the new schema: due.
+    let resume = fluxo_notifier::store::Changes {
+        state: Some(fluxo_webhooks::subscription::State::Active),
+        ..Default::default()
+    };
+    store.update("m-1", "S-paused", &resume).await.unwrap().expect("updated");
+    assert_eq!(state_of("D-2").await, DeliveryState::Pending);
 }
